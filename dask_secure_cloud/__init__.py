@@ -1,0 +1,34 @@
+"""Dask clusters on cloud VMs, each with its own short-lived, role-bound TLS credentials.
+
+Cluster classes are imported lazily, so that ``import dask_secure_cloud`` needs no cloud
+SDK and each provider needs only its own extra (``pip install dask-secure-cloud[aws]``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from . import config  # noqa: F401  (registers the dask config defaults)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "LocalVMCluster": ".providers.local",
+    "VMCluster": ".cluster",
+    "ClusterCredentials": ".credentials",
+}
+
+__all__ = ["ClusterCredentials", "LocalVMCluster", "VMCluster", "__version__"]
+
+if TYPE_CHECKING:
+    from .cluster import VMCluster
+    from .credentials import ClusterCredentials
+    from .providers.local import LocalVMCluster
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dask_secure_cloud' has no attribute {name!r}")
+    return getattr(importlib.import_module(module, __name__), name)

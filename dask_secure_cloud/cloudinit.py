@@ -1,0 +1,327 @@
+"""Turn a VM's boot plan into ``#cloud-config`` user-data, and check it fits.
+
+Everything a VM needs arrives as files: its TLS key and certificate, the CA certificate,
+the allow-listed dask config and a small boot script. ``runcmd`` only starts that script,
+so no secret ever shows on a command line, in an environment variable or in ``ps``.
+
+The boot script honours two variables that only a local VM runner sets (a real
+cloud-init leaves them unset): ``DSC_VM_ROOT``, under which every file was written, and
+``DSC_VM_ADDRESS``, the address the VM's process must listen on. When ``DSC_VM_ROOT`` is
+set the script never powers the machine off, because it is not running on a VM of its
+own.
+
+This module knows neither Dask's API nor any cloud: it renders text and measures it.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .credentials import LeafCredentials, Role
+
+__all__ = [
+    "LIMITS",
+    "BootPlan",
+    "DockerRuntime",
+    "NativeRuntime",
+    "UserDataLimit",
+    "UserDataTooLarge",
+    "VM_HOME",
+    "render",
+]
+
+#: Where everything of ours lives on a VM: one directory, 0700.
+VM_HOME = "/opt/dask-secure-cloud"
+#: Inside a container the VM_HOME directory is mounted at the same path.
+_CONTAINER_HOME = VM_HOME
+_HEADER = "#cloud-config\n"
+
+
+@dataclass(frozen=True)
+class UserDataLimit:
+    """A cloud's ceiling on user-data, and how that cloud measures it."""
+
+    cloud: str
+    max_bytes: int
+    #: True where the limit applies to the base64 text the API carries (Azure).
+    measured_base64: bool = False
+
+    def measure(self, user_data: bytes) -> int:
+        return len(base64.b64encode(user_data)) if self.measured_base64 else len(user_data)
+
+
+LIMITS: dict[str, UserDataLimit] = {
+    "aws": UserDataLimit("EC2", 16_384),
+    "gcp": UserDataLimit("GCE metadata value", 262_144),
+    "azure": UserDataLimit("Azure customData", 65_535, measured_base64=True),
+    "digitalocean": UserDataLimit("DigitalOcean user_data", 65_536),
+    "local": UserDataLimit("LocalVM", 65_536),
+}
+
+
+class UserDataTooLarge(ValueError):
+    """Rendered user-data exceeds the cloud's limit. The message names the biggest parts."""
+
+
+@dataclass(frozen=True)
+class DockerRuntime:
+    """Run the Dask process in a container image (the default on clouds)."""
+
+    image: str
+    gpus: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.image or any(c.isspace() for c in self.image):
+            raise ValueError(f"docker_image must be an image reference, got {self.image!r}")
+
+
+@dataclass(frozen=True)
+class NativeRuntime:
+    """Run the Dask process with a Python already present on the image."""
+
+    python: str = "python3"
+
+
+@dataclass(frozen=True)
+class BootPlan:
+    """Everything one VM needs to start its Dask process.
+
+    ``command`` is the Dask server and its arguments, for example
+    ``("worker", "tls://10.0.0.4:8786", "--nthreads", "2")``: the renderer adds how to
+    launch it (container or native) and where the TLS files are.
+    """
+
+    cluster_id: str
+    role: Role
+    name: str
+    command: tuple[str, ...]
+    runtime: DockerRuntime | NativeRuntime
+    tls: LeafCredentials | None = None
+    dask_config: Mapping[str, Any] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    extra_bootstrap: tuple[str, ...] = ()
+    power_off_on_exit: bool = True
+    #: Scheduler only: serve the dashboard on this port of the VM's address.
+    dashboard_port: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.role not in (Role.SCHEDULER, Role.WORKER):
+            raise ValueError(f"a VM is a scheduler or a worker, not {self.role!r}")
+        if self.tls is not None and self.tls.role != self.role:
+            raise ValueError(
+                f"{self.name}: a {self.role.value} VM was given a {self.tls.role.value} "
+                "certificate"
+            )
+        for key in self.env:
+            if not key.isidentifier():
+                raise ValueError(f"env_vars: {key!r} is not a valid variable name")
+
+
+class _Literal(str):
+    """A string that YAML renders as a ``|`` block, so user-data stays readable."""
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(
+    _Literal, lambda dumper, data: dumper.represent_scalar("tag:yaml.org,2002:str", data, "|")
+)
+
+
+def _file(path: str, content: str, permissions: str) -> dict[str, Any]:
+    """A ``write_files`` entry, compressed with gz+b64 only when that makes it smaller."""
+    raw = content.encode()
+    packed = base64.b64encode(gzip.compress(raw, compresslevel=9, mtime=0)).decode()
+    entry: dict[str, Any] = {"path": path, "permissions": permissions}
+    if len(packed) + 16 < len(raw):
+        entry.update(encoding="gz+b64", content=packed)
+    else:
+        entry["content"] = _Literal(content) if "\n" in content else content
+    return entry
+
+
+def _env_file(env: Mapping[str, str], runtime: DockerRuntime | NativeRuntime) -> str:
+    if isinstance(runtime, DockerRuntime):
+        # docker --env-file takes values verbatim, one per line.
+        for key, value in env.items():
+            if "\n" in value:
+                raise ValueError(f"env_vars: {key} holds a newline, which docker cannot pass")
+        return "".join(f"{k}={v}\n" for k, v in env.items())
+    return "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items())
+
+
+def _launch_line(plan: BootPlan) -> str:
+    """The shell line that starts the Dask process, TLS paths added."""
+    role = plan.role.value
+    if isinstance(plan.runtime, DockerRuntime):
+        home = _CONTAINER_HOME
+        prefix = [
+            "docker",
+            "run",
+            "--rm",
+            "--name",
+            f"dask-{role}",
+            "--network",
+            "host",
+            "-v",
+            f"$D:{home}",
+            "-e",
+            f"DASK_CONFIG={home}/config",
+        ]
+        if plan.env:
+            prefix += ["--env-file", "$D/env"]
+        if plan.runtime.gpus:
+            prefix += ["--gpus", "all"]
+        prefix += [plan.runtime.image, "dask", role]
+    else:
+        home = "$D"
+        prefix = [plan.runtime.python, "-m", f"distributed.cli.dask_{role}"]
+    args = list(plan.command[1:]) if plan.command and plan.command[0] == role else []
+    if plan.command and plan.command[0] != role:
+        raise ValueError(f"{plan.name}: command must start with {role!r}: {plan.command!r}")
+    if plan.tls is not None:
+        args += [
+            "--tls-ca-file",
+            f"{home}/tls/ca.pem",
+            "--tls-cert",
+            f"{home}/tls/node.pem",
+            "--tls-key",
+            f"{home}/tls/node.key",
+        ]
+
+    def quote(word: str) -> str:
+        # "$D" must expand; everything else is literal.
+        if word.startswith("$D"):
+            return '"' + word.replace('"', '\\"') + '"'
+        return shlex.quote(word)
+
+    line = " ".join(quote(w) for w in prefix + args) + " $HOST_ARGS"
+    if plan.dashboard_port is not None:
+        line += f' --dashboard-address "${{DSC_VM_ADDRESS:-}}:{plan.dashboard_port}"'
+    return line
+
+
+def _boot_script(plan: BootPlan) -> str:
+    lines = [
+        "#!/bin/sh",
+        f"# dask-secure-cloud: {plan.role.value} {plan.name} of cluster {plan.cluster_id}",
+        "set -eu",
+        f'D="${{DSC_VM_ROOT:-}}{VM_HOME}"',
+        'chmod 700 "$D"' + (' "$D/tls"' if plan.tls else ""),
+        'export DASK_CONFIG="$D/config"',
+    ]
+    if plan.env and isinstance(plan.runtime, NativeRuntime):
+        lines.append('set -a; . "$D/env"; set +a')
+    lines += list(plan.extra_bootstrap)
+    lines += [
+        'HOST_ARGS=""',
+        'if [ -n "${DSC_VM_ADDRESS:-}" ]; then HOST_ARGS="--host $DSC_VM_ADDRESS"; fi',
+        "(",
+        "  set +e",
+        "  " + _launch_line(plan),
+        f'  echo "dask {plan.role.value} exited with status $?"',
+    ]
+    if plan.power_off_on_exit:
+        # A VM whose Dask process has ended (its scheduler is gone) ends itself so that a
+        # killed client leaves no bill running. Never on a relocated (local) root.
+        lines.append('  if [ -z "${DSC_VM_ROOT:-}" ]; then shutdown -h now; fi')
+    lines += [') >>"$D/dask.log" 2>&1 </dev/null &', ""]
+    return "\n".join(lines)
+
+
+def _document(plan: BootPlan) -> dict[str, Any]:
+    files: list[dict[str, Any]] = []
+    if plan.tls is not None:
+        files += [
+            _file(f"{VM_HOME}/tls/ca.pem", plan.tls.ca_pem, "0600"),
+            _file(f"{VM_HOME}/tls/node.pem", plan.tls.cert_pem, "0600"),
+            _file(f"{VM_HOME}/tls/node.key", plan.tls.key_pem, "0600"),
+        ]
+    config_text = yaml.safe_dump(dict(plan.dask_config), sort_keys=True) if plan.dask_config else ""
+    files.append(_file(f"{VM_HOME}/config/dask.yaml", config_text or "{}\n", "0600"))
+    if plan.env:
+        files.append(_file(f"{VM_HOME}/env", _env_file(plan.env, plan.runtime), "0600"))
+    files.append(_file(f"{VM_HOME}/boot.sh", _boot_script(plan), "0700"))
+    return {
+        "write_files": files,
+        "runcmd": [f'sh "${{DSC_VM_ROOT:-}}{VM_HOME}/boot.sh"'],
+    }
+
+
+def render(plan: BootPlan, limit: UserDataLimit | None = None) -> bytes:
+    """Render ``plan`` as ``#cloud-config`` user-data bytes.
+
+    With ``limit``, raise :class:`UserDataTooLarge` when the result does not fit, naming
+    the limit and the largest parts so the caller knows what to trim.
+    """
+    document = _document(plan)
+    body = yaml.dump(document, Dumper=_Dumper, sort_keys=False, width=1 << 16)
+    user_data = (_HEADER + body).encode()
+    if limit is not None:
+        check_size(user_data, limit, document)
+    return user_data
+
+
+def check_size(
+    user_data: bytes, limit: UserDataLimit, document: Mapping[str, Any] | None = None
+) -> None:
+    size = limit.measure(user_data)
+    if size <= limit.max_bytes:
+        return
+    parts = ""
+    if document is not None:
+        sizes = sorted(
+            ((len(str(f["content"])), f["path"]) for f in document.get("write_files", [])),
+            reverse=True,
+        )
+        parts = "; largest parts: " + ", ".join(f"{p} ({n:,} B)" for n, p in sizes[:3])
+    raise UserDataTooLarge(
+        f"user-data is {size:,} bytes but {limit.cloud} allows {limit.max_bytes:,}{parts}. "
+        "Shorten extra_bootstrap or env_vars, or install software in the image instead."
+    )
+
+
+def parse(user_data: bytes) -> dict[str, Any]:
+    """Read ``#cloud-config`` user-data (gzip-compressed or not) back into a dict."""
+    if user_data[:2] == b"\x1f\x8b":
+        user_data = gzip.decompress(user_data)
+    text = user_data.decode()
+    if not text.startswith("#cloud-config"):
+        raise ValueError("user-data is not a #cloud-config document")
+    document = yaml.safe_load(text)
+    if not isinstance(document, dict):
+        raise ValueError("user-data #cloud-config must be a mapping")
+    return document
+
+
+def decode_file(entry: Mapping[str, Any]) -> bytes:
+    """The bytes a ``write_files`` entry stands for, whatever its encoding."""
+    content = entry.get("content", "")
+    encoding = str(entry.get("encoding", "text")).lower()
+    if encoding in ("gz+b64", "gzip+base64", "gz+base64", "gzip+b64"):
+        return gzip.decompress(base64.b64decode(content))
+    if encoding in ("b64", "base64"):
+        return base64.b64decode(content)
+    if encoding in ("gz", "gzip"):
+        return gzip.decompress(content if isinstance(content, bytes) else content.encode())
+    if encoding == "text":
+        return content.encode() if isinstance(content, str) else bytes(content)
+    raise ValueError(f"write_files: unknown encoding {encoding!r}")
+
+
+def secrets_in(user_data: bytes) -> Sequence[str]:
+    """Paths of written files that hold a private key (for tests and redaction)."""
+    return [
+        f["path"]
+        for f in parse(user_data).get("write_files", [])
+        if b"PRIVATE KEY" in decode_file(f)
+    ]

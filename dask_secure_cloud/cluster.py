@@ -1,0 +1,702 @@
+"""``VMCluster``: a ``SpecCluster`` whose scheduler and workers are VMs.
+
+The cluster knows Dask and nothing of any cloud. For each VM it builds a boot plan
+(role, name, that VM's own certificate, the Dask command), renders it to user-data, and
+hands the bytes to its driver. Closing the cluster, a failed start and an interrupted
+start all end the same way: every VM the driver can find by the cluster id is destroyed,
+and the driver is asked again to confirm that none is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import sys
+import time
+import uuid
+import warnings
+from collections.abc import Generator, Mapping, Sequence
+from typing import Any, ClassVar
+
+import dask
+import dask.config
+from distributed.comm import connect
+from distributed.core import Status
+from distributed.deploy.cluster import Log, Logs
+from distributed.deploy.spec import ProcessInterface, SpecCluster
+from distributed.security import Security
+from tornado.ioloop import PeriodicCallback
+
+from . import config
+from .cloudinit import BootPlan, DockerRuntime, NativeRuntime, render
+from .credentials import ClusterCredentials, LeafCredentials, Role, leaf_from_security
+from .driver import CLUSTER_TAG, VM, Driver, VMRequest
+
+__all__ = ["ClusterStartError", "VMBootError", "VMCluster", "default_docker_image"]
+
+logger = logging.getLogger(__name__)
+
+#: Options every VM cluster accepts; providers add their own.
+COMMON_OPTIONS = (
+    "n_workers",
+    "security",
+    "certificate_lifetime",
+    "certificate_warning",
+    "runtime",
+    "docker_image",
+    "python",
+    "env_vars",
+    "extra_bootstrap",
+    "worker_options",
+    "scheduler_options",
+    "scheduler_port",
+    "dashboard_port",
+    "boot_timeout",
+    "worker_death_timeout",
+    "ship_config",
+)
+
+
+class ClusterStartError(RuntimeError):
+    """The cluster could not start; everything it made has been deleted."""
+
+
+class VMBootError(RuntimeError):
+    """A VM did not come up in time. The message carries its console output."""
+
+
+class ResourcesLeftError(RuntimeError):
+    """Closing did not delete every VM of the cluster. The message lists them."""
+
+
+def default_docker_image() -> str:
+    """The Dask image that matches this client's dask and Python, never ``:latest``.
+
+    A scheduler or worker on another Dask version than the client is the most common
+    failure of cloud Dask clusters, so the default pins both.
+    """
+    version = dask.__version__.split("+")[0]
+    return f"ghcr.io/dask/dask:{version}-py{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _cli_flags(command: str, options: Mapping[str, Any], option_name: str) -> list[str]:
+    """Turn ``{"nthreads": 2, "nanny": False}`` into ``dask worker`` flags, checked.
+
+    The flags are checked against the ``dask scheduler``/``dask worker`` command itself,
+    so a typo fails here, before any VM exists, with the closest real option named.
+    """
+    import difflib
+
+    if command == "worker":
+        from distributed.cli.dask_worker import main as cli
+    else:
+        from distributed.cli.dask_scheduler import main as cli
+    known: dict[str, Any] = {}
+    for param in cli.params:
+        for flag in (*param.opts, *param.secondary_opts):
+            if flag.startswith("--"):
+                known[flag[2:]] = param
+    reserved = {"tls-ca-file", "tls-cert", "tls-key", "host", "protocol", "name", "port"}
+    reserved |= {"dashboard-address", "scheduler-file", "death-timeout"}
+    flags: list[str] = []
+    for key, value in options.items():
+        flag = key.replace("_", "-")
+        if flag in reserved:
+            raise ValueError(
+                f"{option_name}: {key!r} is set by the cluster itself; "
+                "use the cluster's own option for it instead"
+            )
+        param = known.get(flag)
+        if param is None:
+            close = difflib.get_close_matches(flag, sorted(known), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{option_name}: 'dask {command}' has no option {key!r}.{hint}")
+        if getattr(param, "is_flag", False) or getattr(param, "is_bool_flag", False):
+            if not isinstance(value, bool):
+                raise ValueError(f"{option_name}: {key!r} takes True or False, got {value!r}")
+            if value:
+                flags.append(f"--{flag}")
+            elif f"--no-{flag}" in param.secondary_opts:
+                flags.append(f"--no-{flag}")
+            continue
+        values = value if isinstance(value, list | tuple) else [value]
+        for item in values:
+            flags += [f"--{flag}", str(item)]
+    return flags
+
+
+def _changed(current: Any, default: Any) -> Any:
+    """The part of ``current`` that differs from ``default`` (nested dicts)."""
+    if isinstance(current, dict) and isinstance(default, dict):
+        out = {}
+        for key, value in current.items():
+            diff = _changed(value, default.get(key, _NO_DEFAULT))
+            if diff is not _SAME:
+                out[key] = diff
+        return out or _SAME
+    return _SAME if current == default else current
+
+
+_SAME = object()
+_NO_DEFAULT = object()
+
+
+def shippable_config(prefixes: Sequence[str]) -> dict[str, Any]:
+    """The caller's dask config under ``prefixes``, only where it differs from defaults.
+
+    An allow-list, never the whole config: tokens and credentials live there.
+    """
+    defaults: dict[str, Any] = {}
+    for d in dask.config.defaults:
+        dask.config.update(defaults, d)
+    shipped: dict[str, Any] = {}
+    for prefix in prefixes:
+        current = dask.config.get(prefix, default=_NO_DEFAULT)
+        if current is _NO_DEFAULT:
+            continue
+        default = _get_path(defaults, prefix)
+        diff = _changed(current, default)
+        if diff is not _SAME:
+            dask.config.set({prefix: diff}, config=shipped)  # type: ignore[arg-type]
+    return shipped
+
+
+def _get_path(tree: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping):
+            return _NO_DEFAULT
+        node = node.get(part, node.get(part.replace("-", "_"), _NO_DEFAULT))
+        if node is _NO_DEFAULT:
+            return node
+    return node
+
+
+class _VM(ProcessInterface):
+    """One VM of the cluster, as ``SpecCluster`` sees it."""
+
+    role: ClassVar[Role]
+
+    def __init__(self, cluster: VMCluster, name: str) -> None:
+        super().__init__()
+        self.cluster = cluster
+        self.name = name
+        self.vm: VM | None = None
+
+    async def _create(self, scheduler_address: str | None) -> VM:
+        self.vm = await self.cluster._create_vm(self.role, self.name, scheduler_address)
+        return self.vm
+
+    async def close(self) -> None:
+        if self.vm is not None:
+            await self.cluster._destroy_vm(self.vm)
+            self.vm = None
+        await super().close()
+
+    def __repr__(self) -> str:
+        where = f" at {self.vm.private_ip}" if self.vm else ""
+        return f"<{type(self).__name__} {self.name}{where}: status={self.status.name}>"
+
+
+class SchedulerVM(_VM):
+    """The scheduler's VM. Ready once a client can complete a handshake with it."""
+
+    role = Role.SCHEDULER
+
+    def __init__(self, cluster: VMCluster, name: str = "scheduler") -> None:
+        super().__init__(cluster, name)
+
+    async def start(self) -> None:
+        cluster = self.cluster
+        vm = await self._create(None)
+        self.address = cluster._scheduler_address(vm)
+        started = time.monotonic()
+        await cluster._wait_reachable(vm, self.address)
+        cluster._log(f"Scheduler {self.address} reachable after {time.monotonic() - started:.1f}s")
+        await super().start()
+
+
+class WorkerVM(_VM):
+    """A worker's VM. Started once the cloud accepts it; a watchdog reports a failed boot."""
+
+    role = Role.WORKER
+
+    def __init__(self, scheduler: str, cluster: VMCluster, name: str) -> None:
+        super().__init__(cluster, name)
+        self.scheduler = scheduler
+        self._watchdog: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        vm = await self._create(self.scheduler)
+        self._watchdog = asyncio.create_task(self.cluster._watch_worker_boot(vm))
+        await super().start()
+
+    async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        await super().close()
+
+
+class _Awaitable:
+    def __init__(self, generator: Generator[Any, Any, Any]) -> None:
+        self._generator = generator
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        return self._generator
+
+
+class VMCluster(SpecCluster):
+    """A Dask cluster whose scheduler and workers each run on a VM of their own.
+
+    Provider classes (``LocalVMCluster``, ``EC2Cluster``, ...) subclass this with a
+    driver and their cloud's options; users do not instantiate it directly.
+
+    Parameters
+    ----------
+    n_workers
+        Worker VMs to start with. Scale later with ``scale`` or ``adapt``.
+    security
+        ``True`` (default): the cluster makes its own CA and a certificate per VM, and
+        the client's key never leaves this process. ``False``: plain ``tcp://`` with no
+        certificates, for trusted private networks only. A ``distributed.Security``
+        with scheduler and worker certificates: used as given, and shipped to the VMs.
+    certificate_lifetime
+        How long the certificates stay valid, for example ``"12h"``. The cluster warns
+        ``certificate_warning`` before they expire.
+    runtime
+        ``"docker"`` runs Dask in ``docker_image`` (default: the image matching this
+        client's dask and Python versions); ``"native"`` runs ``python`` on the image.
+    env_vars, extra_bootstrap
+        Environment for the Dask process (written to a 0600 file, not the command line),
+        and shell lines run before it starts.
+    worker_options, scheduler_options
+        Options of ``dask worker`` / ``dask scheduler``, checked before any VM starts.
+    boot_timeout
+        How long a VM may take to come up before it is reported, with its console
+        output, and the start fails.
+    """
+
+    provider: ClassVar[str] = "vm"
+    extra_options: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        driver: Driver,
+        *,
+        n_workers: int | None = None,
+        security: bool | Security | None = None,
+        certificate_lifetime: str | float | datetime.timedelta | None = None,
+        certificate_warning: str | float | datetime.timedelta | None = None,
+        runtime: str | None = None,
+        docker_image: str | None = None,
+        python: str | None = None,
+        env_vars: Mapping[str, str] | None = None,
+        extra_bootstrap: Sequence[str] | None = None,
+        worker_options: Mapping[str, Any] | None = None,
+        scheduler_options: Mapping[str, Any] | None = None,
+        scheduler_port: int | None = None,
+        dashboard_port: int | None = None,
+        boot_timeout: str | float | None = None,
+        worker_death_timeout: str | float | None = None,
+        ship_config: Sequence[str] | None = None,
+        asynchronous: bool = False,
+        loop: Any = None,
+        name: str | None = None,
+    ) -> None:
+        provider = self.provider
+        config.check_provider_keys(provider, (*COMMON_OPTIONS, *self.extra_options))
+
+        def opt(key: str, value: Any) -> Any:
+            return config.option(provider, key, value)
+
+        self.driver = driver
+        self.cluster_id = name or f"dsc-{uuid.uuid4().hex[:10]}"
+        n_workers = opt("n_workers", n_workers)
+        if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 0:
+            raise ValueError(f"n_workers must be a whole number >= 0, got {n_workers!r}")
+
+        security = opt("security", security)
+        self._lifetime = config.parse_duration(
+            opt("certificate_lifetime", certificate_lifetime), "certificate_lifetime"
+        )
+        self._warning = config.parse_duration(
+            opt("certificate_warning", certificate_warning), "certificate_warning"
+        )
+        self._boot_timeout = config.parse_duration(
+            opt("boot_timeout", boot_timeout), "boot_timeout"
+        ).total_seconds()
+        self._death_timeout = config.parse_duration(
+            opt("worker_death_timeout", worker_death_timeout), "worker_death_timeout"
+        ).total_seconds()
+        self._ports = {}
+        for key, value in (("scheduler_port", scheduler_port), ("dashboard_port", dashboard_port)):
+            port = opt(key, value)
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+                raise ValueError(f"{key} must be a TCP port from 1 to 65535, got {port!r}")
+            self._ports[key] = port
+
+        runtime = opt("runtime", runtime)
+        if runtime == "docker":
+            self._runtime: DockerRuntime | NativeRuntime = DockerRuntime(
+                opt("docker_image", docker_image) or default_docker_image()
+            )
+        elif runtime == "native":
+            self._runtime = NativeRuntime(opt("python", python) or "python3")
+        else:
+            raise ValueError(f"runtime must be 'docker' or 'native', got {runtime!r}")
+
+        self._env = dict(opt("env_vars", env_vars) or {})
+        self._extra_bootstrap = tuple(opt("extra_bootstrap", extra_bootstrap) or ())
+        if isinstance(self._extra_bootstrap, str) or not all(
+            isinstance(line, str) for line in self._extra_bootstrap
+        ):
+            raise ValueError("extra_bootstrap must be a list of shell lines")
+        self._worker_flags = _cli_flags(
+            "worker", opt("worker_options", worker_options) or {}, "worker_options"
+        )
+        self._scheduler_flags = _cli_flags(
+            "scheduler", opt("scheduler_options", scheduler_options) or {}, "scheduler_options"
+        )
+        self._ship_config = tuple(opt("ship_config", ship_config) or ())
+
+        self._credentials: ClusterCredentials | None = None
+        self._given_security: Security | None = None
+        if security is True:
+            self._credentials = ClusterCredentials(self.cluster_id, self._lifetime)
+            client_security: Security | None = self._credentials.client_security()
+            self.protocol = "tls"
+        elif security is False:
+            client_security = None
+            self.protocol = "tcp"
+        elif isinstance(security, Security):
+            self._given_security = security
+            for role in (Role.SCHEDULER, Role.WORKER):
+                leaf_from_security(security, role)  # fails now if incomplete
+            client_security = security
+            self.protocol = "tls"
+        else:
+            raise ValueError(
+                "security must be True (generate credentials), False (plain tcp, trusted "
+                f"networks only) or a distributed.Security; got {security!r}"
+            )
+
+        # Render one worker's user-data now: an oversized extra_bootstrap or env_vars
+        # fails here, before any VM exists.
+        render(
+            self._boot_plan(Role.WORKER, "size-check", "tls://0.0.0.0:1"),
+            self.driver.user_data_limit,
+        )
+
+        self._inflight: set[asyncio.Future[Any]] = set()
+        self._aborting = False
+        self._swept = False
+        self._expiry_warned = False
+        self._log(
+            f"Cluster {self.cluster_id}: {self.protocol}, "
+            + (
+                f"CA {self._credentials.ca_fingerprint[:23]}..., certificates valid until "
+                f"{self._credentials.not_after:%Y-%m-%d %H:%M} UTC"
+                if self._credentials
+                else "no cluster CA"
+            )
+        )
+        workers = {
+            f"worker-{i}": {"cls": WorkerVM, "options": {"cluster": self}}
+            for i in range(n_workers)
+        }
+        self._i = n_workers
+        try:
+            super().__init__(
+                workers=workers,
+                scheduler={"cls": SchedulerVM, "options": {"cluster": self}},
+                worker={"cls": WorkerVM, "options": {"cluster": self}},
+                asynchronous=asynchronous,
+                loop=loop,
+                security=client_security,
+                name=self.cluster_id,
+            )
+        except BaseException:
+            # An interrupt (Ctrl-C) during a synchronous start: the loop is still ours.
+            if not asynchronous and self.status != Status.closed:
+                with contextlib.suppress(Exception):
+                    self.sync(self._close)
+                with contextlib.suppress(Exception):
+                    self._loop_runner.stop()
+            raise
+        if self._credentials is not None:
+            self.periodic_callbacks["certificate-expiry"] = PeriodicCallback(
+                self._check_expiry, 60_000
+            )
+
+    # -- what SpecCluster asks of us ----------------------------------------------------
+
+    def _log(self, log: str) -> None:
+        """Record progress for ``get_logs`` and the logger; never print."""
+        logger.info(log)
+        if hasattr(self, "_cluster_manager_logs"):
+            self._cluster_manager_logs.append((datetime.datetime.now(), log))
+
+    def _new_worker_name(self, worker_number: int) -> str:
+        return f"worker-{worker_number}"
+
+    def __await__(self) -> Generator[Any, Any, VMCluster]:
+        async def _() -> VMCluster:
+            try:
+                await _Awaitable(SpecCluster.__await__(self))
+            except BaseException:
+                # Cancelled or failed part-way: nothing may be left behind.
+                await asyncio.shield(self._abort())
+                raise
+            return self
+
+        return _().__await__()
+
+    async def _start(self) -> None:
+        self._check_expiry()
+        try:
+            await super()._start()
+        except RuntimeError as e:
+            raise ClusterStartError(str(e)) from e.__cause__
+        except BaseException:
+            await asyncio.shield(self._abort())
+            raise
+
+    async def _close(self) -> None:
+        try:
+            await super()._close()
+        finally:
+            await self._sweep()
+
+    async def _abort(self) -> None:
+        self._aborting = True
+        if self.status not in (Status.closed, Status.closing):
+            self.status = Status.failed
+        await self._close()
+
+    # -- VMs ------------------------------------------------------------------------------
+
+    def _boot_plan(self, role: Role, name: str, scheduler_address: str | None) -> BootPlan:
+        if role is Role.SCHEDULER:
+            command = (
+                "scheduler",
+                "--port",
+                str(self._ports["scheduler_port"]),
+                "--protocol",
+                self.protocol,
+                *self._scheduler_flags,
+            )
+            dashboard = self._ports["dashboard_port"]
+        else:
+            assert scheduler_address is not None
+            command = (
+                "worker",
+                scheduler_address,
+                "--name",
+                name,
+                "--protocol",
+                self.protocol,
+                "--death-timeout",
+                f"{self._death_timeout:.0f}s",
+                *self._worker_flags,
+            )
+            dashboard = None
+        return BootPlan(
+            cluster_id=self.cluster_id,
+            role=role,
+            name=name,
+            command=command,
+            runtime=self._runtime,
+            tls=self._leaf(role, name),
+            dask_config=self._vm_config(),
+            env=self._env,
+            extra_bootstrap=self._extra_bootstrap,
+            dashboard_port=dashboard,
+        )
+
+    def _leaf(self, role: Role, name: str) -> LeafCredentials | None:
+        if self._credentials is not None:
+            return self._credentials.issue(role, name)
+        if self._given_security is not None:
+            return leaf_from_security(self._given_security, role)
+        return None
+
+    def _vm_config(self) -> dict[str, Any]:
+        shipped = shippable_config(self._ship_config)
+        tls = self.protocol == "tls"
+        dask.config.set(
+            {"distributed.comm.require-encryption": tls}, config=shipped
+        )  # type: ignore[arg-type]
+        if self._credentials is not None:
+            dask.config.set({"distributed.comm.tls.min-version": 1.3}, config=shipped)  # type: ignore[arg-type]
+        return shipped
+
+    def _scheduler_address(self, vm: VM) -> str:
+        return f"{self.protocol}://{vm.private_ip}:{self._ports['scheduler_port']}"
+
+    async def _create_vm(self, role: Role, name: str, scheduler_address: str | None) -> VM:
+        if self._aborting or self.status in (Status.closing, Status.closed):
+            raise ClusterStartError(f"not creating {name}: the cluster is closing")
+        plan = self._boot_plan(role, name, scheduler_address)
+        user_data = render(plan, self.driver.user_data_limit)
+        request = VMRequest(
+            cluster_id=self.cluster_id,
+            name=name,
+            role=role,
+            user_data=user_data,
+            tags={CLUSTER_TAG: self.cluster_id},
+        )
+        started = time.monotonic()
+        task = asyncio.ensure_future(self.driver.create(request))
+        self._inflight.add(task)
+        try:
+            vm = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The cloud may still be making it: wait, so close() can find and delete it.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+            raise
+        except Exception as e:
+            raise ClusterStartError(f"creating {role.value} VM {name} failed: {e}") from e
+        finally:
+            self._inflight.discard(task)
+        self._log(f"{role.value} VM {name} created at {vm.private_ip} in {time.monotonic() - started:.1f}s")
+        return vm
+
+    async def _destroy_vm(self, vm: VM) -> None:
+        await self.driver.destroy(vm)
+
+    async def _wait_reachable(self, vm: VM, address: str) -> None:
+        """Wait until the scheduler completes a (TLS) handshake, or report its console."""
+        deadline = time.monotonic() + self._boot_timeout
+        args = self.security.get_connection_args("client")
+        while True:
+            if self._aborting:
+                raise ClusterStartError("start interrupted")
+            try:
+                comm = await connect(address, timeout=1, **args)
+            except OSError:
+                pass
+            else:
+                await comm.close()
+                return
+            state = await self.driver.state(vm)
+            if state == "terminated" or time.monotonic() > deadline:
+                console = await self.driver.console_output(vm)
+                why = "stopped" if state == "terminated" else (
+                    f"was not reachable at {address} within {self._boot_timeout:.0f}s "
+                    "(boot_timeout)"
+                )
+                raise VMBootError(
+                    f"scheduler VM {vm.name} {why}. Console output:\n{_tail(console)}"
+                )
+            await asyncio.sleep(0.2)
+
+    async def _watch_worker_boot(self, vm: VM) -> None:
+        """Report a worker VM that has not joined within ``boot_timeout``."""
+        deadline = time.monotonic() + self._boot_timeout
+        while time.monotonic() < deadline:
+            names = {w.get("name") for w in self.scheduler_info.get("workers", {}).values()}
+            if vm.name in names:
+                return
+            if await self.driver.state(vm) == "terminated":
+                break
+            await asyncio.sleep(1)
+        if self.status != Status.running or self._aborting:
+            return  # closing: the VM ended because we asked it to
+        console = await self.driver.console_output(vm)
+        logger.error(
+            "Worker VM %s did not join the scheduler within %.0fs (boot_timeout). "
+            "Console output:\n%s",
+            vm.name,
+            self._boot_timeout,
+            _tail(console),
+        )
+
+    async def _sweep(self) -> None:
+        """Destroy every VM carrying the cluster id, then confirm none is left."""
+        if self._swept:
+            return
+        self._swept = True
+        self._aborting = True
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        try:
+            left = await self.driver.list(self.cluster_id)
+            if left:
+                await asyncio.gather(*(self.driver.destroy(vm) for vm in left))
+                left = await self.driver.list(self.cluster_id)
+            if left:
+                raise ResourcesLeftError(
+                    f"cluster {self.cluster_id}: could not delete "
+                    + ", ".join(f"{vm.name} ({vm.id})" for vm in left)
+                    + f"; run `dask secure-cloud cleanup {self.cluster_id}`"
+                )
+            await self.driver.release(self.cluster_id)
+        finally:
+            await self.driver.close()
+        self._log(f"Cluster {self.cluster_id}: every VM deleted")
+
+    # -- certificates ---------------------------------------------------------------------
+
+    def _check_expiry(self) -> None:
+        if self._credentials is None or self._expiry_warned:
+            return
+        remaining = self._credentials.remaining()
+        if remaining < self._warning:
+            self._expiry_warned = True
+            message = (
+                f"Cluster {self.cluster_id}: its TLS certificates expire in "
+                f"{max(remaining.total_seconds(), 0) / 60:.0f} minutes, after which no "
+                "new connection is accepted. Start a new cluster, or set "
+                "certificate_lifetime longer for long-running clusters."
+            )
+            logger.warning(message)
+            warnings.warn(message, stacklevel=2)
+
+    @property
+    def ca_fingerprint(self) -> str | None:
+        """SHA-256 fingerprint of the cluster CA, or ``None`` without generated TLS."""
+        return self._credentials.ca_fingerprint if self._credentials else None
+
+    @property
+    def certificates_expire(self) -> datetime.datetime | None:
+        return self._credentials.not_after if self._credentials else None
+
+    # -- display, logs, pickling ----------------------------------------------------------
+
+    async def _get_logs(self, cluster: bool = True, scheduler: bool = True, workers: bool = True) -> Logs:
+        logs = await super()._get_logs(cluster, scheduler, workers)
+        if cluster:
+            for vm in await self.driver.list(self.cluster_id):
+                text = await self.driver.console_output(vm)
+                if text:
+                    logs[f"{vm.name} console"] = Log(text)
+        return logs
+
+    def __repr__(self) -> str:
+        workers = self.scheduler_info.get("workers", {}) if hasattr(self, "scheduler_info") else {}
+        tls = "off" if self.protocol == "tcp" else "on"
+        text = (
+            f"{type(self).__name__}({self.cluster_id}, {self.scheduler_address!r}, "
+            f"workers={len(workers)}, tls={tls}"
+        )
+        if self._credentials is not None:
+            text += (
+                f", ca={self._credentials.ca_fingerprint[:11]}..., "
+                f"expires={self._credentials.not_after:%Y-%m-%d %H:%M}Z"
+            )
+        return text + ")"
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"{type(self).__name__} manages VMs and holds the cluster's CA key; it cannot "
+            "be pickled. Pass cluster.scheduler_address and cluster.security instead."
+        )
+
+
+def _tail(text: str, lines: int = 60) -> str:
+    kept = text.splitlines()[-lines:]
+    return "\n".join(kept) if kept else "(no console output)"
+

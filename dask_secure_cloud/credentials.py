@@ -1,0 +1,315 @@
+"""A cluster's own certificate authority and the leaf certificates it issues.
+
+Every cluster gets a fresh CA (ECDSA P-256) whose private key exists only as an object
+in this process: it is never serialised, logged, pickled or shipped. The CA signs one
+leaf certificate per VM and per role, plus one for the client. Each leaf names its
+cluster and role in a SAN URI ``dask-secure-cloud://CLUSTER/ROLE/NAME`` so that a peer
+can check who it talks to, and its extended key usage binds what it may do: the client's
+certificate can only authenticate a client, never serve as a scheduler or worker.
+
+Lifetimes are hours, not a year: a leaked VM key is worth little a day later.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import hashlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+if TYPE_CHECKING:
+    from distributed.security import Security
+
+__all__ = [
+    "DEFAULT_LIFETIME",
+    "URI_SCHEME",
+    "ClusterCredentials",
+    "LeafCredentials",
+    "Role",
+    "parse_identity",
+]
+
+#: A working day plus a generous margin; renew or restart a cluster that runs longer.
+DEFAULT_LIFETIME = datetime.timedelta(hours=24)
+#: Certificates start this far in the past so that a VM whose clock lags still accepts
+#: them.
+CLOCK_SKEW = datetime.timedelta(minutes=5)
+URI_SCHEME = "dask-secure-cloud"
+
+
+class Role(str, enum.Enum):
+    """What a certificate's holder is allowed to be in the cluster."""
+
+    SCHEDULER = "scheduler"
+    WORKER = "worker"
+    CLIENT = "client"
+
+
+# Schedulers and workers both accept and open connections; a client only opens them.
+_USAGES = {
+    Role.SCHEDULER: [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+    Role.WORKER: [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+    Role.CLIENT: [ExtendedKeyUsageOID.CLIENT_AUTH],
+}
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+def _pem_cert(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def fingerprint(cert_pem: str) -> str:
+    """SHA-256 fingerprint of a PEM certificate, as colon-separated hex."""
+    cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+def parse_identity(cert: x509.Certificate) -> tuple[str, Role, str]:
+    """Return ``(cluster_id, role, name)`` from a leaf certificate's SAN URI.
+
+    Raises ``ValueError`` when the certificate carries no identity of ours.
+    """
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound as e:
+        raise ValueError("certificate has no subjectAltName") from e
+    prefix = f"{URI_SCHEME}://"
+    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.startswith(prefix):
+            cluster_id, role, name = uri[len(prefix) :].split("/", 2)
+            return cluster_id, Role(role), name
+    raise ValueError(f"certificate has no {prefix} identity")
+
+
+@dataclass(frozen=True, repr=False)
+class LeafCredentials:
+    """One holder's certificate, private key and the cluster CA certificate, as PEM.
+
+    The ``key_pem`` never appears in ``repr``: only the role, name and expiry do.
+    """
+
+    role: Role
+    name: str
+    cert_pem: str
+    key_pem: str = field(compare=False)
+    ca_pem: str
+    not_after: datetime.datetime
+
+    def __repr__(self) -> str:
+        return (
+            f"LeafCredentials(role={self.role.value!r}, name={self.name!r}, "
+            f"not_after={self.not_after.isoformat()})"
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.cert_pem)
+
+
+class ClusterCredentials:
+    """The CA of one cluster, living in memory only, and the leaves it signs.
+
+    >>> creds = ClusterCredentials("abc123")
+    >>> worker = creds.issue(Role.WORKER, "worker-0")
+    >>> security = creds.client_security()
+
+    Instances refuse to be pickled or copied so that the CA key cannot travel by
+    accident (for example inside a cluster object sent to a worker).
+    """
+
+    def __init__(
+        self,
+        cluster_id: str,
+        lifetime: datetime.timedelta = DEFAULT_LIFETIME,
+        *,
+        now: datetime.datetime | None = None,
+    ) -> None:
+        if not isinstance(lifetime, datetime.timedelta) or lifetime <= datetime.timedelta(0):
+            raise ValueError(
+                f"certificate_lifetime must be a positive duration such as '12h', "
+                f"got {lifetime!r}"
+            )
+        if not cluster_id or "/" in cluster_id:
+            raise ValueError(f"cluster_id must be a non-empty string without '/': {cluster_id!r}")
+        self.cluster_id = cluster_id
+        self.lifetime = lifetime
+        self.not_before = (now or datetime.datetime.now(datetime.timezone.utc)) - CLOCK_SKEW
+        self.not_after = self.not_before + CLOCK_SKEW + lifetime
+        self.__ca_key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "dask-secure-cloud"),
+                x509.NameAttribute(NameOID.COMMON_NAME, f"dask-secure-cloud CA {cluster_id}"),
+            ]
+        )
+        ca_public = self.__ca_key.public_key()
+        self._ca_name = name
+        self._ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_public)
+        self._ca_cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(ca_public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(self.not_before)
+            .not_valid_after(self.not_after)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(self._ca_ski, critical=False)
+            .sign(self.__ca_key, hashes.SHA256())
+        )
+        self.ca_cert_pem = _pem_cert(self._ca_cert)
+        self.ca_fingerprint = self._ca_cert.fingerprint(hashes.SHA256()).hex(":").upper()
+        self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(self._ca_ski)
+        self._client: LeafCredentials | None = None
+
+    def issue(self, role: Role | str, name: str) -> LeafCredentials:
+        """Sign a fresh key for one VM (or the client), valid as long as the CA."""
+        role = Role(role)
+        if not name or "/" in name:
+            raise ValueError(f"certificate name must be non-empty and without '/': {name!r}")
+        key = ec.generate_private_key(ec.SECP256R1())
+        identity = f"{URI_SCHEME}://{self.cluster_id}/{role.value}/{name}"
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(
+                x509.Name(
+                    [
+                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, self.cluster_id),
+                        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role.value),
+                        x509.NameAttribute(NameOID.COMMON_NAME, name),
+                    ]
+                )
+            )
+            .issuer_name(self._ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(self.not_before)
+            .not_valid_after(self.not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]),
+                critical=False,
+            )
+            .add_extension(x509.ExtendedKeyUsage(_USAGES[role]), critical=False)
+            .add_extension(self._aki, critical=False)
+            .sign(self.__ca_key, hashes.SHA256())
+        )
+        return LeafCredentials(
+            role=role,
+            name=name,
+            cert_pem=_pem_cert(cert),
+            key_pem=_pem_key(key),
+            ca_pem=self.ca_cert_pem,
+            not_after=self.not_after,
+        )
+
+    @property
+    def client(self) -> LeafCredentials:
+        """The client's own leaf, made once; its key stays in this process."""
+        if self._client is None:
+            self._client = self.issue(Role.CLIENT, "client")
+        return self._client
+
+    def client_security(self) -> Security:
+        """A ``distributed.Security`` holding the client's key in memory.
+
+        Encryption is required and TLS 1.3 is the minimum: both ends are ours, so
+        there is no older peer to accommodate.
+        """
+        import ssl
+
+        from distributed.security import Security
+
+        client = self.client
+        return Security(
+            require_encryption=True,
+            tls_ca_file=client.ca_pem,
+            tls_client_cert=client.cert_pem,
+            tls_client_key=client.key_pem,
+            tls_min_version=ssl.TLSVersion.TLSv1_3,
+        )
+
+    def remaining(self, now: datetime.datetime | None = None) -> datetime.timedelta:
+        """How long the certificates stay valid."""
+        return self.not_after - (now or datetime.datetime.now(datetime.timezone.utc))
+
+    def __repr__(self) -> str:
+        return (
+            f"<ClusterCredentials cluster={self.cluster_id} ca={self.ca_fingerprint[:23]}... "
+            f"expires={self.not_after.isoformat(timespec='minutes')}>"
+        )
+
+    def __reduce__(self):  # type: ignore[override]
+        raise TypeError(
+            "ClusterCredentials hold a CA private key and cannot be pickled or copied; "
+            "pass the LeafCredentials a VM needs instead"
+        )
+
+    def __copy__(self):
+        self.__reduce__()
+
+    def __deepcopy__(self, memo):
+        self.__reduce__()
+
+
+def leaf_from_security(security: Security, role: Role) -> LeafCredentials:
+    """The ``role`` certificate, key and CA of a user's own ``Security``, as PEM text.
+
+    Used when a caller brings their own PKI: those files are what the VMs receive.
+    """
+    import os
+
+    def read(value: str | None, what: str) -> str:
+        if not value:
+            raise ValueError(
+                f"security: the given distributed.Security has no {what}; a VM cluster "
+                "ships the scheduler's and workers' certificates to their VMs, so set "
+                f"{what}, or pass security=True to let the cluster make its own"
+            )
+        if "\n" in value:
+            return value
+        with open(os.path.expanduser(value)) as f:
+            return f.read()
+
+    cert_pem = read(getattr(security, f"tls_{role.value}_cert"), f"tls_{role.value}_cert")
+    key_pem = read(
+        getattr(security, f"tls_{role.value}_key", None) or getattr(security, f"tls_{role.value}_cert"),
+        f"tls_{role.value}_key",
+    )
+    ca_pem = read(security.tls_ca_file, "tls_ca_file")
+    cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    return LeafCredentials(
+        role=role,
+        name=role.value,
+        cert_pem=cert_pem,
+        key_pem=key_pem,
+        ca_pem=ca_pem,
+        not_after=cert.not_valid_after_utc,
+    )

@@ -1,0 +1,81 @@
+"""The small interface between a cluster and a cloud.
+
+A driver knows its cloud and nothing of Dask or TLS: it makes VMs from user-data bytes,
+tags everything with the cluster id, finds what carries that tag, and deletes it. The
+cluster (``cluster.py``) does the rest.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from .cloudinit import UserDataLimit
+from .credentials import Role
+
+__all__ = ["VM", "Driver", "VMRequest"]
+
+#: The tag (or label) key every resource of a cluster carries.
+CLUSTER_TAG = "dask-secure-cloud-cluster"
+
+
+@dataclass(frozen=True)
+class VMRequest:
+    """What the cluster asks of a driver for one VM."""
+
+    cluster_id: str
+    name: str
+    role: Role
+    user_data: bytes = field(repr=False)
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VM:
+    """A VM as the cloud reports it."""
+
+    id: str
+    name: str
+    role: Role
+    cluster_id: str
+    private_ip: str
+    public_ip: str | None = None
+
+
+class Driver(abc.ABC):
+    """Create, list and destroy the VMs (and network) of one cluster on one cloud."""
+
+    #: Short provider name, as used in ``secure-cloud.<provider>`` config.
+    provider: ClassVar[str]
+    user_data_limit: ClassVar[UserDataLimit]
+
+    async def prepare(self, cluster_id: str) -> None:
+        """Make what the cluster's VMs need before the first one (network, firewall)."""
+
+    @abc.abstractmethod
+    async def create(self, request: VMRequest) -> VM:
+        """Start one VM from its user-data; return once the cloud has accepted it."""
+
+    @abc.abstractmethod
+    async def destroy(self, vm: VM) -> None:
+        """Delete one VM and what belongs to it alone (disks, addresses)."""
+
+    @abc.abstractmethod
+    async def list(self, cluster_id: str) -> list[VM]:
+        """Every VM that carries ``cluster_id`` and is not yet gone."""
+
+    async def state(self, vm: VM) -> str:
+        """``"running"``, ``"terminated"`` (it stopped by itself) or ``"unknown"``."""
+        return "unknown"
+
+    async def console_output(self, vm: VM) -> str:
+        """What the VM printed while booting, for error reports. Empty if unknown."""
+        return ""
+
+    async def release(self, cluster_id: str) -> None:
+        """Delete what :meth:`prepare` made, once no VM of the cluster is left."""
+
+    async def close(self) -> None:
+        """Release SDK sessions. The cluster calls this last."""
