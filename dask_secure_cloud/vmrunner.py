@@ -220,6 +220,10 @@ def boot(
         pgid=process.pid,
     )
     (vm_dir / _RECORD).write_text(json.dumps(asdict(vm)))
+    # The child calls setsid() as it starts: until then it is not yet in its own group.
+    deadline = time.monotonic() + 2
+    while not vm.processes() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
     return vm
 
 

@@ -1,0 +1,46 @@
+"""The VM booter shared by every cloud stand-in: user-data and an address in, a VM out.
+
+A stand-in API that "creates" a VM calls :meth:`VMBooter.boot` with the user-data it
+received and the address it assigned; the VM then runs here through the same local
+cloud-init runner that ``LocalVMCluster`` uses, with a ``docker`` stand-in first on its
+``PATH`` so container user-data runs with this machine's Python.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dask_secure_cloud.vmrunner import LocalVM, boot
+
+DOCKER_SHIM_DIR = str(Path(__file__).parent / "bin")
+
+
+class VMBooter:
+    """Boots VMs under ``directory`` and stops every one of them on :meth:`stop_all`."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.vms: dict[str, LocalVM] = {}
+
+    def boot(self, user_data: bytes, *, address: str, cluster_id: str, name: str, role: str) -> LocalVM:
+        vm = boot(
+            user_data,
+            directory=self.directory / cluster_id / name,
+            address=address,
+            cluster_id=cluster_id,
+            name=name,
+            role=role,
+            extra_path=DOCKER_SHIM_DIR,
+        )
+        self.vms[vm.vm_id] = vm
+        return vm
+
+    def stop(self, vm_id: str) -> None:
+        vm = self.vms.pop(vm_id, None)
+        if vm is not None:
+            vm.stop()
+
+    def stop_all(self) -> None:
+        for vm_id in list(self.vms):
+            self.stop(vm_id)
