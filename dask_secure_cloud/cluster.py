@@ -330,12 +330,10 @@ class VMCluster(SpecCluster):
         self._death_timeout = config.parse_duration(
             opt("worker_death_timeout", worker_death_timeout), "worker_death_timeout"
         ).total_seconds()
-        self._ports = {}
-        for key, value in (("scheduler_port", scheduler_port), ("dashboard_port", dashboard_port)):
-            port = opt(key, value)
-            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-                raise ValueError(f"{key} must be a TCP port from 1 to 65535, got {port!r}")
-            self._ports[key] = port
+        self._ports = {
+            "scheduler_port": config.port(opt("scheduler_port", scheduler_port), "scheduler_port"),
+            "dashboard_port": config.port(opt("dashboard_port", dashboard_port), "dashboard_port"),
+        }
 
         runtime = opt("runtime", runtime)
         if runtime == "docker":
@@ -348,11 +346,13 @@ class VMCluster(SpecCluster):
             raise ValueError(f"runtime must be 'docker' or 'native', got {runtime!r}")
 
         self._env = dict(opt("env_vars", env_vars) or {})
-        self._extra_bootstrap = tuple(opt("extra_bootstrap", extra_bootstrap) or ())
-        if isinstance(self._extra_bootstrap, str) or not all(
-            isinstance(line, str) for line in self._extra_bootstrap
-        ):
-            raise ValueError("extra_bootstrap must be a list of shell lines")
+        lines = opt("extra_bootstrap", extra_bootstrap) or ()
+        if isinstance(lines, str) or not all(isinstance(line, str) for line in lines):
+            raise ValueError(
+                f"extra_bootstrap must be a list of shell lines, got {lines!r}; "
+                "wrap a single command in a list"
+            )
+        self._extra_bootstrap = tuple(lines)
         self._worker_flags = _cli_flags(
             "worker", opt("worker_options", worker_options) or {}, "worker_options"
         )

@@ -18,7 +18,7 @@ from typing import Any
 import dask.config
 import yaml
 
-__all__ = ["ConfigError", "check_provider_keys", "option", "parse_duration"]
+__all__ = ["ConfigError", "check_provider_keys", "option", "parse_duration", "port"]
 
 _DEFAULTS_FILE = os.path.join(os.path.dirname(__file__), "secure-cloud.yaml")
 
@@ -86,3 +86,10 @@ def parse_duration(value: Any, option_name: str) -> datetime.timedelta:
     if delta <= datetime.timedelta(0):
         raise ValueError(f"{option_name} must be positive, got {value!r}")
     return delta
+
+
+def port(value: Any, option_name: str) -> int:
+    """A TCP port number, or a ``ValueError`` naming the option."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ValueError(f"{option_name} must be a TCP port from 1 to 65535, got {value!r}")
+    return value

@@ -72,8 +72,16 @@ class LocalVM:
         return text
 
     def processes(self) -> list[int]:
-        """PIDs still running in this VM."""
-        return _members(self.pgid, self.vm_id)
+        """PIDs still running in this VM.
+
+        A scan of ``/proc`` can miss a child forked just after the listing while its
+        parent exits, so an empty answer is only trusted when a second scan agrees.
+        """
+        found = _members(self.pgid, self.vm_id)
+        if not found:
+            time.sleep(0.02)
+            found = _members(self.pgid, self.vm_id)
+        return found
 
     def is_running(self) -> bool:
         return bool(self.processes())
@@ -188,10 +196,14 @@ def boot(
     vm_dir = Path(directory)
     vm_dir.mkdir(parents=True, mode=0o700)
     root = vm_dir / "root"
-    root.mkdir(mode=0o755)
-    _write_files(root, document.get("write_files") or [])
     script = vm_dir / "runcmd.sh"
-    script.write_text(_runcmd_script(document.get("runcmd") or []))
+    try:
+        root.mkdir(mode=0o755)
+        _write_files(root, document.get("write_files") or [])
+        script.write_text(_runcmd_script(document.get("runcmd") or []))
+    except BaseException:
+        shutil.rmtree(vm_dir, ignore_errors=True)
+        raise
 
     vm_id = f"{cluster_id}/{name}"
     env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}

@@ -199,8 +199,12 @@ class LocalVMCluster(VMCluster):
         **kwargs: Any,
     ) -> None:
         directory = config.option(self.provider, "directory", directory) or default_directory()
-        scheduler_port = config.option(self.provider, "scheduler_port", scheduler_port)
-        dashboard_port = config.option(self.provider, "dashboard_port", dashboard_port)
+        scheduler_port = config.port(
+            config.option(self.provider, "scheduler_port", scheduler_port), "scheduler_port"
+        )
+        dashboard_port = config.port(
+            config.option(self.provider, "dashboard_port", dashboard_port), "dashboard_port"
+        )
         subnet = loopback_subnet((scheduler_port, dashboard_port))
         if subnet is None:
             # One shared address: the scheduler's ports must be free ones.

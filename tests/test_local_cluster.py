@@ -1,0 +1,356 @@
+"""LocalVMCluster end to end: the whole boot path, TLS, refusals, secrets, teardown."""
+
+import asyncio
+import logging
+import os
+import pickle
+import signal
+import ssl
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import dask
+import pytest
+from cryptography.hazmat.primitives import serialization
+from distributed import Client
+from distributed.comm import connect
+from distributed.security import Security
+
+from conftest import any_vm_processes, decoded_files, vm_processes
+from dask_secure_cloud import LocalVMCluster
+from dask_secure_cloud.cloudinit import UserDataTooLarge
+from dask_secure_cloud.cluster import ClusterStartError, VMBootError
+from dask_secure_cloud.config import ConfigError
+from dask_secure_cloud.credentials import ClusterCredentials, Role
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+def assert_nothing_left(directory: Path, cluster_id: str | None = None) -> None:
+    if cluster_id:
+        assert vm_processes(cluster_id) == []
+    assert any_vm_processes(directory) == []
+    assert list(directory.iterdir()) == []
+
+
+def ca_key(cluster) -> bytes:
+    return cluster._credentials._ClusterCredentials__ca_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+async def compute(cluster, n_workers: int) -> int:
+    async with Client(cluster, asynchronous=True) as client:
+        await client.wait_for_workers(n_workers, timeout=60)
+        futures = client.map(lambda x: x * x, range(20))
+        total = await client.submit(sum, futures)
+        addresses = list(cluster.scheduler_info["workers"])
+        return total, addresses
+
+
+async def test_tls_cluster_computes_and_leaves_nothing(vm_dir, recorded_user_data, caplog):
+    caplog.set_level(logging.DEBUG)
+    async with LocalVMCluster(n_workers=2, directory=vm_dir, asynchronous=True) as cluster:
+        assert cluster.scheduler_address.startswith("tls://127.")
+        total, workers = await compute(cluster, 2)
+        assert total == sum(x * x for x in range(20))
+        assert len(workers) == 2 and all(w.startswith("tls://127.") for w in workers)
+        # Each VM has its own loopback address, the scheduler the standard port.
+        hosts = {w.split("//")[1].rsplit(":", 1)[0] for w in workers}
+        assert len(hosts) == 2 and cluster.scheduler_address.endswith(":8786")
+
+        # Key files are 0600 under one 0700 directory, on every VM.
+        keys = list(vm_dir.glob("*/*/root/opt/dask-secure-cloud/tls/node.key"))
+        assert len(keys) == 3
+        for key in keys:
+            assert stat.S_IMODE(key.stat().st_mode) == 0o600
+            assert stat.S_IMODE(key.parent.stat().st_mode) == 0o700
+
+        # Neither the CA key nor the client's key is anywhere a VM or a log can see.
+        secrets = [ca_key(cluster), cluster._credentials.client.key_pem.encode()]
+        blobs = [data for ud in recorded_user_data for data in (ud, *decoded_files(ud).values())]
+        blobs += [p.read_bytes() for p in vm_dir.rglob("*") if p.is_file()]
+        logs = await cluster.get_logs()
+        blobs += [str(v).encode() for v in logs.values()]
+        blobs += [repr(cluster).encode(), cluster._repr_html_().encode(), caplog.text.encode()]
+        assert len(recorded_user_data) == 3
+        for secret in secrets:
+            for blob in blobs:
+                assert secret not in blob
+                assert secret.split(b"\n")[1] not in blob  # not even one line of it
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            pickle.dumps(cluster)
+        cluster_id = cluster.cluster_id
+    assert_nothing_left(vm_dir, cluster_id)
+
+
+async def test_security_false_is_plain_tcp_with_no_certificate_anywhere(vm_dir, recorded_user_data):
+    async with LocalVMCluster(n_workers=1, security=False, directory=vm_dir, asynchronous=True) as cluster:
+        assert cluster.scheduler_address.startswith("tcp://")
+        total, workers = await compute(cluster, 1)
+        assert total == 2470 and workers[0].startswith("tcp://")
+        files = [p.read_bytes() for p in vm_dir.rglob("*") if p.is_file()]
+        assert files
+        for blob in files + [d for ud in recorded_user_data for d in decoded_files(ud).values()]:
+            assert b"BEGIN CERTIFICATE" not in blob and b"PRIVATE KEY" not in blob
+        assert cluster.ca_fingerprint is None and "tls=off" in repr(cluster)
+    assert_nothing_left(vm_dir)
+
+
+async def _refused(address: str, security: Security | None) -> bool:
+    """True unless an ``identity`` call to ``address`` gets an answer."""
+    args = security.get_connection_args("client") if security else {}
+    try:
+        comm = await connect(address, timeout=2, **args)
+    except OSError:
+        return True
+    try:
+        await comm.write({"op": "identity", "reply": True})
+        answer = await asyncio.wait_for(comm.read(), 5)
+    except (OSError, asyncio.TimeoutError):
+        return True
+    finally:
+        await comm.close()
+    return not isinstance(answer, dict) or "type" not in answer
+
+
+async def _raw_tls_answers(address: str, ca_pem: str) -> bool:
+    """A TLS client with the right CA but no certificate: does the server talk to it?"""
+    host, port = address.split("//")[1].rsplit(":", 1)
+    ctx = ssl.create_default_context(cadata=ca_pem)
+    ctx.check_hostname = False
+    try:
+        reader, writer = await asyncio.open_connection(host, int(port), ssl=ctx)
+    except (OSError, ssl.SSLError):
+        return False
+    try:
+        data = await asyncio.wait_for(reader.read(1), 3)
+    except (OSError, ssl.SSLError, asyncio.TimeoutError):
+        return False
+    finally:
+        writer.close()
+    return bool(data)
+
+
+async def test_scheduler_and_workers_refuse_strangers(vm_dir):
+    async with LocalVMCluster(n_workers=1, directory=vm_dir, asynchronous=True) as cluster:
+        _, workers = await compute(cluster, 1)
+        other = ClusterCredentials("someone-else").client_security()
+        ca_pem = cluster._credentials.ca_cert_pem
+        for address in (cluster.scheduler_address, workers[0]):
+            # The positive control: our own client is served.
+            assert not await _refused(address, cluster.security)
+            assert await _raw_tls_answers(address, ca_pem) is False  # no client certificate
+            assert await _refused(address, other)  # another cluster's CA
+            assert await _refused(address.replace("tls://", "tcp://"), None)  # plain tcp
+            # A client key from another cluster is refused even with our CA trusted.
+            stranger = ClusterCredentials("x").client
+            mixed = Security(
+                tls_ca_file=ca_pem,
+                tls_client_cert=stranger.cert_pem,
+                tls_client_key=stranger.key_pem,
+                require_encryption=True,
+            )
+            assert await _refused(address, mixed)
+    assert_nothing_left(vm_dir)
+
+
+def test_sync_api_scale_and_logs(vm_dir):
+    with LocalVMCluster(n_workers=1, directory=vm_dir) as cluster, Client(cluster) as client:
+        client.wait_for_workers(1, timeout=60)
+        cluster.scale(3)
+        client.wait_for_workers(3, timeout=60)
+        assert len(list(vm_dir.glob("*/*/vm.json"))) == 4
+        cluster.scale(1)
+        deadline = time.monotonic() + 30
+        while len(list(vm_dir.glob("*/*/vm.json"))) != 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(list(vm_dir.glob("*/*/vm.json"))) == 2
+        logs = cluster.get_logs()
+        assert "scheduler console" in logs and "Scheduler" in logs
+        assert "exited" not in str(logs["scheduler console"])
+    assert_nothing_left(vm_dir)
+
+
+async def test_adapt_starts_workers_for_work(vm_dir):
+    async with LocalVMCluster(directory=vm_dir, asynchronous=True) as cluster:
+        cluster.adapt(minimum=0, maximum=2, interval="200ms", wait_count=2)
+        async with Client(cluster, asynchronous=True) as client:
+            assert await client.submit(lambda: 41 + 1) == 42
+            assert len(cluster.workers) >= 1
+    assert_nothing_left(vm_dir)
+
+
+async def test_users_own_security_is_used_as_given(vm_dir, tmp_path):
+    mine = ClusterCredentials("my-own-pki")
+    scheduler, worker, client = (mine.issue(r, r.value) for r in Role)
+    paths = {}
+    for leaf in (scheduler, worker, client):
+        for kind, text in (("cert", leaf.cert_pem), ("key", leaf.key_pem)):
+            path = tmp_path / f"{leaf.role.value}.{kind}"
+            path.write_text(text)
+            paths[f"tls_{leaf.role.value}_{kind}"] = str(path)
+    (tmp_path / "ca.pem").write_text(mine.ca_cert_pem)
+    security = Security(tls_ca_file=str(tmp_path / "ca.pem"), require_encryption=True, **paths)
+    async with LocalVMCluster(n_workers=1, security=security, directory=vm_dir, asynchronous=True) as cluster:
+        assert cluster.security is security and cluster.ca_fingerprint is None
+        total, workers = await compute(cluster, 1)
+        assert total == 2470 and workers[0].startswith("tls://")
+    with pytest.raises(ValueError, match="no tls_scheduler_cert"):
+        LocalVMCluster(security=Security(tls_ca_file=str(tmp_path / "ca.pem")), directory=vm_dir)
+    assert_nothing_left(vm_dir)
+
+
+async def test_docker_runtime_boots_the_pinned_image(vm_dir, monkeypatch):
+    """The clouds' default path: Dask in a container (run here by the docker stand-in)."""
+    from clouds.booter import DOCKER_SHIM_DIR
+
+    monkeypatch.setenv("PATH", DOCKER_SHIM_DIR + os.pathsep + os.environ["PATH"])
+    async with LocalVMCluster(
+        n_workers=1, runtime="docker", env_vars={"GREETING": "hi there"}, directory=vm_dir, asynchronous=True
+    ) as cluster:
+        async with Client(cluster, asynchronous=True) as client:
+            await client.wait_for_workers(1, timeout=60)
+            assert await client.submit(lambda: os.environ["GREETING"]) == "hi there"
+    assert_nothing_left(vm_dir)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"n_workers": -1}, "n_workers must be a whole number"),
+        ({"n_workers": 1.5}, "n_workers must be a whole number"),
+        ({"certificate_lifetime": 0}, "certificate_lifetime must be positive"),
+        ({"certificate_lifetime": "-2h"}, "certificate_lifetime must be"),
+        ({"certificate_lifetime": "soon"}, "certificate_lifetime must be a duration"),
+        ({"runtime": "podman"}, "runtime must be 'docker' or 'native'"),
+        ({"security": "yes"}, "security must be True"),
+        ({"worker_options": {"nthread": 2}}, "Did you mean 'nthreads'"),
+        ({"worker_options": {"tls_key": "/x"}}, "set by the cluster itself"),
+        ({"extra_bootstrap": "echo one string"}, "extra_bootstrap must be a list"),
+        ({"scheduler_port": 70000}, "scheduler_port must be a TCP port"),
+        ({"extra_bootstrap": [f"echo {os.urandom(40).hex()}" for _ in range(1500)]}, "LocalVM allows"),
+    ],
+)
+def test_bad_input_fails_before_any_vm(vm_dir, kwargs, match):
+    with pytest.raises((ValueError, UserDataTooLarge), match=match):
+        LocalVMCluster(directory=vm_dir, **kwargs)
+    assert list(vm_dir.iterdir()) == []
+
+
+def test_unknown_option_is_named(vm_dir):
+    with pytest.raises(TypeError, match="n_wrokers"):
+        LocalVMCluster(directory=vm_dir, n_wrokers=2)
+    assert list(vm_dir.iterdir()) == []
+
+
+def test_misspelled_config_key_is_refused_with_a_suggestion(vm_dir):
+    with dask.config.set({"secure-cloud.local.n-wokers": 2}):
+        with pytest.raises(ConfigError, match="Did you mean secure-cloud.local.n-workers"):
+            LocalVMCluster(directory=vm_dir)
+    assert list(vm_dir.iterdir()) == []
+
+
+def test_config_and_keyword_precedence(vm_dir, monkeypatch):
+    monkeypatch.setenv("DASK_SECURE_CLOUD__LOCAL__CERTIFICATE_LIFETIME", "3h")
+    dask.config.refresh()
+    try:
+        from dask_secure_cloud.config import option
+
+        with dask.config.set({"secure-cloud.local.certificate-lifetime": "5h"}):
+            assert option("local", "certificate_lifetime") == "5h"  # set() beats env
+        with dask.config.set({"secure-cloud.certificate-lifetime": "7h"}):
+            # The provider's own key beats the shared one.
+            assert option("local", "certificate_lifetime") == "3h"
+            assert option("aws", "certificate_lifetime") == "7h"
+        assert option("local", "certificate_lifetime") == "3h"  # env beats default
+        assert option("local", "certificate_lifetime", "1h") == "1h"  # keyword beats all
+        assert option("aws", "certificate_lifetime") == "24h"  # other providers: the default
+    finally:
+        monkeypatch.delenv("DASK_SECURE_CLOUD__LOCAL__CERTIFICATE_LIFETIME")
+        dask.config.refresh()
+
+
+async def test_scheduler_that_fails_to_boot_is_reported_and_removed(vm_dir):
+    with pytest.raises(ClusterStartError, match="boot-marker-42"):
+        await LocalVMCluster(
+            n_workers=1,
+            extra_bootstrap=["echo boot-marker-42", "exit 3"],
+            directory=vm_dir,
+            asynchronous=True,
+        )
+    assert_nothing_left(vm_dir)
+
+
+async def test_failure_part_way_destroys_what_was_made(vm_dir, monkeypatch):
+    from dask_secure_cloud.providers.local import LocalDriver
+
+    original = LocalDriver.create
+
+    async def create(self, request):
+        if request.name == "worker-1":
+            raise RuntimeError("quota exceeded for worker-1")
+        return await original(self, request)
+
+    monkeypatch.setattr(LocalDriver, "create", create)
+    with pytest.raises(ClusterStartError, match="creating worker VM worker-1 failed: quota"):
+        async with LocalVMCluster(n_workers=2, directory=vm_dir, asynchronous=True):
+            pass
+    assert_nothing_left(vm_dir)
+
+
+async def test_cancelled_start_leaves_nothing(vm_dir):
+    task = asyncio.ensure_future(
+        LocalVMCluster(n_workers=2, directory=vm_dir, asynchronous=True).__aenter__()
+    )
+    deadline = time.monotonic() + 30
+    while not list(vm_dir.glob("*/scheduler")) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.1)
+    assert_nothing_left(vm_dir)
+
+
+def test_ctrl_c_during_start_leaves_nothing(vm_dir):
+    script = textwrap.dedent(
+        f"""
+        from dask_secure_cloud import LocalVMCluster
+        try:
+            LocalVMCluster(n_workers=2, directory={str(vm_dir)!r})
+        except KeyboardInterrupt:
+            print("interrupted")
+        """
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(vm_dir.glob("*/scheduler/vm.json")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    out, _ = process.communicate(timeout=60)
+    assert "interrupted" in out
+    assert_nothing_left(vm_dir)
+
+
+def test_boot_timeout_reports_console(vm_dir):
+    with pytest.raises(ClusterStartError, match="within 1s") as info:
+        LocalVMCluster(
+            extra_bootstrap=["echo still-installing", "sleep 30"], boot_timeout="1s", directory=vm_dir
+        )
+    assert isinstance(info.value.__cause__, VMBootError) or "still-installing" in str(info.value)
+    assert "still-installing" in str(info.value)
+    assert_nothing_left(vm_dir)
+
+
+async def test_certificate_expiry_warns_well_before(vm_dir):
+    with pytest.warns(UserWarning, match="certificates expire in"):
+        async with LocalVMCluster(
+            certificate_lifetime="30m", certificate_warning="1h", directory=vm_dir, asynchronous=True
+        ):
+            pass
+    assert_nothing_left(vm_dir)

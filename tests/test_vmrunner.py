@@ -1,0 +1,84 @@
+import os
+import stat
+import sys
+import time
+
+import pytest
+
+from conftest import vm_processes
+from dask_secure_cloud.cloudinit import BootPlan, NativeRuntime, render
+from dask_secure_cloud.credentials import ClusterCredentials, Role
+from dask_secure_cloud.vmrunner import UnsupportedUserData, boot, find_vms
+
+
+def _boot(tmp_path, text: str, name="vm", **kwargs):
+    return boot(
+        text.encode(), directory=tmp_path / "c" / name, address="127.0.0.1",
+        cluster_id="c", name=name, role="worker", **kwargs,
+    )
+
+
+def test_write_files_honours_encoding_and_permissions(tmp_path):
+    creds = ClusterCredentials("c")
+    user_data = render(
+        BootPlan(cluster_id="c", role=Role.WORKER, name="w", command=("worker", "tcp://127.0.0.1:9"),
+                 runtime=NativeRuntime(sys.executable), tls=creds.issue(Role.WORKER, "w"),
+                 extra_bootstrap=("exit 0",))
+    )
+    vm = boot(user_data, directory=tmp_path / "c" / "w", address="127.0.0.1", cluster_id="c",
+              name="w", role="worker")
+    home = vm.root / "opt/dask-secure-cloud"
+    assert (home / "tls/node.key").read_text().startswith("-----BEGIN PRIVATE KEY")
+    assert stat.S_IMODE((home / "tls/node.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((home / "boot.sh").stat().st_mode) == 0o700
+    deadline = time.monotonic() + 5
+    while vm.is_running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # boot.sh tightened the directories it owns.
+    assert stat.S_IMODE((home / "tls").stat().st_mode) == 0o700
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    vm.stop()
+
+
+def test_runcmd_runs_in_a_clean_environment_on_the_vm_address(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "from-the-client")
+    vm = _boot(tmp_path, '#cloud-config\nruncmd:\n- env > "$DSC_VM_ROOT/env.txt"\n- [sh, -c, "echo list form"]\n')
+    deadline = time.monotonic() + 5
+    while vm.is_running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    env = (vm.root / "env.txt").read_text()
+    assert "DSC_VM_ADDRESS=127.0.0.1" in env
+    assert "from-the-client" not in env
+    assert "list form" in vm.console_output()
+    vm.stop()
+
+
+def test_stop_ends_every_process_and_deletes_the_vm(tmp_path):
+    vm = _boot(tmp_path, "#cloud-config\nruncmd:\n- (sleep 300 & sleep 300) &\n- sleep 300 &\n")
+    assert len(vm.processes()) >= 2
+    assert find_vms(tmp_path, "c") == [vm]
+    vm.stop()
+    assert vm_processes("c") == []
+    assert not os.path.exists(vm.directory)
+    assert find_vms(tmp_path, "c") == []
+
+
+def test_stop_kills_what_ignores_sigterm(tmp_path):
+    vm = _boot(tmp_path, "#cloud-config\nruncmd:\n- sh -c 'trap \"\" TERM; sleep 300' &\n")
+    time.sleep(0.2)
+    vm.stop(grace=0.5)
+    assert vm_processes("c") == []
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("#cloud-config\npackages: [htop]\n", "packages"),
+        ("#cloud-config\nwrite_files:\n- path: /../../etc/x\n  content: x\n", "escapes"),
+        ("#!/bin/sh\necho not cloud-config\n", "cloud-config"),
+    ],
+)
+def test_refuses_what_it_cannot_do_faithfully(tmp_path, text, match):
+    with pytest.raises((UnsupportedUserData, ValueError), match=match):
+        _boot(tmp_path, text)
+    assert not (tmp_path / "c" / "vm").exists()
