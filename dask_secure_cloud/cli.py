@@ -41,7 +41,9 @@ async def _demo(n_workers: int, security: bool) -> None:
                 client.scheduler_info(n_workers=-1)["workers"].items(),
                 key=lambda kv: kv[1]["name"],
             )
-            click.echo(f"cluster      {cluster.cluster_id}  ({n_workers} workers ready in {ready:.1f}s)")
+            click.echo(
+                f"cluster      {cluster.cluster_id}  ({n_workers} workers ready in {ready:.1f}s)"
+            )
             click.echo(f"scheduler    {cluster.scheduler_address}")
             click.echo(f"dashboard    {cluster.dashboard_link}")
             click.echo(f"computation  mean(x @ x.T) for a 4000x4000 array = {result:.4f}")
@@ -54,7 +56,7 @@ async def _demo(n_workers: int, security: bool) -> None:
             for address in [cluster.scheduler_address, *(addr for addr, _ in workers)]:
                 comm = await connect(address, **args)
                 try:
-                    cipher, version, bits = comm.extra_info["cipher"]
+                    cipher, version, _bits = comm.extra_info["cipher"]
                     peer = _describe_peer(comm.extra_info)
                 finally:
                     await comm.close()
@@ -78,4 +80,3 @@ async def _demo(n_workers: int, security: bool) -> None:
 def demo(n_workers: int, insecure: bool) -> None:
     """Start a TLS LocalVMCluster, compute on it, show its certificates, tear it down."""
     asyncio.run(_demo(n_workers, security=not insecure))
-

@@ -28,12 +28,12 @@ from .credentials import LeafCredentials, Role
 
 __all__ = [
     "LIMITS",
+    "VM_HOME",
     "BootPlan",
     "DockerRuntime",
     "NativeRuntime",
     "UserDataLimit",
     "UserDataTooLarge",
-    "VM_HOME",
     "render",
 ]
 
@@ -116,8 +116,7 @@ class BootPlan:
             raise ValueError(f"a VM is a scheduler or a worker, not {self.role!r}")
         if self.tls is not None and self.tls.role != self.role:
             raise ValueError(
-                f"{self.name}: a {self.role.value} VM was given a {self.tls.role.value} "
-                "certificate"
+                f"{self.name}: a {self.role.value} VM was given a {self.tls.role.value} certificate"
             )
         for key in self.env:
             if not key.isidentifier():

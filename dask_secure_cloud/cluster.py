@@ -403,8 +403,7 @@ class VMCluster(SpecCluster):
             )
         )
         workers = {
-            f"worker-{i}": {"cls": WorkerVM, "options": {"cluster": self}}
-            for i in range(n_workers)
+            f"worker-{i}": {"cls": WorkerVM, "options": {"cluster": self}} for i in range(n_workers)
         }
         self._i = n_workers
         try:
@@ -525,9 +524,7 @@ class VMCluster(SpecCluster):
     def _vm_config(self) -> dict[str, Any]:
         shipped = shippable_config(self._ship_config)
         tls = self.protocol == "tls"
-        dask.config.set(
-            {"distributed.comm.require-encryption": tls}, config=shipped
-        )  # type: ignore[arg-type]
+        dask.config.set({"distributed.comm.require-encryption": tls}, config=shipped)  # type: ignore[arg-type]
         if self._credentials is not None:
             dask.config.set({"distributed.comm.tls.min-version": 1.3}, config=shipped)  # type: ignore[arg-type]
         return shipped
@@ -561,7 +558,8 @@ class VMCluster(SpecCluster):
             raise ClusterStartError(f"creating {role.value} VM {name} failed: {e}") from e
         finally:
             self._inflight.discard(task)
-        self._log(f"{role.value} VM {name} created at {vm.private_ip} in {time.monotonic() - started:.1f}s")
+        elapsed = time.monotonic() - started
+        self._log(f"{role.value} VM {name} created at {vm.private_ip} in {elapsed:.1f}s")
         return vm
 
     async def _destroy_vm(self, vm: VM) -> None:
@@ -584,9 +582,13 @@ class VMCluster(SpecCluster):
             state = await self.driver.state(vm)
             if state == "terminated" or time.monotonic() > deadline:
                 console = await self.driver.console_output(vm)
-                why = "stopped" if state == "terminated" else (
-                    f"was not reachable at {address} within {self._boot_timeout:.0f}s "
-                    "(boot_timeout)"
+                why = (
+                    "stopped"
+                    if state == "terminated"
+                    else (
+                        f"was not reachable at {address} within {self._boot_timeout:.0f}s "
+                        "(boot_timeout)"
+                    )
                 )
                 raise VMBootError(
                     f"scheduler VM {vm.name} {why}. Console output:\n{_tail(console)}"
@@ -666,7 +668,9 @@ class VMCluster(SpecCluster):
 
     # -- display, logs, pickling ----------------------------------------------------------
 
-    async def _get_logs(self, cluster: bool = True, scheduler: bool = True, workers: bool = True) -> Logs:
+    async def _get_logs(
+        self, cluster: bool = True, scheduler: bool = True, workers: bool = True
+    ) -> Logs:
         logs = await super()._get_logs(cluster, scheduler, workers)
         if cluster:
             for vm in await self.driver.list(self.cluster_id):
@@ -699,4 +703,3 @@ class VMCluster(SpecCluster):
 def _tail(text: str, lines: int = 60) -> str:
     kept = text.splitlines()[-lines:]
     return "\n".join(kept) if kept else "(no console output)"
-

@@ -28,7 +28,6 @@ with open(_DEFAULTS_FILE) as _f:
 dask.config.update_defaults(_DEFAULTS)
 
 
-
 class ConfigError(ValueError):
     """A dask config key or value under ``secure-cloud`` is wrong."""
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import enum
-import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -139,8 +138,7 @@ class ClusterCredentials:
     ) -> None:
         if not isinstance(lifetime, datetime.timedelta) or lifetime <= datetime.timedelta(0):
             raise ValueError(
-                f"certificate_lifetime must be a positive duration such as '12h', "
-                f"got {lifetime!r}"
+                f"certificate_lifetime must be a positive duration such as '12h', got {lifetime!r}"
             )
         if not cluster_id or "/" in cluster_id:
             raise ValueError(f"cluster_id must be a non-empty string without '/': {cluster_id!r}")
@@ -300,7 +298,8 @@ def leaf_from_security(security: Security, role: Role) -> LeafCredentials:
 
     cert_pem = read(getattr(security, f"tls_{role.value}_cert"), f"tls_{role.value}_cert")
     key_pem = read(
-        getattr(security, f"tls_{role.value}_key", None) or getattr(security, f"tls_{role.value}_cert"),
+        getattr(security, f"tls_{role.value}_key", None)
+        or getattr(security, f"tls_{role.value}_cert"),
         f"tls_{role.value}_key",
     )
     ca_pem = read(security.tls_ca_file, "tls_ca_file")

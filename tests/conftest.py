@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dask_secure_cloud.cloudinit import parse, decode_file
+from dask_secure_cloud.cloudinit import decode_file, parse
 
 
 def vm_processes(cluster_id: str) -> list[int]:
@@ -16,7 +16,7 @@ def vm_processes(cluster_id: str) -> list[int]:
         if not entry.name.isdigit():
             continue
         try:
-            if "Z" == (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]:
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
                 continue
             if any(v.startswith(marker) for v in (entry / "environ").read_bytes().split(b"\0")):
                 found.append(int(entry.name))

@@ -7,7 +7,6 @@ import dask
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from conftest import decoded_files
 from dask_secure_cloud.cloudinit import (
     LIMITS,
     BootPlan,
@@ -20,13 +19,18 @@ from dask_secure_cloud.cloudinit import (
 from dask_secure_cloud.cluster import default_docker_image, shippable_config
 from dask_secure_cloud.credentials import ClusterCredentials, Role
 
+from conftest import decoded_files
+
 CREDS = ClusterCredentials("c1")
 RUNTIMES = {"docker": DockerRuntime(default_docker_image()), "native": NativeRuntime()}
 
 
 def plan(role=Role.WORKER, tls=True, runtime="docker", **kwargs):
-    command = ("worker", "tls://10.0.0.1:8786", "--name", "w-0") if role is Role.WORKER else (
-        "scheduler", "--port", "8786")
+    command = (
+        ("worker", "tls://10.0.0.1:8786", "--name", "w-0")
+        if role is Role.WORKER
+        else ("scheduler", "--port", "8786")
+    )
     return BootPlan(
         cluster_id="c1",
         role=role,
@@ -40,7 +44,13 @@ def plan(role=Role.WORKER, tls=True, runtime="docker", **kwargs):
 
 
 VARIANTS = [
-    pytest.param(role, tls, runtime, env, id=f"{role.value}-{'tls' if tls else 'tcp'}-{runtime}-{'env' if env else 'noenv'}")
+    pytest.param(
+        role,
+        tls,
+        runtime,
+        env,
+        id=f"{role.value}-{'tls' if tls else 'tcp'}-{runtime}-{'env' if env else 'noenv'}",
+    )
     for role in (Role.SCHEDULER, Role.WORKER)
     for tls in (True, False)
     for runtime in ("docker", "native")
@@ -59,8 +69,14 @@ def cloud_init():
 @pytest.mark.parametrize("role,tls,runtime,env", VARIANTS)
 def test_every_variant_passes_cloud_init_schema(tmp_path, cloud_init, role, tls, runtime, env):
     user_data = render(
-        plan(role, tls, runtime, env={"A": "x y", "B": "1"} if env else {},
-             extra_bootstrap=("echo hello",), dask_config={"distributed": {"scheduler": {"idle-timeout": "1h"}}}),
+        plan(
+            role,
+            tls,
+            runtime,
+            env={"A": "x y", "B": "1"} if env else {},
+            extra_bootstrap=("echo hello",),
+            dask_config={"distributed": {"scheduler": {"idle-timeout": "1h"}}},
+        ),
         LIMITS["aws"],
     )
     path = tmp_path / "user-data"
@@ -147,10 +163,14 @@ def test_only_allow_listed_changed_config_is_shipped():
             "distributed.worker.memory.target": 0.42,
             "distributed.comm.tls.client.key": "/home/me/client.key",
             "coiled.token": "secret-token",
-            "distributed.scheduler.allowed-failures": dask.config.get("distributed.scheduler.allowed-failures"),
+            "distributed.scheduler.allowed-failures": dask.config.get(
+                "distributed.scheduler.allowed-failures"
+            ),
         }
     ):
-        shipped = shippable_config(["distributed.worker", "distributed.scheduler", "distributed.comm.timeouts"])
+        shipped = shippable_config(
+            ["distributed.worker", "distributed.scheduler", "distributed.comm.timeouts"]
+        )
     assert shipped == {"distributed": {"worker": {"memory": {"target": 0.42}}}}
 
 
@@ -161,5 +181,11 @@ def test_env_with_newline_is_refused_for_docker():
 
 def test_scheduler_cannot_get_a_worker_certificate():
     with pytest.raises(ValueError, match="worker certificate"):
-        BootPlan(cluster_id="c1", role=Role.SCHEDULER, name="s", command=("scheduler",),
-                 runtime=NativeRuntime(), tls=CREDS.issue(Role.WORKER, "w"))
+        BootPlan(
+            cluster_id="c1",
+            role=Role.SCHEDULER,
+            name="s",
+            command=("scheduler",),
+            runtime=NativeRuntime(),
+            tls=CREDS.issue(Role.WORKER, "w"),
+        )

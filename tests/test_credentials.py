@@ -4,6 +4,7 @@ import pickle
 import socket
 import ssl
 import threading
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -69,8 +70,8 @@ def _handshake(server_leaf, client_leaf, ca_pem) -> None:
         ctx.verify_mode = ssl.CERT_REQUIRED
         with tempfile.TemporaryDirectory() as d:
             cert, key = os.path.join(d, "c"), os.path.join(d, "k")
-            open(cert, "w").write(leaf.cert_pem)
-            open(key, "w").write(leaf.key_pem)
+            Path(cert).write_text(leaf.cert_pem)
+            Path(key).write_text(leaf.key_pem)
             ctx.load_cert_chain(cert, key)
         return ctx
 

@@ -20,12 +20,13 @@ from distributed import Client
 from distributed.comm import connect
 from distributed.security import Security
 
-from conftest import any_vm_processes, decoded_files, vm_processes
 from dask_secure_cloud import LocalVMCluster
 from dask_secure_cloud.cloudinit import UserDataTooLarge
 from dask_secure_cloud.cluster import ClusterStartError, VMBootError
 from dask_secure_cloud.config import ConfigError
 from dask_secure_cloud.credentials import ClusterCredentials, Role
+
+from conftest import any_vm_processes, decoded_files, vm_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -89,7 +90,9 @@ async def test_tls_cluster_computes_and_leaves_nothing(vm_dir, recorded_user_dat
 
 
 async def test_security_false_is_plain_tcp_with_no_certificate_anywhere(vm_dir, recorded_user_data):
-    async with LocalVMCluster(n_workers=1, security=False, directory=vm_dir, asynchronous=True) as cluster:
+    async with LocalVMCluster(
+        n_workers=1, security=False, directory=vm_dir, asynchronous=True
+    ) as cluster:
         assert cluster.scheduler_address.startswith("tcp://")
         total, workers = await compute(cluster, 1)
         assert total == 2470 and workers[0].startswith("tcp://")
@@ -196,7 +199,9 @@ async def test_users_own_security_is_used_as_given(vm_dir, tmp_path):
             paths[f"tls_{leaf.role.value}_{kind}"] = str(path)
     (tmp_path / "ca.pem").write_text(mine.ca_cert_pem)
     security = Security(tls_ca_file=str(tmp_path / "ca.pem"), require_encryption=True, **paths)
-    async with LocalVMCluster(n_workers=1, security=security, directory=vm_dir, asynchronous=True) as cluster:
+    async with LocalVMCluster(
+        n_workers=1, security=security, directory=vm_dir, asynchronous=True
+    ) as cluster:
         assert cluster.security is security and cluster.ca_fingerprint is None
         total, workers = await compute(cluster, 1)
         assert total == 2470 and workers[0].startswith("tls://")
@@ -210,12 +215,18 @@ async def test_docker_runtime_boots_the_pinned_image(vm_dir, monkeypatch):
     from clouds.booter import DOCKER_SHIM_DIR
 
     monkeypatch.setenv("PATH", DOCKER_SHIM_DIR + os.pathsep + os.environ["PATH"])
-    async with LocalVMCluster(
-        n_workers=1, runtime="docker", env_vars={"GREETING": "hi there"}, directory=vm_dir, asynchronous=True
-    ) as cluster:
-        async with Client(cluster, asynchronous=True) as client:
-            await client.wait_for_workers(1, timeout=60)
-            assert await client.submit(lambda: os.environ["GREETING"]) == "hi there"
+    async with (
+        LocalVMCluster(
+            n_workers=1,
+            runtime="docker",
+            env_vars={"GREETING": "hi there"},
+            directory=vm_dir,
+            asynchronous=True,
+        ) as cluster,
+        Client(cluster, asynchronous=True) as client,
+    ):
+        await client.wait_for_workers(1, timeout=60)
+        assert await client.submit(lambda: os.environ["GREETING"]) == "hi there"
     assert_nothing_left(vm_dir)
 
 
@@ -233,7 +244,10 @@ async def test_docker_runtime_boots_the_pinned_image(vm_dir, monkeypatch):
         ({"worker_options": {"tls_key": "/x"}}, "set by the cluster itself"),
         ({"extra_bootstrap": "echo one string"}, "extra_bootstrap must be a list"),
         ({"scheduler_port": 70000}, "scheduler_port must be a TCP port"),
-        ({"extra_bootstrap": [f"echo {os.urandom(40).hex()}" for _ in range(1500)]}, "LocalVM allows"),
+        (
+            {"extra_bootstrap": [f"echo {os.urandom(40).hex()}" for _ in range(1500)]},
+            "LocalVM allows",
+        ),
     ],
 )
 def test_bad_input_fails_before_any_vm(vm_dir, kwargs, match):
@@ -250,7 +264,7 @@ def test_unknown_option_is_named(vm_dir):
 
 def test_misspelled_config_key_is_refused_with_a_suggestion(vm_dir):
     with dask.config.set({"secure-cloud.local.n-wokers": 2}):
-        with pytest.raises(ConfigError, match="Did you mean secure-cloud.local.n-workers"):
+        with pytest.raises(ConfigError, match=r"Did you mean secure-cloud\.local\.n-workers"):
             LocalVMCluster(directory=vm_dir)
     assert list(vm_dir.iterdir()) == []
 
@@ -308,7 +322,8 @@ async def test_cancelled_start_leaves_nothing(vm_dir):
         LocalVMCluster(n_workers=2, directory=vm_dir, asynchronous=True).__aenter__()
     )
     deadline = time.monotonic() + 30
-    while not list(vm_dir.glob("*/scheduler")) and time.monotonic() < deadline:
+    # Polling the file system: there is no event to wait on.
+    while not list(vm_dir.glob("*/scheduler")) and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -340,7 +355,9 @@ def test_ctrl_c_during_start_leaves_nothing(vm_dir):
 def test_boot_timeout_reports_console(vm_dir):
     with pytest.raises(ClusterStartError, match="within 1s") as info:
         LocalVMCluster(
-            extra_bootstrap=["echo still-installing", "sleep 30"], boot_timeout="1s", directory=vm_dir
+            extra_bootstrap=["echo still-installing", "sleep 30"],
+            boot_timeout="1s",
+            directory=vm_dir,
         )
     assert isinstance(info.value.__cause__, VMBootError) or "still-installing" in str(info.value)
     assert "still-installing" in str(info.value)
@@ -350,7 +367,10 @@ def test_boot_timeout_reports_console(vm_dir):
 async def test_certificate_expiry_warns_well_before(vm_dir):
     with pytest.warns(UserWarning, match="certificates expire in"):
         async with LocalVMCluster(
-            certificate_lifetime="30m", certificate_warning="1h", directory=vm_dir, asynchronous=True
+            certificate_lifetime="30m",
+            certificate_warning="1h",
+            directory=vm_dir,
+            asynchronous=True,
         ):
             pass
     assert_nothing_left(vm_dir)

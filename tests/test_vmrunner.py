@@ -5,28 +5,46 @@ import time
 
 import pytest
 
-from conftest import vm_processes
 from dask_secure_cloud.cloudinit import BootPlan, NativeRuntime, render
 from dask_secure_cloud.credentials import ClusterCredentials, Role
 from dask_secure_cloud.vmrunner import UnsupportedUserData, boot, find_vms
 
+from conftest import vm_processes
+
 
 def _boot(tmp_path, text: str, name="vm", **kwargs):
     return boot(
-        text.encode(), directory=tmp_path / "c" / name, address="127.0.0.1",
-        cluster_id="c", name=name, role="worker", **kwargs,
+        text.encode(),
+        directory=tmp_path / "c" / name,
+        address="127.0.0.1",
+        cluster_id="c",
+        name=name,
+        role="worker",
+        **kwargs,
     )
 
 
 def test_write_files_honours_encoding_and_permissions(tmp_path):
     creds = ClusterCredentials("c")
     user_data = render(
-        BootPlan(cluster_id="c", role=Role.WORKER, name="w", command=("worker", "tcp://127.0.0.1:9"),
-                 runtime=NativeRuntime(sys.executable), tls=creds.issue(Role.WORKER, "w"),
-                 extra_bootstrap=("exit 0",))
+        BootPlan(
+            cluster_id="c",
+            role=Role.WORKER,
+            name="w",
+            command=("worker", "tcp://127.0.0.1:9"),
+            runtime=NativeRuntime(sys.executable),
+            tls=creds.issue(Role.WORKER, "w"),
+            extra_bootstrap=("exit 0",),
+        )
     )
-    vm = boot(user_data, directory=tmp_path / "c" / "w", address="127.0.0.1", cluster_id="c",
-              name="w", role="worker")
+    vm = boot(
+        user_data,
+        directory=tmp_path / "c" / "w",
+        address="127.0.0.1",
+        cluster_id="c",
+        name="w",
+        role="worker",
+    )
     home = vm.root / "opt/dask-secure-cloud"
     assert (home / "tls/node.key").read_text().startswith("-----BEGIN PRIVATE KEY")
     assert stat.S_IMODE((home / "tls/node.key").stat().st_mode) == 0o600
@@ -42,7 +60,10 @@ def test_write_files_honours_encoding_and_permissions(tmp_path):
 
 def test_runcmd_runs_in_a_clean_environment_on_the_vm_address(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "from-the-client")
-    vm = _boot(tmp_path, '#cloud-config\nruncmd:\n- env > "$DSC_VM_ROOT/env.txt"\n- [sh, -c, "echo list form"]\n')
+    vm = _boot(
+        tmp_path,
+        '#cloud-config\nruncmd:\n- env > "$DSC_VM_ROOT/env.txt"\n- [sh, -c, "echo list form"]\n',
+    )
     deadline = time.monotonic() + 5
     while vm.is_running() and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from .. import config
 from ..cloudinit import LIMITS
@@ -125,7 +125,9 @@ class LocalDriver(Driver):
     def _local(self, vm: VM) -> LocalVM | None:
         found = self._vms.get(vm.id)
         if found is None:
-            found = next((v for v in find_vms(self.directory, vm.cluster_id) if v.vm_id == vm.id), None)
+            found = next(
+                (v for v in find_vms(self.directory, vm.cluster_id) if v.vm_id == vm.id), None
+            )
         return found
 
     async def destroy(self, vm: VM) -> None:

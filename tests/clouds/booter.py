@@ -23,7 +23,9 @@ class VMBooter:
         self.directory = Path(directory)
         self.vms: dict[str, LocalVM] = {}
 
-    def boot(self, user_data: bytes, *, address: str, cluster_id: str, name: str, role: str) -> LocalVM:
+    def boot(
+        self, user_data: bytes, *, address: str, cluster_id: str, name: str, role: str
+    ) -> LocalVM:
         vm = boot(
             user_data,
             directory=self.directory / cluster_id / name,

@@ -1,0 +1,9 @@
+project = "dask-secure-cloud"
+author = "dask-secure-cloud developers"
+extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.intersphinx"]
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+napoleon_numpy_docstring = True
+html_theme = "alabaster"
+exclude_patterns = ["_build"]
+nitpicky = False
