@@ -1,0 +1,105 @@
+"""Measured figures for dask-secure-cloud. Targets, not assertions: this prints numbers.
+
+    python benchmarks/run.py            # all three
+    python benchmarks/run.py startup    # one of: credentials, user-data, startup
+
+Timings on a shared machine are noisy: the start-up figure is a ratio of two clusters
+measured side by side, alternating, in the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import time
+import timeit
+
+from dask_secure_cloud.cloudinit import LIMITS, BootPlan, DockerRuntime, render
+from dask_secure_cloud.cluster import default_docker_image
+from dask_secure_cloud.credentials import ClusterCredentials, Role
+
+
+def credentials(n: int = 1000) -> None:
+    """Target: CA plus leaves for 1,000 workers in < 0.3 s."""
+
+    def make() -> None:
+        creds = ClusterCredentials("bench")
+        creds.issue(Role.SCHEDULER, "scheduler")
+        for i in range(n):
+            creds.issue(Role.WORKER, f"worker-{i}")
+        creds.client_security()
+
+    best = min(timeit.repeat(make, number=1, repeat=5))
+    print(f"credentials   CA + scheduler + {n} workers + client: {best:.3f} s (best of 5)")
+
+
+def user_data() -> None:
+    """Target: < 3 KB for a TLS worker (dask-cloudprovider ships ~14 KB)."""
+    creds = ClusterCredentials("bench")
+    for role, command in (
+        (Role.SCHEDULER, ("scheduler", "--port", "8786", "--protocol", "tls")),
+        (
+            Role.WORKER,
+            ("worker", "tls://10.0.0.12:8786", "--name", "worker-17", "--protocol", "tls"),
+        ),
+    ):
+        plan = BootPlan(
+            cluster_id="dsc-0123456789",
+            role=role,
+            name=command[0],
+            command=command,
+            runtime=DockerRuntime(default_docker_image()),
+            tls=creds.issue(role, "worker-17"),
+            dashboard_port=8787 if role is Role.SCHEDULER else None,
+        )
+        size = len(render(plan))
+        share = size / LIMITS["aws"].max_bytes
+        print(f"user-data     {role.value:9} with TLS: {size:,} bytes ({share:.1%} of EC2's 16 KB)")
+
+
+async def _time_local_vm(n: int) -> float:
+    from distributed import Client
+
+    from dask_secure_cloud import LocalVMCluster
+
+    started = time.perf_counter()
+    async with LocalVMCluster(n_workers=n, asynchronous=True) as cluster:
+        async with Client(cluster, asynchronous=True) as client:
+            await client.wait_for_workers(n, timeout=120)
+            elapsed = time.perf_counter() - started
+    return elapsed
+
+
+async def _time_local_cluster(n: int) -> float:
+    from distributed import Client, LocalCluster
+
+    started = time.perf_counter()
+    async with LocalCluster(
+        n_workers=n, processes=True, threads_per_worker=1, asynchronous=True, dashboard_address=":0"
+    ) as cluster:
+        async with Client(cluster, asynchronous=True) as client:
+            await client.wait_for_workers(n, timeout=120)
+            elapsed = time.perf_counter() - started
+    return elapsed
+
+
+def startup(rounds: int = 5, n: int = 2) -> None:
+    """Target: LocalVMCluster (TLS) / LocalCluster(processes=True) time to ready < 1.5."""
+    ours, theirs = [], []
+    for _ in range(rounds):
+        theirs.append(asyncio.run(_time_local_cluster(n)))
+        ours.append(asyncio.run(_time_local_vm(n)))
+    a, b = statistics.median(ours), statistics.median(theirs)
+    print(
+        f"startup       1 scheduler + {n} workers ready, median of {rounds}: "
+        f"LocalVMCluster(TLS) {a:.2f} s, LocalCluster(processes=True) {b:.2f} s, "
+        f"ratio {a / b:.2f}"
+    )
+
+
+BENCHMARKS = {"credentials": credentials, "user-data": user_data, "startup": startup}
+
+if __name__ == "__main__":
+    for name in sys.argv[1:] or list(BENCHMARKS):
+        BENCHMARKS[name]()
