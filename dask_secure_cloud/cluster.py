@@ -55,6 +55,7 @@ COMMON_OPTIONS = (
     "dashboard_port",
     "boot_timeout",
     "worker_death_timeout",
+    "lease_timeout",
     "ship_config",
 )
 
@@ -273,6 +274,10 @@ class VMCluster(SpecCluster):
         and shell lines run before it starts.
     worker_options, scheduler_options
         Options of ``dask worker`` / ``dask scheduler``, checked before any VM starts.
+    lease_timeout
+        The scheduler ends itself when this client has not renewed its lease for this
+        long (the client was killed, the laptop closed); its workers follow after
+        ``worker_death_timeout`` and every VM powers itself off.
     boot_timeout
         How long a VM may take to come up before it is reported, with its console
         output, and the start fails.
@@ -300,6 +305,7 @@ class VMCluster(SpecCluster):
         dashboard_port: int | None = None,
         boot_timeout: str | float | None = None,
         worker_death_timeout: str | float | None = None,
+        lease_timeout: str | float | None = None,
         ship_config: Sequence[str] | None = None,
         asynchronous: bool = False,
         loop: Any = None,
@@ -329,6 +335,9 @@ class VMCluster(SpecCluster):
         ).total_seconds()
         self._death_timeout = config.parse_duration(
             opt("worker_death_timeout", worker_death_timeout), "worker_death_timeout"
+        ).total_seconds()
+        self._lease = config.parse_duration(
+            opt("lease_timeout", lease_timeout), "lease_timeout"
         ).total_seconds()
         self._ports = {
             "scheduler_port": config.port(opt("scheduler_port", scheduler_port), "scheduler_port"),
@@ -424,6 +433,9 @@ class VMCluster(SpecCluster):
                 with contextlib.suppress(Exception):
                     self._loop_runner.stop()
             raise
+        self.periodic_callbacks["secure-cloud-lease"] = PeriodicCallback(
+            self._renew_lease, self._lease * 1000 / 4
+        )
         if self._credentials is not None:
             self.periodic_callbacks["certificate-expiry"] = PeriodicCallback(
                 self._check_expiry, 60_000
@@ -464,9 +476,29 @@ class VMCluster(SpecCluster):
 
     async def _close(self) -> None:
         try:
+            if self.status == Status.running and not await self._scheduler_reachable():
+                # Its lease ran out, or its VM died: skip the graceful shutdown, which
+                # would wait on connect timeouts, and go straight to deleting the VMs.
+                self._log(f"Cluster {self.cluster_id}: scheduler unreachable, deleting VMs")
+                if isinstance(self.scheduler, SchedulerVM):
+                    self.scheduler.status = Status.closed
+                if self.scheduler_comm is not None:
+                    await self.scheduler_comm.close_rpc()
+                    self.scheduler_comm = None
             await super()._close()
         finally:
             await self._sweep()
+
+    async def _scheduler_reachable(self) -> bool:
+        address = getattr(self.scheduler, "address", None)
+        if not address:
+            return False
+        try:
+            comm = await connect(address, timeout=2, **self.security.get_connection_args("client"))
+        except OSError:
+            return False
+        await comm.close()
+        return True
 
     async def _abort(self) -> None:
         self._aborting = True
@@ -512,6 +544,7 @@ class VMCluster(SpecCluster):
             env=self._env,
             extra_bootstrap=self._extra_bootstrap,
             dashboard_port=dashboard,
+            lease_seconds=round(self._lease) if role is Role.SCHEDULER else None,
         )
 
     def _leaf(self, role: Role, name: str) -> LeafCredentials | None:
@@ -639,6 +672,17 @@ class VMCluster(SpecCluster):
         finally:
             await self.driver.close()
         self._log(f"Cluster {self.cluster_id}: every VM deleted")
+
+    async def _renew_lease(self) -> None:
+        """Tell the scheduler its cluster manager is alive (see ``lease_timeout``)."""
+        if self.scheduler_comm is None or self.status != Status.running:
+            return
+        try:
+            await self.scheduler_comm.secure_cloud_lease()
+        except OSError as e:
+            logger.warning(
+                "Cluster %s: could not renew the scheduler's lease: %s", self.cluster_id, e
+            )
 
     # -- certificates ---------------------------------------------------------------------
 

@@ -374,3 +374,28 @@ async def test_certificate_expiry_warns_well_before(vm_dir):
         ):
             pass
     assert_nothing_left(vm_dir)
+
+
+async def test_scheduler_ends_itself_when_the_client_is_gone(vm_dir):
+    """A killed client stops renewing the lease: the scheduler VM ends on its own."""
+    async with LocalVMCluster(
+        n_workers=1,
+        lease_timeout="2s",
+        worker_death_timeout="2s",
+        directory=vm_dir,
+        asynchronous=True,
+    ) as cluster:
+        await asyncio.sleep(3)  # renewed meanwhile: still up
+        assert not await _refused(cluster.scheduler_address, cluster.security)
+        cluster.periodic_callbacks["secure-cloud-lease"].stop()  # as if the client died
+        vms = await cluster.driver.list(cluster.cluster_id)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            states = {vm.name: await cluster.driver.state(vm) for vm in vms}
+            if set(states.values()) == {"terminated"}:
+                break
+            await asyncio.sleep(0.5)
+        assert set(states.values()) == {"terminated"}, states
+        scheduler = next(vm for vm in vms if vm.name == "scheduler")
+        assert "lease expired" in await cluster.driver.console_output(scheduler)
+    assert_nothing_left(vm_dir)
