@@ -58,13 +58,14 @@ def user_data() -> None:
         print(f"user-data     {role.value:9} with TLS: {size:,} bytes ({share:.1%} of EC2's 16 KB)")
 
 
-async def _time_local_vm(n: int) -> float:
+async def _time_local_vm(n: int, nanny: bool = True) -> float:
     from distributed import Client
 
     from dask_secure_cloud import LocalVMCluster
 
     started = time.perf_counter()
-    async with LocalVMCluster(n_workers=n, asynchronous=True) as cluster:
+    options = {"nanny": nanny}
+    async with LocalVMCluster(n_workers=n, worker_options=options, asynchronous=True) as cluster:
         async with Client(cluster, asynchronous=True) as client:
             await client.wait_for_workers(n, timeout=120)
             elapsed = time.perf_counter() - started
@@ -86,15 +87,16 @@ async def _time_local_cluster(n: int) -> float:
 
 def startup(rounds: int = 5, n: int = 2) -> None:
     """Target: LocalVMCluster (TLS) / LocalCluster(processes=True) time to ready < 1.5."""
-    ours, theirs = [], []
+    ours, bare, theirs = [], [], []
     for _ in range(rounds):
         theirs.append(asyncio.run(_time_local_cluster(n)))
         ours.append(asyncio.run(_time_local_vm(n)))
-    a, b = statistics.median(ours), statistics.median(theirs)
+        bare.append(asyncio.run(_time_local_vm(n, nanny=False)))
+    a, c, b = statistics.median(ours), statistics.median(bare), statistics.median(theirs)
     print(
         f"startup       1 scheduler + {n} workers ready, median of {rounds}: "
-        f"LocalVMCluster(TLS) {a:.2f} s, LocalCluster(processes=True) {b:.2f} s, "
-        f"ratio {a / b:.2f}"
+        f"LocalCluster(processes=True) {b:.2f} s; LocalVMCluster(TLS) {a:.2f} s, "
+        f"ratio {a / b:.2f}; LocalVMCluster(TLS, no nanny) {c:.2f} s, ratio {c / b:.2f}"
     )
 
 

@@ -399,3 +399,33 @@ async def test_scheduler_ends_itself_when_the_client_is_gone(vm_dir):
         scheduler = next(vm for vm in vms if vm.name == "scheduler")
         assert "lease expired" in await cluster.driver.console_output(scheduler)
     assert_nothing_left(vm_dir)
+
+
+class OverlappingLocalVMCluster(LocalVMCluster):
+    """Boots workers while the scheduler boots, as the cloud clusters do."""
+
+    overlap_boot = True
+
+
+async def test_overlapped_boot_computes_and_cleans_up_a_failed_early_worker(vm_dir, monkeypatch):
+    async with OverlappingLocalVMCluster(
+        n_workers=2, directory=vm_dir, asynchronous=True
+    ) as cluster:
+        total, workers = await compute(cluster, 2)
+        assert total == 2470 and len(workers) == 2
+    assert_nothing_left(vm_dir)
+
+    from dask_secure_cloud.providers.local import LocalDriver
+
+    original = LocalDriver.create
+
+    async def create(self, request):
+        if request.name == "worker-1":
+            await asyncio.sleep(0.5)  # fail after the scheduler and worker-0 exist
+            raise RuntimeError("InsufficientInstanceCapacity for worker-1")
+        return await original(self, request)
+
+    monkeypatch.setattr(LocalDriver, "create", create)
+    with pytest.raises(ClusterStartError, match="worker-1 failed: InsufficientInstanceCapacity"):
+        await OverlappingLocalVMCluster(n_workers=2, directory=vm_dir, asynchronous=True)
+    assert_nothing_left(vm_dir)
