@@ -372,9 +372,11 @@ class VMCluster(SpecCluster):
                 "wrap a single command in a list"
             )
         self._extra_bootstrap = tuple(lines)
-        self._worker_flags = _cli_flags(
-            "worker", opt("worker_options", worker_options) or {}, "worker_options"
-        )
+        # Worker dashboards are off unless asked for: workers have no public address,
+        # so nobody outside could reach them, and each costs a second of boot CPU. The
+        # scheduler's dashboard shows every worker.
+        worker_opts = {"dashboard": False, **(opt("worker_options", worker_options) or {})}
+        self._worker_flags = _cli_flags("worker", worker_opts, "worker_options")
         self._scheduler_flags = _cli_flags(
             "scheduler", opt("scheduler_options", scheduler_options) or {}, "scheduler_options"
         )

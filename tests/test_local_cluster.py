@@ -429,3 +429,24 @@ async def test_overlapped_boot_computes_and_cleans_up_a_failed_early_worker(vm_d
     with pytest.raises(ClusterStartError, match="worker-1 failed: InsufficientInstanceCapacity"):
         await OverlappingLocalVMCluster(n_workers=2, directory=vm_dir, asynchronous=True)
     assert_nothing_left(vm_dir)
+
+
+async def test_shared_loopback_falls_back_to_free_ports(vm_dir, monkeypatch):
+    """Where only 127.0.0.1 exists (macOS), every VM shares it on its own ports."""
+    from dask_secure_cloud.providers import local
+
+    monkeypatch.setattr(local, "loopback_subnet", lambda ports: None)
+    async with LocalVMCluster(n_workers=2, directory=vm_dir, asynchronous=True) as cluster:
+        assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
+        assert not cluster.scheduler_address.endswith(":8786")
+        total, workers = await compute(cluster, 2)
+        assert total == 2470 and all(w.startswith("tls://127.0.0.1:") for w in workers)
+    assert_nothing_left(vm_dir)
+
+
+def test_global_dask_config_is_left_as_it_was(vm_dir):
+    before = dask.config.config.copy()
+    snapshot = repr(before)
+    with LocalVMCluster(n_workers=1, directory=vm_dir) as cluster, Client(cluster) as client:
+        client.wait_for_workers(1, timeout=60)
+    assert repr(dask.config.config) == snapshot
