@@ -110,8 +110,8 @@ class BootPlan:
     power_off_on_exit: bool = True
     #: Scheduler only: serve the dashboard on this port of the VM's address.
     dashboard_port: int | None = None
-    #: Scheduler only: end the scheduler when nobody renewed its lease for this long.
-    lease_seconds: int | None = None
+    #: Python files (name -> source) that the Dask process loads with ``--preload``.
+    preloads: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.role not in (Role.SCHEDULER, Role.WORKER):
@@ -123,6 +123,9 @@ class BootPlan:
         for key in self.env:
             if not key.isidentifier():
                 raise ValueError(f"env_vars: {key!r} is not a valid variable name")
+        for name in self.preloads:
+            if not name.endswith(".py") or "/" in name:
+                raise ValueError(f"preload names are plain .py file names, got {name!r}")
 
 
 class _Literal(str):
@@ -189,8 +192,8 @@ def _launch_line(plan: BootPlan) -> str:
     args = list(plan.command[1:]) if plan.command and plan.command[0] == role else []
     if plan.command and plan.command[0] != role:
         raise ValueError(f"{plan.name}: command must start with {role!r}: {plan.command!r}")
-    if plan.lease_seconds is not None:
-        args += ["--preload", f"{home}/lease.py"]
+    for name in sorted(plan.preloads):
+        args += ["--preload", f"{home}/preload/{name}"]
     if plan.tls is not None:
         args += [
             "--tls-ca-file",
@@ -241,40 +244,6 @@ def _boot_script(plan: BootPlan) -> str:
     return "\n".join(lines)
 
 
-# A scheduler preload: the cluster manager renews the lease; when it stops (the client
-# was killed, the laptop closed), the scheduler ends, its workers follow after their
-# death timeout, and each VM powers itself off.
-_LEASE_PRELOAD = """\
-import asyncio
-import logging
-import time
-
-from tornado.ioloop import PeriodicCallback
-
-LEASE_SECONDS = 0
-logger = logging.getLogger("distributed.scheduler")
-
-
-def dask_setup(scheduler):
-    renewed = [time.monotonic()]
-
-    def secure_cloud_lease():
-        renewed[0] = time.monotonic()
-        return LEASE_SECONDS
-
-    def check():
-        if time.monotonic() - renewed[0] > LEASE_SECONDS:
-            logger.warning("lease expired: no cluster manager for %ss, closing", LEASE_SECONDS)
-            callback.stop()
-            asyncio.ensure_future(scheduler.close())
-
-    scheduler.handlers["secure_cloud_lease"] = secure_cloud_lease
-    callback = PeriodicCallback(check, min(10_000, LEASE_SECONDS * 250))
-    scheduler.periodic_callbacks["secure-cloud-lease"] = callback
-    callback.start()
-"""
-
-
 def _document(plan: BootPlan) -> dict[str, Any]:
     files: list[dict[str, Any]] = []
     if plan.tls is not None:
@@ -287,9 +256,8 @@ def _document(plan: BootPlan) -> dict[str, Any]:
     files.append(_file(f"{VM_HOME}/config/dask.yaml", config_text or "{}\n", "0600"))
     if plan.env:
         files.append(_file(f"{VM_HOME}/env", _env_file(plan.env, plan.runtime), "0600"))
-    if plan.lease_seconds is not None:
-        lease = _LEASE_PRELOAD.replace("LEASE_SECONDS = 0", f"LEASE_SECONDS = {plan.lease_seconds}")
-        files.append(_file(f"{VM_HOME}/lease.py", lease, "0600"))
+    for name, source in sorted(plan.preloads.items()):
+        files.append(_file(f"{VM_HOME}/preload/{name}", source, "0600"))
     files.append(_file(f"{VM_HOME}/boot.sh", _boot_script(plan), "0700"))
     return {
         "write_files": files,

@@ -29,7 +29,7 @@ from distributed.deploy.spec import ProcessInterface, SpecCluster
 from distributed.security import Security
 from tornado.ioloop import PeriodicCallback
 
-from . import config
+from . import config, preloads
 from .cloudinit import BootPlan, DockerRuntime, NativeRuntime, render
 from .credentials import ClusterCredentials, LeafCredentials, Role, leaf_from_security
 from .driver import CLUSTER_TAG, VM, Driver, VMRequest
@@ -557,8 +557,14 @@ class VMCluster(SpecCluster):
             env=self._env,
             extra_bootstrap=self._extra_bootstrap,
             dashboard_port=dashboard,
-            lease_seconds=round(self._lease) if role is Role.SCHEDULER else None,
+            preloads=self._preloads(role),
         )
+
+    def _preloads(self, role: Role) -> dict[str, str]:
+        """Preload scripts for a VM of ``role``; providers add their own."""
+        if role is Role.SCHEDULER:
+            return {"lease.py": preloads.lease(round(self._lease))}
+        return {}
 
     def _leaf(self, role: Role, name: str) -> LeafCredentials | None:
         if self._credentials is not None:

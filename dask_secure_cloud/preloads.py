@@ -1,0 +1,105 @@
+"""Small Dask preload scripts shipped to VMs as files.
+
+The VM's image needs only Dask, not this package, so these are plain source text that
+``cloudinit`` writes next to the boot script and the Dask process loads with
+``--preload``. Each is rendered with its settings inlined: nothing is read from the
+environment or the command line.
+"""
+
+from __future__ import annotations
+
+__all__ = ["lease", "spot_interruption"]
+
+_LEASE = """\
+# The cluster manager renews this lease. When it stops (the client was killed, the
+# laptop closed), the scheduler ends, its workers follow after their death timeout,
+# and each VM powers itself off.
+import asyncio
+import logging
+import time
+
+from tornado.ioloop import PeriodicCallback
+
+LEASE_SECONDS = {seconds}
+logger = logging.getLogger("distributed.scheduler")
+
+
+def dask_setup(scheduler):
+    renewed = [time.monotonic()]
+
+    def secure_cloud_lease():
+        renewed[0] = time.monotonic()
+        return LEASE_SECONDS
+
+    def check():
+        if time.monotonic() - renewed[0] > LEASE_SECONDS:
+            logger.warning("lease expired: no cluster manager for %ss, closing", LEASE_SECONDS)
+            callback.stop()
+            asyncio.ensure_future(scheduler.close())
+
+    scheduler.handlers["secure_cloud_lease"] = secure_cloud_lease
+    callback = PeriodicCallback(check, min(10_000, LEASE_SECONDS * 250))
+    scheduler.periodic_callbacks["secure-cloud-lease"] = callback
+    callback.start()
+"""
+
+_SPOT = """\
+# Retire this worker gracefully when its cloud announces that the spot VM is about to be
+# reclaimed, so the scheduler moves its data and tasks elsewhere first.
+import asyncio
+import logging
+import urllib.error
+import urllib.request
+
+from tornado.ioloop import PeriodicCallback
+
+NOTICE_URL = {notice_url!r}
+TOKEN_URL = {token_url!r}
+INTERVAL_MS = {interval_ms}
+logger = logging.getLogger("distributed.worker")
+
+
+def _notice():
+    headers = {{}}
+    if TOKEN_URL:
+        request = urllib.request.Request(
+            TOKEN_URL, method="PUT", headers={{"X-aws-ec2-metadata-token-ttl-seconds": "60"}}
+        )
+        with urllib.request.urlopen(request, timeout=2) as response:
+            headers["X-aws-ec2-metadata-token"] = response.read().decode()
+    request = urllib.request.Request(NOTICE_URL, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return response.status == 200
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return False
+        raise
+
+
+def dask_setup(worker):
+    async def check():
+        try:
+            noticed = await asyncio.to_thread(_notice)
+        except OSError as e:
+            logger.debug("spot notice check failed: %s", e)
+            return
+        if noticed:
+            logger.warning("spot interruption notice: retiring this worker")
+            callback.stop()
+            await worker.close_gracefully()
+
+    callback = PeriodicCallback(check, INTERVAL_MS)
+    worker.periodic_callbacks["secure-cloud-spot"] = callback
+    callback.start()
+"""
+
+
+def lease(seconds: int) -> str:
+    """Scheduler preload: close when no lease renewal came for ``seconds``."""
+    return _LEASE.format(seconds=int(seconds))
+
+
+def spot_interruption(notice_url: str, token_url: str | None, interval_ms: int = 5000) -> str:
+    """Worker preload: retire gracefully once ``notice_url`` answers 200."""
+    return _SPOT.format(notice_url=notice_url, token_url=token_url or "", interval_ms=interval_ms)
