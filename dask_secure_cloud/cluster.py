@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Awaitable, Generator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import dask
@@ -215,6 +215,12 @@ class SchedulerVM(_VM):
 
     async def start(self) -> None:
         cluster = self.cluster
+        started = time.monotonic()
+        try:
+            await cluster.driver.prepare(cluster.cluster_id)
+        except Exception as e:
+            raise ClusterStartError(f"preparing the network failed: {e}") from e
+        cluster._log(f"Network ready in {time.monotonic() - started:.1f}s")
         vm = await self._create(None)
         self.address = cluster._scheduler_address(vm)
         if cluster.overlap_boot:
@@ -412,6 +418,7 @@ class VMCluster(SpecCluster):
 
         self._inflight: set[asyncio.Future[Any]] = set()
         self._prelaunched: dict[str, asyncio.Future[VM]] = {}
+        self._create_slots: asyncio.Semaphore | None = None
         self._aborting = False
         self._sweep_task: asyncio.Future[None] | None = None
         self._expiry_warned = False
@@ -597,7 +604,7 @@ class VMCluster(SpecCluster):
             tags={CLUSTER_TAG: self.cluster_id},
         )
         started = time.monotonic()
-        task = asyncio.ensure_future(self.driver.create(request))
+        task = asyncio.ensure_future(self._bounded(self.driver.create(request)))
         self._inflight.add(task)
         try:
             vm = await asyncio.shield(task)
@@ -613,6 +620,13 @@ class VMCluster(SpecCluster):
         elapsed = time.monotonic() - started
         self._log(f"{role.value} VM {name} created at {vm.private_ip} in {elapsed:.1f}s")
         return vm
+
+    async def _bounded(self, creation: Awaitable[VM]) -> VM:
+        """At most ``driver.max_concurrent_creates`` creations in flight at once."""
+        if self._create_slots is None:
+            self._create_slots = asyncio.Semaphore(self.driver.max_concurrent_creates)
+        async with self._create_slots:
+            return await creation
 
     def _prelaunch_workers(self, scheduler_address: str) -> None:
         """Create the initial workers' VMs while the scheduler's VM is still booting.

@@ -15,10 +15,14 @@ from typing import ClassVar
 from .cloudinit import UserDataLimit
 from .credentials import Role
 
-__all__ = ["VM", "Driver", "VMRequest"]
+__all__ = ["VM", "CloudError", "Driver", "VMRequest"]
 
 #: The tag (or label) key every resource of a cluster carries.
 CLUSTER_TAG = "dask-secure-cloud-cluster"
+
+
+class CloudError(RuntimeError):
+    """The cloud refused a request. The message names the option to change, if any."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,8 @@ class Driver(abc.ABC):
     #: Short provider name, as used in ``secure-cloud.<provider>`` config.
     provider: ClassVar[str]
     user_data_limit: ClassVar[UserDataLimit]
+    #: VM creations in flight at once; the SDK's retries absorb throttling beyond it.
+    max_concurrent_creates: ClassVar[int] = 16
 
     async def prepare(self, cluster_id: str) -> None:
         """Make what the cluster's VMs need before the first one (network, firewall)."""
