@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import logging
 import sys
@@ -24,7 +25,7 @@ import dask
 import dask.config
 from distributed.comm import connect
 from distributed.core import Status
-from distributed.deploy.cluster import Log, Logs
+from distributed.deploy.cluster import Cluster, Log, Logs
 from distributed.deploy.spec import ProcessInterface, SpecCluster
 from distributed.security import Security
 from tornado.ioloop import PeriodicCallback
@@ -222,12 +223,15 @@ class SchedulerVM(_VM):
             raise ClusterStartError(f"preparing the network failed: {e}") from e
         cluster._log(f"Network ready in {time.monotonic() - started:.1f}s")
         vm = await self._create(None)
-        self.address = cluster._scheduler_address(vm)
+        self.address = cluster._scheduler_address(vm.private_ip)
+        if vm.public_ip:
+            # Workers use the private address; this client reaches it from outside.
+            self.external_address = cluster._scheduler_address(vm.public_ip)
         if cluster.overlap_boot:
             # Its address is known before it has booted: boot the first workers meanwhile.
             cluster._prelaunch_workers(self.address)
         started = time.monotonic()
-        await cluster._wait_reachable(vm, self.address)
+        await cluster._wait_reachable(vm, self.external_address or self.address)
         cluster._log(f"Scheduler {self.address} reachable after {time.monotonic() - started:.1f}s")
         await super().start()
 
@@ -419,6 +423,7 @@ class VMCluster(SpecCluster):
         self._inflight: set[asyncio.Future[Any]] = set()
         self._prelaunched: dict[str, asyncio.Future[VM]] = {}
         self._create_slots: asyncio.Semaphore | None = None
+        self._cleanup_error: Exception | None = None
         self._aborting = False
         self._sweep_task: asyncio.Future[None] | None = None
         self._expiry_warned = False
@@ -489,28 +494,55 @@ class VMCluster(SpecCluster):
         try:
             await super()._start()
         except RuntimeError as e:
-            raise ClusterStartError(str(e)) from e.__cause__
+            message = str(e)
+            if self._cleanup_error is not None:
+                message += f"; and cleanup could not be confirmed: {self._cleanup_error}"
+            raise ClusterStartError(message) from e.__cause__
         except BaseException:
             await asyncio.shield(self._abort())
             raise
 
     async def _close(self) -> None:
+        """Shut down gracefully where possible; then delete every VM, whatever happened.
+
+        A failure of the graceful part (a VM that would not terminate on the first try,
+        a scheduler that is gone) is logged, not raised: the sweep that follows deletes
+        what is left and confirms it, and only a failed sweep is an error. After a failed
+        start the start's own error is what the caller sees, with the sweep's appended.
+        """
+        failed_start = self.status == Status.failed
         try:
-            if self.status == Status.running and not await self._scheduler_reachable():
-                # Its lease ran out, or its VM died: skip the graceful shutdown, which
-                # would wait on connect timeouts, and go straight to deleting the VMs.
-                self._log(f"Cluster {self.cluster_id}: scheduler unreachable, deleting VMs")
-                if isinstance(self.scheduler, SchedulerVM):
-                    self.scheduler.status = Status.closed
-                if self.scheduler_comm is not None:
-                    await self.scheduler_comm.close_rpc()
-                    self.scheduler_comm = None
-            await super()._close()
-        finally:
+            await self._close_gracefully()
+        except (OSError, RuntimeError) as e:
+            logger.warning(
+                "Cluster %s: graceful shutdown failed (%s); deleting VMs", self.cluster_id, e
+            )
+            if self.status != Status.closed:
+                await Cluster._close(self)
+        try:
             await self._sweep()
+        except (OSError, RuntimeError) as e:
+            if not failed_start:
+                raise
+            self._cleanup_error = e
+            logger.error("Cluster %s: cleanup after the failed start: %s", self.cluster_id, e)
+
+    async def _close_gracefully(self) -> None:
+        if self.status == Status.running and not await self._scheduler_reachable():
+            # Its lease ran out, or its VM died: skip the graceful shutdown, which
+            # would wait on connect timeouts, and go straight to deleting the VMs.
+            self._log(f"Cluster {self.cluster_id}: scheduler unreachable, deleting VMs")
+            if isinstance(self.scheduler, SchedulerVM):
+                self.scheduler.status = Status.closed
+            if self.scheduler_comm is not None:
+                await self.scheduler_comm.close_rpc()
+                self.scheduler_comm = None
+        await super()._close()
 
     async def _scheduler_reachable(self) -> bool:
-        address = getattr(self.scheduler, "address", None)
+        address = getattr(self.scheduler, "external_address", None) or getattr(
+            self.scheduler, "address", None
+        )
         if not address:
             return False
         try:
@@ -522,6 +554,8 @@ class VMCluster(SpecCluster):
 
     async def _abort(self) -> None:
         self._aborting = True
+        if self.status == Status.closed:
+            return  # the failed start has already cleaned up
         if self.status not in (Status.closed, Status.closing):
             self.status = Status.failed
         await self._close()
@@ -558,7 +592,11 @@ class VMCluster(SpecCluster):
             role=role,
             name=name,
             command=command,
-            runtime=self._runtime,
+            runtime=(
+                dataclasses.replace(self._runtime, gpus=True)
+                if isinstance(self._runtime, DockerRuntime) and self.driver.gpus(role)
+                else self._runtime
+            ),
             tls=self._leaf(role, name),
             dask_config=self._vm_config(),
             env=self._env,
@@ -588,8 +626,8 @@ class VMCluster(SpecCluster):
             dask.config.set({"distributed.comm.tls.min-version": 1.3}, config=shipped)  # type: ignore[arg-type]
         return shipped
 
-    def _scheduler_address(self, vm: VM) -> str:
-        return f"{self.protocol}://{vm.private_ip}:{self._ports['scheduler_port']}"
+    def _scheduler_address(self, ip: str) -> str:
+        return f"{self.protocol}://{ip}:{self._ports['scheduler_port']}"
 
     async def _create_vm(self, role: Role, name: str, scheduler_address: str | None) -> VM:
         if self._aborting or self.status in (Status.closing, Status.closed):
@@ -702,8 +740,35 @@ class VMCluster(SpecCluster):
         waits for the same sweep instead of returning before it is done.
         """
         if self._sweep_task is None:
-            self._sweep_task = asyncio.ensure_future(self._sweep_once())
+            self._sweep_task = asyncio.ensure_future(self._sweep_with_retries())
         await asyncio.shield(self._sweep_task)
+
+    async def _sweep_with_retries(self, attempts: int = 3) -> None:
+        """Clouds fail now and then (eventual consistency, a dropped call): try again."""
+        try:
+            for attempt in range(1, attempts + 1):
+                try:
+                    await self._sweep_once()
+                    return
+                except (OSError, RuntimeError) as e:
+                    if attempt == attempts:
+                        raise ResourcesLeftError(
+                            f"cluster {self.cluster_id}: cleanup failed ({e}); its resources "
+                            f"carry the tag {CLUSTER_TAG}={self.cluster_id}: delete them, or "
+                            "close() again"
+                        ) from e
+                    logger.warning(
+                        "Cluster %s: cleanup attempt %d failed (%s); trying again",
+                        self.cluster_id,
+                        attempt,
+                        e,
+                    )
+                    await asyncio.sleep(attempt)
+        except BaseException:
+            self._sweep_task = None  # a later close() tries again
+            raise
+        finally:
+            await self.driver.close()
 
     async def _sweep_once(self) -> None:
         self._aborting = True
@@ -711,20 +776,16 @@ class VMCluster(SpecCluster):
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         self._prelaunched.clear()
-        try:
+        left = await self.driver.list(self.cluster_id)
+        if left:
+            await asyncio.gather(*(self.driver.destroy(vm) for vm in left))
             left = await self.driver.list(self.cluster_id)
-            if left:
-                await asyncio.gather(*(self.driver.destroy(vm) for vm in left))
-                left = await self.driver.list(self.cluster_id)
-            if left:
-                raise ResourcesLeftError(
-                    f"cluster {self.cluster_id}: could not delete "
-                    + ", ".join(f"{vm.name} ({vm.id})" for vm in left)
-                    + f"; run `dask secure-cloud cleanup {self.cluster_id}`"
-                )
-            await self.driver.release(self.cluster_id)
-        finally:
-            await self.driver.close()
+        if left:
+            raise ResourcesLeftError(
+                f"cluster {self.cluster_id}: could not delete "
+                + ", ".join(f"{vm.name} ({vm.id})" for vm in left)
+            )
+        await self.driver.release(self.cluster_id)
         self._log(f"Cluster {self.cluster_id}: every VM deleted")
 
     async def _renew_lease(self) -> None:

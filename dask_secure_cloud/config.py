@@ -27,6 +27,9 @@ with open(_DEFAULTS_FILE) as _f:
 
 dask.config.update_defaults(_DEFAULTS)
 
+# Shared keys any provider may read (the shipped defaults name them all).
+_SHARED = {k for k, v in _DEFAULTS["secure-cloud"].items() if not isinstance(v, dict)}
+
 
 class ConfigError(ValueError):
     """A dask config key or value under ``secure-cloud`` is wrong."""
@@ -55,7 +58,8 @@ def check_provider_keys(provider: str, known: Iterable[str]) -> None:
     """Refuse a misspelled key under ``secure-cloud`` or ``secure-cloud.<provider>``."""
     known = {_norm(k) for k in known}
     section = dask.config.get("secure-cloud", default={}) or {}
-    _check(section, known | {p for p, v in section.items() if isinstance(v, dict)}, "secure-cloud")
+    providers = {p for p, v in section.items() if isinstance(v, dict)}
+    _check(section, known | _SHARED | providers, "secure-cloud")
     provider_section = section.get(provider) or {}
     if not isinstance(provider_section, dict):
         raise ConfigError(f"secure-cloud.{provider} must be a mapping of options")

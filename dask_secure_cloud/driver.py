@@ -72,6 +72,10 @@ class Driver(abc.ABC):
     async def list(self, cluster_id: str) -> list[VM]:
         """Every VM that carries ``cluster_id`` and is not yet gone."""
 
+    def gpus(self, role: Role) -> bool:
+        """Whether VMs of ``role`` have GPUs to hand to the container. Known after prepare."""
+        return False
+
     async def state(self, vm: VM) -> str:
         """``"running"``, ``"terminated"`` (it stopped by itself) or ``"unknown"``."""
         return "unknown"

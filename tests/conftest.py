@@ -61,8 +61,12 @@ def recorded_user_data(monkeypatch) -> list[bytes]:
 
 
 @pytest.fixture(autouse=True)
-def _no_cloud_credentials(monkeypatch):
+def _no_cloud_credentials(monkeypatch, tmp_path_factory):
     """Tests never read credentials from this machine, nor reach a real cloud."""
     for key in list(os.environ):
         if key.startswith(("AWS_", "AZURE_", "GOOGLE_", "DIGITALOCEAN_", "CLOUDSDK_")):
             monkeypatch.delenv(key)
+    nowhere = str(tmp_path_factory.getbasetemp() / "no-such-file")
+    monkeypatch.setenv("AWS_CONFIG_FILE", nowhere)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role lookups

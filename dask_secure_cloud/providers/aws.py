@@ -1,0 +1,629 @@
+"""``EC2Cluster``: a secure Dask cluster on Amazon EC2, through aiobotocore.
+
+What is particular to AWS: a per-cluster security group (scheduler port and dashboard
+from the creator's address only, everything between members of the group), IMDSv2 with
+a hop limit of 1, encrypted root volumes deleted with their instance, shutdown meaning
+terminate, spot workers that retire themselves on an interruption notice, and the
+cluster id as a tag on every instance, volume and security group.
+
+Credentials come from botocore's own chain (environment, profiles, SSO, instance role);
+none is ever sent to a VM. ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_EC2`` (or the
+``endpoint_url`` option) point the client at LocalStack or a test stand-in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import difflib
+import getpass
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any
+
+from .. import config, preloads
+from ..cloudinit import LIMITS
+from ..cluster import VMCluster
+from ..credentials import Role
+from ..driver import CLUSTER_TAG, VM, CloudError, Driver, VMRequest
+from ..network import check_public_exposure, parse_cidrs, scheduler_sources
+
+try:
+    import botocore.session
+    from aiobotocore.config import AioConfig
+    from aiobotocore.session import get_session
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+except ImportError as e:  # pragma: no cover - depends on the extra
+    raise ImportError("EC2Cluster needs the aws extra: pip install 'dask-secure-cloud[aws]'") from e
+
+__all__ = ["EC2Cluster", "EC2Driver"]
+
+#: Canonical's account, which publishes the official Ubuntu AMIs.
+UBUNTU_OWNER = "099720109477"
+UBUNTU_NAME = "ubuntu/images/hvm-ssd*/ubuntu-noble-24.04-{arch}-server-*"
+_LIVE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]
+
+# EC2 error codes -> what the user should change.
+_ADVICE = {
+    "InvalidInstanceType": "check scheduler_instance_type / worker_instance_type",
+    "InvalidAMIID.NotFound": "check ami: it must exist in this region",
+    "InvalidAMIID.Malformed": "check ami: it looks like 'ami-0123456789abcdef0'",
+    "InvalidSubnetID.NotFound": "check subnet_id: it must exist in this region",
+    "InvalidVpcID.NotFound": "check vpc: it must exist in this region",
+    "InstanceLimitExceeded": "ask AWS for a higher instance limit, or use fewer workers",
+    "VcpuLimitExceeded": "ask AWS for a higher vCPU quota, or use fewer or smaller instances",
+    "InsufficientInstanceCapacity": "try another instance type or availability zone",
+    "UnauthorizedOperation": "give these credentials the permissions listed in the docs",
+    "AuthFailure": "the AWS credentials were rejected: check the profile or keys in use",
+    "InvalidParameterValue": "check the option named in the message",
+}
+
+
+def known_regions() -> set[str]:
+    """Every EC2 region botocore knows of, in every partition (no network needed)."""
+    session = botocore.session.get_session()  # reads botocore's bundled endpoint data
+    return {
+        region
+        for partition in session.get_available_partitions()
+        for region in session.get_available_regions("ec2", partition_name=partition)
+    }
+
+
+@contextlib.contextmanager
+def _translated(operation: str) -> Iterator[None]:
+    """Turn botocore's errors into a :class:`CloudError` that says what to change."""
+    try:
+        yield
+    except NoCredentialsError as e:
+        raise CloudError(
+            "No AWS credentials found. Configure them as for the AWS CLI: "
+            "AWS_PROFILE or ~/.aws/credentials, AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, SSO, or an instance role"
+        ) from e
+    except ClientError as e:
+        error = e.response.get("Error", {})
+        code, message = error.get("Code", "?"), error.get("Message", str(e))
+        advice = next((v for k, v in _ADVICE.items() if code.startswith(k)), None)
+        hint = f" ({advice})" if advice else ""
+        raise CloudError(f"EC2 {operation} failed: {code}: {message}{hint}") from e
+    except BotoCoreError as e:
+        raise CloudError(f"EC2 {operation} failed: {e}") from e
+
+
+class EC2Driver(Driver):
+    """Instances, volumes and one security group per cluster, found by the cluster tag."""
+
+    provider = "aws"
+    user_data_limit = LIMITS["aws"]
+
+    def __init__(
+        self,
+        *,
+        region: str,
+        endpoint_url: str | None,
+        instance_types: Mapping[Role, str],
+        ami: str | None,
+        vpc: str | None,
+        subnet_id: str | None,
+        security_groups: Sequence[str],
+        iam_instance_profile: str | None,
+        key_name: str | None,
+        filesystem_size: int,
+        worker_spot: bool,
+        tags: Mapping[str, str],
+        use_private_ip: bool,
+        worker_public_ip: bool,
+        allowed_cidrs: Sequence[str],
+        open_to_world: bool,
+        public_ip_url: str,
+        ports: Sequence[int],
+        boot_timeout: float,
+    ) -> None:
+        self.region = region
+        self.endpoint_url = endpoint_url
+        self.instance_types = dict(instance_types)
+        self.ami = ami
+        self.vpc = vpc
+        self.subnet_id = subnet_id
+        self.security_groups = list(security_groups)
+        self.iam_instance_profile = iam_instance_profile
+        self.key_name = key_name
+        self.filesystem_size = filesystem_size
+        self.worker_spot = worker_spot
+        self.tags = dict(tags)
+        self.use_private_ip = use_private_ip
+        self.worker_public_ip = worker_public_ip
+        self.allowed_cidrs = list(allowed_cidrs)
+        self.open_to_world = open_to_world
+        self.public_ip_url = public_ip_url
+        self.ports = list(ports)
+        self.boot_timeout = boot_timeout
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Any = None
+        self._root_device = "/dev/sda1"
+        self._group_ids: list[str] = []
+        self._gpus: dict[Role, bool] = {}
+        self._arch: dict[Role, str] = {}
+
+    # -- the SDK ------------------------------------------------------------------------
+
+    async def _ec2(self) -> Any:
+        if self._client is None:
+            retries = {"max_attempts": 10, "mode": "standard"}  # backs off on throttling
+            self._client = await self._stack.enter_async_context(
+                get_session().create_client(
+                    "ec2",
+                    region_name=self.region,
+                    endpoint_url=self.endpoint_url,
+                    config=AioConfig(retries=retries, user_agent_extra="dask-secure-cloud"),
+                )
+            )
+        return self._client
+
+    async def _call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
+        client = await self._ec2()
+        with _translated(operation):
+            return await getattr(client, operation)(**kwargs)
+
+    async def _paginate(self, operation: str, **kwargs: Any) -> AsyncIterator[dict[str, Any]]:
+        client = await self._ec2()
+        with _translated(operation):
+            async for page in client.get_paginator(operation).paginate(**kwargs):
+                yield page
+
+    # -- before the first VM ------------------------------------------------------------
+
+    async def prepare(self, cluster_id: str) -> None:
+        vpc_id, vpc_cidr = await self._resolve_network()
+        await self._check_instance_types()
+        await self._resolve_ami()
+        if self.security_groups:
+            self._group_ids = list(self.security_groups)
+            return
+        if self.use_private_ip and not self.allowed_cidrs:
+            sources = [vpc_cidr]  # the client is inside the VPC
+        else:
+            sources = await scheduler_sources(
+                self.allowed_cidrs,
+                open_to_world=self.open_to_world,
+                public_ip_url=self.public_ip_url,
+            )
+        group = await self._call(
+            "create_security_group",
+            GroupName=f"dask-secure-cloud-{cluster_id}",
+            Description=f"dask-secure-cloud cluster {cluster_id}",
+            VpcId=vpc_id,
+            TagSpecifications=[
+                {"ResourceType": "security-group", "Tags": self._tags(cluster_id, "firewall")}
+            ],
+        )
+        group_id = group["GroupId"]
+        self._group_ids = [group_id]
+        permissions: list[dict[str, Any]] = [
+            {
+                "IpProtocol": "tcp",
+                "FromPort": port,
+                "ToPort": port,
+                "IpRanges": [{"CidrIp": c, "Description": "dask client"} for c in sources],
+            }
+            for port in self.ports
+        ]
+        permissions.append(
+            {"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": group_id}]}  # members
+        )
+        await self._call(
+            "authorize_security_group_ingress", GroupId=group_id, IpPermissions=permissions
+        )
+
+    async def _resolve_network(self) -> tuple[str, str]:
+        if self.subnet_id:
+            subnet = (await self._call("describe_subnets", SubnetIds=[self.subnet_id]))["Subnets"][
+                0
+            ]
+            if self.vpc and subnet["VpcId"] != self.vpc:
+                raise CloudError(
+                    f"subnet_id {self.subnet_id} is in {subnet['VpcId']}, not in vpc "
+                    f"{self.vpc}: pass a subnet of {self.vpc}, or drop vpc"
+                )
+            vpc_id = subnet["VpcId"]
+        else:
+            if self.vpc:
+                vpc_id = self.vpc
+            else:
+                vpcs = await self._call(
+                    "describe_vpcs", Filters=[{"Name": "isDefault", "Values": ["true"]}]
+                )
+                if not vpcs["Vpcs"]:
+                    raise CloudError(
+                        f"region {self.region} has no default VPC: pass vpc= and subnet_id="
+                    )
+                vpc_id = vpcs["Vpcs"][0]["VpcId"]
+            subnets = (
+                await self._call(
+                    "describe_subnets", Filters=[{"Name": "vpc-id", "Values": [vpc_id]}]
+                )
+            )["Subnets"]
+            if not subnets:
+                raise CloudError(f"vpc {vpc_id} has no subnet: pass subnet_id=")
+            subnets.sort(key=lambda s: (not s.get("DefaultForAz", False), s["SubnetId"]))
+            self.subnet_id = subnets[0]["SubnetId"]
+        vpc = (await self._call("describe_vpcs", VpcIds=[vpc_id]))["Vpcs"][0]
+        return vpc_id, vpc["CidrBlock"]
+
+    async def _check_instance_types(self) -> None:
+        for role, instance_type in self.instance_types.items():
+            option = f"{role.value}_instance_type"
+            try:
+                info = await self._call("describe_instance_types", InstanceTypes=[instance_type])
+            except CloudError as e:
+                raise CloudError(f"{option}={instance_type!r} is not offered here: {e}") from e
+            types = info.get("InstanceTypes") or [{}]
+            self._gpus[role] = bool(types[0].get("GpuInfo"))
+            archs = types[0].get("ProcessorInfo", {}).get("SupportedArchitectures", [])
+            self._arch[role] = "arm64" if archs and "x86_64" not in archs else "amd64"
+
+    async def _resolve_ami(self) -> None:
+        if self.ami:
+            images = (await self._call("describe_images", ImageIds=[self.ami]))["Images"]
+            if not images:
+                raise CloudError(f"ami {self.ami} was not found in {self.region}")
+        else:
+            arch = self._arch.get(Role.WORKER, "amd64")
+            images = (
+                await self._call(
+                    "describe_images",
+                    Owners=[UBUNTU_OWNER],
+                    Filters=[
+                        {"Name": "name", "Values": [UBUNTU_NAME.format(arch=arch)]},
+                        {"Name": "state", "Values": ["available"]},
+                    ],
+                )
+            )["Images"]
+            if not images:
+                raise CloudError(
+                    f"no Ubuntu 24.04 LTS ({arch}) AMI found in {self.region}: pass ami="
+                )
+            images.sort(key=lambda image: image.get("CreationDate", ""))
+            self.ami = images[-1]["ImageId"]
+        self._root_device = images[-1].get("RootDeviceName", self._root_device)
+
+    def gpus(self, role: Role) -> bool:
+        return self._gpus.get(role, False)
+
+    # -- VMs ----------------------------------------------------------------------------
+
+    def _tags(self, cluster_id: str, name: str) -> list[dict[str, str]]:
+        tags = {
+            **self.tags,
+            "Name": f"dask-secure-cloud-{cluster_id}-{name}",
+            CLUSTER_TAG: cluster_id,
+            "dask-secure-cloud-creator": getpass.getuser(),
+        }
+        return [{"Key": k, "Value": v} for k, v in tags.items()]
+
+    async def create(self, request: VMRequest) -> VM:
+        worker = request.role is Role.WORKER
+        public = self.worker_public_ip if worker else not self.use_private_ip
+        tags = self._tags(request.cluster_id, request.name)
+        params: dict[str, Any] = {
+            "ImageId": self.ami,
+            "InstanceType": self.instance_types[request.role],
+            "MinCount": 1,
+            "MaxCount": 1,
+            "UserData": request.user_data.decode(),
+            "NetworkInterfaces": [
+                {
+                    "DeviceIndex": 0,
+                    "SubnetId": self.subnet_id,
+                    "Groups": self._group_ids,
+                    "AssociatePublicIpAddress": public,
+                    "DeleteOnTermination": True,
+                }
+            ],
+            "MetadataOptions": {
+                "HttpTokens": "required",
+                "HttpPutResponseHopLimit": 1,
+                "HttpEndpoint": "enabled",
+            },
+            "BlockDeviceMappings": [
+                {
+                    "DeviceName": self._root_device,
+                    "Ebs": {
+                        "VolumeSize": self.filesystem_size,
+                        "VolumeType": "gp3",
+                        "Encrypted": True,
+                        "DeleteOnTermination": True,
+                    },
+                }
+            ],
+            "InstanceInitiatedShutdownBehavior": "terminate",
+            "TagSpecifications": [
+                {"ResourceType": "instance", "Tags": tags},
+                {"ResourceType": "volume", "Tags": tags},
+            ],
+        }
+        if self.iam_instance_profile:
+            key = "Arn" if self.iam_instance_profile.startswith("arn:") else "Name"
+            params["IamInstanceProfile"] = {key: self.iam_instance_profile}
+        if self.key_name:
+            params["KeyName"] = self.key_name
+        if worker and self.worker_spot:
+            params["InstanceMarketOptions"] = {
+                "MarketType": "spot",
+                "SpotOptions": {
+                    "SpotInstanceType": "one-time",
+                    "InstanceInterruptionBehavior": "terminate",
+                },
+            }
+        instance = (await self._call("run_instances", **params))["Instances"][0]
+        public_ip = None
+        if public:
+            instance = await self._wait_for_public_ip(instance["InstanceId"])
+            public_ip = instance.get("PublicIpAddress")
+        return VM(
+            id=instance["InstanceId"],
+            name=request.name,
+            role=request.role,
+            cluster_id=request.cluster_id,
+            private_ip=instance["PrivateIpAddress"],
+            public_ip=public_ip,
+        )
+
+    async def _describe(self, instance_id: str) -> dict[str, Any]:
+        reservations = (await self._call("describe_instances", InstanceIds=[instance_id]))[
+            "Reservations"
+        ]
+        return reservations[0]["Instances"][0]
+
+    async def _wait_for_public_ip(self, instance_id: str) -> dict[str, Any]:
+        deadline = time.monotonic() + self.boot_timeout
+        while True:
+            instance = await self._describe(instance_id)
+            if instance.get("PublicIpAddress") or time.monotonic() > deadline:
+                return instance
+            await asyncio.sleep(2)
+
+    async def destroy(self, vm: VM) -> None:
+        await self._call("terminate_instances", InstanceIds=[vm.id])
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if (await self._describe(vm.id))["State"]["Name"] == "terminated":
+                return
+            await asyncio.sleep(2)
+        raise CloudError(f"instance {vm.id} ({vm.name}) did not terminate within 10 minutes")
+
+    async def list(self, cluster_id: str) -> list[VM]:
+        found: list[VM] = []
+        filters = [
+            {"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster_id]},
+            {"Name": "instance-state-name", "Values": _LIVE_STATES},
+        ]
+        prefix = f"dask-secure-cloud-{cluster_id}-"
+        async for page in self._paginate("describe_instances", Filters=filters):
+            for reservation in page["Reservations"]:
+                for instance in reservation["Instances"]:
+                    tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+                    name = tags.get("Name", "").removeprefix(prefix)
+                    found.append(
+                        VM(
+                            id=instance["InstanceId"],
+                            name=name,
+                            role=Role.SCHEDULER if name == "scheduler" else Role.WORKER,
+                            cluster_id=cluster_id,
+                            private_ip=instance.get("PrivateIpAddress", ""),
+                            public_ip=instance.get("PublicIpAddress"),
+                        )
+                    )
+        return found
+
+    async def state(self, vm: VM) -> str:
+        name = (await self._describe(vm.id))["State"]["Name"]
+        if name in ("shutting-down", "terminated", "stopping", "stopped"):
+            return "terminated"
+        return "running"
+
+    async def console_output(self, vm: VM) -> str:
+        with contextlib.suppress(CloudError):
+            return (await self._call("get_console_output", InstanceId=vm.id)).get("Output", "")
+        return ""
+
+    async def release(self, cluster_id: str) -> None:
+        """Delete the cluster's security group once its instances are gone."""
+        groups = (
+            await self._call(
+                "describe_security_groups",
+                Filters=[{"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster_id]}],
+            )
+        )["SecurityGroups"]
+        for group in groups:
+            deadline = time.monotonic() + 300
+            while True:
+                try:
+                    await self._call("delete_security_group", GroupId=group["GroupId"])
+                    break
+                except CloudError as e:
+                    # Terminated instances keep their network interface for a while.
+                    if "DependencyViolation" not in str(e) or time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(5)
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+        self._client = None
+
+
+class EC2Cluster(VMCluster):
+    """A secure Dask cluster on Amazon EC2.
+
+    Every option of :class:`~dask_secure_cloud.cluster.VMCluster` applies, plus:
+
+    Parameters
+    ----------
+    region
+        AWS region, for example ``"eu-west-1"`` (default: ``us-east-1``).
+    scheduler_instance_type, worker_instance_type
+        Instance types; a GPU type gives the workers' containers its GPUs.
+    ami
+        AMI id. Default: the newest official Ubuntu 24.04 LTS image of the region.
+    vpc, subnet_id
+        Where to launch. Default: the region's default VPC and one of its subnets.
+    security_groups
+        Existing security groups to use instead of the per-cluster one (never deleted).
+    iam_instance_profile
+        Name or ARN of the instance profile the VMs run as.
+    key_name
+        An EC2 key pair for SSH; by default there is no login at all.
+    filesystem_size
+        Root volume size in GiB (encrypted, deleted with the instance).
+    worker_spot
+        Run workers as spot instances; a worker retires gracefully on its interruption
+        notice.
+    tags
+        Extra tags for every resource.
+    use_private_ip
+        The client is inside the VPC: the scheduler gets no public address.
+    worker_public_ip
+        Give workers public addresses (default: no). Workers need outbound internet to
+        pull the image: without public addresses, the subnet needs a NAT gateway.
+    allowed_cidrs
+        Who may reach the scheduler port and dashboard. Default: this machine's public
+        address, looked up at ``public_ip_url``.
+    open_to_world
+        Required with ``allowed_cidrs=["0.0.0.0/0"]``; logs a warning.
+    allow_insecure_public
+        Required with ``security=False`` and a public scheduler address.
+    endpoint_url
+        Another EC2 endpoint (LocalStack, a test stand-in). ``AWS_ENDPOINT_URL_EC2``
+        works too.
+    """
+
+    provider = "aws"
+    extra_options = (
+        "region",
+        "endpoint_url",
+        "scheduler_instance_type",
+        "worker_instance_type",
+        "ami",
+        "vpc",
+        "subnet_id",
+        "security_groups",
+        "iam_instance_profile",
+        "key_name",
+        "filesystem_size",
+        "worker_spot",
+        "tags",
+        "use_private_ip",
+        "worker_public_ip",
+        "allowed_cidrs",
+        "open_to_world",
+        "allow_insecure_public",
+        "public_ip_url",
+        "metadata_endpoint",
+    )
+
+    def __init__(
+        self,
+        *,
+        region: str | None = None,
+        endpoint_url: str | None = None,
+        scheduler_instance_type: str | None = None,
+        worker_instance_type: str | None = None,
+        ami: str | None = None,
+        vpc: str | None = None,
+        subnet_id: str | None = None,
+        security_groups: Sequence[str] | None = None,
+        iam_instance_profile: str | None = None,
+        key_name: str | None = None,
+        filesystem_size: int | None = None,
+        worker_spot: bool | None = None,
+        tags: Mapping[str, str] | None = None,
+        use_private_ip: bool | None = None,
+        worker_public_ip: bool | None = None,
+        allowed_cidrs: Sequence[str] | None = None,
+        open_to_world: bool | None = None,
+        allow_insecure_public: bool | None = None,
+        public_ip_url: str | None = None,
+        metadata_endpoint: str | None = None,
+        security: Any = None,
+        scheduler_port: int | None = None,
+        dashboard_port: int | None = None,
+        boot_timeout: str | float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        def opt(name: str, value: Any) -> Any:
+            return config.option(self.provider, name, value)
+
+        region = opt("region", region)
+        regions = known_regions()
+        if region not in regions:
+            close = difflib.get_close_matches(str(region), sorted(regions), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"region {region!r} is not an EC2 region.{hint}")
+        size = opt("filesystem_size", filesystem_size)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+            raise ValueError(f"filesystem_size must be a whole number of GiB >= 8, got {size!r}")
+        tags = dict(opt("tags", tags) or {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
+            raise ValueError(f"tags must map strings to strings, got {tags!r}")
+        if CLUSTER_TAG in tags:
+            raise ValueError(f"tags: {CLUSTER_TAG!r} is set by the cluster itself")
+        use_private_ip = bool(opt("use_private_ip", use_private_ip))
+        check_public_exposure(
+            security=opt("security", security) is not False,
+            public=not use_private_ip or bool(opt("worker_public_ip", worker_public_ip)),
+            allow_insecure_public=bool(opt("allow_insecure_public", allow_insecure_public)),
+        )
+        cidrs = parse_cidrs(opt("allowed_cidrs", allowed_cidrs))
+        instance_types = {
+            Role.SCHEDULER: opt("scheduler_instance_type", scheduler_instance_type),
+            Role.WORKER: opt("worker_instance_type", worker_instance_type),
+        }
+        for role, value in instance_types.items():
+            if not isinstance(value, str) or "." not in value:
+                raise ValueError(
+                    f"{role.value}_instance_type must look like 'm6i.large', got {value!r}"
+                )
+        scheduler_port = config.port(opt("scheduler_port", scheduler_port), "scheduler_port")
+        dashboard_port = config.port(opt("dashboard_port", dashboard_port), "dashboard_port")
+        self._worker_spot = bool(opt("worker_spot", worker_spot))
+        self._metadata_endpoint = str(opt("metadata_endpoint", metadata_endpoint)).rstrip("/")
+        driver = EC2Driver(
+            region=region,
+            endpoint_url=opt("endpoint_url", endpoint_url),
+            instance_types=instance_types,
+            ami=opt("ami", ami),
+            vpc=opt("vpc", vpc),
+            subnet_id=opt("subnet_id", subnet_id),
+            security_groups=list(opt("security_groups", security_groups) or []),
+            iam_instance_profile=opt("iam_instance_profile", iam_instance_profile),
+            key_name=opt("key_name", key_name),
+            filesystem_size=size,
+            worker_spot=self._worker_spot,
+            tags=tags,
+            use_private_ip=use_private_ip,
+            worker_public_ip=bool(opt("worker_public_ip", worker_public_ip)),
+            allowed_cidrs=cidrs,
+            open_to_world=bool(opt("open_to_world", open_to_world)),
+            public_ip_url=opt("public_ip_url", public_ip_url),
+            ports=(scheduler_port, dashboard_port),
+            boot_timeout=config.parse_duration(
+                opt("boot_timeout", boot_timeout), "boot_timeout"
+            ).total_seconds(),
+        )
+        super().__init__(
+            driver,
+            security=security,
+            scheduler_port=scheduler_port,
+            dashboard_port=dashboard_port,
+            boot_timeout=boot_timeout,
+            **kwargs,
+        )
+
+    def _preloads(self, role: Role) -> dict[str, str]:
+        found = super()._preloads(role)
+        if role is Role.WORKER and self._worker_spot:
+            found["spot.py"] = preloads.spot_interruption(
+                f"{self._metadata_endpoint}/latest/meta-data/spot/instance-action",
+                f"{self._metadata_endpoint}/latest/api/token",
+            )
+        return found
