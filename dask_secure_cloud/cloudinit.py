@@ -222,6 +222,15 @@ def _boot_script(plan: BootPlan) -> str:
         f"# dask-secure-cloud: {plan.role.value} {plan.name} of cluster {plan.cluster_id}",
         "set -eu",
         f'D="${{DSC_VM_ROOT:-}}{VM_HOME}"',
+    ]
+    if plan.power_off_on_exit:
+        # A boot that fails (extra_bootstrap, a missing docker) ends the VM a little
+        # later, leaving time to read its console, instead of leaving it running idle.
+        lines.append(
+            'trap \'status=$?; if [ $status -ne 0 ] && [ -z "${DSC_VM_ROOT:-}" ]; '
+            "then shutdown -h +3; fi' EXIT"
+        )
+    lines += [
         'chmod 700 "$D"' + (' "$D/tls"' if plan.tls else ""),
         'export DASK_CONFIG="$D/config"',
     ]

@@ -16,6 +16,7 @@ from distributed import Client
 
 from dask_secure_cloud import EC2Cluster
 from dask_secure_cloud.cluster import ClusterStartError
+from dask_secure_cloud.credentials import Role
 from dask_secure_cloud.network import NetworkPolicyError
 
 from clouds.booter import VMBooter
@@ -351,3 +352,74 @@ async def test_spot_worker_retires_on_interruption_notice(aws):
     finally:
         server.shutdown()
     assert leftovers(client, cluster_id) == NOTHING
+
+
+async def test_boot_failure_is_reported_with_the_console_and_removed(aws):
+    _, client, options = aws
+    with pytest.raises(ClusterStartError, match="ec2-boot-marker") as info:
+        await EC2Cluster(
+            asynchronous=True,
+            **{**options, "boot_timeout": "6s"},
+            extra_bootstrap=["echo ec2-boot-marker", "exit 3"],
+        )
+    assert "6s (boot_timeout)" in str(info.value)
+    assert all_clusters_gone(client)
+
+
+async def test_default_vpc_and_tags(aws):
+    """Without vpc or subnet the region's default VPC is used; user tags reach the VMs."""
+    _, client, options = aws
+    from dask_secure_cloud.driver import VMRequest
+    from dask_secure_cloud.providers.aws import EC2Driver
+
+    default_vpc = client.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])
+    default_vpc = default_vpc["Vpcs"][0]["VpcId"]
+    driver = EC2Driver(
+        region=REGION,
+        endpoint_url=None,
+        instance_types={Role.SCHEDULER: "t3.medium", Role.WORKER: "t3.medium"},
+        ami=options["ami"],
+        vpc=None,
+        subnet_id=None,
+        security_groups=[],
+        iam_instance_profile=None,
+        key_name=None,
+        filesystem_size=20,
+        worker_spot=False,
+        tags={"team": "analytics"},
+        use_private_ip=True,
+        worker_public_ip=False,
+        allowed_cidrs=[],
+        open_to_world=False,
+        public_ip_url="http://127.0.0.1:9/",
+        ports=(8786, 8787),
+        boot_timeout=10,
+    )
+    try:
+        await driver.prepare("c-default")
+        subnet = client.describe_subnets(SubnetIds=[driver.subnet_id])["Subnets"][0]
+        assert subnet["VpcId"] == default_vpc
+        group = client.describe_security_groups(GroupIds=driver._group_ids)["SecurityGroups"][0]
+        assert group["VpcId"] == default_vpc
+        vm = await driver.create(
+            VMRequest(
+                cluster_id="c-default",
+                name="worker-0",
+                role=Role.WORKER,
+                user_data=b"#cloud-config\n{}\n",
+            )
+        )
+        tags = {
+            t["Key"]: t["Value"]
+            for t in client.describe_tags(Filters=[{"Name": "resource-id", "Values": [vm.id]}])[
+                "Tags"
+            ]
+        }
+        assert tags["team"] == "analytics" and tags["dask-secure-cloud-cluster"] == "c-default"
+        assert [v.id for v in await driver.list("c-default")] == [vm.id]
+        await driver.destroy(vm)
+        await driver.release("c-default")
+        assert await driver.list("c-default") == []
+        assert leftovers(client, "c-default") == NOTHING
+    finally:
+        await driver.close()

@@ -1,0 +1,63 @@
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from dask_secure_cloud.network import (
+    NetworkPolicyError,
+    check_public_exposure,
+    parse_cidrs,
+    scheduler_sources,
+)
+
+
+async def test_creator_address_is_looked_up_when_no_cidrs_are_given():
+    """The scheduler is opened to this machine's public address, found at public_ip_url."""
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"198.51.100.23\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        assert await scheduler_sources(None, open_to_world=False, public_ip_url=url) == [
+            "198.51.100.23/32"
+        ]
+    finally:
+        server.shutdown()
+
+
+async def test_world_needs_an_explicit_opt_in(caplog):
+    with pytest.raises(NetworkPolicyError, match="open_to_world=True"):
+        await scheduler_sources(["0.0.0.0/0"], open_to_world=False, public_ip_url="unused")
+    assert await scheduler_sources(["0.0.0.0/0"], open_to_world=True, public_ip_url="x") == [
+        "0.0.0.0/0"
+    ]
+    assert "whole internet" in caplog.text
+
+
+async def test_failed_lookup_says_what_to_pass():
+    with pytest.raises(NetworkPolicyError, match="pass allowed_cidrs"):
+        await scheduler_sources(None, open_to_world=False, public_ip_url="http://127.0.0.1:9/")
+
+
+def test_cidrs_are_normalised_or_named():
+    assert parse_cidrs(["10.0.0.7", "10.1.0.0/16"]) == ["10.0.0.7/32", "10.1.0.0/16"]
+    with pytest.raises(NetworkPolicyError, match="must be a list"):
+        parse_cidrs("10.0.0.0/8")
+
+
+def test_plain_tcp_on_a_public_address_needs_an_explicit_opt_in():
+    with pytest.raises(NetworkPolicyError, match="allow_insecure_public=True"):
+        check_public_exposure(security=False, public=True, allow_insecure_public=False)
+    check_public_exposure(security=False, public=True, allow_insecure_public=True)
+    check_public_exposure(security=False, public=False, allow_insecure_public=False)
