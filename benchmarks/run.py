@@ -1,7 +1,7 @@
 """Measured figures for dask-secure-cloud. Targets, not assertions: this prints numbers.
 
     python benchmarks/run.py            # all three
-    python benchmarks/run.py startup    # one of: credentials, user-data, startup
+    python benchmarks/run.py startup    # one of: credentials, user-data, startup, startup-cold
 
 Timings on a shared machine are noisy: the start-up figure is a ratio of two clusters
 measured side by side, alternating, in the same run.
@@ -100,7 +100,50 @@ def startup(rounds: int = 5, n: int = 2) -> None:
     )
 
 
-BENCHMARKS = {"credentials": credentials, "user-data": user_data, "startup": startup}
+_COLD = """
+import asyncio
+from distributed import Client, LocalCluster
+from dask_secure_cloud import LocalVMCluster
+
+async def main():
+    if {vm!r}:
+        cluster = LocalVMCluster(n_workers={n}, asynchronous=True)
+    else:
+        cluster = LocalCluster(n_workers={n}, processes=True, threads_per_worker=1,
+                               asynchronous=True, dashboard_address=":0")
+    async with cluster, Client(cluster, asynchronous=True) as client:
+        await client.wait_for_workers({n}, timeout=120)
+
+asyncio.run(main())
+"""
+
+
+def startup_cold(rounds: int = 5, n: int = 2) -> None:
+    """The same, each cluster in a fresh interpreter: imports count on both sides."""
+    import subprocess
+
+    def run(vm: bool) -> float:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", _COLD.format(vm=vm, n=n)], check=True)
+        return time.perf_counter() - started
+
+    ours, theirs = [], []
+    for _ in range(rounds):
+        theirs.append(run(False))
+        ours.append(run(True))
+    a, b = statistics.median(ours), statistics.median(theirs)
+    print(
+        f"startup-cold  fresh interpreter to {n} workers ready and closed, median of {rounds}: "
+        f"LocalCluster(processes=True) {b:.2f} s; LocalVMCluster(TLS) {a:.2f} s, ratio {a / b:.2f}"
+    )
+
+
+BENCHMARKS = {
+    "credentials": credentials,
+    "user-data": user_data,
+    "startup": startup,
+    "startup-cold": startup_cold,
+}
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or list(BENCHMARKS):
