@@ -16,16 +16,25 @@ __version__ = "0.1.0"
 _LAZY = {
     "LocalVMCluster": ".providers.local",
     "EC2Cluster": ".providers.aws",
+    "GCPCluster": ".providers.gcp",
     "VMCluster": ".cluster",
     "ClusterCredentials": ".credentials",
 }
 
-__all__ = ["ClusterCredentials", "EC2Cluster", "LocalVMCluster", "VMCluster", "__version__"]
+__all__ = [
+    "ClusterCredentials",
+    "EC2Cluster",
+    "GCPCluster",
+    "LocalVMCluster",
+    "VMCluster",
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from .cluster import VMCluster
     from .credentials import ClusterCredentials
     from .providers.aws import EC2Cluster
+    from .providers.gcp import GCPCluster
     from .providers.local import LocalVMCluster
 
 

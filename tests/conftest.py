@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,21 @@ def _no_cloud_credentials(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("AWS_CONFIG_FILE", nowhere)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role lookups
+    monkeypatch.setenv("NO_GCE_CHECK", "true")  # google-auth: no metadata-server probe
+    monkeypatch.setenv("CLOUDSDK_CONFIG", nowhere)  # no gcloud application default creds
+
+
+_real_getaddrinfo = socket.getaddrinfo
+
+
+def _loopback_only(host, *args, **kwargs):
+    """Resolve loopback names only: a test that tries to reach any other host fails."""
+    name = host.decode() if isinstance(host, bytes) else host
+    if name not in (None, "", "localhost", "::1") and not str(name).startswith("127."):
+        raise OSError(f"tests may only reach loopback addresses, not {name!r}")
+    return _real_getaddrinfo(host, *args, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _no_network_beyond_loopback(monkeypatch):
+    monkeypatch.setattr(socket, "getaddrinfo", _loopback_only)
