@@ -192,3 +192,14 @@ def test_stand_in_refuses_unknown_fields(gce):
 
     with pytest.raises(APIError, match="Invalid JSON payload"):
         stand_in.insert_instance(b'{"name": "x", "machineTypo": "e2-small"}')
+
+
+async def test_rate_limits_are_retried(gce):
+    stand_in, options = gce
+    stand_in.fail("instances.insert", 429, "rateLimitExceeded")
+    stand_in.fail("firewalls.insert", 503, "backendError")
+    async with GCPCluster(n_workers=1, asynchronous=True, **options) as cluster:
+        cluster_id = cluster.cluster_id
+        assert len(stand_in.instances) == 2
+    assert stand_in.calls.count("instances.insert") == 3  # one refused, then two
+    assert nothing_left(stand_in, cluster_id)

@@ -31,6 +31,7 @@ from ..network import check_public_exposure, parse_cidrs, scheduler_sources
 try:
     import google.auth
     from google.api_core import exceptions as gexc
+    from google.api_core import retry
     from google.api_core.client_options import ClientOptions
     from google.cloud import compute_v1
 except ImportError as e:  # pragma: no cover - depends on the extra
@@ -39,6 +40,14 @@ except ImportError as e:  # pragma: no cover - depends on the extra
 __all__ = ["GCPCluster", "GCPDriver"]
 
 _LABEL = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+#: Compute Engine's REST methods have no default retry: back off on rate limits and
+#: "try again" answers, as the API asks, for up to two minutes.
+_THROTTLED = retry.Retry(
+    predicate=retry.if_exception_type(gexc.TooManyRequests, gexc.ServiceUnavailable),
+    initial=0.5,
+    maximum=10.0,
+    timeout=120.0,
+)
 
 
 def _message(error: Exception) -> str:
@@ -136,7 +145,7 @@ class GCPDriver(Driver):
 
     async def _call(self, service: str, method: str, what: str, **kwargs: Any) -> Any:
         def call() -> Any:
-            return getattr(self._client(service), method)(**kwargs)
+            return getattr(self._client(service), method)(retry=_THROTTLED, **kwargs)
 
         try:
             return await asyncio.to_thread(call)
