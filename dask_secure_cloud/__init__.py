@@ -17,12 +17,14 @@ _LAZY = {
     "LocalVMCluster": ".providers.local",
     "EC2Cluster": ".providers.aws",
     "GCPCluster": ".providers.gcp",
+    "DropletCluster": ".providers.digitalocean",
     "VMCluster": ".cluster",
     "ClusterCredentials": ".credentials",
 }
 
 __all__ = [
     "ClusterCredentials",
+    "DropletCluster",
     "EC2Cluster",
     "GCPCluster",
     "LocalVMCluster",
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from .cluster import VMCluster
     from .credentials import ClusterCredentials
     from .providers.aws import EC2Cluster
+    from .providers.digitalocean import DropletCluster
     from .providers.gcp import GCPCluster
     from .providers.local import LocalVMCluster
 

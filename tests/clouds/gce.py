@@ -64,6 +64,7 @@ class GCEStandIn:
         self._quota: dict[str, str] = {}
         self._hosts = (str(h) for h in self.subnet.hosts() if int(h) & 0xFF >= 2)
         self._lock = threading.Lock()
+        self._state_lock = threading.Lock()
 
     # -- faults ---------------------------------------------------------------------------
 
@@ -262,7 +263,8 @@ class GCEStandIn:
             fault = self._faults.pop((call, self._counts[call]), None)
         if fault:
             raise APIError(*fault)
-        return 200, self._dispatch(call, args, query, body)
+        with self._state_lock:  # one request at a time changes the project
+            return 200, self._dispatch(call, args, query, body)
 
     def _dispatch(self, call: str, args: list[str], query: dict[str, str], body: bytes) -> Any:
         if call == "zones.get":

@@ -1,0 +1,498 @@
+"""``DropletCluster``: a secure Dask cluster on DigitalOcean droplets, through ``pydo.aio``.
+
+What is particular to DigitalOcean: every droplet has a public address, so the cluster's
+cloud firewall (applied by the cluster's tag) is what keeps it private: the scheduler
+port and dashboard from the creator's address only, every port between droplets of the
+tag, nothing else inbound. Workers reach the scheduler over the VPC's private addresses.
+A VPC is made per cluster unless one is given. User-data is plain text of at most
+64 KiB, so files inside it are gzip+base64 encoded by ``cloudinit``.
+
+The API token comes from the ``token`` option, the dask config or ``DIGITALOCEAN_TOKEN``
+and never reaches a droplet: it is neither in user-data nor in the shipped dask config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .. import config
+from ..cloudinit import LIMITS
+from ..cluster import VMCluster
+from ..credentials import Role
+from ..driver import VM, CloudError, Driver, VMRequest
+from ..network import check_public_exposure, parse_cidrs, scheduler_sources
+
+try:
+    from azure.core.exceptions import AzureError, HttpResponseError
+    from pydo.aio import Client
+except ImportError as e:  # pragma: no cover - depends on the extra
+    raise ImportError(
+        "DropletCluster needs the digitalocean extra: pip install 'dask-secure-cloud[digitalocean]'"
+    ) from e
+
+__all__ = ["DropletCluster", "DropletDriver"]
+
+_TAG = re.compile(r"^[a-zA-Z0-9_\-:]{1,255}$")
+_RETRIES = 6
+
+
+def cluster_tag(cluster_id: str) -> str:
+    return f"dask-secure-cloud-{cluster_id}"
+
+
+class DropletDriver(Driver):
+    """Droplets, a cloud firewall and (unless given) a VPC per cluster, found by its tag."""
+
+    provider = "digitalocean"
+    user_data_limit = LIMITS["digitalocean"]
+
+    def __init__(
+        self,
+        *,
+        token: str,
+        api_url: str | None,
+        ca_bundle: str | None,
+        region: str,
+        sizes: Mapping[Role, str],
+        image: str,
+        vpc_uuid: str | None,
+        tags: Sequence[str],
+        ssh_keys: Sequence[str | int],
+        monitoring: bool,
+        use_private_ip: bool,
+        allowed_cidrs: Sequence[str],
+        open_to_world: bool,
+        public_ip_url: str,
+        ports: Sequence[int],
+        boot_timeout: float,
+    ) -> None:
+        self._token = token
+        self.api_url = api_url
+        self.ca_bundle = ca_bundle
+        self.region = region
+        self.sizes = dict(sizes)
+        self.image = image
+        self.vpc_uuid = vpc_uuid
+        self.tags = list(tags)
+        self.ssh_keys = list(ssh_keys)
+        self.monitoring = monitoring
+        self.use_private_ip = use_private_ip
+        self.allowed_cidrs = list(allowed_cidrs)
+        self.open_to_world = open_to_world
+        self.public_ip_url = public_ip_url
+        self.ports = list(ports)
+        self.boot_timeout = boot_timeout
+        self._client: Client | None = None
+
+    def __repr__(self) -> str:  # never show the token
+        return f"<DropletDriver region={self.region}>"
+
+    # -- the SDK ------------------------------------------------------------------------
+
+    def _api(self) -> Client:
+        if self._client is None:
+            kwargs: dict[str, Any] = {}
+            if self.api_url:
+                kwargs["endpoint"] = self.api_url
+            if self.ca_bundle:
+                kwargs["connection_verify"] = self.ca_bundle
+            self._client = Client(token=self._token, **kwargs)
+        return self._client
+
+    async def _call(self, what: str, group: str, method: str, **kwargs: Any) -> Any:
+        """One API call; rate limits are waited out as ``ratelimit-reset`` says.
+
+        pydo returns some documented error answers (401, 404, 429, 5xx) as bodies rather
+        than raising, so every answer is read with its status code and headers.
+        """
+
+        def raw(pipeline_response: Any, body: Any, headers: Any) -> tuple[int, Any, Any]:
+            return pipeline_response.http_response.status_code, body, headers
+
+        for attempt in range(_RETRIES):
+            try:
+                status, body, headers = await getattr(getattr(self._api(), group), method)(
+                    cls=raw, **kwargs
+                )
+            except HttpResponseError as e:
+                status, headers = e.status_code or 0, e.response.headers if e.response else {}
+                body = _json(e)
+            except AzureError as e:
+                raise CloudError(f"{what} failed: {e}") from e
+            if status < 400:
+                return body
+            if status == 429 and attempt < _RETRIES - 1:
+                await asyncio.sleep(_reset_delay(headers, attempt))
+                continue
+            detail = f"{body.get('id', status)}: {body.get('message', '')}" if body else str(status)
+            if status == 404:
+                raise CloudError(f"{what}: not found ({detail})")
+            if status == 401:
+                raise CloudError(
+                    "DigitalOcean refused the API token: check DIGITALOCEAN_TOKEN or the "
+                    "token option (it needs read and write scope)"
+                )
+            raise CloudError(f"{what} failed: {detail}")
+        raise AssertionError("unreachable")
+
+    async def _all(self, what: str, group: str, key: str, **kwargs: Any) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        page = 1
+        while True:
+            answer = await self._call(what, group, "list", per_page=200, page=page, **kwargs)
+            items += answer.get(key) or []
+            if not (answer.get("links") or {}).get("pages", {}).get("next"):
+                return items
+            page += 1
+
+    # -- before the first VM ------------------------------------------------------------
+
+    async def prepare(self, cluster_id: str) -> None:
+        regions = {r["slug"]: r for r in await self._all("listing regions", "regions", "regions")}
+        if self.region not in regions:
+            close = difflib.get_close_matches(self.region, sorted(regions), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise CloudError(f"region {self.region!r} is not a DigitalOcean region.{hint}")
+        offered = set(regions[self.region].get("sizes") or [])
+        for role, size in self.sizes.items():
+            if size not in offered:
+                close = difflib.get_close_matches(size, sorted(offered), n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise CloudError(
+                    f"{role.value}_size {size!r} is not offered in {self.region}.{hint}"
+                )
+        tag = cluster_tag(cluster_id)
+        await self._call(f"creating tag {tag}", "tags", "create", body={"name": tag})
+        if not self.vpc_uuid:
+            vpc = await self._call(
+                "creating the cluster's VPC",
+                "vpcs",
+                "create",
+                body={
+                    "name": tag,
+                    "region": self.region,
+                    "description": f"dask-secure-cloud cluster {cluster_id}",
+                },
+            )
+            self.vpc_uuid = vpc["vpc"]["id"]
+        if self.use_private_ip and not self.allowed_cidrs:
+            vpc = await self._call("reading the VPC", "vpcs", "get", vpc_id=self.vpc_uuid)
+            sources = [vpc["vpc"]["ip_range"]]
+        else:
+            sources = await scheduler_sources(
+                self.allowed_cidrs,
+                open_to_world=self.open_to_world,
+                public_ip_url=self.public_ip_url,
+            )
+        everywhere = {"addresses": ["0.0.0.0/0", "::/0"]}
+        await self._call(
+            "creating the cluster's firewall",
+            "firewalls",
+            "create",
+            body={
+                "name": tag,
+                "tags": [tag],
+                "inbound_rules": [
+                    *(
+                        {"protocol": "tcp", "ports": str(port), "sources": {"addresses": sources}}
+                        for port in self.ports
+                    ),
+                    {"protocol": "tcp", "ports": "all", "sources": {"tags": [tag]}},
+                    {"protocol": "udp", "ports": "all", "sources": {"tags": [tag]}},
+                ],
+                "outbound_rules": [
+                    {"protocol": "tcp", "ports": "all", "destinations": everywhere},
+                    {"protocol": "udp", "ports": "all", "destinations": everywhere},
+                    {"protocol": "icmp", "destinations": everywhere},
+                ],
+            },
+        )
+
+    # -- VMs ----------------------------------------------------------------------------
+
+    async def create(self, request: VMRequest) -> VM:
+        tag = cluster_tag(request.cluster_id)
+        body: dict[str, Any] = {
+            "name": f"{tag}-{request.name}",
+            "region": self.region,
+            "size": self.sizes[request.role],
+            "image": self.image,
+            "user_data": request.user_data.decode(),
+            "vpc_uuid": self.vpc_uuid,
+            "tags": [tag, f"dask-secure-cloud-{request.role.value}", *self.tags],
+            "monitoring": self.monitoring,
+            "ipv6": False,
+            "with_droplet_agent": False,
+        }
+        if self.ssh_keys:
+            body["ssh_keys"] = self.ssh_keys
+        answer = await self._call(
+            f"creating droplet {body['name']}", "droplets", "create", body=body
+        )
+        droplet_id = answer["droplet"]["id"]
+        deadline = time.monotonic() + self.boot_timeout
+        while True:
+            droplet = (
+                await self._call("reading a droplet", "droplets", "get", droplet_id=droplet_id)
+            )["droplet"]
+            private, public = _addresses(droplet)
+            if droplet["status"] == "active" and private:
+                break
+            if time.monotonic() > deadline:
+                raise CloudError(
+                    f"droplet {body['name']} not active after {self.boot_timeout:.0f}s"
+                )
+            await asyncio.sleep(1)
+        return VM(
+            id=str(droplet_id),
+            name=request.name,
+            role=request.role,
+            cluster_id=request.cluster_id,
+            private_ip=private,
+            public_ip=None if self.use_private_ip else public,
+        )
+
+    async def destroy(self, vm: VM) -> None:
+        try:
+            await self._call(
+                f"deleting droplet {vm.name}", "droplets", "destroy", droplet_id=int(vm.id)
+            )
+        except CloudError as e:
+            if "not found" not in str(e):
+                raise
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                await self._call("reading a droplet", "droplets", "get", droplet_id=int(vm.id))
+            except CloudError as e:
+                if "not found" in str(e):
+                    return
+                raise
+            await asyncio.sleep(1)
+        raise CloudError(f"droplet {vm.name} ({vm.id}) still exists after 5 minutes")
+
+    async def list(self, cluster_id: str) -> list[VM]:
+        tag = cluster_tag(cluster_id)
+        droplets = await self._all("listing droplets", "droplets", "droplets", tag_name=tag)
+        found = []
+        for droplet in droplets:
+            private, public = _addresses(droplet)
+            name = droplet["name"].removeprefix(f"{tag}-")
+            found.append(
+                VM(
+                    id=str(droplet["id"]),
+                    name=name,
+                    role=Role.SCHEDULER if name == "scheduler" else Role.WORKER,
+                    cluster_id=cluster_id,
+                    private_ip=private or "",
+                    public_ip=public,
+                )
+            )
+        return found
+
+    async def state(self, vm: VM) -> str:
+        try:
+            droplet = (
+                await self._call("reading a droplet", "droplets", "get", droplet_id=int(vm.id))
+            )["droplet"]
+        except CloudError:
+            return "terminated"
+        return "terminated" if droplet["status"] in ("off", "archive") else "running"
+
+    async def release(self, cluster_id: str) -> None:
+        """Delete the firewall, the VPC the cluster made, and its tag; droplets first."""
+        tag = cluster_tag(cluster_id)
+        for rule in await self._all("listing firewalls", "firewalls", "firewalls"):
+            if rule["name"] == tag:
+                await self._call(
+                    "deleting the firewall", "firewalls", "delete", firewall_id=rule["id"]
+                )
+        for vpc in await self._all("listing VPCs", "vpcs", "vpcs"):
+            if vpc["name"] == tag:
+                deadline = time.monotonic() + 120
+                while True:  # the API refuses while the droplets' addresses are released
+                    try:
+                        await self._call("deleting the VPC", "vpcs", "delete", vpc_id=vpc["id"])
+                        break
+                    except CloudError:
+                        if time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(2)
+        try:
+            await self._call(f"deleting tag {tag}", "tags", "delete", tag_id=tag)
+        except CloudError as e:
+            if "not found" not in str(e):
+                raise
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+
+def _addresses(droplet: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    private = public = None
+    for net in (droplet.get("networks") or {}).get("v4") or []:
+        if net.get("type") == "private":
+            private = net["ip_address"]
+        elif net.get("type") == "public":
+            public = net["ip_address"]
+    return private, public
+
+
+def _json(error: HttpResponseError) -> dict[str, Any]:
+    try:
+        body = error.response.json() if error.response is not None else None
+    except ValueError:
+        body = None
+    return body if isinstance(body, dict) else {"message": str(error)}
+
+
+def _reset_delay(headers: Mapping[str, str], attempt: int) -> float:
+    """Seconds until ``ratelimit-reset`` (an epoch time), else exponential backoff."""
+    reset = (headers or {}).get("ratelimit-reset")
+    if reset and reset.isdigit():
+        return min(max(int(reset) - time.time(), 0.1), 60.0)
+    return min(2.0**attempt, 30.0)
+
+
+class DropletCluster(VMCluster):
+    """A secure Dask cluster on DigitalOcean droplets.
+
+    Every option of :class:`~dask_secure_cloud.cluster.VMCluster` applies, plus:
+
+    Parameters
+    ----------
+    token
+        API token. Default: dask config ``secure-cloud.digitalocean.token``, then
+        ``DIGITALOCEAN_TOKEN``. It never reaches a droplet.
+    region
+        Region slug, for example ``"ams3"``.
+    scheduler_size, worker_size
+        Droplet size slugs, for example ``"s-2vcpu-4gb"``.
+    image
+        Image slug or id. Default: Ubuntu 24.04 LTS.
+    vpc_uuid
+        An existing VPC (never deleted). Default: a VPC made for the cluster.
+    tags
+        Extra tags for every droplet.
+    ssh_keys
+        SSH key ids or fingerprints; by default no key is installed.
+    monitoring
+        Install DigitalOcean's monitoring agent.
+    use_private_ip
+        The client runs inside the VPC and connects to the private address.
+    allowed_cidrs, open_to_world, allow_insecure_public, public_ip_url
+        Who may reach the scheduler, as for ``EC2Cluster``.
+    api_url
+        Another API base URL (a proxy, a test stand-in).
+    ca_bundle
+        A CA bundle to verify the API's TLS certificate with (a TLS-inspecting proxy).
+    """
+
+    provider = "digitalocean"
+    extra_options = (
+        "token",
+        "api_url",
+        "ca_bundle",
+        "region",
+        "scheduler_size",
+        "worker_size",
+        "image",
+        "vpc_uuid",
+        "tags",
+        "ssh_keys",
+        "monitoring",
+        "use_private_ip",
+        "allowed_cidrs",
+        "open_to_world",
+        "allow_insecure_public",
+        "public_ip_url",
+    )
+
+    def __init__(
+        self,
+        *,
+        token: str | None = None,
+        api_url: str | None = None,
+        ca_bundle: str | None = None,
+        region: str | None = None,
+        scheduler_size: str | None = None,
+        worker_size: str | None = None,
+        image: str | None = None,
+        vpc_uuid: str | None = None,
+        tags: Sequence[str] | None = None,
+        ssh_keys: Sequence[str | int] | None = None,
+        monitoring: bool | None = None,
+        use_private_ip: bool | None = None,
+        allowed_cidrs: Sequence[str] | None = None,
+        open_to_world: bool | None = None,
+        allow_insecure_public: bool | None = None,
+        public_ip_url: str | None = None,
+        security: Any = None,
+        scheduler_port: int | None = None,
+        dashboard_port: int | None = None,
+        boot_timeout: str | float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        def opt(name: str, value: Any) -> Any:
+            return config.option(self.provider, name, value)
+
+        token = opt("token", token) or os.environ.get("DIGITALOCEAN_TOKEN")
+        if not token:
+            raise ValueError(
+                "No DigitalOcean API token: set DIGITALOCEAN_TOKEN, the dask config key "
+                "secure-cloud.digitalocean.token, or pass token="
+            )
+        tags = list(opt("tags", tags) or [])
+        for tag in tags:
+            if not isinstance(tag, str) or not _TAG.match(tag):
+                raise ValueError(
+                    f"tags: {tag!r} is not a DigitalOcean tag (letters, digits, '-', '_', ':')"
+                )
+        use_private_ip = bool(opt("use_private_ip", use_private_ip))
+        # Every droplet has a public address: plain TCP needs an explicit opt-in.
+        check_public_exposure(
+            security=opt("security", security) is not False,
+            public=True,
+            allow_insecure_public=bool(opt("allow_insecure_public", allow_insecure_public)),
+        )
+        scheduler_port = config.port(opt("scheduler_port", scheduler_port), "scheduler_port")
+        dashboard_port = config.port(opt("dashboard_port", dashboard_port), "dashboard_port")
+        driver = DropletDriver(
+            token=token,
+            api_url=opt("api_url", api_url),
+            ca_bundle=opt("ca_bundle", ca_bundle),
+            region=opt("region", region),
+            sizes={
+                Role.SCHEDULER: opt("scheduler_size", scheduler_size),
+                Role.WORKER: opt("worker_size", worker_size),
+            },
+            image=opt("image", image),
+            vpc_uuid=opt("vpc_uuid", vpc_uuid),
+            tags=tags,
+            ssh_keys=list(opt("ssh_keys", ssh_keys) or []),
+            monitoring=bool(opt("monitoring", monitoring)),
+            use_private_ip=use_private_ip,
+            allowed_cidrs=parse_cidrs(opt("allowed_cidrs", allowed_cidrs)),
+            open_to_world=bool(opt("open_to_world", open_to_world)),
+            public_ip_url=opt("public_ip_url", public_ip_url),
+            ports=(scheduler_port, dashboard_port),
+            boot_timeout=config.parse_duration(
+                opt("boot_timeout", boot_timeout), "boot_timeout"
+            ).total_seconds(),
+        )
+        super().__init__(
+            driver,
+            security=security,
+            scheduler_port=scheduler_port,
+            dashboard_port=dashboard_port,
+            boot_timeout=boot_timeout,
+            **kwargs,
+        )

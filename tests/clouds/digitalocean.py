@@ -1,0 +1,507 @@
+"""A DigitalOcean API v2 stand-in over HTTPS (a ``trustme`` CA), for the real ``pydo.aio``.
+
+It serves the paths ``DropletCluster`` uses (account, regions, sizes, tags, VPCs,
+firewalls, droplets) and checks request bodies against the fields and types that
+DigitalOcean's published OpenAPI specification gives for them (``droplet_single_create``,
+``firewall``, ``vpc``, ``tag``): required fields, types, patterns, enums, the 64 KiB
+``user_data`` limit; a field the specification does not list is refused, so a typo in our
+requests cannot pass unnoticed. Errors come in DigitalOcean's shape,
+``{"id": ..., "message": ...}``; rate limits as 429 with ``ratelimit-reset``; the account's
+droplet limit as 422. A bearer token is required.
+
+Droplets boot their ``user_data`` with the shared VM booter on an address of their VPC
+(VPC ranges are in 127.0.0.0/8 here, so they are this machine's).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import json
+import random
+import re
+import ssl
+import threading
+import time
+import uuid
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import trustme
+
+from .booter import VMBooter
+
+REGIONS = {
+    "nyc3": ["s-1vcpu-1gb", "s-2vcpu-4gb", "s-4vcpu-8gb"],
+    "ams3": ["s-1vcpu-1gb", "s-2vcpu-4gb"],
+}
+USER_DATA_LIMIT = 64 * 1024
+_NAME = r"^[a-zA-Z0-9]?[a-z0-9A-Z.\-]*[a-z0-9A-Z]$"
+_TAG = r"^[a-zA-Z0-9_\-\:]+$"
+
+
+class APIError(Exception):
+    def __init__(
+        self, status: int, error_id: str, message: str, headers: dict[str, str] | None = None
+    ):
+        super().__init__(message)
+        self.status, self.id, self.message, self.headers = status, error_id, message, headers or {}
+
+
+def _string(
+    pattern: str | None = None, max_length: int | None = None, enum: set[str] | None = None
+):
+    def check(field: str, value: Any) -> None:
+        if not isinstance(value, str):
+            raise APIError(422, "unprocessable_entity", f"{field} must be a string")
+        if pattern and not re.match(pattern, value):
+            raise APIError(422, "unprocessable_entity", f"{field} is invalid")
+        if max_length is not None and len(value.encode()) > max_length:
+            raise APIError(
+                422, "unprocessable_entity", f"{field} is too long (maximum is {max_length} bytes)"
+            )
+        if enum and value not in enum:
+            raise APIError(422, "unprocessable_entity", f"{field} must be one of {sorted(enum)}")
+
+    return check
+
+
+def _boolean(field: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise APIError(422, "unprocessable_entity", f"{field} must be a boolean")
+
+
+def _array(item):
+    def check(field: str, value: Any) -> None:
+        if value is None:
+            return
+        if not isinstance(value, list):
+            raise APIError(422, "unprocessable_entity", f"{field} must be an array")
+        for i, element in enumerate(value):
+            item(f"{field}[{i}]", element)
+
+    return check
+
+
+def _string_or_int(field: str, value: Any) -> None:
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        raise APIError(422, "unprocessable_entity", f"{field} must be a string or an integer")
+
+
+def _object(schema: dict[str, Any], required: tuple[str, ...] = ()):
+    def check(field: str, value: Any) -> None:
+        validate(value, schema, required, prefix=f"{field}.")
+
+    return check
+
+
+def validate(
+    body: Any, schema: dict[str, Any], required: tuple[str, ...], prefix: str = ""
+) -> None:
+    if not isinstance(body, dict):
+        raise APIError(400, "bad_request", f"{prefix or 'body'} must be a JSON object")
+    for key in required:
+        if key not in body:
+            raise APIError(422, "unprocessable_entity", f"{prefix}{key} is required")
+    for key, value in body.items():
+        if key not in schema:
+            raise APIError(422, "unprocessable_entity", f"{prefix}{key} is not a known attribute")
+        schema[key](prefix + key, value)
+
+
+_SOURCES = {
+    "addresses": _array(_string()),
+    "droplet_ids": _array(
+        lambda f, v: (
+            None
+            if isinstance(v, int)
+            else (_ for _ in ()).throw(
+                APIError(422, "unprocessable_entity", f"{f} must be an integer")
+            )
+        )
+    ),
+    "load_balancer_uids": _array(_string()),
+    "kubernetes_ids": _array(_string()),
+    "tags": _array(_string(_TAG)),
+}
+_RULE = {"protocol": _string(enum={"tcp", "udp", "icmp"}), "ports": _string(r"^(all|\d+(-\d+)?)$")}
+SCHEMAS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    # droplet_single_create
+    "droplet": (
+        {
+            "name": _string(_NAME),
+            "region": _string(),
+            "size": _string(),
+            "image": _string_or_int,
+            "ssh_keys": _array(_string_or_int),
+            "backups": _boolean,
+            "backup_policy": _object(
+                {"plan": _string(), "weekday": _string(), "hour": lambda f, v: None}
+            ),
+            "ipv6": _boolean,
+            "monitoring": _boolean,
+            "tags": _array(_string(_TAG)),
+            "user_data": _string(max_length=USER_DATA_LIMIT),
+            "private_networking": _boolean,
+            "volumes": _array(_string()),
+            "vpc_uuid": _string(),
+            "with_droplet_agent": _boolean,
+        },
+        ("name", "size", "image"),
+    ),
+    "firewall": (
+        {
+            "name": _string(r"^[a-zA-Z0-9][a-zA-Z0-9\.-]+$"),
+            "droplet_ids": _SOURCES["droplet_ids"],
+            "tags": _array(_string(_TAG)),
+            "inbound_rules": _array(
+                _object({**_RULE, "sources": _object(_SOURCES)}, ("protocol", "sources"))
+            ),
+            "outbound_rules": _array(
+                _object({**_RULE, "destinations": _object(_SOURCES)}, ("protocol", "destinations"))
+            ),
+        },
+        ("name",),
+    ),
+    "vpc": (
+        {
+            "name": _string(r"^[a-zA-Z0-9\-\.]+$"),
+            "description": _string(max_length=255),
+            "region": _string(),
+            "ip_range": _string(),
+            "default": _boolean,
+        },
+        ("name", "region"),
+    ),
+    "tag": ({"name": _string(_TAG, max_length=255)}, ("name",)),
+}
+
+
+class DigitalOceanStandIn:
+    def __init__(self, booter: VMBooter, token: str, droplet_limit: int = 10) -> None:
+        self.booter = booter
+        self.token = token
+        self.droplet_limit = droplet_limit
+        self.droplets: dict[int, dict[str, Any]] = {}
+        self.firewalls: dict[str, dict[str, Any]] = {}
+        self.vpcs: dict[str, dict[str, Any]] = {}
+        self.tags: set[str] = set()
+        self.calls: list[str] = []
+        self.bodies: list[tuple[str, dict[str, Any]]] = []
+        self._faults: dict[tuple[str, int], APIError] = {}
+        self._counts: Counter[str] = Counter()
+        self._ids = itertools.count(3_000_001)
+        self._lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self.ca = trustme.CA()
+
+    # -- faults ---------------------------------------------------------------------------
+
+    def fail(
+        self, call: str, status: int = 500, error_id: str = "server_error", occurrence: int = 1
+    ) -> None:
+        with self._lock:
+            self._faults[(call, self._counts[call] + occurrence)] = APIError(
+                status, error_id, f"injected {error_id}"
+            )
+
+    def rate_limit(self, call: str, occurrence: int = 1) -> None:
+        with self._lock:
+            self._faults[(call, self._counts[call] + occurrence)] = APIError(
+                429,
+                "too_many_requests",
+                "API Rate limit exceeded.",
+                {
+                    "ratelimit-limit": "5000",
+                    "ratelimit-remaining": "0",
+                    "ratelimit-reset": str(int(time.time()) + 1),
+                },
+            )
+
+    # -- resources ------------------------------------------------------------------------
+
+    def _body(self, kind: str, raw: bytes) -> dict[str, Any]:
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError as e:
+            raise APIError(400, "bad_request", f"invalid JSON: {e}") from e
+        schema, required = SCHEMAS[kind]
+        validate(body, schema, required)
+        self.bodies.append((kind, body))
+        return body
+
+    def create_droplet(self, raw: bytes) -> tuple[int, dict[str, Any]]:
+        body = self._body("droplet", raw)
+        region = body.get("region", "nyc3")
+        if region not in REGIONS:
+            raise APIError(422, "unprocessable_entity", "Region is not available")
+        if body["size"] not in REGIONS[region]:
+            raise APIError(422, "unprocessable_entity", "Size is not available in this region.")
+        if len(self.droplets) >= self.droplet_limit:
+            raise APIError(
+                422,
+                "unprocessable_entity",
+                "creating this/these droplet(s) will exceed your droplet limit",
+            )
+        vpc = self.vpcs.get(body.get("vpc_uuid") or "")
+        if vpc is None:
+            raise APIError(422, "unprocessable_entity", "vpc_uuid is not a VPC of this account")
+        network = ipaddress.ip_network(vpc["ip_range"])
+        used = {d["_private"] for d in self.droplets.values()}
+        private = next(str(h) for h in network.hosts() if int(h) & 0xFF >= 2 and str(h) not in used)
+        droplet_id = next(self._ids)
+        tags = [t for t in body.get("tags") or []]
+        cluster = next(
+            (
+                t.removeprefix("dask-secure-cloud-")
+                for t in tags
+                if t.startswith("dask-secure-cloud-dsc-")
+            ),
+            "untagged",
+        )
+        vm = self.booter.boot(
+            body.get("user_data", "#cloud-config\n{}\n").encode(),
+            address=private,
+            cluster_id=cluster,
+            name=body["name"].removeprefix(f"dask-secure-cloud-{cluster}-"),
+            role="scheduler" if "dask-secure-cloud-scheduler" in tags else "worker",
+        )
+        self.droplets[droplet_id] = {
+            "id": droplet_id,
+            "name": body["name"],
+            "status": "new",
+            "tags": tags,
+            "region": {"slug": region},
+            "size_slug": body["size"],
+            "vpc_uuid": vpc["id"],
+            "networks": {"v4": [], "v6": []},
+            "_private": private,
+            "_vm": vm.vm_id,
+            "_public": f"203.0.113.{random.randint(2, 250)}",
+        }
+        return 202, {"droplet": self._public(self.droplets[droplet_id]), "links": {"actions": []}}
+
+    def _public(self, droplet: dict[str, Any]) -> dict[str, Any]:
+        # A droplet is "new" until the first time it is looked at again, then active.
+        return {k: v for k, v in droplet.items() if not k.startswith("_")}
+
+    def _get_droplet(self, droplet_id: int) -> dict[str, Any]:
+        droplet = self.droplets.get(droplet_id)
+        if droplet is None:
+            raise APIError(404, "not_found", "The resource you were accessing could not be found.")
+        if droplet["status"] == "new":
+            droplet["status"] = "active"
+            droplet["networks"]["v4"] = [
+                {"ip_address": droplet["_private"], "type": "private", "netmask": "255.255.240.0"},
+                {"ip_address": droplet["_public"], "type": "public", "netmask": "255.255.240.0"},
+            ]
+        return droplet
+
+    def _delete_droplet(self, droplet_id: int) -> None:
+        droplet = self.droplets.pop(droplet_id, None)
+        if droplet is None:
+            raise APIError(404, "not_found", "The resource you were accessing could not be found.")
+        self.booter.stop(droplet["_vm"])
+
+    # -- routing --------------------------------------------------------------------------
+
+    def handle(
+        self, method: str, path: str, query: dict[str, str], raw: bytes, auth: str | None
+    ) -> tuple[int, Any, dict[str, str]]:
+        if auth != f"Bearer {self.token}":
+            raise APIError(401, "unauthorized", "Unable to authenticate you")
+        routes = [
+            ("GET", r"^/v2/account$", "account.get"),
+            ("GET", r"^/v2/regions$", "regions.list"),
+            ("GET", r"^/v2/sizes$", "sizes.list"),
+            ("POST", r"^/v2/tags$", "tags.create"),
+            ("DELETE", r"^/v2/tags/([^/]+)$", "tags.delete"),
+            ("POST", r"^/v2/vpcs$", "vpcs.create"),
+            ("GET", r"^/v2/vpcs$", "vpcs.list"),
+            ("GET", r"^/v2/vpcs/([^/]+)$", "vpcs.get"),
+            ("DELETE", r"^/v2/vpcs/([^/]+)$", "vpcs.delete"),
+            ("POST", r"^/v2/firewalls$", "firewalls.create"),
+            ("GET", r"^/v2/firewalls$", "firewalls.list"),
+            ("DELETE", r"^/v2/firewalls/([^/]+)$", "firewalls.delete"),
+            ("POST", r"^/v2/droplets$", "droplets.create"),
+            ("GET", r"^/v2/droplets$", "droplets.list"),
+            ("GET", r"^/v2/droplets/(\d+)$", "droplets.get"),
+            ("DELETE", r"^/v2/droplets/(\d+)$", "droplets.destroy"),
+        ]
+        for verb, pattern, name in routes:
+            match = re.match(pattern, path)
+            if verb == method and match:
+                call, args = name, list(match.groups())
+                break
+        else:
+            raise APIError(404, "not_found", f"stand-in has no {method} {path}")
+        with self._lock:
+            self.calls.append(call)
+            self._counts[call] += 1
+            fault = self._faults.pop((call, self._counts[call]), None)
+        if fault:
+            raise fault
+        with self._state_lock:  # one request at a time changes the account, as in a database
+            status, payload = self._dispatch(call, args, query, raw)
+        return status, payload, {}
+
+    def _dispatch(
+        self, call: str, args: list[str], query: dict[str, str], raw: bytes
+    ) -> tuple[int, Any]:
+        meta = {"links": {}, "meta": {"total": 0}}
+        if call == "account.get":
+            return 200, {
+                "account": {
+                    "droplet_limit": self.droplet_limit,
+                    "floating_ip_limit": 3,
+                    "volume_limit": 10,
+                    "email": "dask@example.com",
+                    "uuid": "acct",
+                    "email_verified": True,
+                    "status": "active",
+                    "status_message": "",
+                }
+            }
+        if call == "regions.list":
+            return 200, {
+                "regions": [
+                    {"slug": s, "name": s, "sizes": z, "available": True, "features": []}
+                    for s, z in REGIONS.items()
+                ],
+                **meta,
+            }
+        if call == "sizes.list":
+            return 200, {
+                "sizes": [{"slug": s} for s in sorted({z for zs in REGIONS.values() for z in zs})],
+                **meta,
+            }
+        if call == "tags.create":
+            body = self._body("tag", raw)
+            self.tags.add(body["name"])
+            return 201, {"tag": {"name": body["name"], "resources": {"count": 0}}}
+        if call == "tags.delete":
+            if args[0] not in self.tags:
+                raise APIError(
+                    404, "not_found", "The resource you were accessing could not be found."
+                )
+            self.tags.discard(args[0])
+            return 204, None
+        if call == "vpcs.create":
+            body = self._body("vpc", raw)
+            if body["region"] not in REGIONS:
+                raise APIError(422, "unprocessable_entity", "region is invalid")
+            vpc_id = str(uuid.uuid4())
+            ip_range = (
+                body.get("ip_range")
+                or f"127.{random.randint(1, 254)}.{random.randint(0, 15) * 16}.0/20"
+            )
+            self.vpcs[vpc_id] = {
+                "id": vpc_id,
+                "name": body["name"],
+                "region": body["region"],
+                "ip_range": ip_range,
+                "description": body.get("description", ""),
+                "default": False,
+            }
+            return 201, {"vpc": self.vpcs[vpc_id]}
+        if call == "vpcs.list":
+            return 200, {"vpcs": list(self.vpcs.values()), **meta}
+        if call == "vpcs.get":
+            if args[0] not in self.vpcs:
+                raise APIError(
+                    404, "not_found", "The resource you were accessing could not be found."
+                )
+            return 200, {"vpc": self.vpcs[args[0]]}
+        if call == "vpcs.delete":
+            if args[0] not in self.vpcs:
+                raise APIError(
+                    404, "not_found", "The resource you were accessing could not be found."
+                )
+            if any(d["vpc_uuid"] == args[0] for d in self.droplets.values()):
+                raise APIError(403, "forbidden", "Can not delete VPC with members")
+            del self.vpcs[args[0]]
+            return 204, None
+        if call == "firewalls.create":
+            body = self._body("firewall", raw)
+            firewall_id = str(uuid.uuid4())
+            self.firewalls[firewall_id] = {**body, "id": firewall_id, "status": "succeeded"}
+            return 202, {"firewall": self.firewalls[firewall_id]}
+        if call == "firewalls.list":
+            return 200, {"firewalls": list(self.firewalls.values()), **meta}
+        if call == "firewalls.delete":
+            if self.firewalls.pop(args[0], None) is None:
+                raise APIError(
+                    404, "not_found", "The resource you were accessing could not be found."
+                )
+            return 204, None
+        if call == "droplets.create":
+            return self.create_droplet(raw)
+        if call == "droplets.list":
+            tag = query.get("tag_name")
+            found = [
+                self._public(d) for d in self.droplets.values() if tag is None or tag in d["tags"]
+            ]
+            return 200, {"droplets": found, **meta}
+        if call == "droplets.get":
+            return 200, {"droplet": self._public(self._get_droplet(int(args[0])))}
+        if call == "droplets.destroy":
+            self._delete_droplet(int(args[0]))
+            return 204, None
+        raise APIError(404, "not_found", call)
+
+    # -- server ---------------------------------------------------------------------------
+
+    def start(self) -> str:
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _serve(self, method: str) -> None:
+                url = urlparse(self.path)
+                query = {k: v[0] for k, v in parse_qs(url.query).items()}
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers: dict[str, str] = {}
+                try:
+                    status, payload, headers = stand_in.handle(
+                        method, url.path, query, raw, self.headers.get("Authorization")
+                    )
+                except APIError as e:
+                    status, payload, headers = (
+                        e.status,
+                        {"id": e.id, "message": e.message, "request_id": str(uuid.uuid4())},
+                        e.headers,
+                    )
+                data = b"" if payload is None else json.dumps(payload).encode()
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                if data:
+                    self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self._serve("GET")
+
+            def do_POST(self) -> None:
+                self._serve("POST")
+
+            def do_DELETE(self) -> None:
+                self._serve("DELETE")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"https://127.0.0.1:{self._server.server_address[1]}"
+        return self.url
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self.booter.stop_all()
