@@ -10,9 +10,17 @@ import asyncio
 import ipaddress
 import logging
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["NetworkPolicyError", "check_public_exposure", "parse_cidrs", "scheduler_sources"]
+__all__ = [
+    "NetworkPolicy",
+    "NetworkPolicyError",
+    "check_public_exposure",
+    "parse_cidrs",
+    "scheduler_sources",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -85,4 +93,62 @@ def check_public_exposure(*, security: bool, public: bool, allow_insecure_public
             "security=False with a public address would let anyone who can reach the "
             "scheduler run code on your VMs. Use a private address (use_private_ip=True), "
             "keep security=True, or pass allow_insecure_public=True if you accept that"
+        )
+
+
+@dataclass(frozen=True)
+class NetworkPolicy:
+    """Who may reach the scheduler, and which VMs get public addresses: one cloud-neutral
+    answer that every driver turns into its own firewall rules."""
+
+    use_private_ip: bool = False
+    worker_public_ip: bool = False
+    allowed_cidrs: tuple[str, ...] = ()
+    open_to_world: bool = False
+    public_ip_url: str = "https://checkip.amazonaws.com"
+
+    @classmethod
+    def from_options(
+        cls,
+        option: Callable[[str, Any], Any],
+        *,
+        security: Any,
+        use_private_ip: bool | None,
+        allowed_cidrs: Sequence[str] | None,
+        open_to_world: bool | None,
+        allow_insecure_public: bool | None,
+        public_ip_url: str | None,
+        worker_public_ip: bool | None = None,
+        always_public: bool = False,
+    ) -> NetworkPolicy:
+        """Resolve the network options with ``option`` (keyword > config > default) and
+        refuse an unsafe combination before anything is made.
+
+        ``always_public`` is for clouds where every VM has a public address regardless.
+        """
+        policy = cls(
+            use_private_ip=bool(option("use_private_ip", use_private_ip)),
+            worker_public_ip=bool(option("worker_public_ip", worker_public_ip)),
+            allowed_cidrs=tuple(parse_cidrs(option("allowed_cidrs", allowed_cidrs))),
+            open_to_world=bool(option("open_to_world", open_to_world)),
+            public_ip_url=option("public_ip_url", public_ip_url),
+        )
+        check_public_exposure(
+            security=option("security", security) is not False,
+            public=always_public or not policy.use_private_ip or policy.worker_public_ip,
+            allow_insecure_public=bool(option("allow_insecure_public", allow_insecure_public)),
+        )
+        return policy
+
+    def public_address(self, worker: bool) -> bool:
+        """Whether a VM of this role gets a public address."""
+        return self.worker_public_ip if worker else not self.use_private_ip
+
+    async def scheduler_sources(self, internal: Callable[[], Awaitable[list[str]]]) -> list[str]:
+        """CIDRs for the scheduler's port and dashboard; ``internal`` gives the network's
+        own ranges, used when the client runs inside it."""
+        if self.use_private_ip and not self.allowed_cidrs:
+            return await internal()
+        return await scheduler_sources(
+            self.allowed_cidrs, open_to_world=self.open_to_world, public_ip_url=self.public_ip_url
         )

@@ -17,7 +17,7 @@ from distributed import Client
 from dask_secure_cloud import EC2Cluster
 from dask_secure_cloud.cluster import ClusterStartError
 from dask_secure_cloud.credentials import Role
-from dask_secure_cloud.network import NetworkPolicyError
+from dask_secure_cloud.network import NetworkPolicy, NetworkPolicyError
 
 from clouds.booter import VMBooter
 from clouds.ec2 import EC2StandIn
@@ -387,11 +387,7 @@ async def test_default_vpc_and_tags(aws):
         filesystem_size=20,
         worker_spot=False,
         tags={"team": "analytics"},
-        use_private_ip=True,
-        worker_public_ip=False,
-        allowed_cidrs=[],
-        open_to_world=False,
-        public_ip_url="http://127.0.0.1:9/",
+        network=NetworkPolicy(use_private_ip=True),
         ports=(8786, 8787),
         boot_timeout=10,
     )

@@ -4,6 +4,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from dask_secure_cloud.network import (
+    NetworkPolicy,
     NetworkPolicyError,
     check_public_exposure,
     parse_cidrs,
@@ -61,3 +62,37 @@ def test_plain_tcp_on_a_public_address_needs_an_explicit_opt_in():
         check_public_exposure(security=False, public=True, allow_insecure_public=False)
     check_public_exposure(security=False, public=True, allow_insecure_public=True)
     check_public_exposure(security=False, public=False, allow_insecure_public=False)
+
+
+def test_policy_from_options_resolves_and_refuses():
+    given = {"use_private_ip": None, "allowed_cidrs": ["10.1.2.3"], "public_ip_url": None}
+    defaults = {"public_ip_url": "https://example.invalid/ip", "security": True}
+
+    def option(name, value):
+        return value if value is not None else defaults.get(name)
+
+    policy = NetworkPolicy.from_options(
+        option, security=None, open_to_world=None, allow_insecure_public=None, **given
+    )
+    assert policy.allowed_cidrs == ("10.1.2.3/32",)
+    assert policy.public_address(worker=False) and not policy.public_address(worker=True)
+    with pytest.raises(NetworkPolicyError, match="allow_insecure_public"):
+        NetworkPolicy.from_options(
+            option,
+            security=False,
+            use_private_ip=True,
+            allowed_cidrs=None,
+            open_to_world=None,
+            allow_insecure_public=None,
+            public_ip_url=None,
+            always_public=True,
+        )
+
+
+async def test_policy_uses_the_network_ranges_for_a_client_inside_it():
+    async def inside():
+        return ["10.0.0.0/16"]
+
+    assert await NetworkPolicy(use_private_ip=True).scheduler_sources(inside) == ["10.0.0.0/16"]
+    explicit = NetworkPolicy(use_private_ip=True, allowed_cidrs=("192.0.2.1/32",))
+    assert await explicit.scheduler_sources(inside) == ["192.0.2.1/32"]

@@ -26,7 +26,7 @@ from ..cloudinit import LIMITS
 from ..cluster import VMCluster
 from ..credentials import Role
 from ..driver import CLUSTER_TAG, VM, CloudError, Driver, VMRequest
-from ..network import check_public_exposure, parse_cidrs, scheduler_sources
+from ..network import NetworkPolicy
 
 try:
     import botocore.session
@@ -111,11 +111,7 @@ class EC2Driver(Driver):
         filesystem_size: int,
         worker_spot: bool,
         tags: Mapping[str, str],
-        use_private_ip: bool,
-        worker_public_ip: bool,
-        allowed_cidrs: Sequence[str],
-        open_to_world: bool,
-        public_ip_url: str,
+        network: NetworkPolicy,
         ports: Sequence[int],
         boot_timeout: float,
     ) -> None:
@@ -131,11 +127,7 @@ class EC2Driver(Driver):
         self.filesystem_size = filesystem_size
         self.worker_spot = worker_spot
         self.tags = dict(tags)
-        self.use_private_ip = use_private_ip
-        self.worker_public_ip = worker_public_ip
-        self.allowed_cidrs = list(allowed_cidrs)
-        self.open_to_world = open_to_world
-        self.public_ip_url = public_ip_url
+        self.network = network
         self.ports = list(ports)
         self.boot_timeout = boot_timeout
         self._stack = contextlib.AsyncExitStack()
@@ -180,14 +172,11 @@ class EC2Driver(Driver):
         if self.security_groups:
             self._group_ids = list(self.security_groups)
             return
-        if self.use_private_ip and not self.allowed_cidrs:
-            sources = [vpc_cidr]  # the client is inside the VPC
-        else:
-            sources = await scheduler_sources(
-                self.allowed_cidrs,
-                open_to_world=self.open_to_world,
-                public_ip_url=self.public_ip_url,
-            )
+
+        async def inside_the_vpc() -> list[str]:
+            return [vpc_cidr]
+
+        sources = await self.network.scheduler_sources(inside_the_vpc)
         group = await self._call(
             "create_security_group",
             GroupName=f"dask-secure-cloud-{cluster_id}",
@@ -303,7 +292,7 @@ class EC2Driver(Driver):
 
     async def create(self, request: VMRequest) -> VM:
         worker = request.role is Role.WORKER
-        public = self.worker_public_ip if worker else not self.use_private_ip
+        public = self.network.public_address(worker)
         tags = self._tags(request.cluster_id, request.name)
         params: dict[str, Any] = {
             "ImageId": self.ami,
@@ -567,13 +556,16 @@ class EC2Cluster(VMCluster):
             raise ValueError(f"tags must map strings to strings, got {tags!r}")
         if CLUSTER_TAG in tags:
             raise ValueError(f"tags: {CLUSTER_TAG!r} is set by the cluster itself")
-        use_private_ip = bool(opt("use_private_ip", use_private_ip))
-        check_public_exposure(
-            security=opt("security", security) is not False,
-            public=not use_private_ip or bool(opt("worker_public_ip", worker_public_ip)),
-            allow_insecure_public=bool(opt("allow_insecure_public", allow_insecure_public)),
+        network = NetworkPolicy.from_options(
+            opt,
+            security=security,
+            use_private_ip=use_private_ip,
+            worker_public_ip=worker_public_ip,
+            allowed_cidrs=allowed_cidrs,
+            open_to_world=open_to_world,
+            allow_insecure_public=allow_insecure_public,
+            public_ip_url=public_ip_url,
         )
-        cidrs = parse_cidrs(opt("allowed_cidrs", allowed_cidrs))
         instance_types = {
             Role.SCHEDULER: opt("scheduler_instance_type", scheduler_instance_type),
             Role.WORKER: opt("worker_instance_type", worker_instance_type),
@@ -600,11 +592,7 @@ class EC2Cluster(VMCluster):
             filesystem_size=size,
             worker_spot=self._worker_spot,
             tags=tags,
-            use_private_ip=use_private_ip,
-            worker_public_ip=bool(opt("worker_public_ip", worker_public_ip)),
-            allowed_cidrs=cidrs,
-            open_to_world=bool(opt("open_to_world", open_to_world)),
-            public_ip_url=opt("public_ip_url", public_ip_url),
+            network=network,
             ports=(scheduler_port, dashboard_port),
             boot_timeout=config.parse_duration(
                 opt("boot_timeout", boot_timeout), "boot_timeout"

@@ -26,7 +26,7 @@ from ..cloudinit import LIMITS
 from ..cluster import VMCluster
 from ..credentials import Role
 from ..driver import VM, CloudError, Driver, VMRequest
-from ..network import check_public_exposure, parse_cidrs, scheduler_sources
+from ..network import NetworkPolicy
 
 try:
     from azure.core.exceptions import AzureError, HttpResponseError
@@ -65,10 +65,7 @@ class DropletDriver(Driver):
         tags: Sequence[str],
         ssh_keys: Sequence[str | int],
         monitoring: bool,
-        use_private_ip: bool,
-        allowed_cidrs: Sequence[str],
-        open_to_world: bool,
-        public_ip_url: str,
+        network: NetworkPolicy,
         ports: Sequence[int],
         boot_timeout: float,
     ) -> None:
@@ -82,10 +79,7 @@ class DropletDriver(Driver):
         self.tags = list(tags)
         self.ssh_keys = list(ssh_keys)
         self.monitoring = monitoring
-        self.use_private_ip = use_private_ip
-        self.allowed_cidrs = list(allowed_cidrs)
-        self.open_to_world = open_to_world
-        self.public_ip_url = public_ip_url
+        self.network = network
         self.ports = list(ports)
         self.boot_timeout = boot_timeout
         self._client: Client | None = None
@@ -181,15 +175,12 @@ class DropletDriver(Driver):
                 },
             )
             self.vpc_uuid = vpc["vpc"]["id"]
-        if self.use_private_ip and not self.allowed_cidrs:
+
+        async def inside_the_vpc() -> list[str]:
             vpc = await self._call("reading the VPC", "vpcs", "get", vpc_id=self.vpc_uuid)
-            sources = [vpc["vpc"]["ip_range"]]
-        else:
-            sources = await scheduler_sources(
-                self.allowed_cidrs,
-                open_to_world=self.open_to_world,
-                public_ip_url=self.public_ip_url,
-            )
+            return [vpc["vpc"]["ip_range"]]
+
+        sources = await self.network.scheduler_sources(inside_the_vpc)
         everywhere = {"addresses": ["0.0.0.0/0", "::/0"]}
         await self._call(
             "creating the cluster's firewall",
@@ -255,7 +246,7 @@ class DropletDriver(Driver):
             role=request.role,
             cluster_id=request.cluster_id,
             private_ip=private,
-            public_ip=None if self.use_private_ip else public,
+            public_ip=None if self.network.use_private_ip else public,
         )
 
     async def destroy(self, vm: VM) -> None:
@@ -456,12 +447,15 @@ class DropletCluster(VMCluster):
                 raise ValueError(
                     f"tags: {tag!r} is not a DigitalOcean tag (letters, digits, '-', '_', ':')"
                 )
-        use_private_ip = bool(opt("use_private_ip", use_private_ip))
-        # Every droplet has a public address: plain TCP needs an explicit opt-in.
-        check_public_exposure(
-            security=opt("security", security) is not False,
-            public=True,
-            allow_insecure_public=bool(opt("allow_insecure_public", allow_insecure_public)),
+        network = NetworkPolicy.from_options(
+            opt,
+            security=security,
+            use_private_ip=use_private_ip,
+            allowed_cidrs=allowed_cidrs,
+            open_to_world=open_to_world,
+            allow_insecure_public=allow_insecure_public,
+            public_ip_url=public_ip_url,
+            always_public=True,  # every droplet has a public address
         )
         scheduler_port = config.port(opt("scheduler_port", scheduler_port), "scheduler_port")
         dashboard_port = config.port(opt("dashboard_port", dashboard_port), "dashboard_port")
@@ -479,10 +473,7 @@ class DropletCluster(VMCluster):
             tags=tags,
             ssh_keys=list(opt("ssh_keys", ssh_keys) or []),
             monitoring=bool(opt("monitoring", monitoring)),
-            use_private_ip=use_private_ip,
-            allowed_cidrs=parse_cidrs(opt("allowed_cidrs", allowed_cidrs)),
-            open_to_world=bool(opt("open_to_world", open_to_world)),
-            public_ip_url=opt("public_ip_url", public_ip_url),
+            network=network,
             ports=(scheduler_port, dashboard_port),
             boot_timeout=config.parse_duration(
                 opt("boot_timeout", boot_timeout), "boot_timeout"

@@ -26,7 +26,7 @@ from ..cloudinit import LIMITS
 from ..cluster import VMCluster
 from ..credentials import Role
 from ..driver import CLUSTER_TAG, VM, CloudError, Driver, VMRequest
-from ..network import check_public_exposure, parse_cidrs, scheduler_sources
+from ..network import NetworkPolicy
 
 try:
     import google.auth
@@ -78,12 +78,8 @@ class GCPDriver(Driver):
         network_tags: Sequence[str],
         service_account: str | None,
         scopes: Sequence[str],
-        use_private_ip: bool,
-        worker_public_ip: bool,
+        network_policy: NetworkPolicy,
         max_run_duration: float | None,
-        allowed_cidrs: Sequence[str],
-        open_to_world: bool,
-        public_ip_url: str,
         ports: Sequence[int],
         api_endpoint: str | None,
         credentials: Any,
@@ -104,12 +100,8 @@ class GCPDriver(Driver):
         self.network_tags = list(network_tags)
         self.service_account = service_account
         self.scopes = list(scopes)
-        self.use_private_ip = use_private_ip
-        self.worker_public_ip = worker_public_ip
+        self.network_policy = network_policy
         self.max_run_duration = max_run_duration
-        self.allowed_cidrs = list(allowed_cidrs)
-        self.open_to_world = open_to_world
-        self.public_ip_url = public_ip_url
         self.ports = list(ports)
         self.api_endpoint = api_endpoint
         self.credentials = credentials
@@ -203,14 +195,7 @@ class GCPDriver(Driver):
                 machine_type=machine_type,
             )
         await self._resolve_image()
-        if self.use_private_ip and not self.allowed_cidrs:
-            sources = await self._subnet_ranges()  # the client is inside the network
-        else:
-            sources = await scheduler_sources(
-                self.allowed_cidrs,
-                open_to_world=self.open_to_world,
-                public_ip_url=self.public_ip_url,
-            )
+        sources = await self.network_policy.scheduler_sources(self._subnet_ranges)
         tag = _network_tag(cluster_id)
         rules = [
             compute_v1.Firewall(
@@ -308,7 +293,7 @@ class GCPDriver(Driver):
 
     def _instance(self, request: VMRequest) -> compute_v1.Instance:
         worker = request.role is Role.WORKER
-        public = self.worker_public_ip if worker else not self.use_private_ip
+        public = self.network_policy.public_address(worker)
         interface = compute_v1.NetworkInterface(
             network=f"projects/{self.project}/global/networks/{self.network}"
         )
@@ -632,12 +617,15 @@ class GCPCluster(VMCluster):
         gpu_type = opt("gpu_type", gpu_type)
         if gpu_count and not gpu_type:
             raise ValueError("gpu_count needs gpu_type, for example gpu_type='nvidia-tesla-t4'")
-        use_private_ip = bool(opt("use_private_ip", use_private_ip))
-        worker_public_ip = bool(opt("worker_public_ip", worker_public_ip))
-        check_public_exposure(
-            security=opt("security", security) is not False,
-            public=not use_private_ip or worker_public_ip,
-            allow_insecure_public=bool(opt("allow_insecure_public", allow_insecure_public)),
+        network_policy = NetworkPolicy.from_options(
+            opt,
+            security=security,
+            use_private_ip=use_private_ip,
+            worker_public_ip=worker_public_ip,
+            allowed_cidrs=allowed_cidrs,
+            open_to_world=open_to_world,
+            allow_insecure_public=allow_insecure_public,
+            public_ip_url=public_ip_url,
         )
         machine_types = {
             Role.SCHEDULER: opt("scheduler_machine_type", scheduler_machine_type),
@@ -662,14 +650,10 @@ class GCPCluster(VMCluster):
             network_tags=list(opt("network_tags", network_tags) or []),
             service_account=opt("service_account", service_account),
             scopes=list(opt("scopes", scopes) or []),
-            use_private_ip=use_private_ip,
-            worker_public_ip=worker_public_ip,
+            network_policy=network_policy,
             max_run_duration=(
                 config.parse_duration(run, "max_run_duration").total_seconds() if run else None
             ),
-            allowed_cidrs=parse_cidrs(opt("allowed_cidrs", allowed_cidrs)),
-            open_to_world=bool(opt("open_to_world", open_to_world)),
-            public_ip_url=opt("public_ip_url", public_ip_url),
             ports=(scheduler_port, dashboard_port),
             api_endpoint=opt("api_endpoint", api_endpoint),
             credentials=credentials,
