@@ -25,13 +25,12 @@ import threading
 import time
 import uuid
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 import trustme
 
 from .booter import VMBooter
+from .jsonapi import JSONServer
 
 REGIONS = {
     "nyc3": ["s-1vcpu-1gb", "s-2vcpu-4gb", "s-4vcpu-8gb"],
@@ -453,55 +452,22 @@ class DigitalOceanStandIn:
 
     # -- server ---------------------------------------------------------------------------
 
+    def _answer(
+        self, method: str, path: str, query: dict[str, str], body: bytes, headers: Any
+    ) -> tuple[int, Any, dict[str, str]]:
+        try:
+            return self.handle(method, path, query, body, headers.get("Authorization"))
+        except APIError as e:
+            payload = {"id": e.id, "message": e.message, "request_id": str(uuid.uuid4())}
+            return e.status, payload, e.headers
+
     def start(self) -> str:
-        stand_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _serve(self, method: str) -> None:
-                url = urlparse(self.path)
-                query = {k: v[0] for k, v in parse_qs(url.query).items()}
-                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                headers: dict[str, str] = {}
-                try:
-                    status, payload, headers = stand_in.handle(
-                        method, url.path, query, raw, self.headers.get("Authorization")
-                    )
-                except APIError as e:
-                    status, payload, headers = (
-                        e.status,
-                        {"id": e.id, "message": e.message, "request_id": str(uuid.uuid4())},
-                        e.headers,
-                    )
-                data = b"" if payload is None else json.dumps(payload).encode()
-                self.send_response(status)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                if data:
-                    self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                self._serve("GET")
-
-            def do_POST(self) -> None:
-                self._serve("POST")
-
-            def do_DELETE(self) -> None:
-                self._serve("DELETE")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        self.url = f"https://127.0.0.1:{self._server.server_address[1]}"
+        self._server = JSONServer(self._answer, tls=context)
+        self.url = self._server.url
         return self.url
 
     def stop(self) -> None:
-        self._server.shutdown()
+        self._server.stop()
         self.booter.stop_all()

@@ -19,13 +19,12 @@ import re
 import threading
 import uuid
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 from google.cloud import compute_v1
 
 from .booter import VMBooter
+from .jsonapi import JSONServer
 
 METADATA_VALUE_LIMIT = 256 * 1024
 MACHINE_TYPES = {
@@ -345,54 +344,23 @@ class GCEStandIn:
 
     # -- server ------------------------------------------------------------------------------------
 
+    def _answer(
+        self, method: str, path: str, query: dict[str, str], body: bytes, headers: Any
+    ) -> tuple[int, Any, dict[str, str]]:
+        try:
+            status, payload = self.handle(method, path, query, body)
+        except APIError as e:
+            detail = {"message": e.message, "domain": "global", "reason": e.reason}
+            return e.code, {"error": {"code": e.code, "message": e.message, "errors": [detail]}}, {}
+        return status, payload, {}
+
     def start(self) -> str:
-        stand_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _serve(self, method: str) -> None:
-                url = urlparse(self.path)
-                query = {k: v[0] for k, v in parse_qs(url.query).items()}
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                try:
-                    status, payload = stand_in.handle(method, url.path, query, body)
-                except APIError as e:
-                    status = e.code
-                    payload = {
-                        "error": {
-                            "code": e.code,
-                            "message": e.message,
-                            "errors": [
-                                {"message": e.message, "domain": "global", "reason": e.reason}
-                            ],
-                        }
-                    }
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                self._serve("GET")
-
-            def do_POST(self) -> None:
-                self._serve("POST")
-
-            def do_DELETE(self) -> None:
-                self._serve("DELETE")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        host, port = self._server.server_address[:2]
-        self.url = f"http://{host}:{port}"
+        self._server = JSONServer(self._answer)
+        self.url = self._server.url
         return self.url
 
     def stop(self) -> None:
-        self._server.shutdown()
+        self._server.stop()
         self.booter.stop_all()
 
 
