@@ -413,12 +413,13 @@ class VMCluster(SpecCluster):
                 f"networks only) or a distributed.Security; got {security!r}"
             )
 
-        # Render one worker's user-data now: an oversized extra_bootstrap or env_vars
-        # fails here, before any VM exists.
-        render(
-            self._boot_plan(Role.WORKER, "size-check", "tls://0.0.0.0:1"),
-            self.driver.user_data_limit,
-        )
+        # Render both roles' user-data now: an oversized extra_bootstrap or env_vars
+        # fails here, before any VM or network exists.
+        for role in (Role.SCHEDULER, Role.WORKER):
+            render(
+                self._boot_plan(role, "size-check", "tls://0.0.0.0:1"),
+                self.driver.user_data_limit,
+            )
 
         self._inflight: set[asyncio.Future[Any]] = set()
         self._prelaunched: dict[str, asyncio.Future[VM]] = {}
