@@ -219,7 +219,7 @@ class SchedulerVM(_VM):
         started = time.monotonic()
         try:
             await cluster.driver.prepare(cluster.cluster_id)
-        except Exception as e:
+        except (OSError, RuntimeError, ValueError) as e:  # cloud, network, policy
             raise ClusterStartError(f"preparing the network failed: {e}") from e
         cluster._log(f"Network ready in {time.monotonic() - started:.1f}s")
         vm = await self._create(None)
@@ -652,7 +652,7 @@ class VMCluster(SpecCluster):
             with contextlib.suppress(Exception):
                 await asyncio.shield(task)
             raise
-        except Exception as e:
+        except (OSError, RuntimeError, ValueError) as e:  # what drivers raise
             raise ClusterStartError(f"creating {role.value} VM {name} failed: {e}") from e
         finally:
             self._inflight.discard(task)

@@ -22,6 +22,7 @@ from collections import Counter
 from typing import Any
 
 from google.cloud import compute_v1
+from google.protobuf import json_format
 
 from .booter import VMBooter
 from .jsonapi import JSONServer
@@ -120,7 +121,7 @@ class GCEStandIn:
     def _parse(self, message: type, body: bytes) -> Any:
         try:
             return message.from_json(body.decode() or "{}", ignore_unknown_fields=False)
-        except Exception as e:
+        except (json_format.Error, ValueError, TypeError) as e:
             raise APIError(400, "invalid", f"Invalid JSON payload received. {e}") from e
 
     # -- resources ------------------------------------------------------------------------------
