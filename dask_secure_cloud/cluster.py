@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import inspect
 import logging
 import sys
 import time
@@ -39,26 +40,26 @@ __all__ = ["ClusterStartError", "VMBootError", "VMCluster", "default_docker_imag
 
 logger = logging.getLogger(__name__)
 
-#: Options every VM cluster accepts; providers add their own.
-COMMON_OPTIONS = (
-    "n_workers",
-    "security",
-    "certificate_lifetime",
-    "certificate_warning",
-    "runtime",
-    "docker_image",
-    "python",
-    "env_vars",
-    "extra_bootstrap",
-    "worker_options",
-    "scheduler_options",
-    "scheduler_port",
-    "dashboard_port",
-    "boot_timeout",
-    "worker_death_timeout",
-    "lease_timeout",
-    "ship_config",
-)
+#: Keywords of a cluster's ``__init__`` that are not options (nothing to configure).
+_NOT_OPTIONS = frozenset({"asynchronous", "loop", "name"})
+
+
+def option_names(cls: type) -> frozenset[str]:
+    """The options a cluster class accepts: the keyword-only parameters of its
+    ``__init__`` and of every base's, so the list is never written twice."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is SpecCluster:
+            continue
+        names |= {
+            p.name
+            for p in inspect.signature(init).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+        if klass is VMCluster:
+            break
+    return frozenset(names - _NOT_OPTIONS)
 
 
 class ClusterStartError(RuntimeError):
@@ -301,7 +302,6 @@ class VMCluster(SpecCluster):
     """
 
     provider: ClassVar[str] = "vm"
-    extra_options: ClassVar[tuple[str, ...]] = ()
     #: Boot the first workers while the scheduler boots. Right for VMs of their own;
     #: wrong where the "VMs" share one machine's cores and would slow each other down.
     overlap_boot: ClassVar[bool] = True
@@ -332,7 +332,7 @@ class VMCluster(SpecCluster):
         name: str | None = None,
     ) -> None:
         provider = self.provider
-        config.check_provider_keys(provider, (*COMMON_OPTIONS, *self.extra_options))
+        config.check_provider_keys(provider, option_names(type(self)))
 
         def opt(key: str, value: Any) -> Any:
             return config.option(provider, key, value)

@@ -487,28 +487,6 @@ class EC2Cluster(VMCluster):
     """
 
     provider = "aws"
-    extra_options = (
-        "region",
-        "endpoint_url",
-        "scheduler_instance_type",
-        "worker_instance_type",
-        "ami",
-        "vpc",
-        "subnet_id",
-        "security_groups",
-        "iam_instance_profile",
-        "key_name",
-        "filesystem_size",
-        "worker_spot",
-        "tags",
-        "use_private_ip",
-        "worker_public_ip",
-        "allowed_cidrs",
-        "open_to_world",
-        "allow_insecure_public",
-        "public_ip_url",
-        "metadata_endpoint",
-    )
 
     def __init__(
         self,

@@ -388,24 +388,6 @@ class DropletCluster(VMCluster):
     """
 
     provider = "digitalocean"
-    extra_options = (
-        "token",
-        "api_url",
-        "ca_bundle",
-        "region",
-        "scheduler_size",
-        "worker_size",
-        "image",
-        "vpc_uuid",
-        "tags",
-        "ssh_keys",
-        "monitoring",
-        "use_private_ip",
-        "allowed_cidrs",
-        "open_to_world",
-        "allow_insecure_public",
-        "public_ip_url",
-    )
 
     def __init__(
         self,

@@ -533,33 +533,6 @@ class GCPCluster(VMCluster):
     """
 
     provider = "gcp"
-    extra_options = (
-        "project",
-        "zone",
-        "network",
-        "subnetwork",
-        "scheduler_machine_type",
-        "worker_machine_type",
-        "source_image",
-        "disk_size",
-        "disk_type",
-        "gpu_type",
-        "gpu_count",
-        "worker_spot",
-        "labels",
-        "network_tags",
-        "service_account",
-        "scopes",
-        "use_private_ip",
-        "worker_public_ip",
-        "max_run_duration",
-        "allowed_cidrs",
-        "open_to_world",
-        "allow_insecure_public",
-        "public_ip_url",
-        "api_endpoint",
-        "credentials",
-    )
 
     def __init__(
         self,

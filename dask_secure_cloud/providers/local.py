@@ -187,7 +187,6 @@ class LocalVMCluster(VMCluster):
     """
 
     provider = "local"
-    extra_options = ("directory",)
     # Every "VM" shares this machine's cores: booting them all at once only adds
     # contention (measured: 6.4 s against 4.6 s to ready on two cores).
     overlap_boot = False

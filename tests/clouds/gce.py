@@ -128,12 +128,7 @@ class GCEStandIn:
 
     def insert_instance(self, body: bytes) -> dict[str, Any]:
         instance = self._parse(compute_v1.Instance, body)
-        if not _NAME.match(instance.name):
-            raise APIError(
-                400, "invalid", f"Invalid value for field 'resource.name': '{instance.name}'"
-            )
-        if instance.name in self.instances:
-            raise APIError(409, "alreadyExists", f"The resource '{instance.name}' already exists")
+        _check_new_name(instance.name, self.instances)
         machine = instance.machine_type.rsplit("/", 1)[-1]
         if machine not in MACHINE_TYPES:
             raise APIError(
@@ -207,12 +202,7 @@ class GCEStandIn:
 
     def insert_firewall(self, body: bytes) -> dict[str, Any]:
         rule = self._parse(compute_v1.Firewall, body)
-        if not _NAME.match(rule.name):
-            raise APIError(
-                400, "invalid", f"Invalid value for field 'resource.name': '{rule.name}'"
-            )
-        if rule.name in self.firewalls:
-            raise APIError(409, "alreadyExists", f"The resource '{rule.name}' already exists")
+        _check_new_name(rule.name, self.firewalls)
         for cidr in rule.source_ranges:
             ipaddress.ip_network(cidr)
         if not rule.allowed and not rule.denied:
@@ -363,6 +353,14 @@ class GCEStandIn:
     def stop(self) -> None:
         self._server.stop()
         self.booter.stop_all()
+
+
+def _check_new_name(name: str, existing: dict[str, Any]) -> None:
+    """GCE resource names: RFC 1035 labels, unique in their collection."""
+    if not _NAME.match(name):
+        raise APIError(400, "invalid", f"Invalid value for field 'resource.name': '{name}'")
+    if name in existing:
+        raise APIError(409, "alreadyExists", f"The resource '{name}' already exists")
 
 
 def _matches(record: dict[str, Any], expression: str) -> bool:
