@@ -17,12 +17,14 @@ _LAZY = {
     "LocalVMCluster": ".providers.local",
     "EC2Cluster": ".providers.aws",
     "GCPCluster": ".providers.gcp",
+    "AzureVMCluster": ".providers.azure",
     "DropletCluster": ".providers.digitalocean",
     "VMCluster": ".cluster",
     "ClusterCredentials": ".credentials",
 }
 
 __all__ = [
+    "AzureVMCluster",
     "ClusterCredentials",
     "DropletCluster",
     "EC2Cluster",
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from .cluster import VMCluster
     from .credentials import ClusterCredentials
     from .providers.aws import EC2Cluster
+    from .providers.azure import AzureVMCluster
     from .providers.digitalocean import DropletCluster
     from .providers.gcp import GCPCluster
     from .providers.local import LocalVMCluster

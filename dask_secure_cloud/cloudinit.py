@@ -50,17 +50,16 @@ class UserDataLimit:
 
     cloud: str
     max_bytes: int
-    #: True where the limit applies to the base64 text the API carries (Azure).
-    measured_base64: bool = False
 
     def measure(self, user_data: bytes) -> int:
-        return len(base64.b64encode(user_data)) if self.measured_base64 else len(user_data)
+        return len(user_data)
 
 
 LIMITS: dict[str, UserDataLimit] = {
     "aws": UserDataLimit("EC2", 16_384),
     "gcp": UserDataLimit("GCE metadata value", 262_144),
-    "azure": UserDataLimit("Azure customData", 65_535, measured_base64=True),
+    # customData travels as base64 (up to 87,380 characters); the limit is on the bytes.
+    "azure": UserDataLimit("Azure customData", 65_535),
     "digitalocean": UserDataLimit("DigitalOcean user_data", 65_536),
     "local": UserDataLimit("LocalVM", 65_536),
 }

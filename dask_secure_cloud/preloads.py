@@ -8,6 +8,8 @@ environment or the command line.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 __all__ = ["lease", "spot_interruption"]
 
 _LEASE = """\
@@ -54,13 +56,15 @@ import urllib.request
 from tornado.ioloop import PeriodicCallback
 
 NOTICE_URL = {notice_url!r}
+NOTICE_HEADERS = {headers!r}
+MUST_CONTAIN = {must_contain!r}
 TOKEN_URL = {token_url!r}
 INTERVAL_MS = {interval_ms}
 logger = logging.getLogger("distributed.worker")
 
 
 def _notice():
-    headers = {{}}
+    headers = dict(NOTICE_HEADERS)
     if TOKEN_URL:
         request = urllib.request.Request(
             TOKEN_URL, method="PUT", headers={{"X-aws-ec2-metadata-token-ttl-seconds": "60"}}
@@ -70,7 +74,8 @@ def _notice():
     request = urllib.request.Request(NOTICE_URL, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=2) as response:
-            return response.status == 200
+            body = response.read().decode(errors="replace")
+            return response.status == 200 and MUST_CONTAIN in body
     except urllib.error.HTTPError as e:
         if e.code == 404:
             return False
@@ -100,6 +105,21 @@ def lease(seconds: int) -> str:
     return _LEASE.format(seconds=int(seconds))
 
 
-def spot_interruption(notice_url: str, token_url: str | None, interval_ms: int = 5000) -> str:
-    """Worker preload: retire gracefully once ``notice_url`` answers 200."""
-    return _SPOT.format(notice_url=notice_url, token_url=token_url or "", interval_ms=interval_ms)
+def spot_interruption(
+    notice_url: str,
+    token_url: str | None,
+    interval_ms: int = 5000,
+    *,
+    headers: Mapping[str, str] | None = None,
+    must_contain: str = "",
+) -> str:
+    """Worker preload: retire gracefully once ``notice_url`` answers 200 (with
+    ``must_contain`` in its body, for clouds that always answer 200 with a list of events).
+    ``token_url`` is EC2's IMDSv2 session-token endpoint, if any."""
+    return _SPOT.format(
+        notice_url=notice_url,
+        token_url=token_url or "",
+        interval_ms=interval_ms,
+        headers=dict(headers or {}),
+        must_contain=must_contain,
+    )

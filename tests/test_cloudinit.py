@@ -145,11 +145,6 @@ def test_oversized_user_data_names_the_limit_and_the_largest_part():
     render(plan(extra_bootstrap=big), LIMITS["gcp"])
 
 
-def test_azure_limit_is_measured_on_base64():
-    limit = LIMITS["azure"]
-    assert limit.measure(b"x" * 300) == 400
-
-
 def test_default_image_is_pinned_to_this_dask_and_python():
     image = default_docker_image()
     assert not image.endswith(":latest")

@@ -2,7 +2,7 @@
 
 A stand-in supplies one function, ``(method, path, query, body, headers) -> (status,
 payload, headers)``; this module does the sockets, TLS and JSON. ``payload`` ``None``
-sends an empty body (204-style answers).
+sends an empty body (204-style answers); ``bytes`` are sent as they are (a blob).
 """
 
 from __future__ import annotations
@@ -27,12 +27,14 @@ class JSONServer:
                 query = {k: v[0] for k, v in parse_qs(url.query).items()}
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 status, payload, headers = handle(self.command, url.path, query, body, self.headers)
-                data = b"" if payload is None else json.dumps(payload).encode()
+                raw = isinstance(payload, bytes)
+                data = b"" if payload is None else payload if raw else json.dumps(payload).encode()
                 self.send_response(status)
                 for key, value in headers.items():
                     self.send_header(key, value)
                 if data:
-                    self.send_header("Content-Type", "application/json")
+                    kind = "application/octet-stream" if raw else "application/json"
+                    self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)

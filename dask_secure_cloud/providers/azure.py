@@ -1,0 +1,1043 @@
+"""``AzureVMCluster``: a secure Dask cluster on Azure VMs, through the async management SDKs.
+
+What is particular to Azure: every resource lives in a resource group the user owns, and
+a VM is several resources (NIC, OS disk, public address) that each carry the cluster tag
+and are deleted with the VM (``deleteOption=Delete``) and, should one survive, by the tag
+sweep in :meth:`AzureDriver.release`. The network is private first: workers never get a
+public address, the scheduler only when ``use_private_ip=False`` asks for one, and a
+per-cluster network security group admits the scheduler port and dashboard from the
+creator's address only, the Dask ports within the subnet, and nothing else.
+
+Credentials come from ``azure-identity``'s ``DefaultAzureCredential`` (or the credential
+passed in) and never reach a VM; the subscription from the option, the dask config,
+``AZURE_SUBSCRIPTION_ID`` or, when the credential sees exactly one, from the credential.
+Nothing shells out to ``az``. VMs get no password and, unless ``ssh_public_key`` is
+given, an SSH key whose private half is thrown away: no login at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import difflib
+import ipaddress
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from .. import config, preloads
+from ..cloudinit import LIMITS
+from ..cluster import VMCluster
+from ..credentials import Role
+from ..driver import CLUSTER_TAG, VM, CloudError, Driver, VMRequest
+from ..network import NetworkPolicy
+
+try:
+    from azure.core import AsyncPipelineClient
+    from azure.core.credentials_async import AsyncTokenCredential
+    from azure.core.exceptions import (
+        AzureError,
+        ClientAuthenticationError,
+        HttpResponseError,
+        ResourceNotFoundError,
+    )
+    from azure.core.rest import HttpRequest
+    from azure.identity import AzureAuthorityHosts
+    from azure.identity.aio import DefaultAzureCredential
+    from azure.mgmt.compute import models as cm
+    from azure.mgmt.compute.aio import ComputeManagementClient
+    from azure.mgmt.core.policies import AsyncARMChallengeAuthenticationPolicy
+    from azure.mgmt.core.tools import is_valid_resource_id, parse_resource_id
+    from azure.mgmt.network import models as nm
+    from azure.mgmt.network.aio import NetworkManagementClient
+except ImportError as e:  # pragma: no cover - depends on the extra
+    raise ImportError(
+        "AzureVMCluster needs the azure extra: pip install 'dask-secure-cloud[azure]'"
+    ) from e
+
+__all__ = ["CLOUDS", "AzureDriver", "AzureVMCluster"]
+
+logger = logging.getLogger(__name__)
+
+#: Resource-manager endpoint and login authority of each Azure cloud.
+CLOUDS: dict[str, tuple[str, str]] = {
+    "public": ("https://management.azure.com", AzureAuthorityHosts.AZURE_PUBLIC_CLOUD),
+    "usgovernment": (
+        "https://management.usgovcloudapi.net",
+        AzureAuthorityHosts.AZURE_GOVERNMENT,
+    ),
+    "china": ("https://management.chinacloudapi.cn", AzureAuthorityHosts.AZURE_CHINA),
+}
+_IMAGE = re.compile(r"^[^:\s]+:[^:\s]+:[^:\s]+:[^:\s]+$")
+_LOCATION = re.compile(r"^[a-z0-9]+$")
+_TAG_KEY_FORBIDDEN = set("<>%&\\?/")
+#: Azure Scheduled Events: where a spot VM learns it is about to be evicted.
+_SCHEDULED_EVENTS = "http://169.254.169.254/metadata/scheduledevents?api-version=2020-07-01"
+
+T = TypeVar("T")
+
+
+def _explain(what: str, error: HttpResponseError, resource_group: str) -> str:
+    """Turn an ARM error into a sentence that names the option to change."""
+    code = getattr(error.error, "code", None) or str(error.status_code or "")
+    message = getattr(error.error, "message", None) or str(error.message or error)
+    if code == "ResourceGroupNotFound":
+        return (
+            f"{what}: resource group {resource_group!r} does not exist ({message}). "
+            "Create it first (az group create) or set resource_group to an existing one"
+        )
+    if code in ("AuthorizationFailed", "LinkedAuthorizationFailed"):
+        return (
+            f"{what}: the Azure identity may not do this ({message}). Give it the role "
+            "described in the AzureVMCluster documentation on the resource group"
+        )
+    if code == "OperationNotAllowed" and "quota" in message.lower():
+        return (
+            f"{what}: the subscription's core quota is exhausted ({message}). Ask for a "
+            "quota increase, or use fewer workers or a smaller worker_vm_size"
+        )
+    if code in ("SkuNotAvailable", "InvalidTemplateDeployment") or "vmSize" in message:
+        return (
+            f"{what}: {code}: {message}. Choose another VM size (scheduler_vm_size, worker_vm_size)"
+        )
+    return f"{what} failed: {code}: {message}"
+
+
+def _name(cluster_id: str, part: str) -> str:
+    return f"{cluster_id}-{part}"
+
+
+def throwaway_ssh_key() -> str:
+    """An Ed25519 public key whose private half is never kept: Azure wants a login
+    credential for Linux VMs, and this one opens nothing."""
+    key = ed25519.Ed25519PrivateKey.generate().public_key()
+    return key.public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    ).decode()
+
+
+class AzureDriver(Driver):
+    """VMs, NICs, public addresses, an NSG and (unless given) a vnet in one resource group,
+    each carrying the cluster tag."""
+
+    provider = "azure"
+    user_data_limit = LIMITS["azure"]
+    max_concurrent_creates = 8
+
+    def __init__(
+        self,
+        *,
+        credential: AsyncTokenCredential | None,
+        cloud: str,
+        resource_manager_url: str,
+        ca_bundle: str | None,
+        subscription_id: str | None,
+        resource_group: str,
+        location: str | None,
+        vm_sizes: Mapping[Role, str],
+        image: str,
+        disk_size: int,
+        disk_type: str,
+        worker_spot: bool,
+        spot_max_price: float,
+        tags: Mapping[str, str],
+        vnet: str | None,
+        subnet: str | None,
+        network_security_group: str | None,
+        address_prefix: str,
+        ssh_public_key: str | None,
+        user_assigned_identity: str | None,
+        network: NetworkPolicy,
+        ports: Sequence[int],
+        boot_timeout: float,
+        polling_interval: float = 2.0,
+    ) -> None:
+        self._given_credential = credential
+        self.cloud = cloud
+        self.resource_manager_url = resource_manager_url.rstrip("/")
+        self.ca_bundle = ca_bundle
+        self.subscription_id = subscription_id
+        self.resource_group = resource_group
+        self.location = location
+        self.vm_sizes = dict(vm_sizes)
+        self.image = image
+        self.disk_size = disk_size
+        self.disk_type = disk_type
+        self.worker_spot = worker_spot
+        self.spot_max_price = spot_max_price
+        self.tags = dict(tags)
+        self.vnet = vnet
+        self.subnet = subnet
+        self.network_security_group = network_security_group
+        self.address_prefix = address_prefix
+        self.ssh_public_key = ssh_public_key
+        self.user_assigned_identity = user_assigned_identity
+        self.network = network
+        self.ports = list(ports)
+        self.boot_timeout = boot_timeout
+        self.polling_interval = polling_interval
+        self._credential: AsyncTokenCredential | None = credential
+        self._compute: ComputeManagementClient | None = None
+        self._net: NetworkManagementClient | None = None
+        self._gpu_sizes: set[str] = set()
+        self._subnet_id: str | None = None
+        self._subnet_prefixes: list[str] = []
+        self._nsg_id: str | None = None
+        self._login_key: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<AzureDriver {self.resource_group} in {self.location or '?'}>"
+
+    # -- the SDK ------------------------------------------------------------------------
+
+    def _transport_options(self) -> dict[str, Any]:
+        return {"connection_verify": self.ca_bundle} if self.ca_bundle else {}
+
+    def _scope(self) -> str:
+        return f"{self.resource_manager_url}/.default"
+
+    def _get_credential(self) -> AsyncTokenCredential:
+        if self._credential is None:
+            self._credential = DefaultAzureCredential(
+                authority=os.environ.get("AZURE_AUTHORITY_HOST") or CLOUDS[self.cloud][1],
+                **self._transport_options(),
+            )
+        return self._credential
+
+    def _clients(self) -> tuple[ComputeManagementClient, NetworkManagementClient]:
+        if self._compute is None or self._net is None:
+            assert self.subscription_id is not None
+            options = {
+                "base_url": self.resource_manager_url,
+                "credential_scopes": [self._scope()],
+                "polling_interval": self.polling_interval,
+                **self._transport_options(),
+            }
+            credential = self._get_credential()
+            self._compute = ComputeManagementClient(credential, self.subscription_id, **options)
+            self._net = NetworkManagementClient(credential, self.subscription_id, **options)
+        return self._compute, self._net
+
+    async def _arm(self, what: str, call: Awaitable[T]) -> T:
+        """Await one SDK call and turn what Azure answers into a :class:`CloudError`.
+
+        Throttling (429) and transient 5xx answers are already retried by azure-core's
+        retry policy, honouring ``Retry-After``.
+        """
+        try:
+            return await call
+        except ClientAuthenticationError as e:
+            raise CloudError(
+                f"{what}: Azure refused the credentials ({e.message}). Sign in with "
+                "DefaultAzureCredential's sources (environment, managed identity, "
+                "az login) or pass credential="
+            ) from e
+        except HttpResponseError as e:
+            raise CloudError(_explain(what, e, self.resource_group)) from e
+        except AzureError as e:
+            raise CloudError(f"{what} failed: {e}") from e
+
+    async def _lro(self, what: str, begin: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """Start a long-running operation and wait for its end, as ARM's protocol says."""
+
+        async def run() -> Any:
+            poller = await begin(*args)
+            return await poller.result()
+
+        return await self._arm(what, run())
+
+    async def _gone(self, what: str, begin: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Delete; a resource that is already gone counts as deleted."""
+        try:
+            await self._lro(what, begin, *args)
+        except CloudError as e:
+            if not isinstance(e.__cause__, ResourceNotFoundError):
+                raise
+
+    async def _plain_get(self, path: str, api_version: str) -> dict[str, Any]:
+        """A GET outside the two management SDKs (subscriptions, resource groups)."""
+        client = AsyncPipelineClient(
+            base_url=self.resource_manager_url,
+            policies=[AsyncARMChallengeAuthenticationPolicy(self._get_credential(), self._scope())],
+            **self._transport_options(),
+        )
+        async with client:
+            request = HttpRequest(
+                "GET", f"{self.resource_manager_url}{path}?api-version={api_version}"
+            )
+            response = await self._arm(f"GET {path}", client.send_request(request))
+            await response.read()
+            if response.status_code >= 400:
+                raise self._http_error(path, response)
+            return response.json()
+
+    def _http_error(self, path: str, response: Any) -> CloudError:
+        try:
+            error = response.json().get("error") or {}
+        except ValueError:
+            error = {}
+        code, message = error.get("code", response.status_code), error.get("message", "")
+        if code == "ResourceGroupNotFound" or (
+            response.status_code == 404 and "/resourcegroups/" in path.lower()
+        ):
+            return CloudError(
+                f"resource group {self.resource_group!r} does not exist in subscription "
+                f"{self.subscription_id} ({message}). Create it first (az group create) or "
+                "set resource_group to an existing one"
+            )
+        if response.status_code in (401, 403):
+            return CloudError(
+                f"Azure refused the request for {path} ({code}: {message}); check the "
+                "identity's role on the subscription and resource group"
+            )
+        return CloudError(f"GET {path} failed: {code}: {message}")
+
+    # -- before the first VM ------------------------------------------------------------
+
+    async def _resolve_subscription(self) -> str:
+        if self.subscription_id:
+            return self.subscription_id
+        answer = await self._plain_get("/subscriptions", "2022-12-01")
+        enabled = [s for s in answer.get("value", []) if s.get("state") == "Enabled"]
+        if len(enabled) != 1:
+            names = ", ".join(f"{s['subscriptionId']} ({s.get('displayName')})" for s in enabled)
+            raise CloudError(
+                "Which Azure subscription? The credential sees "
+                f"{len(enabled)} enabled subscriptions{': ' + names if names else ''}. "
+                "Set subscription_id (or AZURE_SUBSCRIPTION_ID)"
+            )
+        self.subscription_id = enabled[0]["subscriptionId"]
+        return self.subscription_id
+
+    def _cluster_tags(self, cluster_id: str, role: str | None = None) -> dict[str, str]:
+        tags = {**self.tags, CLUSTER_TAG: cluster_id}
+        if role:
+            tags["dask-secure-cloud-role"] = role
+        return tags
+
+    def gpus(self, role: Role) -> bool:
+        return self.vm_sizes[role].lower() in self._gpu_sizes
+
+    async def prepare(self, cluster_id: str) -> None:
+        await self._resolve_subscription()
+        group = await self._plain_get(
+            f"/subscriptions/{self.subscription_id}/resourcegroups/{self.resource_group}",
+            "2021-04-01",
+        )
+        self.location = self.location or group["location"]
+        await self._check_sizes()
+        _, net = self._clients()
+        tags = self._cluster_tags(cluster_id)
+
+        if self.vnet:
+            await self._use_given_network()
+        else:
+            vnet = await self._lro(
+                "creating the cluster's virtual network",
+                net.virtual_networks.begin_create_or_update,
+                self.resource_group,
+                _name(cluster_id, "vnet"),
+                nm.VirtualNetwork(
+                    location=self.location,
+                    tags=tags,
+                    address_space=nm.AddressSpace(address_prefixes=[self.address_prefix]),
+                    subnets=[
+                        nm.Subnet(
+                            name="dask",
+                            address_prefix=self.address_prefix,
+                            # VMs without public addresses still pull their image; a NAT
+                            # gateway is the production answer (see the docs).
+                            default_outbound_access=True,
+                        )
+                    ],
+                ),
+            )
+            self._subnet_id = vnet.subnets[0].id
+            self._subnet_prefixes = [self.address_prefix]
+
+        if self.network_security_group:
+            self._nsg_id = self._resource_id(
+                "Microsoft.Network/networkSecurityGroups", self.network_security_group
+            )
+            await self._arm(
+                "reading network_security_group",
+                net.network_security_groups.get(
+                    *self._group_and_name(self._nsg_id),
+                ),
+            )
+            return
+
+        async def inside() -> list[str]:
+            return list(self._subnet_prefixes)
+
+        sources = await self.network.scheduler_sources(inside)
+        nsg = await self._lro(
+            "creating the cluster's network security group",
+            net.network_security_groups.begin_create_or_update,
+            self.resource_group,
+            _name(cluster_id, "nsg"),
+            nm.NetworkSecurityGroup(
+                location=self.location,
+                tags=tags,
+                security_rules=[
+                    nm.SecurityRule(
+                        name="dask-scheduler-from-client",
+                        priority=100,
+                        direction="Inbound",
+                        access="Allow",
+                        protocol="Tcp",
+                        source_address_prefixes=sources,
+                        source_port_range="*",
+                        destination_address_prefix="*",
+                        destination_port_ranges=[str(p) for p in self.ports],
+                    ),
+                    nm.SecurityRule(
+                        name="dask-within-subnet",
+                        priority=110,
+                        direction="Inbound",
+                        access="Allow",
+                        protocol="*",
+                        source_address_prefixes=self._subnet_prefixes,
+                        source_port_range="*",
+                        destination_address_prefixes=self._subnet_prefixes,
+                        destination_port_range="*",
+                    ),
+                    # Azure's defaults let the whole virtual network (and peered ones)
+                    # in; this cluster admits only what the two rules above name.
+                    nm.SecurityRule(
+                        name="deny-everything-else",
+                        priority=4096,
+                        direction="Inbound",
+                        access="Deny",
+                        protocol="*",
+                        source_address_prefix="*",
+                        source_port_range="*",
+                        destination_address_prefix="*",
+                        destination_port_range="*",
+                    ),
+                ],
+            ),
+        )
+        self._nsg_id = nsg.id
+
+    def _resource_id(self, kind: str, name_or_id: str) -> str:
+        if is_valid_resource_id(name_or_id):
+            return name_or_id
+        return (
+            f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
+            f"/providers/{kind}/{name_or_id}"
+        )
+
+    @staticmethod
+    def _group_and_name(resource_id: str) -> tuple[str, str]:
+        parts = parse_resource_id(resource_id)
+        return parts["resource_group"], parts["name"]
+
+    async def _use_given_network(self) -> None:
+        _, net = self._clients()
+        assert self.vnet is not None
+        vnet_id = self._resource_id("Microsoft.Network/virtualNetworks", self.vnet)
+        group, name = self._group_and_name(vnet_id)
+        vnet = await self._arm("reading vnet", net.virtual_networks.get(group, name))
+        subnets = {s.name: s for s in vnet.subnets or []}
+        wanted = self.subnet or next(iter(subnets), None)
+        if wanted not in subnets:
+            close = difflib.get_close_matches(str(wanted), sorted(subnets), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else f" It has: {sorted(subnets)}"
+            raise CloudError(f"subnet {wanted!r} is not a subnet of vnet {name!r}.{hint}")
+        subnet = subnets[wanted]
+        self._subnet_id = subnet.id
+        self._subnet_prefixes = list(subnet.address_prefixes or [subnet.address_prefix])
+
+    async def _check_sizes(self) -> None:
+        compute, _ = self._clients()
+        offered: dict[str, Any] = {}
+
+        async def collect() -> None:
+            async for sku in compute.resource_skus.list(filter=f"location eq '{self.location}'"):
+                if sku.resource_type == "virtualMachines":
+                    offered[sku.name.lower()] = sku
+
+        await self._arm(f"listing the VM sizes of {self.location}", collect())
+        if not offered:
+            raise CloudError(
+                f"location {self.location!r} offers no VM sizes to this subscription; "
+                "check location (for example 'westeurope')"
+            )
+        for role, size in self.vm_sizes.items():
+            sku = offered.get(size.lower())
+            if sku is None:
+                names = sorted(s.name for s in offered.values())
+                close = difflib.get_close_matches(size, names, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise CloudError(
+                    f"{role.value}_vm_size {size!r} is not offered in {self.location}.{hint}"
+                )
+            if any(r.reason_code == "NotAvailableForSubscription" for r in sku.restrictions or []):
+                raise CloudError(
+                    f"{role.value}_vm_size {size!r} is restricted for this subscription in "
+                    f"{self.location}; choose another size or location"
+                )
+            gpus = {c.name: c.value for c in sku.capabilities or []}.get("GPUs", "0")
+            if gpus not in ("0", "", None):
+                self._gpu_sizes.add(size.lower())
+
+    # -- VMs ----------------------------------------------------------------------------
+
+    async def create(self, request: VMRequest) -> VM:
+        compute, net = self._clients()
+        assert self._subnet_id is not None
+        role = request.role.value
+        tags = self._cluster_tags(request.cluster_id, role)
+        name = _name(request.cluster_id, request.name)
+        public = self.network.public_address(worker=request.role is Role.WORKER)
+        public_ip = None
+        if public:
+            public_ip = await self._lro(
+                f"creating the public address of {name}",
+                net.public_ip_addresses.begin_create_or_update,
+                self.resource_group,
+                f"{name}-ip",
+                nm.PublicIPAddress(
+                    location=self.location,
+                    tags=tags,
+                    sku=nm.PublicIPAddressSku(name="Standard"),
+                    public_ip_allocation_method="Static",
+                    delete_option="Delete",
+                ),
+            )
+        nic = await self._lro(
+            f"creating the network interface of {name}",
+            net.network_interfaces.begin_create_or_update,
+            self.resource_group,
+            f"{name}-nic",
+            nm.NetworkInterface(
+                location=self.location,
+                tags=tags,
+                network_security_group=nm.NetworkSecurityGroup(id=self._nsg_id),
+                ip_configurations=[
+                    nm.NetworkInterfaceIPConfiguration(
+                        name="primary",
+                        subnet=nm.Subnet(id=self._subnet_id),
+                        private_ip_allocation_method="Dynamic",
+                        public_ip_address=nm.PublicIPAddress(id=public_ip.id)
+                        if public_ip
+                        else None,
+                    )
+                ],
+            ),
+        )
+        spot = self.worker_spot and request.role is Role.WORKER
+        vm = cm.VirtualMachine(
+            location=self.location,
+            tags=tags,
+            hardware_profile=cm.HardwareProfile(vm_size=self.vm_sizes[request.role]),
+            storage_profile=cm.StorageProfile(
+                image_reference=cm.ImageReference(
+                    **dict(
+                        zip(
+                            ("publisher", "offer", "sku", "version"),
+                            self.image.split(":"),
+                            strict=True,
+                        )
+                    )
+                ),
+                os_disk=cm.OSDisk(
+                    name=f"{name}-osdisk",
+                    create_option="FromImage",
+                    delete_option="Delete",
+                    disk_size_gb=self.disk_size,
+                    managed_disk=cm.ManagedDiskParameters(storage_account_type=self.disk_type),
+                ),
+            ),
+            os_profile=cm.OSProfile(
+                computer_name=name,
+                admin_username="dask",
+                custom_data=base64.b64encode(request.user_data).decode(),
+                linux_configuration=cm.LinuxConfiguration(
+                    disable_password_authentication=True,
+                    ssh=cm.SshConfiguration(
+                        public_keys=[
+                            cm.SshPublicKey(
+                                path="/home/dask/.ssh/authorized_keys",
+                                key_data=self._login(),
+                            )
+                        ]
+                    ),
+                ),
+            ),
+            network_profile=cm.NetworkProfile(
+                network_interfaces=[
+                    cm.NetworkInterfaceReference(id=nic.id, primary=True, delete_option="Delete")
+                ]
+            ),
+            # Managed boot diagnostics: the serial console log, for reporting a failed boot.
+            diagnostics_profile=cm.DiagnosticsProfile(
+                boot_diagnostics=cm.BootDiagnostics(enabled=True)
+            ),
+            **(
+                {
+                    "priority": "Spot",
+                    "eviction_policy": "Delete",
+                    "billing_profile": cm.BillingProfile(max_price=self.spot_max_price),
+                }
+                if spot
+                else {}
+            ),
+            **(
+                {
+                    "identity": cm.VirtualMachineIdentity(
+                        type="UserAssigned",
+                        user_assigned_identities={
+                            self.user_assigned_identity: cm.UserAssignedIdentitiesValue()
+                        },
+                    )
+                }
+                if self.user_assigned_identity
+                else {}
+            ),
+        )
+        made = await self._lro(
+            f"creating VM {name}",
+            compute.virtual_machines.begin_create_or_update,
+            self.resource_group,
+            name,
+            vm,
+        )
+        # The OS disk does not inherit the VM's tags; tag it so the sweep can find it.
+        await self._lro(
+            f"tagging the OS disk of {name}",
+            compute.disks.begin_update,
+            self.resource_group,
+            f"{name}-osdisk",
+            cm.DiskUpdate(tags=tags),
+        )
+        address = public_ip.ip_address if public_ip else None
+        if public_ip is not None and not address:
+            address = (
+                await self._arm(
+                    "reading a public address",
+                    net.public_ip_addresses.get(self.resource_group, f"{name}-ip"),
+                )
+            ).ip_address
+        return VM(
+            id=made.id,
+            name=request.name,
+            role=request.role,
+            cluster_id=request.cluster_id,
+            private_ip=nic.ip_configurations[0].private_ip_address,
+            public_ip=address,
+        )
+
+    def _login(self) -> str:
+        if self._login_key is None:
+            self._login_key = self.ssh_public_key or throwaway_ssh_key()
+        return self._login_key
+
+    async def destroy(self, vm: VM) -> None:
+        compute, net = self._clients()
+        name = _name(vm.cluster_id, vm.name)
+        await self._gone(
+            f"deleting VM {name}",
+            compute.virtual_machines.begin_delete,
+            self.resource_group,
+            name,
+        )
+        # deleteOption=Delete removes these with the VM; make sure of it, by their names,
+        # which only this VM of this cluster uses.
+        await self._gone(
+            f"deleting {name}-nic",
+            net.network_interfaces.begin_delete,
+            self.resource_group,
+            f"{name}-nic",
+        )
+        await self._gone(
+            f"deleting {name}-ip",
+            net.public_ip_addresses.begin_delete,
+            self.resource_group,
+            f"{name}-ip",
+        )
+        await self._gone(
+            f"deleting {name}-osdisk",
+            compute.disks.begin_delete,
+            self.resource_group,
+            f"{name}-osdisk",
+        )
+
+    async def _tagged(self, what: str, pager: Any, cluster_id: str) -> list[Any]:
+        async def collect() -> list[Any]:
+            return [r async for r in pager if (r.tags or {}).get(CLUSTER_TAG) == cluster_id]
+
+        return await self._arm(what, collect())
+
+    async def list(self, cluster_id: str) -> list[VM]:
+        if self.subscription_id is None:
+            return []  # prepare stopped before the subscription was known: nothing made
+        compute, net = self._clients()
+        vms = await self._tagged(
+            "listing VMs", compute.virtual_machines.list(self.resource_group), cluster_id
+        )
+        if not vms:
+            return []
+        nics = await self._tagged(
+            "listing network interfaces",
+            net.network_interfaces.list(self.resource_group),
+            cluster_id,
+        )
+        addresses = {
+            (n.virtual_machine.id or "").lower(): n.ip_configurations[0].private_ip_address
+            for n in nics
+            if n.virtual_machine is not None and n.ip_configurations
+        }
+        prefix = f"{cluster_id}-"
+        return [
+            VM(
+                id=v.id,
+                name=v.name.removeprefix(prefix),
+                role=Role.SCHEDULER
+                if v.tags.get("dask-secure-cloud-role") == "scheduler"
+                else Role.WORKER,
+                cluster_id=cluster_id,
+                private_ip=addresses.get(v.id.lower(), "") or "",
+            )
+            for v in vms
+        ]
+
+    async def state(self, vm: VM) -> str:
+        compute, _ = self._clients()
+        try:
+            view = await self._arm(
+                "reading a VM",
+                compute.virtual_machines.instance_view(
+                    self.resource_group, _name(vm.cluster_id, vm.name)
+                ),
+            )
+        except CloudError as e:
+            if isinstance(e.__cause__, ResourceNotFoundError):
+                return "terminated"
+            raise
+        codes = {s.code for s in view.statuses or []}
+        if codes & {"PowerState/stopped", "PowerState/deallocated", "PowerState/deallocating"}:
+            return "terminated"
+        return "running"
+
+    async def console_output(self, vm: VM) -> str:
+        """The serial console log, fetched through boot diagnostics' short-lived SAS URI."""
+        compute, _ = self._clients()
+        try:
+            uris = await self._arm(
+                "reading boot diagnostics",
+                compute.virtual_machines.retrieve_boot_diagnostics_data(
+                    self.resource_group,
+                    _name(vm.cluster_id, vm.name),
+                    sas_uri_expiration_time_in_minutes=5,
+                ),
+            )
+        except CloudError as e:
+            logger.debug("no boot diagnostics for %s: %s", vm.name, e)
+            return ""
+        if not uris.serial_console_log_blob_uri:
+            return ""
+        # A SAS URI carries its own authorisation; no Azure token goes to the blob store.
+        client = AsyncPipelineClient(
+            base_url=uris.serial_console_log_blob_uri, **self._transport_options()
+        )
+        async with client:
+            try:
+                response = await client.send_request(
+                    HttpRequest("GET", uris.serial_console_log_blob_uri)
+                )
+                await response.read()
+            except AzureError as e:
+                logger.debug("could not read the console log of %s: %s", vm.name, e)
+                return ""
+            return response.text() if response.status_code == 200 else ""
+
+    async def release(self, cluster_id: str) -> None:
+        """Delete, by the cluster tag, every NIC, public address, disk, NSG and vnet the
+        cluster made; a user's own vnet and NSG carry no such tag and stay."""
+        if self.subscription_id is None:
+            return
+        compute, net = self._clients()
+        group = self.resource_group
+        for nic in await self._tagged(
+            "listing network interfaces", net.network_interfaces.list(group), cluster_id
+        ):
+            await self._gone(
+                f"deleting {nic.name}", net.network_interfaces.begin_delete, group, nic.name
+            )
+        for address in await self._tagged(
+            "listing public addresses", net.public_ip_addresses.list(group), cluster_id
+        ):
+            await self._gone(
+                f"deleting {address.name}",
+                net.public_ip_addresses.begin_delete,
+                group,
+                address.name,
+            )
+        for disk in await self._tagged(
+            "listing disks", compute.disks.list_by_resource_group(group), cluster_id
+        ):
+            await self._gone(f"deleting {disk.name}", compute.disks.begin_delete, group, disk.name)
+        for nsg in await self._tagged(
+            "listing network security groups", net.network_security_groups.list(group), cluster_id
+        ):
+            await self._in_use_retry(
+                f"deleting {nsg.name}", net.network_security_groups.begin_delete, group, nsg.name
+            )
+        for vnet in await self._tagged(
+            "listing virtual networks", net.virtual_networks.list(group), cluster_id
+        ):
+            await self._in_use_retry(
+                f"deleting {vnet.name}", net.virtual_networks.begin_delete, group, vnet.name
+            )
+
+    async def _in_use_retry(
+        self, what: str, begin: Callable[..., Awaitable[Any]], *args: Any
+    ) -> None:
+        """Delete; ARM refuses while a just-deleted NIC still holds a reference (InUse...)."""
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                await self._gone(what, begin, *args)
+                return
+            except CloudError as e:
+                if "InUse" not in str(e) or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(self.polling_interval)
+
+    async def close(self) -> None:
+        for client in (self._compute, self._net):
+            if client is not None:
+                await client.close()
+        self._compute = self._net = None
+        if self._credential is not None and self._given_credential is None:
+            await self._credential.close()  # type: ignore[attr-defined]
+        self._credential = self._given_credential
+
+
+class AzureVMCluster(VMCluster):
+    """A secure Dask cluster on Azure virtual machines.
+
+    Every option of :class:`~dask_secure_cloud.cluster.VMCluster` applies, plus:
+
+    Parameters
+    ----------
+    resource_group
+        An existing resource group; every resource of the cluster is made in it.
+    location
+        Region, for example ``"westeurope"``. Default: the resource group's.
+    subscription_id
+        Default: dask config, then ``AZURE_SUBSCRIPTION_ID``, then the one subscription
+        the credential sees.
+    credential
+        An ``azure.core.credentials_async.AsyncTokenCredential``. Default:
+        ``azure.identity.aio.DefaultAzureCredential`` (environment, workload identity,
+        managed identity, Azure CLI sign-in). It never reaches a VM.
+    cloud
+        ``"public"``, ``"usgovernment"`` or ``"china"``: picks the resource-manager
+        endpoint and sign-in authority.
+    resource_manager_url
+        Another resource-manager endpoint (Azure Stack, a test stand-in).
+    ca_bundle
+        A CA bundle to verify the endpoint's TLS certificate with.
+    scheduler_vm_size, worker_vm_size
+        VM sizes, for example ``"Standard_D4s_v5"``; a GPU size gives the workers'
+        containers its GPUs.
+    image
+        ``publisher:offer:sku:version``. Default: Ubuntu 24.04 LTS.
+    disk_size, disk_type
+        OS disk size in GiB and storage type; the disk is deleted with the VM.
+    worker_spot, spot_max_price
+        Run workers as Spot VMs (evicted VMs are deleted); ``-1`` pays up to the
+        on-demand price. A worker retires gracefully on its eviction notice.
+    tags
+        Extra tags for every resource.
+    vnet, subnet
+        An existing virtual network (name in the resource group, or resource id) and
+        subnet; never modified or deleted. Default: a vnet made for the cluster.
+    network_security_group
+        An existing NSG (name or id) to attach instead of the per-cluster one; it is used
+        as it is, never modified or deleted.
+    address_prefix
+        Address range of the vnet made for the cluster.
+    ssh_public_key
+        An OpenSSH public key for the ``dask`` user. Default: no login at all.
+    user_assigned_identity
+        Resource id of a user-assigned managed identity the VMs run as.
+    use_private_ip
+        Default ``True``: the scheduler gets no public address and the client must run
+        inside the virtual network. ``False`` gives the scheduler a public address,
+        reachable from ``allowed_cidrs`` (default: this machine's address) only.
+    allowed_cidrs, open_to_world, allow_insecure_public, public_ip_url
+        Who may reach the scheduler, as for ``EC2Cluster``.
+    """
+
+    provider = "azure"
+
+    def __init__(
+        self,
+        *,
+        resource_group: str | None = None,
+        location: str | None = None,
+        subscription_id: str | None = None,
+        credential: AsyncTokenCredential | None = None,
+        cloud: str | None = None,
+        resource_manager_url: str | None = None,
+        ca_bundle: str | None = None,
+        scheduler_vm_size: str | None = None,
+        worker_vm_size: str | None = None,
+        image: str | None = None,
+        disk_size: int | None = None,
+        disk_type: str | None = None,
+        worker_spot: bool | None = None,
+        spot_max_price: float | None = None,
+        tags: Mapping[str, str] | None = None,
+        vnet: str | None = None,
+        subnet: str | None = None,
+        network_security_group: str | None = None,
+        address_prefix: str | None = None,
+        ssh_public_key: str | None = None,
+        user_assigned_identity: str | None = None,
+        use_private_ip: bool | None = None,
+        allowed_cidrs: Sequence[str] | None = None,
+        open_to_world: bool | None = None,
+        allow_insecure_public: bool | None = None,
+        public_ip_url: str | None = None,
+        security: Any = None,
+        scheduler_port: int | None = None,
+        dashboard_port: int | None = None,
+        boot_timeout: str | float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        def opt(name: str, value: Any) -> Any:
+            return config.option(self.provider, name, value)
+
+        resource_group = opt("resource_group", resource_group)
+        if not resource_group or not isinstance(resource_group, str):
+            raise ValueError(
+                "resource_group is required: the name of an existing Azure resource group "
+                "(set secure-cloud.azure.resource-group in the dask config or pass it)"
+            )
+        location = opt("location", location)
+        if location is not None and not _LOCATION.match(str(location)):
+            raise ValueError(
+                f"location must be a region name such as 'westeurope', got {location!r}"
+            )
+        cloud = opt("cloud", cloud)
+        if cloud not in CLOUDS:
+            close = difflib.get_close_matches(str(cloud), sorted(CLOUDS), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"cloud must be one of {sorted(CLOUDS)}, got {cloud!r}.{hint}")
+        image = opt("image", image)
+        if not isinstance(image, str) or not _IMAGE.match(image):
+            raise ValueError(
+                "image must be 'publisher:offer:sku:version', for example "
+                f"'Canonical:ubuntu-24_04-lts:server:latest'; got {image!r}"
+            )
+        disk_size = opt("disk_size", disk_size)
+        if isinstance(disk_size, bool) or not isinstance(disk_size, int) or disk_size < 30:
+            raise ValueError(f"disk_size must be a whole number of GiB >= 30, got {disk_size!r}")
+        tags = dict(opt("tags", tags) or {})
+        for key, value in tags.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise ValueError(f"tags must map strings to strings, got {tags!r}")
+            if len(key) > 512 or len(value) > 256 or _TAG_KEY_FORBIDDEN & set(key):
+                raise ValueError(
+                    f"tags: {key!r} is not an Azure tag (names up to 512 characters without "
+                    "< > % & \\ ? /, values up to 256)"
+                )
+        if CLUSTER_TAG in tags:
+            raise ValueError(f"tags: {CLUSTER_TAG!r} is set by the cluster itself")
+        if len(tags) > 48:
+            raise ValueError("tags: Azure allows 50 tags per resource, the cluster uses 2")
+        vm_sizes = {
+            Role.SCHEDULER: opt("scheduler_vm_size", scheduler_vm_size),
+            Role.WORKER: opt("worker_vm_size", worker_vm_size),
+        }
+        for role, size in vm_sizes.items():
+            if not isinstance(size, str) or not size.startswith(("Standard_", "Basic_")):
+                raise ValueError(
+                    f"{role.value}_vm_size must be an Azure VM size such as "
+                    f"'Standard_D4s_v5', got {size!r}"
+                )
+        spot_max_price = opt("spot_max_price", spot_max_price)
+        if isinstance(spot_max_price, bool) or not isinstance(spot_max_price, int | float):
+            raise ValueError(
+                f"spot_max_price must be a number (-1: on-demand price), got {spot_max_price!r}"
+            )
+        network = NetworkPolicy.from_options(
+            opt,
+            security=security,
+            use_private_ip=use_private_ip,
+            allowed_cidrs=allowed_cidrs,
+            open_to_world=open_to_world,
+            allow_insecure_public=allow_insecure_public,
+            public_ip_url=public_ip_url,
+        )
+        scheduler_port = config.port(opt("scheduler_port", scheduler_port), "scheduler_port")
+        dashboard_port = config.port(opt("dashboard_port", dashboard_port), "dashboard_port")
+        self._worker_spot = bool(opt("worker_spot", worker_spot))
+        driver = AzureDriver(
+            credential=credential,
+            cloud=cloud,
+            resource_manager_url=opt("resource_manager_url", resource_manager_url)
+            or CLOUDS[cloud][0],
+            ca_bundle=opt("ca_bundle", ca_bundle),
+            subscription_id=opt("subscription_id", subscription_id)
+            or os.environ.get("AZURE_SUBSCRIPTION_ID"),
+            resource_group=resource_group,
+            location=location,
+            vm_sizes=vm_sizes,
+            image=image,
+            disk_size=disk_size,
+            disk_type=opt("disk_type", disk_type),
+            worker_spot=self._worker_spot,
+            spot_max_price=float(spot_max_price),
+            tags=tags,
+            vnet=opt("vnet", vnet),
+            subnet=opt("subnet", subnet),
+            network_security_group=opt("network_security_group", network_security_group),
+            address_prefix=_prefix(opt("address_prefix", address_prefix)),
+            ssh_public_key=opt("ssh_public_key", ssh_public_key),
+            user_assigned_identity=opt("user_assigned_identity", user_assigned_identity),
+            network=network,
+            ports=(scheduler_port, dashboard_port),
+            boot_timeout=config.parse_duration(
+                opt("boot_timeout", boot_timeout), "boot_timeout"
+            ).total_seconds(),
+        )
+        super().__init__(
+            driver,
+            security=security,
+            scheduler_port=scheduler_port,
+            dashboard_port=dashboard_port,
+            boot_timeout=boot_timeout,
+            **kwargs,
+        )
+
+    def _preloads(self, role: Role) -> dict[str, str]:
+        found = super()._preloads(role)
+        if role is Role.WORKER and self._worker_spot:
+            found["spot.py"] = preloads.spot_interruption(
+                _SCHEDULED_EVENTS,
+                None,
+                headers={"Metadata": "true"},
+                must_contain='"Preempt"',
+            )
+        return found
+
+
+def _prefix(value: Any) -> str:
+    try:
+        return str(ipaddress.ip_network(value))
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"address_prefix must be a network such as '10.77.0.0/16', got {value!r}"
+        ) from e

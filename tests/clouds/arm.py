@@ -1,0 +1,912 @@
+"""An Azure Resource Manager stand-in over HTTPS (a ``trustme`` CA), for the real async SDKs.
+
+It serves what ``AzureVMCluster`` uses: a Microsoft Entra token endpoint (client
+credentials, so ``DefaultAzureCredential``'s environment source signs in here), the
+subscription list, resource groups, VM sizes (resource SKUs), and PUT/GET/PATCH/DELETE/list
+of virtual networks, network security groups, public addresses, network interfaces, VMs
+and disks.
+
+What ARM would refuse, it refuses, in ARM's error shape ``{"error": {"code", "message",
+"target"}}``:
+- every body is checked against the SDK's own models (``azure.mgmt.compute.models``,
+  ``azure.mgmt.network.models``): an unknown member, a wrong type, an unknown enum value
+  or a read-only member is an error, as are ARM's own rules on names, tags, locations,
+  VM sizes, login settings, customData (base64, at most 65,535 bytes) and references to
+  resources that do not exist;
+- a missing resource group is ``ResourceGroupNotFound``; a VM beyond the regional core
+  quota is ``OperationNotAllowed``; deleting what is still in use (an NSG or subnet a NIC
+  uses, a NIC a VM uses, a disk attached to a VM) is refused as ARM refuses it.
+
+Writes are long-running operations as ARM runs them: 201/202 with an
+``Azure-AsyncOperation`` header, the operation ``InProgress`` on the first poll and
+``Succeeded`` (or ``Failed``, with an error) after. A VM boots its ``customData`` with the
+shared VM booter at its NIC's private address (the tests put the vnet in 127.0.0.0/8).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import ipaddress
+import itertools
+import json
+import re
+import ssl
+import sys
+import threading
+import types
+import typing
+import uuid
+from collections import Counter
+from typing import Any
+from urllib.parse import parse_qs
+
+import trustme
+from azure.mgmt.compute import models as compute_models
+from azure.mgmt.network import models as network_models
+
+from .booter import VMBooter
+from .jsonapi import JSONServer
+
+CLUSTER_TAG = "dask-secure-cloud-cluster"
+CUSTOM_DATA_LIMIT = 65_535
+#: VM sizes offered per location: name -> (vCPUs, GPUs).
+SIZES = {
+    "westeurope": {
+        "Standard_D2s_v5": (2, 0),
+        "Standard_D4s_v5": (4, 0),
+        "Standard_NC4as_T4_v3": (4, 1),
+    },
+    "eastus": {"Standard_D2s_v5": (2, 0)},
+}
+_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,78}[a-zA-Z0-9_]$|^[a-zA-Z0-9]$")
+_VM_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}[a-zA-Z0-9_]$")
+_RESOURCE_PATH = re.compile(
+    r"^/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<group>[^/]+)/providers/"
+    r"(?P<ns>Microsoft\.\w+)/(?P<kind>\w+)(?:/(?P<name>[^/]+)(?:/(?P<action>\w+))?)?$",
+    re.IGNORECASE,
+)
+MODELS = {
+    "virtualnetworks": network_models.VirtualNetwork,
+    "networksecuritygroups": network_models.NetworkSecurityGroup,
+    "publicipaddresses": network_models.PublicIPAddress,
+    "networkinterfaces": network_models.NetworkInterface,
+    "virtualmachines": compute_models.VirtualMachine,
+    "disks": compute_models.Disk,
+}
+
+
+#: Enums the API documents as open: any value is passed on to the service's own checks
+#: (the VM size list is deprecated in favour of the sizes a location offers).
+OPEN_ENUMS = {"VirtualMachineSizeTypes"}
+
+
+class ARMError(Exception):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        target: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.target = status, code, message, target
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        error = {"code": self.code, "message": self.message}
+        if self.target:
+            error["target"] = self.target
+        return {"error": error}
+
+
+# -- request bodies against the SDK's models ---------------------------------------------
+
+
+def _fields(cls: type) -> dict[str, tuple[Any, Any]]:
+    """REST name -> (type hint, rest field) for an SDK model class, the way the SDK
+    itself collects them (its models are generated from Azure's API specification)."""
+    found: dict[str, tuple[Any, Any]] = {}
+    for klass in reversed(cls.__mro__):
+        if not hasattr(klass, "_attr_to_rest_field") and klass.__module__.endswith("model_base"):
+            continue
+        module = sys.modules[klass.__module__]
+        package = sys.modules[klass.__module__.rsplit(".", 1)[0]]
+        try:
+            hints = typing.get_type_hints(klass, {**vars(module), "_models": package})
+        except (NameError, TypeError):
+            continue
+        for attr, field in vars(klass).items():
+            if attr.startswith("_") or not hasattr(field, "_type"):
+                continue
+            found[field._rest_name_input or attr] = (hints.get(attr, Any), field)
+    return found
+
+
+def _is_model(hint: Any) -> bool:
+    return isinstance(hint, type) and hint.__module__.endswith("._models")
+
+
+def check_model(cls: type, body: Any, where: str) -> None:
+    """Refuse ``body`` unless it is a valid ``cls`` in a create/update request."""
+    if not isinstance(body, dict):
+        raise ARMError(400, "InvalidRequestContent", f"{where} must be an object", where)
+    fields = _fields(cls)
+    for key, value in body.items():
+        if key not in fields:
+            raise ARMError(
+                400,
+                "InvalidRequestContent",
+                f"Could not find member '{key}' on object of type '{cls.__name__}'. "
+                f"Path '{where}.{key}'.",
+                f"{where}.{key}",
+            )
+        hint, field = fields[key]
+        if field._visibility == ["read"] and key != "id":
+            raise ARMError(
+                400, "InvalidRequestContent", f"'{where}.{key}' is read-only", f"{where}.{key}"
+            )
+        _check_value(hint, value, f"{where}.{key}")
+
+
+def _check_value(hint: Any, value: Any, where: str) -> None:
+    if value is None or hint is Any:
+        return
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        enums = [
+            a
+            for a in options
+            if isinstance(a, type) and issubclass(a, enum.Enum) and a.__name__ not in OPEN_ENUMS
+        ]
+        if enums and isinstance(value, str):
+            allowed = {str(m.value).lower() for e in enums for m in e}
+            if value.lower() not in allowed:
+                raise ARMError(
+                    400,
+                    "InvalidParameter",
+                    f"The value '{value}' of '{where}' is not one of "
+                    f"{sorted(str(m.value) for e in enums for m in e)}.",
+                    where,
+                )
+            return
+        errors = []
+        for option in options:
+            try:
+                _check_value(option, value, where)
+                return
+            except ARMError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is typing.Literal:
+        if value not in args:
+            raise ARMError(400, "InvalidParameter", f"'{where}' must be one of {args}", where)
+        return
+    if origin is list:
+        if not isinstance(value, list):
+            raise ARMError(400, "InvalidRequestContent", f"'{where}' must be an array", where)
+        for i, item in enumerate(value):
+            _check_value(args[0], item, f"{where}[{i}]")
+        return
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ARMError(400, "InvalidRequestContent", f"'{where}' must be an object", where)
+        for key, item in value.items():
+            _check_value(args[1], item, f"{where}.{key}")
+        return
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        if str(value).lower() not in {str(m.value).lower() for m in hint}:
+            raise ARMError(400, "InvalidParameter", f"'{value}' is not valid for '{where}'", where)
+        return
+    if _is_model(hint):
+        check_model(hint, value, where)
+        return
+    expected = {str: str, bool: bool, int: int, float: (int, float)}.get(hint)
+    if expected is not None and (
+        (isinstance(value, bool) and hint is not bool) or not isinstance(value, expected)
+    ):
+        raise ARMError(
+            400,
+            "InvalidRequestContent",
+            f"Error converting value {value!r} to type '{hint.__name__}'. Path '{where}'.",
+            where,
+        )
+
+
+# -- the stand-in ------------------------------------------------------------------------
+
+
+class AzureStandIn:
+    def __init__(
+        self,
+        booter: VMBooter,
+        *,
+        subscription: str,
+        tenant: str,
+        client_id: str,
+        client_secret: str,
+        core_quota: int = 64,
+    ) -> None:
+        self.booter = booter
+        self.subscription = subscription
+        self.tenant, self.client_id, self.client_secret = tenant, client_id, client_secret
+        self.core_quota = core_quota
+        self.token = f"stand-in-token-{uuid.uuid4().hex}"
+        self.groups: dict[str, str] = {}  # name (lower) -> location
+        self.resources: dict[str, dict[str, Any]] = {}  # resource id (lower) -> resource
+        self.operations: dict[str, dict[str, Any]] = {}
+        self.calls: list[str] = []
+        self.bodies: list[tuple[str, dict[str, Any]]] = []
+        self.tokens_issued = 0
+        self._faults: dict[tuple[str, int], tuple[ARMError, bool]] = {}
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.RLock()
+        self._addresses = itertools.count(4)
+        self.ca = trustme.CA()
+
+    # -- test helpers -------------------------------------------------------------------
+
+    def add_group(self, name: str, location: str = "westeurope") -> None:
+        self.groups[name.lower()] = location
+
+    def fail(
+        self,
+        call: str,
+        status: int = 400,
+        code: str = "InjectedFailure",
+        *,
+        occurrence: int = 1,
+        in_operation: bool = False,
+    ) -> None:
+        """Fail the ``occurrence``-th next ``call`` (``"PUT virtualMachines"``), either at
+        once or, ``in_operation``, in the long-running operation it starts."""
+        with self._lock:
+            self._faults[(call, self._counts[call] + occurrence)] = (
+                ARMError(status, code, f"injected {code}"),
+                in_operation,
+            )
+
+    def throttle(self, call: str) -> None:
+        with self._lock:
+            self._faults[(call, self._counts[call] + 1)] = (
+                ARMError(
+                    429,
+                    "TooManyRequests",
+                    "The request is being throttled.",
+                    headers={"Retry-After": "1"},
+                ),
+                False,
+            )
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [r for r in self.resources.values() if r["_kind"] == kind.lower()]
+
+    def tagged(self, cluster_id: str) -> list[str]:
+        return [
+            r["id"]
+            for r in self.resources.values()
+            if (r.get("tags") or {}).get(CLUSTER_TAG) == cluster_id
+        ]
+
+    # -- routing ------------------------------------------------------------------------
+
+    def handle(
+        self, method: str, path: str, query: dict[str, str], raw: bytes, headers: Any
+    ) -> tuple[int, Any, dict[str, str]]:
+        if re.match(rf"^/{self.tenant}/oauth2/v2.0/token$", path) and method == "POST":
+            return self._token(raw)
+        if path.startswith("/blobs/"):
+            return self._blob(path)
+        if headers.get("Authorization") != f"Bearer {self.token}":
+            raise ARMError(
+                401,
+                "AuthenticationFailed",
+                "Authentication failed. The 'Authorization' header is missing or invalid.",
+                headers={
+                    "WWW-Authenticate": 'Bearer authorization_uri="https://login.example/", '
+                    'error="invalid_token"'
+                },
+            )
+        if "api-version" not in query:
+            raise ARMError(
+                400,
+                "MissingApiVersionParameter",
+                "The api-version query parameter (?api-version=) is required for all requests.",
+            )
+        if method == "GET" and path == "/subscriptions":
+            return self._count("GET subscriptions", lambda: (200, self._subscriptions()))
+        if not path.lower().startswith(f"/subscriptions/{self.subscription}"):
+            raise ARMError(
+                404,
+                "SubscriptionNotFound",
+                f"The subscription '{path.split('/')[2]}' could not be found.",
+            )
+        rest = path[len(f"/subscriptions/{self.subscription}") :]
+        if m := re.match(r"^/resourcegroups/([^/]+)$", rest, re.IGNORECASE):
+            return self._count("GET resourceGroups", lambda: self._group(m.group(1)))
+        if re.match(r"^/providers/Microsoft.Compute/skus$", rest, re.IGNORECASE):
+            return self._count("GET skus", lambda: (200, self._skus(query)))
+        if m := re.match(r"^/providers/Microsoft\.\w+/locations/[^/]+/operations/([^/]+)$", rest):
+            return 200, self._poll(m.group(1)), {}
+        match = _RESOURCE_PATH.match(path)
+        if not match:
+            raise ARMError(404, "NotFound", f"the stand-in has no {method} {path}")
+        kind = match["kind"]
+        action = match["action"]
+        call = f"{method} {kind}{'/' + action if action else ''}"
+        if match["group"].lower() not in self.groups:
+            raise ARMError(
+                404,
+                "ResourceGroupNotFound",
+                f"Resource group '{match['group']}' could not be found.",
+            )
+        return self._count(
+            call, lambda: self._resource(method, match, query, raw, kind.lower(), action)
+        )
+
+    def _count(self, call: str, then: Any) -> tuple[int, Any, dict[str, str]]:
+        with self._lock:
+            self.calls.append(call)
+            self._counts[call] += 1
+            fault = self._faults.pop((call, self._counts[call]), None)
+            if fault and not fault[1]:
+                raise fault[0]
+            answer = then()
+            status, payload = answer[0], answer[1]
+            headers = answer[2] if len(answer) > 2 else {}
+            if fault:  # fail inside the long-running operation it started
+                op = headers.get("Azure-AsyncOperation", "").rsplit("/", 1)[-1].split("?")[0]
+                if op in self.operations:
+                    self.operations[op]["error"] = fault[0]
+            return status, payload, headers
+
+    # -- identity and subscriptions -----------------------------------------------------
+
+    def _token(self, raw: bytes) -> tuple[int, Any, dict[str, str]]:
+        form = {k: v[0] for k, v in parse_qs(raw.decode()).items()}
+        if (
+            form.get("client_id") != self.client_id
+            or form.get("client_secret") != self.client_secret
+            or form.get("grant_type") != "client_credentials"
+        ):
+            return (
+                401,
+                {
+                    "error": "invalid_client",
+                    "error_description": "AADSTS7000215: Invalid client secret provided.",
+                },
+                {},
+            )
+        if form.get("scope") != f"{self.url}/.default":
+            return 400, {"error": "invalid_scope", "error_description": "AADSTS70011"}, {}
+        self.tokens_issued += 1
+        return 200, {"token_type": "Bearer", "expires_in": 3599, "access_token": self.token}, {}
+
+    def _subscriptions(self) -> dict[str, Any]:
+        return {
+            "value": [
+                {
+                    "id": f"/subscriptions/{self.subscription}",
+                    "subscriptionId": self.subscription,
+                    "displayName": "stand-in",
+                    "state": "Enabled",
+                    "tenantId": self.tenant,
+                }
+            ]
+        }
+
+    def _group(self, name: str) -> tuple[int, Any]:
+        location = self.groups.get(name.lower())
+        if location is None:
+            raise ARMError(
+                404, "ResourceGroupNotFound", f"Resource group '{name}' could not be found."
+            )
+        return 200, {
+            "id": f"/subscriptions/{self.subscription}/resourceGroups/{name}",
+            "name": name,
+            "location": location,
+            "properties": {"provisioningState": "Succeeded"},
+        }
+
+    def _skus(self, query: dict[str, str]) -> dict[str, Any]:
+        wanted = re.match(r"location eq '([^']+)'", query.get("$filter", ""))
+        skus = []
+        for location, sizes in SIZES.items():
+            if wanted and wanted.group(1) != location:
+                continue
+            for name, (cpus, gpus) in sizes.items():
+                capabilities = [{"name": "vCPUs", "value": str(cpus)}]
+                if gpus:
+                    capabilities.append({"name": "GPUs", "value": str(gpus)})
+                skus.append(
+                    {
+                        "resourceType": "virtualMachines",
+                        "name": name,
+                        "tier": "Standard",
+                        "size": name.removeprefix("Standard_"),
+                        "locations": [location],
+                        "capabilities": capabilities,
+                        "restrictions": [],
+                    }
+                )
+        return {"value": skus}
+
+    # -- long-running operations --------------------------------------------------------
+
+    def _operation(
+        self, location: str, namespace: str, done: Any = None, slow: bool = False
+    ) -> dict[str, str]:
+        """Start an operation; a ``slow`` one (a VM) is still running at the first poll."""
+        op = uuid.uuid4().hex
+        self.operations[op] = {"polls": 0 if slow else 1, "error": None, "done": done}
+        url = (
+            f"{self.url}/subscriptions/{self.subscription}/providers/{namespace}/locations/"
+            f"{location}/operations/{op}?api-version=2025-01-01"
+        )
+        return {"Azure-AsyncOperation": url, "Retry-After": "1"}
+
+    def _poll(self, op: str) -> dict[str, Any]:
+        with self._lock:
+            state = self.operations.get(op)
+            if state is None:
+                raise ARMError(404, "NotFound", f"operation {op} not found")
+            state["polls"] += 1
+            if state["polls"] == 1:
+                return {"name": op, "status": "InProgress"}
+            if state["error"] is not None:
+                return {"name": op, "status": "Failed", **state["error"].body()}
+            if state["done"] is not None:
+                state["done"]()
+                state["done"] = None
+            return {"name": op, "status": "Succeeded"}
+
+    # -- resources ----------------------------------------------------------------------
+
+    def _id(self, match: re.Match[str]) -> str:
+        return (
+            f"/subscriptions/{self.subscription}/resourceGroups/{match['group']}/providers/"
+            f"{match['ns']}/{match['kind']}/{match['name']}"
+        )
+
+    def _get(self, resource_id: str, what: str = "Resource") -> dict[str, Any]:
+        found = self.resources.get(resource_id.lower())
+        if found is None:
+            raise ARMError(
+                404,
+                "ResourceNotFound",
+                f"The Resource '{resource_id.split('/providers/')[-1]}' under resource group "
+                f"'{resource_id.split('/')[4]}' was not found.",
+            )
+        return found
+
+    def _public(self, resource: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in resource.items() if not k.startswith("_")}
+
+    def _resource(
+        self,
+        method: str,
+        match: re.Match[str],
+        query: dict[str, str],
+        raw: bytes,
+        kind: str,
+        action: str | None,
+    ) -> tuple[int, Any, dict[str, str]] | tuple[int, Any]:
+        if match["name"] is None:
+            if method != "GET":
+                raise ARMError(405, "MethodNotAllowed", f"{method} on a collection")
+            prefix = self._id(match).rsplit("/", 1)[0].lower() + "/"
+            items = [
+                self._public(r)
+                for key, r in self.resources.items()
+                if key.startswith(prefix) and key.count("/") == prefix.count("/")
+            ]
+            return 200, {"value": items}
+        resource_id = self._id(match)
+        if action == "instanceView" and method == "GET":
+            vm = self._get(resource_id)
+            return 200, {"statuses": [{"code": "ProvisioningState/succeeded"}, vm["_power"]]}
+        if action == "retrieveBootDiagnosticsData" and method == "POST":
+            self._get(resource_id)
+            return 200, {
+                "consoleScreenshotBlobUri": f"{self.url}/blobs/{match['name']}.bmp?sig=x",
+                "serialConsoleLogBlobUri": f"{self.url}/blobs/{match['name']}.log?sig=x",
+            }
+        if action is not None:
+            raise ARMError(404, "NotFound", f"the stand-in has no {method} {action}")
+        if method == "GET":
+            return 200, self._public(self._get(resource_id))
+        if method == "DELETE":
+            return self._delete(resource_id, kind)
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError as e:
+            raise ARMError(400, "InvalidRequestContent", f"invalid JSON: {e}") from e
+        self.bodies.append((kind, body))
+        if method == "PATCH":
+            return self._patch(resource_id, kind, body)
+        if method == "PUT":
+            return self._put(resource_id, match, kind, body)
+        raise ARMError(405, "MethodNotAllowed", method)
+
+    def _check_common(self, match: re.Match[str], kind: str, body: dict[str, Any]) -> str:
+        check_model(MODELS[kind], body, "parameters")
+        name = match["name"]
+        pattern = _VM_NAME if kind == "virtualmachines" else _NAME
+        if not pattern.match(name):
+            raise ARMError(
+                400,
+                "InvalidResourceName",
+                f"Resource name {name} is invalid. The name can be up to 80 characters long. "
+                "It must begin with a word character, and it must end with a word character "
+                "or with '_'.",
+            )
+        location = body.get("location")
+        if location is None:
+            raise ARMError(400, "LocationRequired", "The location property is required.")
+        if location not in SIZES:
+            raise ARMError(
+                400,
+                "LocationNotAvailableForResourceType",
+                f"The provided location '{location}' is not available for resource type "
+                f"'{match['ns']}/{match['kind']}'.",
+            )
+        tags = body.get("tags") or {}
+        if len(tags) > 50:
+            raise ARMError(400, "InvalidTagCount", "The number of tags exceeds the limit of 50.")
+        for key, value in tags.items():
+            if len(key) > 512 or len(value) > 256 or set("<>%&\\?/") & set(key):
+                raise ARMError(400, "InvalidTagNameCharacters", f"The tag name '{key}' is invalid.")
+        return location
+
+    def _put(
+        self, resource_id: str, match: re.Match[str], kind: str, body: dict[str, Any]
+    ) -> tuple[int, Any, dict[str, str]]:
+        location = self._check_common(match, kind, body)
+        existed = resource_id.lower() in self.resources
+        properties = dict(body.get("properties") or {})
+        resource = {
+            "id": resource_id,
+            "name": match["name"],
+            "type": f"{match['ns']}/{match['kind']}",
+            "location": location,
+            "tags": body.get("tags") or {},
+            "properties": properties,
+            "_kind": kind,
+        }
+        if "sku" in body:
+            resource["sku"] = body["sku"]
+        if "identity" in body:
+            resource["identity"] = body["identity"]
+        getattr(self, f"_make_{kind}")(resource, properties)
+        properties["provisioningState"] = "Updating" if existed else "Creating"
+        self.resources[resource_id.lower()] = resource
+
+        def done() -> None:
+            properties["provisioningState"] = "Succeeded"
+
+        headers = self._operation(location, match["ns"], done, slow=kind == "virtualmachines")
+        return (200 if existed else 201), self._public(resource), headers
+
+    def _patch(
+        self, resource_id: str, kind: str, body: dict[str, Any]
+    ) -> tuple[int, Any, dict[str, str]]:
+        if kind != "disks":
+            raise ARMError(405, "MethodNotAllowed", f"PATCH {kind}")
+        check_model(compute_models.DiskUpdate, body, "parameters")
+        disk = self._get(resource_id)
+        if "tags" in body:
+            disk["tags"] = body["tags"]
+        return 202, None, self._operation(disk["location"], "Microsoft.Compute")
+
+    def _refs(self, kind: str, key: str, target: str) -> list[str]:
+        """Resources of ``kind`` whose JSON mentions ``target`` under ``key``."""
+        needle = target.lower()
+        found = []
+        for resource in self.of_kind(kind):
+            text = json.dumps(resource["properties"]).lower()
+            if f'"{key}": {{"id": "{needle}' in text:
+                found.append(resource["id"])
+        return found
+
+    def _delete(self, resource_id: str, kind: str) -> tuple[int, Any, dict[str, str]]:
+        resource = self.resources.get(resource_id.lower())
+        if resource is None:
+            return 204, None, {}
+        if kind == "networksecuritygroups" and (
+            users := self._refs("networkinterfaces", "networkSecurityGroup", resource_id)
+        ):
+            raise ARMError(
+                400,
+                "InUseNetworkSecurityGroupCannotBeDeleted",
+                f"Network security group {resource_id} cannot be deleted because it is in "
+                f"use by the following resources: {users}.",
+            )
+        if kind == "virtualnetworks" and (
+            users := self._refs("networkinterfaces", "subnet", resource_id + "/subnets/")
+        ):
+            raise ARMError(
+                400,
+                "InUseSubnetCannotBeDeleted",
+                f"Subnet of {resource_id} is in use by {users} and cannot be deleted.",
+            )
+        if kind == "publicipaddresses" and (
+            users := self._refs("networkinterfaces", "publicIPAddress", resource_id)
+        ):
+            raise ARMError(
+                400,
+                "PublicIPAddressCannotBeDeleted",
+                f"Public IP address {resource_id} can not be deleted since it is still "
+                f"allocated to resource {users[0]}.",
+            )
+        if kind == "networkinterfaces" and resource["properties"].get("virtualMachine"):
+            raise ARMError(
+                400,
+                "NicInUse",
+                f"Network Interface {resource_id} is used by existing resource "
+                f"{resource['properties']['virtualMachine']['id']}.",
+            )
+        if kind == "disks" and resource.get("managedBy"):
+            raise ARMError(
+                409,
+                "OperationNotAllowed",
+                f"Disk {resource['name']} is attached to VM {resource['managedBy']}.",
+            )
+        if kind == "virtualmachines":
+            self._delete_vm(resource)
+        del self.resources[resource_id.lower()]
+        return (
+            202,
+            None,
+            self._operation(
+                resource["location"], resource["type"].split("/")[0], slow=kind == "virtualmachines"
+            ),
+        )
+
+    # -- what each kind does on PUT -----------------------------------------------------
+
+    def _make_virtualnetworks(self, resource: dict[str, Any], properties: dict[str, Any]) -> None:
+        space = [
+            ipaddress.ip_network(p)
+            for p in (properties.get("addressSpace") or {}).get("addressPrefixes", [])
+        ]
+        if not space:
+            raise ARMError(400, "InvalidAddressSpace", "addressSpace.addressPrefixes is empty")
+        for subnet in properties.get("subnets") or []:
+            prefix = ipaddress.ip_network((subnet.get("properties") or {})["addressPrefix"])
+            if not any(prefix.subnet_of(s) for s in space):
+                raise ARMError(
+                    400,
+                    "NetcfgSubnetRangeOutsideVnet",
+                    f"Subnet '{subnet['name']}' is not valid because its IP address range "
+                    "is outside the IP address range of virtual network.",
+                )
+            subnet["id"] = f"{resource['id']}/subnets/{subnet['name']}"
+            subnet["properties"]["provisioningState"] = "Succeeded"
+
+    def _make_networksecuritygroups(
+        self, resource: dict[str, Any], properties: dict[str, Any]
+    ) -> None:
+        priorities = set()
+        for rule in properties.get("securityRules") or []:
+            p = rule.get("properties") or {}
+            for required in ("priority", "direction", "access", "protocol"):
+                if required not in p:
+                    raise ARMError(
+                        400,
+                        "SecurityRuleParameterMissing",
+                        f"Security rule {rule.get('name')} is missing {required}.",
+                    )
+            if not 100 <= p["priority"] <= 4096:
+                raise ARMError(
+                    400, "SecurityRuleInvalidPriority", f"Priority {p['priority']} is invalid."
+                )
+            if (p["direction"], p["priority"]) in priorities:
+                raise ARMError(
+                    400, "SecurityRulesConflictingPriority", f"Priority {p['priority']} twice."
+                )
+            priorities.add((p["direction"], p["priority"]))
+            for side in ("source", "destination"):
+                single = p.get(f"{side}AddressPrefix")
+                many = p.get(f"{side}AddressPrefixes")
+                if bool(single) == bool(many):
+                    raise ARMError(
+                        400,
+                        "SecurityRuleInvalidAddressPrefix",
+                        f"Security rule {rule['name']} needs exactly one of {side}AddressPrefix "
+                        f"and {side}AddressPrefixes.",
+                    )
+            rule["id"] = f"{resource['id']}/securityRules/{rule['name']}"
+
+    def _make_publicipaddresses(self, resource: dict[str, Any], properties: dict[str, Any]) -> None:
+        properties["ipAddress"] = f"203.0.113.{len(self.of_kind('publicipaddresses')) + 10}"
+
+    def _make_networkinterfaces(self, resource: dict[str, Any], properties: dict[str, Any]) -> None:
+        if nsg := properties.get("networkSecurityGroup"):
+            self._reference(nsg["id"], "networkSecurityGroup")
+        configs = properties.get("ipConfigurations") or []
+        if not configs:
+            raise ARMError(400, "InvalidRequestFormat", "A NIC needs an ipConfiguration.")
+        for config in configs:
+            p = config.setdefault("properties", {})
+            subnet_id = (p.get("subnet") or {}).get("id", "")
+            vnet_id, _, subnet_name = subnet_id.partition("/subnets/")
+            vnet = self._reference(vnet_id, "subnet")
+            subnet = next(
+                (s for s in vnet["properties"].get("subnets", []) if s["name"] == subnet_name),
+                None,
+            )
+            if subnet is None:
+                raise ARMError(
+                    400, "InvalidResourceReference", f"Resource {subnet_id} was not found."
+                )
+            if ip := p.get("publicIPAddress"):
+                self._reference(ip["id"], "publicIPAddress")
+            network = ipaddress.ip_network(subnet["properties"]["addressPrefix"])
+            p["privateIPAddress"] = str(network.network_address + next(self._addresses))
+            config["id"] = f"{resource['id']}/ipConfigurations/{config['name']}"
+
+    def _reference(self, resource_id: str, what: str) -> dict[str, Any]:
+        found = self.resources.get(resource_id.lower())
+        if found is None:
+            raise ARMError(
+                400,
+                "InvalidResourceReference",
+                f"Resource {resource_id} referenced by {what} was not found.",
+            )
+        return found
+
+    def _make_virtualmachines(self, resource: dict[str, Any], properties: dict[str, Any]) -> None:
+        location = resource["location"]
+        size = (properties.get("hardwareProfile") or {}).get("vmSize")
+        if size not in SIZES[location]:
+            raise ARMError(
+                400,
+                "InvalidParameter",
+                f"The value {size} provided for the VM size is not valid. The valid sizes in "
+                f"the current region are: {', '.join(SIZES[location])}.",
+                "vmSize",
+            )
+        cores = SIZES[location][size][0]
+        used = sum(
+            SIZES[vm["location"]][vm["properties"]["hardwareProfile"]["vmSize"]][0]
+            for vm in self.of_kind("virtualmachines")
+        )
+        if used + cores > self.core_quota:
+            raise ARMError(
+                409,
+                "OperationNotAllowed",
+                "Operation could not be completed as it results in exceeding approved Total "
+                f"Regional Cores quota. Location: {location}, Current Limit: {self.core_quota}, "
+                f"Current Usage: {used}, Additional Required: {cores}, (Minimum) New Limit "
+                f"Required: {used + cores}.",
+            )
+        os_profile = properties.get("osProfile") or {}
+        if not os_profile.get("adminUsername") or not os_profile.get("computerName"):
+            raise ARMError(
+                400, "InvalidParameter", "Required parameter 'adminUsername' is missing (null)."
+            )
+        linux = os_profile.get("linuxConfiguration") or {}
+        keys = ((linux.get("ssh") or {}).get("publicKeys")) or []
+        if linux.get("disablePasswordAuthentication") and not keys:
+            raise ARMError(
+                400,
+                "InvalidParameter",
+                "Authentication using either SSH or by user name and password must be "
+                "enabled in Linux profile.",
+                "linuxConfiguration",
+            )
+        for key in keys:
+            if not key.get("keyData", "").startswith(("ssh-rsa ", "ssh-ed25519 ")):
+                raise ARMError(400, "InvalidParameter", "The SSH public key is not valid.")
+        try:
+            custom_data = base64.b64decode(os_profile.get("customData", ""), validate=True)
+        except binascii.Error as e:
+            raise ARMError(
+                400, "InvalidParameter", "Custom data in OSProfile must be in Base64 encoding"
+            ) from e
+        if len(custom_data) > CUSTOM_DATA_LIMIT:
+            raise ARMError(
+                400,
+                "InvalidParameter",
+                "Custom data in OSProfile must be in Base64 encoding and with a maximum "
+                "length of 87380 characters.",
+                "customData",
+            )
+        if properties.get("priority") == "Spot" and not properties.get("evictionPolicy"):
+            raise ARMError(
+                400, "InvalidParameter", "evictionPolicy is required for Spot priority VMs."
+            )
+        nic_refs = (properties.get("networkProfile") or {}).get("networkInterfaces") or []
+        if not nic_refs:
+            raise ARMError(400, "InvalidParameter", "A VM needs a network interface.")
+        nics = [self._reference(ref["id"], "networkInterfaces") for ref in nic_refs]
+        for nic in nics:
+            if nic["properties"].get("virtualMachine"):
+                raise ARMError(400, "NicInUse", f"NIC {nic['id']} is used by another VM.")
+            nic["properties"]["virtualMachine"] = {"id": resource["id"]}
+        os_disk = (properties.get("storageProfile") or {}).get("osDisk") or {}
+        disk_name = os_disk.get("name") or f"{resource['name']}_OsDisk_1_{uuid.uuid4().hex}"
+        disk_id = (
+            resource["id"].split("/providers/")[0]
+            + f"/providers/Microsoft.Compute/disks/{disk_name}"
+        )
+        os_disk.setdefault("managedDisk", {})["id"] = disk_id
+        # The OS disk is made with the VM and, as on Azure, does not inherit its tags.
+        self.resources[disk_id.lower()] = {
+            "id": disk_id,
+            "name": disk_name,
+            "type": "Microsoft.Compute/disks",
+            "location": location,
+            "tags": {},
+            "managedBy": resource["id"],
+            "properties": {"diskSizeGB": os_disk.get("diskSizeGB", 30), "diskState": "Attached"},
+            "_kind": "disks",
+        }
+        tags = resource["tags"]
+        cluster = tags.get(CLUSTER_TAG, "untagged")
+        address = nics[0]["properties"]["ipConfigurations"][0]["properties"]["privateIPAddress"]
+        vm = self.booter.boot(
+            custom_data,
+            address=address,
+            cluster_id=cluster,
+            name=resource["name"].removeprefix(f"{cluster}-"),
+            role=tags.get("dask-secure-cloud-role", "worker"),
+        )
+        resource["_vm"] = vm.vm_id
+        resource["_power"] = {"code": "PowerState/running"}
+        properties["vmId"] = str(uuid.uuid4())
+
+    def _delete_vm(self, vm: dict[str, Any]) -> None:
+        self.booter.stop(vm["_vm"])
+        properties = vm["properties"]
+        for ref in properties["networkProfile"]["networkInterfaces"]:
+            nic = self.resources.get(ref["id"].lower())
+            if nic is None:
+                continue
+            nic["properties"].pop("virtualMachine", None)
+            if (ref.get("properties") or {}).get("deleteOption") == "Delete":
+                for config in nic["properties"]["ipConfigurations"]:
+                    ip = (config["properties"].get("publicIPAddress") or {}).get("id")
+                    address = self.resources.get((ip or "").lower())
+                    if address and address["properties"].get("deleteOption") == "Delete":
+                        del self.resources[ip.lower()]
+                del self.resources[ref["id"].lower()]
+        os_disk = properties["storageProfile"]["osDisk"]
+        disk_id = os_disk["managedDisk"]["id"].lower()
+        if disk_id in self.resources:
+            if os_disk.get("deleteOption") == "Delete":
+                del self.resources[disk_id]
+            else:
+                self.resources[disk_id]["managedBy"] = None
+
+    def _blob(self, path: str) -> tuple[int, Any, dict[str, str]]:
+        name = path.removeprefix("/blobs/").rsplit(".", 1)[0]
+        for vm in self.of_kind("virtualmachines"):
+            if vm["name"] == name:
+                booted = self.booter.vms.get(vm["_vm"])
+                return 200, (booted.console_output() if booted else "").encode(), {}
+        return 404, {"error": {"code": "BlobNotFound", "message": path}}, {}
+
+    # -- server ---------------------------------------------------------------------------
+
+    def _answer(
+        self, method: str, path: str, query: dict[str, str], body: bytes, headers: Any
+    ) -> tuple[int, Any, dict[str, str]]:
+        try:
+            return self.handle(method, path, query, body, headers)
+        except ARMError as e:
+            return e.status, e.body(), {"x-ms-request-id": str(uuid.uuid4()), **e.headers}
+
+    def start(self) -> str:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+        self._server = JSONServer(self._answer, tls=context)
+        self.url = self._server.url
+        return self.url
+
+    def stop(self) -> None:
+        self._server.stop()
+        self.booter.stop_all()
