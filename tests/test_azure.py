@@ -1,16 +1,27 @@
-"""AzureVMCluster end to end: the async management SDKs -> ARM stand-in (HTTPS) -> VMs booted here."""
+"""AzureVMCluster end to end: async management SDKs -> ARM stand-in (HTTPS) -> VMs booted here."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
+import os
 import random
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from azure.mgmt.compute.models import VirtualMachine
 from distributed import Client
 
 from dask_secure_cloud import AzureVMCluster
 from dask_secure_cloud.cluster import ClusterStartError
+from dask_secure_cloud.credentials import Role
+from dask_secure_cloud.driver import VMRequest
+from dask_secure_cloud.network import NetworkPolicyError
 
-from clouds.arm import AzureStandIn
+from clouds.arm import ARMError, AzureStandIn, check_model
 from clouds.booter import VMBooter
 from conftest import decoded_files, vm_processes
 
@@ -52,6 +63,27 @@ def azure(tmp_path, monkeypatch):
     stand_in.stop()
 
 
+class _ScheduledEvents(BaseHTTPRequestHandler):
+    """Just enough of Azure's Scheduled Events for a Spot eviction notice."""
+
+    evicting = threading.Event()
+
+    def do_GET(self):
+        if self.headers.get("Metadata") != "true":
+            body, status = b'{"error": "Bad request. Required metadata header not specified"}', 400
+        elif self.evicting.is_set():
+            body, status = b'{"DocumentIncarnation": 2, "Events": [{"EventType": "Preempt"}]}', 200
+        else:
+            body, status = b'{"DocumentIncarnation": 1, "Events": []}', 200
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
 def nothing_left(stand_in: AzureStandIn, cluster_id: str) -> bool:
     return not stand_in.tagged(cluster_id) and not vm_processes(cluster_id)
 
@@ -71,3 +103,329 @@ async def test_azure_cluster_computes_over_tls_and_leaves_nothing(azure):
         assert not stand_in.of_kind("publicipaddresses")  # private first
     assert nothing_left(stand_in, cluster_id)
     assert stand_in.resources == {}
+
+
+async def test_requests_are_private_hardened_and_carry_no_secret(azure):
+    stand_in, options = azure
+    async with AzureVMCluster(n_workers=1, asynchronous=True, **options) as cluster:
+        cluster_id = cluster.cluster_id
+        vms = [b for kind, b in stand_in.bodies if kind == "virtualmachines"]
+        assert len(vms) == 2
+        for body in vms:
+            props = body["properties"]
+            assert body["tags"]["dask-secure-cloud-cluster"] == cluster_id
+            assert props["storageProfile"]["osDisk"]["deleteOption"] == "Delete"
+            assert props["networkProfile"]["networkInterfaces"][0]["properties"] == {
+                "primary": True,
+                "deleteOption": "Delete",
+            }
+            assert props["diagnosticsProfile"]["bootDiagnostics"]["enabled"] is True
+            os_profile = props["osProfile"]
+            assert "adminPassword" not in os_profile
+            assert os_profile["linuxConfiguration"]["disablePasswordAuthentication"] is True
+            user_data = base64.b64decode(os_profile["customData"])
+            assert SECRET.encode() not in user_data and stand_in.token.encode() not in user_data
+            files = decoded_files(user_data)
+            assert not any(b"PRIVATE KEY" in f for p, f in files.items() if "ca" in p.lower())
+        # Every NIC of the cluster: no public address, the cluster's own NSG.
+        nsg = next(r for r in stand_in.of_kind("networksecuritygroups"))
+        for nic in stand_in.of_kind("networkinterfaces"):
+            config = nic["properties"]["ipConfigurations"][0]["properties"]
+            assert "publicIPAddress" not in config
+            assert nic["properties"]["networkSecurityGroup"]["id"] == nsg["id"]
+        rules = {r["name"]: r["properties"] for r in nsg["properties"]["securityRules"]}
+        subnet = options["address_prefix"]
+        # Private by default: the scheduler port is open to the subnet only.
+        assert rules["dask-scheduler-from-client"]["sourceAddressPrefixes"] == [subnet]
+        assert rules["dask-scheduler-from-client"]["destinationPortRanges"] == ["8786", "8787"]
+        assert rules["deny-everything-else"]["access"] == "Deny"
+        # The OS disks are tagged, so a sweep finds them.
+        assert all(
+            d["tags"].get("dask-secure-cloud-cluster") == cluster_id
+            for d in stand_in.of_kind("disks")
+        )
+    assert nothing_left(stand_in, cluster_id)
+
+
+async def test_public_scheduler_only_when_asked_and_only_for_the_given_cidrs(azure, monkeypatch):
+    stand_in, options = azure
+    monkeypatch.setenv("AZURE_SUBSCRIPTION_ID", SUBSCRIPTION)
+    cluster = AzureVMCluster(
+        use_private_ip=False, allowed_cidrs=["198.51.100.7/32"], asynchronous=True, **options
+    )
+    driver = cluster.driver
+    try:
+        await driver.prepare("dsc-public")
+        scheduler = await driver.create(
+            VMRequest("dsc-public", "scheduler", Role.SCHEDULER, b"#cloud-config\n{}\n")
+        )
+        worker = await driver.create(
+            VMRequest("dsc-public", "worker-0", Role.WORKER, b"#cloud-config\n{}\n")
+        )
+        assert scheduler.public_ip and not worker.public_ip
+        (address,) = stand_in.of_kind("publicipaddresses")
+        assert address["sku"] == {"name": "Standard"}
+        assert address["properties"]["deleteOption"] == "Delete"
+        nsg = stand_in.of_kind("networksecuritygroups")[0]
+        rule = nsg["properties"]["securityRules"][0]["properties"]
+        assert rule["sourceAddressPrefixes"] == ["198.51.100.7/32"]
+        assert "GET subscriptions" not in stand_in.calls  # AZURE_SUBSCRIPTION_ID was used
+        for vm in (scheduler, worker):
+            await driver.destroy(vm)
+        await driver.release("dsc-public")
+    finally:
+        await driver.close()
+        await cluster._close() if cluster.status.name != "closed" else None
+    assert stand_in.resources == {}
+
+
+async def test_given_vnet_and_nsg_are_used_and_kept(azure):
+    stand_in, options = azure
+    prefix = options["address_prefix"]
+    vnet_id = (
+        f"/subscriptions/{SUBSCRIPTION}/resourceGroups/dask-rg/providers/"
+        "Microsoft.Network/virtualNetworks/team-vnet"
+    )
+    nsg_id = (
+        f"/subscriptions/{SUBSCRIPTION}/resourceGroups/dask-rg/providers/"
+        "Microsoft.Network/networkSecurityGroups/team-nsg"
+    )
+    stand_in.resources[vnet_id.lower()] = {
+        "id": vnet_id,
+        "name": "team-vnet",
+        "type": "Microsoft.Network/virtualNetworks",
+        "location": "westeurope",
+        "tags": {},
+        "_kind": "virtualnetworks",
+        "properties": {
+            "addressSpace": {"addressPrefixes": [prefix]},
+            "subnets": [
+                {
+                    "id": f"{vnet_id}/subnets/compute",
+                    "name": "compute",
+                    "properties": {"addressPrefix": prefix},
+                }
+            ],
+        },
+    }
+    stand_in.resources[nsg_id.lower()] = {
+        "id": nsg_id,
+        "name": "team-nsg",
+        "type": "Microsoft.Network/networkSecurityGroups",
+        "location": "westeurope",
+        "tags": {},
+        "_kind": "networksecuritygroups",
+        "properties": {"securityRules": []},
+    }
+    before = {k: json.dumps(v, sort_keys=True) for k, v in stand_in.resources.items()}
+    async with AzureVMCluster(
+        n_workers=1,
+        vnet="team-vnet",
+        subnet="compute",
+        network_security_group=nsg_id,
+        asynchronous=True,
+        **options,
+    ) as cluster:
+        cluster_id = cluster.cluster_id
+        assert not any(k == "PUT virtualNetworks" for k in stand_in.calls)
+        assert not any(k == "PUT networkSecurityGroups" for k in stand_in.calls)
+    assert nothing_left(stand_in, cluster_id)
+    assert {k: json.dumps(v, sort_keys=True) for k, v in stand_in.resources.items()} == before
+
+
+async def test_throttled_vm_creation_is_retried(azure):
+    stand_in, options = azure
+    stand_in.throttle("PUT virtualMachines")
+    async with AzureVMCluster(n_workers=1, asynchronous=True, **options) as cluster:
+        cluster_id = cluster.cluster_id
+        assert len(stand_in.of_kind("virtualmachines")) == 2
+    assert stand_in.calls.count("PUT virtualMachines") == 3
+    assert nothing_left(stand_in, cluster_id)
+
+
+START_CALLS = [
+    ("GET subscriptions", False),
+    ("GET resourceGroups", False),
+    ("GET skus", False),
+    ("PUT virtualNetworks", False),
+    ("PUT virtualNetworks", True),
+    ("PUT networkSecurityGroups", False),
+    ("PUT networkInterfaces", False),
+    ("PUT virtualMachines", False),
+    ("PUT virtualMachines", True),
+    ("PATCH disks", False),
+]
+
+
+@pytest.mark.parametrize("call,in_operation", START_CALLS)
+async def test_failure_at_each_start_call_leaves_nothing(azure, call, in_operation):
+    stand_in, options = azure
+    stand_in.fail(call, 400, "InjectedFailure", in_operation=in_operation)
+    with pytest.raises(ClusterStartError, match="InjectedFailure"):
+        await AzureVMCluster(n_workers=1, asynchronous=True, **options)
+    assert call in stand_in.calls
+    assert stand_in.resources == {} and stand_in.booter.vms == {}
+
+
+async def test_failure_of_scale_up_keeps_the_cluster_and_cleans_up(azure):
+    stand_in, options = azure
+    async with AzureVMCluster(n_workers=1, asynchronous=True, **options) as cluster:
+        async with Client(cluster, asynchronous=True) as client:
+            await client.wait_for_workers(1, timeout=60)
+            stand_in.fail("PUT virtualMachines", 409, "AllocationFailed", in_operation=True)
+            cluster.scale(2)
+            with pytest.raises(Exception, match="AllocationFailed"):
+                await cluster._correct_state()
+            assert await client.submit(lambda: 7) == 7
+        cluster_id = cluster.cluster_id
+    assert nothing_left(stand_in, cluster_id)
+    assert stand_in.resources == {}
+
+
+@pytest.mark.parametrize(
+    "call,in_operation",
+    [
+        ("DELETE virtualMachines", False),
+        ("DELETE virtualMachines", True),
+        ("GET virtualMachines", False),
+        ("GET networkInterfaces", False),
+        ("GET disks", False),
+        ("DELETE networkSecurityGroups", False),
+        ("DELETE virtualNetworks", False),
+    ],
+)
+async def test_failure_at_each_close_call_still_leaves_nothing(azure, call, in_operation):
+    stand_in, options = azure
+    cluster = await AzureVMCluster(n_workers=1, asynchronous=True, **options)
+    stand_in.fail(call, 400, "InjectedFailure", in_operation=in_operation)
+    await cluster.close()
+    assert call in stand_in.calls
+    assert nothing_left(stand_in, cluster.cluster_id)
+    assert stand_in.resources == {}
+
+
+async def test_missing_resource_group_is_named_before_any_resource(azure):
+    stand_in, options = azure
+    with pytest.raises(ClusterStartError, match="resource group 'nope' does not exist"):
+        await AzureVMCluster(asynchronous=True, **{**options, "resource_group": "nope"})
+    assert not [c for c in stand_in.calls if c.startswith(("PUT", "PATCH"))]
+
+
+async def test_unknown_vm_size_is_named_before_any_resource(azure):
+    stand_in, options = azure
+    with pytest.raises(
+        ClusterStartError,
+        match=r"worker_vm_size 'Standard_D4s_v4' is not offered in westeurope\. "
+        r"Did you mean 'Standard_D4s_v5'",
+    ):
+        await AzureVMCluster(asynchronous=True, **{**options, "worker_vm_size": "Standard_D4s_v4"})
+    assert not [c for c in stand_in.calls if c.startswith(("PUT", "PATCH"))]
+
+
+async def test_exhausted_core_quota_is_a_clear_error_and_leaves_nothing(azure):
+    stand_in, options = azure
+    stand_in.core_quota = 8  # the scheduler (2) and one worker (4) fit, a second does not
+    with pytest.raises(ClusterStartError, match=r"core quota is exhausted.*fewer workers"):
+        await AzureVMCluster(n_workers=2, asynchronous=True, **options)
+    assert stand_in.resources == {} and stand_in.booter.vms == {}
+
+
+async def test_spot_gpu_workers_retire_on_eviction_notice(azure):
+    stand_in, options = azure
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ScheduledEvents)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _ScheduledEvents.evicting.clear()
+    try:
+        async with AzureVMCluster(
+            n_workers=1,
+            worker_spot=True,
+            worker_vm_size="Standard_NC4as_T4_v3",
+            runtime="native",
+            metadata_endpoint=f"http://127.0.0.1:{server.server_address[1]}",
+            asynchronous=True,
+            **{k: v for k, v in options.items() if k != "worker_vm_size"},
+        ) as cluster:
+            worker = [b for kind, b in stand_in.bodies if kind == "virtualmachines"][-1]
+            props = worker["properties"]
+            assert props["priority"] == "Spot" and props["evictionPolicy"] == "Delete"
+            assert props["billingProfile"] == {"maxPrice": -1.0}
+            assert cluster.driver.gpus(Role.WORKER) and not cluster.driver.gpus(Role.SCHEDULER)
+            async with Client(cluster, asynchronous=True) as client:
+                await client.wait_for_workers(1, timeout=60)
+                _ScheduledEvents.evicting.set()
+                deadline = time.monotonic() + 30
+                while cluster.scheduler_info["workers"]:
+                    assert time.monotonic() < deadline, "the worker did not retire"
+                    await asyncio.sleep(0.5)
+            cluster_id = cluster.cluster_id
+    finally:
+        server.shutdown()
+    assert nothing_left(stand_in, cluster_id)
+
+
+async def test_boot_failure_is_reported_with_the_serial_console(azure):
+    stand_in, options = azure
+    with pytest.raises(ClusterStartError, match="azure-boot-marker") as info:
+        await AzureVMCluster(
+            asynchronous=True,
+            **{**options, "boot_timeout": "6s"},
+            extra_bootstrap=["echo azure-boot-marker", "exit 3"],
+        )
+    assert "6s (boot_timeout)" in str(info.value)
+    assert "POST virtualMachines/retrieveBootDiagnosticsData" in stand_in.calls
+    assert stand_in.resources == {}
+
+
+async def test_missing_credentials_are_a_clear_error(azure, monkeypatch, tmp_path):
+    stand_in, options = azure
+    for name in ("AZURE_CLIENT_SECRET", "AZURE_CLIENT_ID", "AZURE_TENANT_ID"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no sign-in caches of this machine
+    with pytest.raises(ClusterStartError, match="credential"):
+        await AzureVMCluster(asynchronous=True, **options)
+    assert stand_in.tokens_issued == 0 and stand_in.resources == {}
+
+
+OVERSIZED = [f"echo {os.urandom(60).hex()}" for _ in range(900)]
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        ({"resource_group": None}, ValueError, "resource_group is required"),
+        ({"image": "ubuntu"}, ValueError, "publisher:offer:sku:version"),
+        ({"cloud": "usgovernement"}, ValueError, "Did you mean 'usgovernment'"),
+        ({"tags": {"a/b": "c"}}, ValueError, "not an Azure tag"),
+        ({"worker_vm_size": "D4s_v5"}, ValueError, "Standard_D4s_v5"),
+        ({"address_prefix": "10.0.0.0/33"}, ValueError, "address_prefix"),
+        ({"disk_size": 10}, ValueError, "disk_size"),
+        (
+            {"security": False, "use_private_ip": False},
+            NetworkPolicyError,
+            "allow_insecure_public",
+        ),
+        ({"extra_bootstrap": OVERSIZED}, ValueError, "Azure customData allows 65,535"),
+    ],
+)
+def test_bad_input_is_refused_before_any_call(azure, change, error, match):
+    stand_in, options = azure
+    with pytest.raises(error, match=match):
+        AzureVMCluster(**{**options, **change})
+    assert stand_in.calls == []
+
+
+def test_stand_in_refuses_what_arm_refuses():
+    body = {
+        "location": "westeurope",
+        "properties": {"hardwareProfile": {"vmSize": "Standard_D2s_v5"}},
+    }
+    check_model(VirtualMachine, body, "parameters")
+    for change, message in (
+        ({"prority": "Spot"}, "Could not find member 'prority'"),
+        ({"priority": "Spott"}, "is not one of"),
+        ({"provisioningState": "Succeeded"}, "read-only"),
+        ({"hardwareProfile": {"vmSize": 4}}, "Error converting value"),
+    ):
+        bad = {**body, "properties": {**body["properties"], **change}}
+        with pytest.raises(ARMError, match=message):
+            check_model(VirtualMachine, bad, "parameters")

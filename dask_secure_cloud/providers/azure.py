@@ -77,8 +77,9 @@ CLOUDS: dict[str, tuple[str, str]] = {
 _IMAGE = re.compile(r"^[^:\s]+:[^:\s]+:[^:\s]+:[^:\s]+$")
 _LOCATION = re.compile(r"^[a-z0-9]+$")
 _TAG_KEY_FORBIDDEN = set("<>%&\\?/")
-#: Azure Scheduled Events: where a spot VM learns it is about to be evicted.
-_SCHEDULED_EVENTS = "http://169.254.169.254/metadata/scheduledevents?api-version=2020-07-01"
+#: Azure Scheduled Events, under the metadata endpoint: where a Spot VM learns it is
+#: about to be evicted.
+_SCHEDULED_EVENTS = "/metadata/scheduledevents?api-version=2020-07-01"
 
 T = TypeVar("T")
 
@@ -751,7 +752,7 @@ class AzureDriver(Driver):
         async with client:
             try:
                 response = await client.send_request(
-                    HttpRequest("GET", uris.serial_console_log_blob_uri)
+                    HttpRequest("GET", uris.serial_console_log_blob_uri), stream=True
                 )
                 await response.read()
             except AzureError as e:
@@ -877,6 +878,8 @@ class AzureVMCluster(VMCluster):
         reachable from ``allowed_cidrs`` (default: this machine's address) only.
     allowed_cidrs, open_to_world, allow_insecure_public, public_ip_url
         Who may reach the scheduler, as for ``EC2Cluster``.
+    metadata_endpoint
+        The instance metadata service Spot workers ask for eviction notices.
     """
 
     provider = "azure"
@@ -910,6 +913,7 @@ class AzureVMCluster(VMCluster):
         open_to_world: bool | None = None,
         allow_insecure_public: bool | None = None,
         public_ip_url: str | None = None,
+        metadata_endpoint: str | None = None,
         security: Any = None,
         scheduler_port: int | None = None,
         dashboard_port: int | None = None,
@@ -984,6 +988,7 @@ class AzureVMCluster(VMCluster):
         scheduler_port = config.port(opt("scheduler_port", scheduler_port), "scheduler_port")
         dashboard_port = config.port(opt("dashboard_port", dashboard_port), "dashboard_port")
         self._worker_spot = bool(opt("worker_spot", worker_spot))
+        self._metadata_endpoint = str(opt("metadata_endpoint", metadata_endpoint)).rstrip("/")
         driver = AzureDriver(
             credential=credential,
             cloud=cloud,
@@ -1026,7 +1031,7 @@ class AzureVMCluster(VMCluster):
         found = super()._preloads(role)
         if role is Role.WORKER and self._worker_spot:
             found["spot.py"] = preloads.spot_interruption(
-                _SCHEDULED_EVENTS,
+                self._metadata_endpoint + _SCHEDULED_EVENTS,
                 None,
                 headers={"Metadata": "true"},
                 must_contain='"Preempt"',
