@@ -381,8 +381,9 @@ async def test_missing_credentials_are_a_clear_error(azure, monkeypatch, tmp_pat
     for name in ("AZURE_CLIENT_SECRET", "AZURE_CLIENT_ID", "AZURE_TENANT_ID"):
         monkeypatch.delenv(name)
     monkeypatch.setenv("HOME", str(tmp_path))  # no sign-in caches of this machine
-    with pytest.raises(ClusterStartError, match="credential"):
+    with pytest.raises(ClusterStartError, match="credential=") as info:
         await AzureVMCluster(asynchronous=True, **options)
+    assert "Azure sign-in failed" in str(info.value)
     assert stand_in.tokens_issued == 0 and stand_in.resources == {}
 
 

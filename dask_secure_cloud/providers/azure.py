@@ -235,9 +235,10 @@ class AzureDriver(Driver):
             return await call
         except ClientAuthenticationError as e:
             raise CloudError(
-                f"{what}: Azure refused the credentials ({e.message}). Sign in with "
-                "DefaultAzureCredential's sources (environment, managed identity, "
-                "az login) or pass credential="
+                f"{what}: Azure sign-in failed ({e.message}). Sign in through one of "
+                "DefaultAzureCredential's sources (AZURE_CLIENT_ID/AZURE_TENANT_ID/"
+                "AZURE_CLIENT_SECRET, workload or managed identity, az login) or pass "
+                "credential="
             ) from e
         except HttpResponseError as e:
             raise CloudError(_explain(what, e, self.resource_group)) from e
