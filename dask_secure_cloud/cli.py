@@ -1,14 +1,42 @@
-"""``dask secure-cloud ...`` (also installed as ``dask-secure-cloud``)."""
+"""``dask secure-cloud ...`` (also installed as ``dask-secure-cloud``).
+
+``demo`` runs a TLS cluster here; ``list`` and ``cleanup`` find clusters on the clouds by
+their tags, so a cluster whose notebook died is never out of reach; ``cloud-init`` shows
+what a VM would receive (keys redacted); ``config`` shows each option and its source.
+Cloud options come from the dask config, exactly as for ``Cluster(...)``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import importlib
+import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import click
+import yaml
+
+from . import audit, config
+from .cloudinit import decode_file, parse
+from .credentials import Role
 
 __all__ = ["main"]
+
+#: provider -> (module, cluster class), imported only when used.
+CLUSTER_CLASSES = {
+    "local": (".providers.local", "LocalVMCluster"),
+    "aws": (".providers.aws", "EC2Cluster"),
+    "gcp": (".providers.gcp", "GCPCluster"),
+    "azure": (".providers.azure", "AzureVMCluster"),
+    "digitalocean": (".providers.digitalocean", "DropletCluster"),
+}
+_SECRET_OPTIONS = {"token"}
+_PEM_PRIVATE = re.compile(
+    r"-----BEGIN ([A-Z ]*)PRIVATE KEY-----.*?-----END \1PRIVATE KEY-----", re.DOTALL
+)
 
 
 @click.group(name="secure-cloud", help="Secure Dask clusters on cloud VMs.")
@@ -91,3 +119,276 @@ async def _demo(n_workers: int, security: bool) -> None:
 def demo(n_workers: int, insecure: bool) -> None:
     """Start a TLS LocalVMCluster, compute on it, show its certificates, tear it down."""
     asyncio.run(_demo(n_workers, security=not insecure))
+
+
+# -- shared helpers ----------------------------------------------------------------------
+
+
+def _cluster_class(provider: str) -> Any:
+    module, name = CLUSTER_CLASSES[provider]
+    return getattr(importlib.import_module(module, __package__), name)
+
+
+def _options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``-o key=value`` pairs; values are read as YAML, so ``-o n_workers=2`` is an int."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{pair!r} is not key=value", param_hint="-o/--option")
+        options[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return options
+
+
+def _preview(provider: str, options: dict[str, Any]) -> Any:
+    from .cluster import preview
+
+    try:
+        return preview(_cluster_class(provider), **options)
+    except ImportError as e:
+        raise click.ClickException(str(e)) from e
+    except (ValueError, TypeError) as e:  # an option the cluster class refuses
+        raise click.ClickException(f"{provider}: {e}") from e
+
+
+def _age(created: datetime.datetime | None) -> str:
+    if created is None:
+        return "?"
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=datetime.timezone.utc)
+    seconds = int((datetime.datetime.now(datetime.timezone.utc) - created).total_seconds())
+    hours, rest = divmod(max(seconds, 0), 3600)
+    return f"{hours // 24}d {hours % 24}h" if hours >= 24 else f"{hours}h {rest // 60}m"
+
+
+async def _found(providers: Sequence[str], options: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(provider, summary, driver)`` for every cluster on ``providers``. A provider
+    that is not set up (no SDK, no credentials) is reported and skipped."""
+    from .driver import CloudError
+
+    found = []
+    for provider in providers:
+        try:
+            driver = _preview(provider, dict(options)).driver
+        except click.ClickException as e:
+            click.echo(f"{provider}: skipped ({e.message})", err=True)
+            continue
+        try:
+            found += [(provider, summary, driver) for summary in await driver.clusters()]
+        except (CloudError, OSError, RuntimeError, ValueError) as e:
+            click.echo(f"{provider}: could not list clusters ({e})", err=True)
+            await driver.close()
+    return found
+
+
+_PROVIDER_OPTION = click.option(
+    "--provider",
+    "providers",
+    multiple=True,
+    type=click.Choice(sorted(CLUSTER_CLASSES)),
+    help="Look only here (repeatable). Default: every provider.",
+)
+_OPTION_OPTION = click.option(
+    "-o",
+    "--option",
+    "pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A cluster option, as for Cluster(...): -o region=eu-west-1 (repeatable).",
+)
+
+
+# -- list --------------------------------------------------------------------------------
+
+
+@main.command(name="list")
+@_PROVIDER_OPTION
+@_OPTION_OPTION
+def list_clusters(providers: Sequence[str], pairs: Sequence[str]) -> None:
+    """Clusters that exist now, found by their tags: provider, id, age, VMs, creator."""
+
+    async def run() -> None:
+        found = await _found(providers or sorted(CLUSTER_CLASSES), _options(pairs))
+        try:
+            rows = [("PROVIDER", "CLUSTER", "AGE", "VMS", "CREATOR")]
+            for provider, summary, _ in found:
+                rows.append(
+                    (
+                        provider,
+                        summary.cluster_id,
+                        _age(summary.created),
+                        str(summary.vms),
+                        summary.creator or "?",
+                    )
+                )
+            widths = [max(len(r[i]) for r in rows) for i in range(5)]
+            for row in rows:
+                click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        finally:
+            for driver in {id(d): d for _, _, d in found}.values():
+                await driver.close()
+
+    asyncio.run(run())
+
+
+# -- cleanup -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("cluster_ids", nargs=-1)
+@click.option(
+    "--older-than",
+    default=None,
+    metavar="DURATION",
+    help="Every cluster older than this, e.g. 12h (instead of naming clusters).",
+)
+@click.option("--yes", is_flag=True, help="Delete without asking.")
+@_PROVIDER_OPTION
+@_OPTION_OPTION
+def cleanup(
+    cluster_ids: Sequence[str],
+    older_than: str | None,
+    yes: bool,
+    providers: Sequence[str],
+    pairs: Sequence[str],
+) -> None:
+    """Delete every resource of the named clusters, or of all clusters older than an age.
+
+    Shows what it will delete and asks first, unless --yes.
+    """
+    from .cluster import ResourcesLeftError, delete_cluster
+    from .driver import CloudError
+
+    if bool(cluster_ids) == bool(older_than):
+        raise click.UsageError("name cluster ids, or give --older-than, not both")
+    cutoff = None
+    if older_than:
+        try:
+            age = config.parse_duration(older_than, "--older-than")
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--older-than") from e
+        cutoff = datetime.datetime.now(datetime.timezone.utc) - age
+
+    def chosen(summary: Any) -> bool:
+        if cluster_ids:
+            return summary.cluster_id in cluster_ids
+        created = summary.created
+        if created is not None and created.tzinfo is None:
+            created = created.replace(tzinfo=datetime.timezone.utc)
+        return created is not None and cutoff is not None and created < cutoff
+
+    async def run() -> int:
+        found = await _found(providers or sorted(CLUSTER_CLASSES), _options(pairs))
+        failures = 0
+        try:
+            doomed = [(p, s, d) for p, s, d in found if chosen(s)]
+            missing = set(cluster_ids) - {s.cluster_id for _, s, _ in doomed}
+            for cluster_id in sorted(missing):
+                click.echo(f"{cluster_id}: not found", err=True)
+            if not doomed:
+                click.echo("Nothing to delete.")
+                return 1 if missing else 0
+            click.echo("Will delete every resource of:")
+            for provider, summary, _ in doomed:
+                click.echo(
+                    f"  {provider}  {summary.cluster_id}  {summary.vms} VM(s), "
+                    f"age {_age(summary.created)}, creator {summary.creator or '?'}"
+                )
+            if not yes and not click.confirm("Delete them?", default=False):
+                click.echo("Nothing deleted.")
+                return 1
+            for provider, summary, driver in doomed:
+                try:
+                    deleted = await delete_cluster(driver, summary.cluster_id)
+                except (CloudError, ResourcesLeftError, OSError) as e:
+                    failures += 1
+                    click.echo(f"{summary.cluster_id}: cleanup failed: {e}", err=True)
+                    await audit.record_async(
+                        "cleanup", summary.cluster_id, provider=provider, ok=False, error=str(e)
+                    )
+                    continue
+                click.echo(f"{summary.cluster_id}: deleted {len(deleted)} VM(s) and its network")
+                await audit.record_async(
+                    "cleanup", summary.cluster_id, provider=provider, ok=True, vms_deleted=deleted
+                )
+        finally:
+            for driver in {id(d): d for _, _, d in found}.values():
+                await driver.close()
+        return 1 if failures else 0
+
+    code = asyncio.run(run())
+    if code:
+        raise SystemExit(code)
+
+
+# -- cloud-init --------------------------------------------------------------------------
+
+
+def redact(user_data: bytes) -> str:
+    """The user-data as readable YAML: every file decoded, every private key replaced."""
+    document = parse(user_data)
+    for entry in document.get("write_files", []):
+        content = decode_file(entry).decode(errors="replace")
+        entry["content"] = _PEM_PRIVATE.sub(
+            lambda m: f"-----REDACTED {m.group(1)}PRIVATE KEY-----", content
+        )
+        entry.pop("encoding", None)
+    return "#cloud-config\n" + yaml.safe_dump(document, sort_keys=False, width=100)
+
+
+@main.command(name="cloud-init")
+@click.option(
+    "--provider",
+    type=click.Choice(sorted(CLUSTER_CLASSES)),
+    default="local",
+    show_default=True,
+    help="Whose limits and defaults to use.",
+)
+@click.option(
+    "--role",
+    type=click.Choice([r.value for r in (Role.SCHEDULER, Role.WORKER)]),
+    default="worker",
+    show_default=True,
+)
+@_OPTION_OPTION
+def cloud_init(provider: str, role: str, pairs: Sequence[str]) -> None:
+    """Print the user-data a VM would receive, private keys redacted.
+
+    For image builders and debugging: the certificates shown are a throwaway cluster's.
+    """
+    shown = _preview(provider, _options(pairs))
+    click.echo(redact(shown.user_data[Role(role)]), nl=False)
+
+
+# -- config ------------------------------------------------------------------------------
+
+
+@main.command(name="config")
+@click.argument("provider", type=click.Choice(sorted(CLUSTER_CLASSES)))
+def show_config(provider: str) -> None:
+    """The effective options of PROVIDER's cluster class and where each comes from."""
+    from .cluster import option_names
+
+    try:
+        cls = _cluster_class(provider)
+        names = option_names(cls)
+        config.check_provider_keys(provider, names)
+    except ImportError as e:
+        raise click.ClickException(str(e)) from e
+    except config.ConfigError as e:
+        raise click.ClickException(str(e)) from e
+    rows = [("OPTION", "VALUE", "SOURCE")]
+    for resolved in config.explain(provider, names):
+        value = resolved.value
+        if resolved.name in _SECRET_OPTIONS and value:
+            value = "(set, hidden)"
+        rows.append(
+            (
+                resolved.name,
+                yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n..."),
+                resolved.source,
+            )
+        )
+    widths = [max(len(str(r[i])) for r in rows) for i in range(2)]
+    for name, value, source in rows:
+        click.echo(f"{name.ljust(widths[0])}  {str(value).ljust(widths[1])}  {source}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import datetime
 import inspect
@@ -31,17 +32,17 @@ from distributed.deploy.spec import ProcessInterface, SpecCluster
 from distributed.security import Security
 from tornado.ioloop import PeriodicCallback
 
-from . import config, preloads
+from . import audit, config, preloads
 from .cloudinit import BootPlan, DockerRuntime, NativeRuntime, render
 from .credentials import ClusterCredentials, LeafCredentials, Role, leaf_from_security
-from .driver import CLUSTER_TAG, VM, Driver, VMRequest
+from .driver import CLUSTER_TAG, CREATOR_TAG, VM, Driver, VMRequest
 
 __all__ = ["ClusterStartError", "VMBootError", "VMCluster", "default_docker_image"]
 
 logger = logging.getLogger(__name__)
 
 #: Keywords of a cluster's ``__init__`` that are not options (nothing to configure).
-_NOT_OPTIONS = frozenset({"asynchronous", "loop", "name"})
+_NOT_OPTIONS = frozenset({"asynchronous", "loop", "name", "credential", "credentials"})
 
 
 def option_names(cls: type) -> frozenset[str]:
@@ -60,6 +61,57 @@ def option_names(cls: type) -> frozenset[str]:
         if klass is VMCluster:
             break
     return frozenset(names - _NOT_OPTIONS)
+
+
+_PREVIEW: contextvars.ContextVar[bool] = contextvars.ContextVar("preview", default=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preview:
+    """What a cluster class would use, built from its options without starting anything:
+    the driver (for ``list`` and ``cleanup``) and each role's user-data (``cloud-init``)."""
+
+    provider: str
+    cluster_id: str
+    driver: Driver
+    user_data: Mapping[Role, bytes]
+
+
+class _Previewed(Exception):  # a control-flow signal, not an error
+    def __init__(self, preview: Preview) -> None:
+        super().__init__("preview")
+        self.preview = preview
+
+
+def preview(cls: type[VMCluster], **options: Any) -> Preview:
+    """Resolve ``options`` (keyword > dask config > default) and check them exactly as
+    ``cls(**options)`` would, then stop before any VM, thread or event loop starts."""
+    token = _PREVIEW.set(True)
+    try:
+        cls(**options)
+    except _Previewed as done:
+        return done.preview
+    finally:
+        _PREVIEW.reset(token)
+    raise AssertionError(f"{cls.__name__} did not reach VMCluster.__init__")
+
+
+async def delete_cluster(driver: Driver, cluster_id: str) -> list[str]:
+    """Delete every VM that carries ``cluster_id``, confirm none is left, then release the
+    cluster's network. Returns the names of the VMs deleted. Used by ``close()`` and by
+    ``dask secure-cloud cleanup`` alike."""
+    left = await driver.list(cluster_id)
+    deleted = [vm.name for vm in left]
+    if left:
+        await asyncio.gather(*(driver.destroy(vm) for vm in left))
+        left = await driver.list(cluster_id)
+    if left:
+        raise ResourcesLeftError(
+            f"cluster {cluster_id}: could not delete "
+            + ", ".join(f"{vm.name} ({vm.id})" for vm in left)
+        )
+    await driver.release(cluster_id)
+    return deleted
 
 
 class ClusterStartError(RuntimeError):
@@ -415,11 +467,17 @@ class VMCluster(SpecCluster):
 
         # Render both roles' user-data now: an oversized extra_bootstrap or env_vars
         # fails here, before any VM or network exists.
-        for role in (Role.SCHEDULER, Role.WORKER):
-            render(
-                self._boot_plan(role, "size-check", "tls://0.0.0.0:1"),
+        rendered = {
+            role: render(
+                self._boot_plan(
+                    role, "preview" if _PREVIEW.get() else "size-check", "tls://0.0.0.0:1"
+                ),
                 self.driver.user_data_limit,
             )
+            for role in (Role.SCHEDULER, Role.WORKER)
+        }
+        if _PREVIEW.get():
+            raise _Previewed(Preview(self.provider, self.cluster_id, driver, rendered))
 
         self._inflight: set[asyncio.Future[Any]] = set()
         self._prelaunched: dict[str, asyncio.Future[VM]] = {}
@@ -459,6 +517,17 @@ class VMCluster(SpecCluster):
                 with contextlib.suppress(Exception):
                     self._loop_runner.stop()
             raise
+        audit.record(
+            "created",
+            self.cluster_id,
+            provider=self.provider,
+            driver=repr(self.driver),
+            n_workers=n_workers,
+            tls=self.protocol == "tls",
+            ca_fingerprint=self.ca_fingerprint,
+            certificates_expire=self.certificates_expire,
+            creator=audit.creator(),
+        )
         self.periodic_callbacks["secure-cloud-lease"] = PeriodicCallback(
             self._renew_lease, self._lease * 1000 / 4
         )
@@ -498,6 +567,7 @@ class VMCluster(SpecCluster):
             message = str(e)
             if self._cleanup_error is not None:
                 message += f"; and cleanup could not be confirmed: {self._cleanup_error}"
+            await audit.record_async("start_failed", self.cluster_id, error=message)
             raise ClusterStartError(message) from e.__cause__
         except BaseException:
             await asyncio.shield(self._abort())
@@ -640,7 +710,7 @@ class VMCluster(SpecCluster):
             name=name,
             role=role,
             user_data=user_data,
-            tags={CLUSTER_TAG: self.cluster_id},
+            tags={CLUSTER_TAG: self.cluster_id, CREATOR_TAG: audit.creator()},
         )
         started = time.monotonic()
         task = asyncio.ensure_future(self._bounded(self.driver.create(request)))
@@ -658,6 +728,16 @@ class VMCluster(SpecCluster):
             self._inflight.discard(task)
         elapsed = time.monotonic() - started
         self._log(f"{role.value} VM {name} created at {vm.private_ip} in {elapsed:.1f}s")
+        await audit.record_async(
+            "vm_launched",
+            self.cluster_id,
+            name=name,
+            role=role.value,
+            vm_id=vm.id,
+            private_ip=vm.private_ip,
+            public_ip=vm.public_ip,
+            certificate_fingerprint=plan.tls.fingerprint if plan.tls else None,
+        )
         return vm
 
     async def _bounded(self, creation: Awaitable[VM]) -> VM:
@@ -753,6 +833,7 @@ class VMCluster(SpecCluster):
                     return
                 except (OSError, RuntimeError) as e:
                     if attempt == attempts:
+                        await audit.record_async("cleanup_failed", self.cluster_id, error=str(e))
                         raise ResourcesLeftError(
                             f"cluster {self.cluster_id}: cleanup failed ({e}); its resources "
                             f"carry the tag {CLUSTER_TAG}={self.cluster_id}: delete them, or "
@@ -777,17 +858,9 @@ class VMCluster(SpecCluster):
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         self._prelaunched.clear()
-        left = await self.driver.list(self.cluster_id)
-        if left:
-            await asyncio.gather(*(self.driver.destroy(vm) for vm in left))
-            left = await self.driver.list(self.cluster_id)
-        if left:
-            raise ResourcesLeftError(
-                f"cluster {self.cluster_id}: could not delete "
-                + ", ".join(f"{vm.name} ({vm.id})" for vm in left)
-            )
-        await self.driver.release(self.cluster_id)
+        deleted = await delete_cluster(self.driver, self.cluster_id)
         self._log(f"Cluster {self.cluster_id}: every VM deleted")
+        await audit.record_async("closed", self.cluster_id, vms_deleted=deleted, confirmed=True)
 
     async def _renew_lease(self) -> None:
         """Tell the scheduler its cluster manager is alive (see ``lease_timeout``)."""

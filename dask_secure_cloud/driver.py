@@ -8,17 +8,20 @@ cluster (``cluster.py``) does the rest.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+import datetime
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .cloudinit import UserDataLimit
 from .credentials import Role
 
-__all__ = ["VM", "CloudError", "Driver", "VMRequest"]
+__all__ = ["VM", "CloudError", "ClusterSummary", "Driver", "VMRequest", "summarize"]
 
 #: The tag (or label) key every resource of a cluster carries.
 CLUSTER_TAG = "dask-secure-cloud-cluster"
+#: Who started the cluster (``user@host``), where the cloud's tags can carry it.
+CREATOR_TAG = "dask-secure-cloud-creator"
 
 
 class CloudError(RuntimeError):
@@ -46,6 +49,38 @@ class VM:
     cluster_id: str
     private_ip: str
     public_ip: str | None = None
+
+
+@dataclass(frozen=True)
+class ClusterSummary:
+    """A cluster found by its tags, for ``dask secure-cloud list``."""
+
+    cluster_id: str
+    vms: int
+    created: datetime.datetime | None
+    creator: str | None
+
+
+def summarize(
+    found: Iterable[tuple[str, datetime.datetime | None, str | None]],
+) -> list[ClusterSummary]:
+    """Group ``(cluster id, VM creation time, creator)`` per cluster: its oldest VM dates it."""
+    groups: dict[str, list[tuple[datetime.datetime | None, str | None]]] = {}
+    for cluster_id, created, creator in found:
+        groups.setdefault(cluster_id, []).append((created, creator))
+    summaries = []
+    for cluster_id, vms in sorted(groups.items()):
+        times = [t for t, _ in vms if t is not None]
+        creators = [c for _, c in vms if c]
+        summaries.append(
+            ClusterSummary(
+                cluster_id,
+                len(vms),
+                min(times) if times else None,
+                creators[0] if creators else None,
+            )
+        )
+    return summaries
 
 
 class Driver(abc.ABC):
@@ -86,6 +121,10 @@ class Driver(abc.ABC):
 
     async def release(self, cluster_id: str) -> None:
         """Delete what :meth:`prepare` made, once no VM of the cluster is left."""
+
+    async def clusters(self) -> list[ClusterSummary]:
+        """Every cluster that has a VM on this cloud now, found by the cluster tag."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list clusters")
 
     async def close(self) -> None:
         """Release SDK sessions. The cluster calls this last."""

@@ -87,5 +87,15 @@ def _loopback_only(host, *args, **kwargs):
 
 
 @pytest.fixture(autouse=True)
+def audit_log(tmp_path_factory):
+    """Each test's audit log goes to its own file, never to the user's data directory."""
+    import dask.config
+
+    path = tmp_path_factory.mktemp("audit") / "audit.jsonl"
+    with dask.config.set({"secure-cloud.audit-log": str(path)}):
+        yield path
+
+
+@pytest.fixture(autouse=True)
 def _no_network_beyond_loopback(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", _loopback_only)

@@ -25,7 +25,16 @@ from .. import config, preloads
 from ..cloudinit import LIMITS
 from ..cluster import VMCluster
 from ..credentials import Role
-from ..driver import CLUSTER_TAG, VM, CloudError, Driver, VMRequest
+from ..driver import (
+    CLUSTER_TAG,
+    CREATOR_TAG,
+    VM,
+    CloudError,
+    ClusterSummary,
+    Driver,
+    VMRequest,
+    summarize,
+)
 from ..network import NetworkPolicy
 
 try:
@@ -286,7 +295,7 @@ class EC2Driver(Driver):
             **self.tags,
             "Name": f"dask-secure-cloud-{cluster_id}-{name}",
             CLUSTER_TAG: cluster_id,
-            "dask-secure-cloud-creator": getpass.getuser(),
+            CREATOR_TAG: getpass.getuser(),
         }
         return [{"Key": k, "Value": v} for k, v in tags.items()]
 
@@ -404,6 +413,21 @@ class EC2Driver(Driver):
                         )
                     )
         return found
+
+    async def clusters(self) -> list[ClusterSummary]:
+        filters = [
+            {"Name": "tag-key", "Values": [CLUSTER_TAG]},
+            {"Name": "instance-state-name", "Values": _LIVE_STATES},
+        ]
+        found = []
+        async for page in self._paginate("describe_instances", Filters=filters):
+            for reservation in page["Reservations"]:
+                for instance in reservation["Instances"]:
+                    tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+                    found.append(
+                        (tags[CLUSTER_TAG], instance.get("LaunchTime"), tags.get(CREATOR_TAG))
+                    )
+        return summarize(found)
 
     async def state(self, vm: VM) -> str:
         name = (await self._describe(vm.id))["State"]["Name"]

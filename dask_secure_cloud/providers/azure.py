@@ -35,7 +35,16 @@ from .. import config, preloads
 from ..cloudinit import LIMITS
 from ..cluster import VMCluster
 from ..credentials import Role
-from ..driver import CLUSTER_TAG, VM, CloudError, Driver, VMRequest
+from ..driver import (
+    CLUSTER_TAG,
+    CREATOR_TAG,
+    VM,
+    CloudError,
+    ClusterSummary,
+    Driver,
+    VMRequest,
+    summarize,
+)
 from ..network import NetworkPolicy
 
 try:
@@ -496,7 +505,7 @@ class AzureDriver(Driver):
         compute, net = self._clients()
         assert self._subnet_id is not None
         role = request.role.value
-        tags = self._cluster_tags(request.cluster_id, role)
+        tags = {**self._cluster_tags(request.cluster_id, role), **request.tags}
         name = _name(request.cluster_id, request.name)
         public = self.network.public_address(worker=request.role is Role.WORKER)
         public_ip = None
@@ -710,6 +719,22 @@ class AzureDriver(Driver):
             )
             for v in vms
         ]
+
+    async def clusters(self) -> list[ClusterSummary]:
+        await self._resolve_subscription()
+        compute, _ = self._clients()
+
+        async def collect() -> list[Any]:
+            return [
+                v
+                async for v in compute.virtual_machines.list(self.resource_group)
+                if CLUSTER_TAG in (v.tags or {})
+            ]
+
+        vms = await self._arm("listing VMs", collect())
+        return summarize(
+            (v.tags[CLUSTER_TAG], v.time_created, v.tags.get(CREATOR_TAG)) for v in vms
+        )
 
     async def state(self, vm: VM) -> str:
         compute, _ = self._clients()

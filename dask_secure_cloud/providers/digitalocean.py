@@ -14,6 +14,7 @@ and never reaches a droplet: it is neither in user-data nor in the shipped dask 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import difflib
 import os
 import re
@@ -25,7 +26,7 @@ from .. import config
 from ..cloudinit import LIMITS
 from ..cluster import VMCluster
 from ..credentials import Role
-from ..driver import VM, CloudError, Driver, VMRequest
+from ..driver import CREATOR_TAG, VM, CloudError, ClusterSummary, Driver, VMRequest, summarize
 from ..network import NetworkPolicy
 
 try:
@@ -216,7 +217,12 @@ class DropletDriver(Driver):
             "image": self.image,
             "user_data": request.user_data.decode(),
             "vpc_uuid": self.vpc_uuid,
-            "tags": [tag, f"dask-secure-cloud-{request.role.value}", *self.tags],
+            "tags": [
+                tag,
+                f"dask-secure-cloud-{request.role.value}",
+                *_creator_tag(request.tags.get(CREATOR_TAG)),
+                *self.tags,
+            ],
             "monitoring": self.monitoring,
             "ipv6": False,
             "with_droplet_agent": False,
@@ -287,6 +293,34 @@ class DropletDriver(Driver):
             )
         return found
 
+    async def clusters(self) -> list[ClusterSummary]:
+        found = []
+        for role in ("scheduler", "worker"):
+            for droplet in await self._all(
+                "listing droplets", "droplets", "droplets", tag_name=f"dask-secure-cloud-{role}"
+            ):
+                tags = droplet.get("tags") or []
+                cluster = next(
+                    (t.removeprefix("dask-secure-cloud-") for t in tags if _CLUSTER.match(t)),
+                    None,
+                )
+                if cluster is None:
+                    continue
+                creator = next(
+                    (t.split(":", 1)[1] for t in tags if t.startswith(f"{CREATOR_TAG}:")), None
+                )
+                created = droplet.get("created_at")
+                found.append(
+                    (
+                        cluster,
+                        datetime.datetime.fromisoformat(created.replace("Z", "+00:00"))
+                        if created
+                        else None,
+                        creator,
+                    )
+                )
+        return summarize(found)
+
     async def state(self, vm: VM) -> str:
         try:
             droplet = (
@@ -325,6 +359,16 @@ class DropletDriver(Driver):
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+_CLUSTER = re.compile(r"^dask-secure-cloud-(dsc-[0-9a-f]+)$")
+
+
+def _creator_tag(creator: str | None) -> list[str]:
+    """DigitalOcean tags allow letters, digits, '-', '_' and ':' only."""
+    if not creator:
+        return []
+    return [f"{CREATOR_TAG}:{re.sub(r'[^a-zA-Z0-9_-]', '_', creator)}"[:255]]
 
 
 def _addresses(droplet: Mapping[str, Any]) -> tuple[str | None, str | None]:

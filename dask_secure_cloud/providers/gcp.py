@@ -15,6 +15,7 @@ without the caller's endpoint.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import getpass
 import re
 import time
@@ -25,7 +26,16 @@ from .. import config
 from ..cloudinit import LIMITS
 from ..cluster import VMCluster
 from ..credentials import Role
-from ..driver import CLUSTER_TAG, VM, CloudError, Driver, VMRequest
+from ..driver import (
+    CLUSTER_TAG,
+    CREATOR_TAG,
+    VM,
+    CloudError,
+    ClusterSummary,
+    Driver,
+    VMRequest,
+    summarize,
+)
 from ..network import NetworkPolicy
 
 try:
@@ -322,7 +332,7 @@ class GCPDriver(Driver):
                 **self.labels,
                 CLUSTER_TAG: request.cluster_id,
                 "dask-secure-cloud-role": request.role.value,
-                "dask-secure-cloud-creator": _label_value(getpass.getuser()),
+                CREATOR_TAG: _label_value(getpass.getuser()),
             },
             tags=compute_v1.Tags(items=[_network_tag(request.cluster_id), *self.network_tags]),
             metadata=compute_v1.Metadata(
@@ -424,6 +434,28 @@ class GCPDriver(Driver):
         instances = await asyncio.to_thread(list, pages)
         # A stopped instance still exists (and its disk still costs): list every one.
         return [self._record(i, cluster_id) for i in instances]
+
+    async def clusters(self) -> list[ClusterSummary]:
+        pages = await self._call(
+            "InstancesClient",
+            "list",
+            "listing instances",
+            request=compute_v1.ListInstancesRequest(
+                project=self.project, zone=self.zone, filter=f"labels.{CLUSTER_TAG}:*"
+            ),
+        )
+        instances = await asyncio.to_thread(list, pages)
+        return summarize(
+            (
+                i.labels[CLUSTER_TAG],
+                datetime.datetime.fromisoformat(i.creation_timestamp)
+                if i.creation_timestamp
+                else None,
+                i.labels.get(CREATOR_TAG),
+            )
+            for i in instances
+            if CLUSTER_TAG in i.labels
+        )
 
     async def state(self, vm: VM) -> str:
         try:

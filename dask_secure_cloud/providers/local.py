@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import ipaddress
 import os
 import random
@@ -23,11 +24,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .. import config
+from .. import audit, config
 from ..cloudinit import LIMITS
 from ..cluster import VMCluster
 from ..credentials import Role
-from ..driver import VM, Driver, VMRequest
+from ..driver import VM, ClusterSummary, Driver, VMRequest, summarize
 from ..vmrunner import LocalVM, boot, find_vms
 
 __all__ = ["LocalDriver", "LocalVMCluster", "loopback_subnet"]
@@ -149,6 +150,20 @@ class LocalDriver(Driver):
     async def console_output(self, vm: VM) -> str:
         local = self._local(vm)
         return await asyncio.to_thread(local.console_output) if local else ""
+
+    async def clusters(self) -> list[ClusterSummary]:
+        def scan() -> list[tuple[str, datetime.datetime | None, str | None]]:
+            found = []
+            for vm in find_vms(self.directory):
+                try:
+                    stamp = os.stat(vm.directory).st_mtime
+                except OSError:
+                    continue
+                created = datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc)
+                found.append((vm.cluster_id, created, audit.creator()))
+            return found
+
+        return summarize(await asyncio.to_thread(scan))
 
     async def release(self, cluster_id: str) -> None:
         with contextlib.suppress(OSError):
