@@ -495,6 +495,17 @@ class VMCluster(SpecCluster):
                 else "no cluster CA"
             )
         )
+        audit.record(
+            "created",
+            self.cluster_id,
+            provider=self.provider,
+            driver=repr(self.driver),
+            n_workers=n_workers,
+            tls=self.protocol == "tls",
+            ca_fingerprint=self.ca_fingerprint,
+            certificates_expire=self.certificates_expire,
+            creator=audit.creator(),
+        )
         workers = {
             f"worker-{i}": {"cls": WorkerVM, "options": {"cluster": self}} for i in range(n_workers)
         }
@@ -517,17 +528,6 @@ class VMCluster(SpecCluster):
                 with contextlib.suppress(Exception):
                     self._loop_runner.stop()
             raise
-        audit.record(
-            "created",
-            self.cluster_id,
-            provider=self.provider,
-            driver=repr(self.driver),
-            n_workers=n_workers,
-            tls=self.protocol == "tls",
-            ca_fingerprint=self.ca_fingerprint,
-            certificates_expire=self.certificates_expire,
-            creator=audit.creator(),
-        )
         self.periodic_callbacks["secure-cloud-lease"] = PeriodicCallback(
             self._renew_lease, self._lease * 1000 / 4
         )

@@ -275,6 +275,7 @@ class DigitalOceanStandIn:
             "region": {"slug": region},
             "size_slug": body["size"],
             "vpc_uuid": vpc["id"],
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "networks": {"v4": [], "v6": []},
             "_private": private,
             "_vm": vm.vm_id,
