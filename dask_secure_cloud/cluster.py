@@ -762,6 +762,7 @@ class VMCluster(SpecCluster):
 
     async def _destroy_vm(self, vm: VM) -> None:
         await self.driver.destroy(vm)
+        await audit.record_async("vm_deleted", self.cluster_id, name=vm.name, vm_id=vm.id)
 
     async def _wait_reachable(self, vm: VM, address: str) -> None:
         """Wait until the scheduler completes a (TLS) handshake, or report its console."""
@@ -860,7 +861,7 @@ class VMCluster(SpecCluster):
         self._prelaunched.clear()
         deleted = await delete_cluster(self.driver, self.cluster_id)
         self._log(f"Cluster {self.cluster_id}: every VM deleted")
-        await audit.record_async("closed", self.cluster_id, vms_deleted=deleted, confirmed=True)
+        await audit.record_async("closed", self.cluster_id, swept=deleted, confirmed_none_left=True)
 
     async def _renew_lease(self) -> None:
         """Tell the scheduler its cluster manager is alive (see ``lease_timeout``)."""

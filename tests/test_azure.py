@@ -6,7 +6,6 @@ import asyncio
 import base64
 import json
 import os
-import random
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,52 +14,16 @@ import pytest
 from azure.mgmt.compute.models import VirtualMachine
 from distributed import Client
 
-from dask_secure_cloud import AzureVMCluster
+from dask_secure_cloud import AzureVMCluster, audit
 from dask_secure_cloud.cluster import ClusterStartError
 from dask_secure_cloud.credentials import Role
 from dask_secure_cloud.driver import VMRequest
 from dask_secure_cloud.network import NetworkPolicyError
 
 from clouds.arm import ARMError, AzureStandIn, check_model
-from clouds.booter import VMBooter
-from conftest import decoded_files, vm_processes
+from conftest import SECRET, SUBSCRIPTION, decoded_files, vm_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-SUBSCRIPTION = "5f1b3c2e-8d6a-4b7e-9c0f-1a2b3c4d5e6f"
-TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
-CLIENT_ID = "0d6c1a52-3f4e-4b8a-9e7d-6c5b4a3f2e1d"
-SECRET = "client-secret-never-on-a-vm"
-
-
-@pytest.fixture
-def azure(tmp_path, monkeypatch):
-    stand_in = AzureStandIn(
-        VMBooter(tmp_path / "vms"),
-        subscription=SUBSCRIPTION,
-        tenant=TENANT,
-        client_id=CLIENT_ID,
-        client_secret=SECRET,
-    )
-    url = stand_in.start()
-    stand_in.add_group("dask-rg", "westeurope")
-    bundle = tmp_path / "ca.pem"
-    stand_in.ca.cert_pem.write_to_path(str(bundle))
-    # DefaultAzureCredential's environment source signs in at the stand-in.
-    monkeypatch.setenv("AZURE_TENANT_ID", TENANT)
-    monkeypatch.setenv("AZURE_CLIENT_ID", CLIENT_ID)
-    monkeypatch.setenv("AZURE_CLIENT_SECRET", SECRET)
-    monkeypatch.setenv("AZURE_AUTHORITY_HOST", url)
-    options = {
-        "resource_group": "dask-rg",
-        "resource_manager_url": url,
-        "ca_bundle": str(bundle),
-        "scheduler_vm_size": "Standard_D2s_v5",
-        "worker_vm_size": "Standard_D4s_v5",
-        "address_prefix": f"127.{random.randint(100, 250)}.0.0/16",
-        "boot_timeout": "60s",
-    }
-    yield stand_in, options
-    stand_in.stop()
 
 
 class _ScheduledEvents(BaseHTTPRequestHandler):
@@ -88,7 +51,7 @@ def nothing_left(stand_in: AzureStandIn, cluster_id: str) -> bool:
     return not stand_in.tagged(cluster_id) and not vm_processes(cluster_id)
 
 
-async def test_azure_cluster_computes_over_tls_and_leaves_nothing(azure):
+async def test_azure_cluster_computes_over_tls_and_leaves_nothing(azure, audit_log):
     stand_in, options = azure
     async with AzureVMCluster(
         n_workers=2, tags={"team": "ml"}, asynchronous=True, **options
@@ -103,6 +66,21 @@ async def test_azure_cluster_computes_over_tls_and_leaves_nothing(azure):
         assert not stand_in.of_kind("publicipaddresses")  # private first
     assert nothing_left(stand_in, cluster_id)
     assert stand_in.resources == {}
+    # The audit log holds the cluster's whole life, and no key, token or secret.
+    text = audit_log.read_text()
+    events = [e for e in audit.read(audit_log) if e["cluster_id"] == cluster_id]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "created" and kinds[-1] == "closed" and kinds.count("vm_launched") == 3
+    created = events[0]
+    assert created["provider"] == "azure" and created["tls"] is True
+    assert created["ca_fingerprint"] == cluster.ca_fingerprint
+    fingerprints = {e["certificate_fingerprint"] for e in events if e["event"] == "vm_launched"}
+    assert len(fingerprints) == 3 and None not in fingerprints  # one certificate per VM
+    deleted = [e["name"] for e in events if e["event"] == "vm_deleted"] + events[-1]["swept"]
+    assert sorted(deleted) == ["scheduler", "worker-0", "worker-1"]
+    assert events[-1]["confirmed_none_left"] is True
+    for secret in ("PRIVATE KEY", SECRET, stand_in.token, "BEGIN CERTIFICATE"):
+        assert secret not in text
 
 
 async def test_requests_are_private_hardened_and_carry_no_secret(azure):
