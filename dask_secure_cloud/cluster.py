@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import dataclasses
 import datetime
+import html
 import inspect
 import logging
 import sys
@@ -510,6 +511,7 @@ class VMCluster(SpecCluster):
             f"worker-{i}": {"cls": WorkerVM, "options": {"cluster": self}} for i in range(n_workers)
         }
         self._i = n_workers
+        self._started_at = time.monotonic()
         try:
             super().__init__(
                 workers=workers,
@@ -543,6 +545,14 @@ class VMCluster(SpecCluster):
         logger.info(log)
         if hasattr(self, "_cluster_manager_logs"):
             self._cluster_manager_logs.append((datetime.datetime.now(), log))
+
+    def _update_worker_status(self, op: str, msg: Any) -> None:
+        """Keep ``scheduler_info`` current, and log each worker that joins with the count."""
+        super()._update_worker_status(op, msg)
+        if op == "add":
+            since = time.monotonic() - self._started_at
+            joined = len(self.scheduler_info.get("workers", {}))
+            self._log(f"Workers joined: {joined} of {len(self.worker_spec)} after {since:.1f}s")
 
     def _new_worker_name(self, worker_number: int) -> str:
         return f"worker-{worker_number}"
@@ -913,19 +923,38 @@ class VMCluster(SpecCluster):
                     logs[f"{vm.name} console"] = Log(text)
         return logs
 
-    def __repr__(self) -> str:
-        workers = self.scheduler_info.get("workers", {}) if hasattr(self, "scheduler_info") else {}
-        tls = "off" if self.protocol == "tcp" else "on"
-        text = (
-            f"{type(self).__name__}({self.cluster_id}, {self.scheduler_address!r}, "
-            f"workers={len(workers)}, tls={tls}"
-        )
+    def _summary(self) -> dict[str, str]:
+        """What the text and HTML reprs show: where, how many VMs, and the TLS state."""
+        workers = len(getattr(self, "workers", {}) or {})
+        scheduler = 1 if getattr(self, "scheduler", None) is not None else 0
+        summary = {
+            "provider": self.provider,
+            "location": self.driver.where() or "-",
+            "vms": f"{scheduler + workers} ({scheduler} scheduler, {workers} workers)",
+            "tls": "off" if self.protocol == "tcp" else "on",
+        }
         if self._credentials is not None:
-            text += (
-                f", ca={self._credentials.ca_fingerprint[:11]}..., "
-                f"expires={self._credentials.not_after:%Y-%m-%d %H:%M}Z"
-            )
-        return text + ")"
+            summary["ca"] = self._credentials.ca_fingerprint
+            summary["expires"] = f"{self._credentials.not_after:%Y-%m-%d %H:%M} UTC"
+        elif self._given_security is not None:
+            summary["ca"] = "your own"
+        return summary
+
+    def __repr__(self) -> str:
+        summary = self._summary()
+        if "ca" in summary and self._credentials is not None:
+            summary["ca"] = summary["ca"][:11] + "..."
+        fields = ", ".join(f"{k}={v}" for k, v in summary.items())
+        address = getattr(self, "scheduler_address", "<not started>")
+        return f"{type(self).__name__}({self.cluster_id}, {address!r}, {fields})"
+
+    def _repr_html_(self, cluster_status: str | None = None) -> str:
+        rows = "".join(
+            f"<tr><th style='text-align: left'>{html.escape(k)}</th>"
+            f"<td style='text-align: left'>{html.escape(v)}</td></tr>"
+            for k, v in self._summary().items()
+        )
+        return super()._repr_html_(cluster_status=f"<table>{rows}</table>{cluster_status or ''}")
 
     def __reduce__(self) -> Any:
         raise TypeError(

@@ -107,6 +107,10 @@ class Driver(abc.ABC):
     async def list(self, cluster_id: str) -> list[VM]:
         """Every VM that carries ``cluster_id`` and is not yet gone."""
 
+    def where(self) -> str:
+        """Region, zone or location, for the cluster's repr."""
+        return ""
+
     def gpus(self, role: Role) -> bool:
         """Whether VMs of ``role`` have GPUs to hand to the container. Known after prepare."""
         return False

@@ -450,3 +450,30 @@ def test_global_dask_config_is_left_as_it_was(vm_dir):
     with LocalVMCluster(n_workers=1, directory=vm_dir) as cluster, Client(cluster) as client:
         client.wait_for_workers(1, timeout=60)
     assert repr(dask.config.config) == snapshot
+
+
+async def test_display_and_progress_log(vm_dir, caplog):
+    caplog.set_level(logging.INFO, logger="dask_secure_cloud.cluster")
+    async with LocalVMCluster(n_workers=1, directory=vm_dir, asynchronous=True) as cluster:
+        async with Client(cluster, asynchronous=True) as client:
+            await client.wait_for_workers(1, timeout=60)
+        text = repr(cluster)
+        for part in (
+            "provider=local",
+            "location=this machine",
+            "vms=2 (1 scheduler, 1 workers)",
+            "tls=on",
+            f"ca={cluster.ca_fingerprint[:11]}",
+            f"expires={cluster.certificates_expire:%Y-%m-%d %H:%M} UTC",
+        ):
+            assert part in text
+        page = cluster._repr_html_()
+        assert cluster.ca_fingerprint in page and "LocalVMCluster" in page and ">tls<" in page
+        log = caplog.text
+        for step in (
+            "Network ready in",
+            "VM scheduler created",
+            "reachable after",
+            "joined: 1 of 1",
+        ):
+            assert step in log, step

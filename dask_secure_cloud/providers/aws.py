@@ -174,6 +174,9 @@ class EC2Driver(Driver):
 
     # -- before the first VM ------------------------------------------------------------
 
+    def where(self) -> str:
+        return self.region
+
     async def prepare(self, cluster_id: str) -> None:
         vpc_id, vpc_cidr = await self._resolve_network()
         await self._check_instance_types()

@@ -335,6 +335,9 @@ class AzureDriver(Driver):
     def gpus(self, role: Role) -> bool:
         return self.vm_sizes[role].lower() in self._gpu_sizes
 
+    def where(self) -> str:
+        return self.location or ""
+
     async def prepare(self, cluster_id: str) -> None:
         await self._resolve_subscription()
         group = await self._plain_get(

@@ -148,6 +148,9 @@ class DropletDriver(Driver):
 
     # -- before the first VM ------------------------------------------------------------
 
+    def where(self) -> str:
+        return self.region
+
     async def prepare(self, cluster_id: str) -> None:
         regions = {r["slug"]: r for r in await self._all("listing regions", "regions", "regions")}
         if self.region not in regions:

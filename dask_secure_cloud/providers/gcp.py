@@ -191,6 +191,9 @@ class GCPDriver(Driver):
 
     # -- before the first VM ------------------------------------------------------------
 
+    def where(self) -> str:
+        return self.zone
+
     async def prepare(self, cluster_id: str) -> None:
         await self._call(
             "ZonesClient", "get", f"zone {self.zone!r}", project=self.project, zone=self.zone

@@ -98,6 +98,9 @@ class LocalDriver(Driver):
             return str(self.subnet[1]) if self.subnet is not None else "127.0.0.1"
         return next(self._addresses)
 
+    def where(self) -> str:
+        return "this machine"
+
     async def create(self, request: VMRequest) -> VM:
         address = self._address_for(request.role)
         vm = await asyncio.to_thread(
