@@ -211,13 +211,15 @@ async def test_given_vnet_and_nsg_are_used_and_kept(azure):
     assert {k: json.dumps(v, sort_keys=True) for k, v in stand_in.resources.items()} == before
 
 
-async def test_throttled_vm_creation_is_retried(azure):
+async def test_throttling_is_waited_out(azure):
     stand_in, options = azure
     stand_in.throttle("PUT virtualMachines")
+    stand_in.throttle("GET resourceGroups")
     async with AzureVMCluster(n_workers=1, asynchronous=True, **options) as cluster:
         cluster_id = cluster.cluster_id
         assert len(stand_in.of_kind("virtualmachines")) == 2
     assert stand_in.calls.count("PUT virtualMachines") == 3
+    assert stand_in.calls.count("GET resourceGroups") == 2
     assert nothing_left(stand_in, cluster_id)
 
 

@@ -56,6 +56,7 @@ try:
         HttpResponseError,
         ResourceNotFoundError,
     )
+    from azure.core.pipeline.policies import AsyncRetryPolicy
     from azure.core.rest import HttpRequest
     from azure.identity import AzureAuthorityHosts
     from azure.identity.aio import DefaultAzureCredential
@@ -275,7 +276,10 @@ class AzureDriver(Driver):
         """A GET outside the two management SDKs (subscriptions, resource groups)."""
         client = AsyncPipelineClient(
             base_url=self.resource_manager_url,
-            policies=[AsyncARMChallengeAuthenticationPolicy(self._get_credential(), self._scope())],
+            policies=[
+                AsyncRetryPolicy(),  # throttling (429) and transient 5xx, as in the SDKs
+                AsyncARMChallengeAuthenticationPolicy(self._get_credential(), self._scope()),
+            ],
             **self._transport_options(),
         )
         async with client:
