@@ -416,6 +416,10 @@ class VMCluster(SpecCluster):
             "scheduler_port": config.port(opt("scheduler_port", scheduler_port), "scheduler_port"),
             "dashboard_port": config.port(opt("dashboard_port", dashboard_port), "dashboard_port"),
         }
+        driver.configure(
+            ports=(self._ports["scheduler_port"], self._ports["dashboard_port"]),
+            boot_timeout=self._boot_timeout,
+        )
 
         runtime = opt("runtime", runtime)
         if runtime == "docker":

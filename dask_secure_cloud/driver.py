@@ -91,6 +91,15 @@ class Driver(abc.ABC):
     user_data_limit: ClassVar[UserDataLimit]
     #: VM creations in flight at once; the SDK's retries absorb throttling beyond it.
     max_concurrent_creates: ClassVar[int] = 16
+    #: The scheduler's port and dashboard port, for the firewall; set by :meth:`configure`.
+    ports: tuple[int, int] = (8786, 8787)
+    #: Seconds a VM (or a cloud operation) may take; set by :meth:`configure`.
+    boot_timeout: float = 600.0
+
+    def configure(self, *, ports: tuple[int, int], boot_timeout: float) -> None:
+        """Receive the options every cloud shares, resolved once by the cluster."""
+        self.ports = ports
+        self.boot_timeout = boot_timeout
 
     async def prepare(self, cluster_id: str) -> None:
         """Make what the cluster's VMs need before the first one (network, firewall)."""

@@ -388,9 +388,8 @@ async def test_default_vpc_and_tags(aws):
         worker_spot=False,
         tags={"team": "analytics"},
         network=NetworkPolicy(use_private_ip=True),
-        ports=(8786, 8787),
-        boot_timeout=10,
     )
+    driver.configure(ports=(8786, 8787), boot_timeout=10)
     try:
         await driver.prepare("c-default")
         subnet = client.describe_subnets(SubnetIds=[driver.subnet_id])["Subnets"][0]

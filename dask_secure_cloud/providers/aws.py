@@ -121,8 +121,6 @@ class EC2Driver(Driver):
         worker_spot: bool,
         tags: Mapping[str, str],
         network: NetworkPolicy,
-        ports: Sequence[int],
-        boot_timeout: float,
     ) -> None:
         self.region = region
         self.endpoint_url = endpoint_url
@@ -137,8 +135,6 @@ class EC2Driver(Driver):
         self.worker_spot = worker_spot
         self.tags = dict(tags)
         self.network = network
-        self.ports = list(ports)
-        self.boot_timeout = boot_timeout
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
         self._root_device = "/dev/sda1"
@@ -539,9 +535,6 @@ class EC2Cluster(VMCluster):
         public_ip_url: str | None = None,
         metadata_endpoint: str | None = None,
         security: Any = None,
-        scheduler_port: int | None = None,
-        dashboard_port: int | None = None,
-        boot_timeout: str | float | None = None,
         **kwargs: Any,
     ) -> None:
         def opt(name: str, value: Any) -> Any:
@@ -580,8 +573,6 @@ class EC2Cluster(VMCluster):
                 raise ValueError(
                     f"{role.value}_instance_type must look like 'm6i.large', got {value!r}"
                 )
-        scheduler_port = config.port(opt("scheduler_port", scheduler_port), "scheduler_port")
-        dashboard_port = config.port(opt("dashboard_port", dashboard_port), "dashboard_port")
         self._worker_spot = bool(opt("worker_spot", worker_spot))
         self._metadata_endpoint = str(opt("metadata_endpoint", metadata_endpoint)).rstrip("/")
         driver = EC2Driver(
@@ -598,17 +589,10 @@ class EC2Cluster(VMCluster):
             worker_spot=self._worker_spot,
             tags=tags,
             network=network,
-            ports=(scheduler_port, dashboard_port),
-            boot_timeout=config.parse_duration(
-                opt("boot_timeout", boot_timeout), "boot_timeout"
-            ).total_seconds(),
         )
         super().__init__(
             driver,
             security=security,
-            scheduler_port=scheduler_port,
-            dashboard_port=dashboard_port,
-            boot_timeout=boot_timeout,
             **kwargs,
         )
 

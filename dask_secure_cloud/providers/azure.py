@@ -165,8 +165,6 @@ class AzureDriver(Driver):
         ssh_public_key: str | None,
         user_assigned_identity: str | None,
         network: NetworkPolicy,
-        ports: Sequence[int],
-        boot_timeout: float,
         polling_interval: float = 2.0,
     ) -> None:
         self._given_credential = credential
@@ -190,8 +188,6 @@ class AzureDriver(Driver):
         self.ssh_public_key = ssh_public_key
         self.user_assigned_identity = user_assigned_identity
         self.network = network
-        self.ports = list(ports)
-        self.boot_timeout = boot_timeout
         self.polling_interval = polling_interval
         self._credential: AsyncTokenCredential | None = credential
         self._compute: ComputeManagementClient | None = None
@@ -948,9 +944,6 @@ class AzureVMCluster(VMCluster):
         public_ip_url: str | None = None,
         metadata_endpoint: str | None = None,
         security: Any = None,
-        scheduler_port: int | None = None,
-        dashboard_port: int | None = None,
-        boot_timeout: str | float | None = None,
         **kwargs: Any,
     ) -> None:
         def opt(name: str, value: Any) -> Any:
@@ -1018,8 +1011,6 @@ class AzureVMCluster(VMCluster):
             allow_insecure_public=allow_insecure_public,
             public_ip_url=public_ip_url,
         )
-        scheduler_port = config.port(opt("scheduler_port", scheduler_port), "scheduler_port")
-        dashboard_port = config.port(opt("dashboard_port", dashboard_port), "dashboard_port")
         self._worker_spot = bool(opt("worker_spot", worker_spot))
         self._metadata_endpoint = str(opt("metadata_endpoint", metadata_endpoint)).rstrip("/")
         driver = AzureDriver(
@@ -1046,17 +1037,10 @@ class AzureVMCluster(VMCluster):
             ssh_public_key=opt("ssh_public_key", ssh_public_key),
             user_assigned_identity=opt("user_assigned_identity", user_assigned_identity),
             network=network,
-            ports=(scheduler_port, dashboard_port),
-            boot_timeout=config.parse_duration(
-                opt("boot_timeout", boot_timeout), "boot_timeout"
-            ).total_seconds(),
         )
         super().__init__(
             driver,
             security=security,
-            scheduler_port=scheduler_port,
-            dashboard_port=dashboard_port,
-            boot_timeout=boot_timeout,
             **kwargs,
         )
 

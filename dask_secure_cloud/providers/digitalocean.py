@@ -67,8 +67,6 @@ class DropletDriver(Driver):
         ssh_keys: Sequence[str | int],
         monitoring: bool,
         network: NetworkPolicy,
-        ports: Sequence[int],
-        boot_timeout: float,
     ) -> None:
         self._token = token
         self.api_url = api_url
@@ -81,8 +79,6 @@ class DropletDriver(Driver):
         self.ssh_keys = list(ssh_keys)
         self.monitoring = monitoring
         self.network = network
-        self.ports = list(ports)
-        self.boot_timeout = boot_timeout
         self._client: Client | None = None
 
     def __repr__(self) -> str:  # never show the token
@@ -456,9 +452,6 @@ class DropletCluster(VMCluster):
         allow_insecure_public: bool | None = None,
         public_ip_url: str | None = None,
         security: Any = None,
-        scheduler_port: int | None = None,
-        dashboard_port: int | None = None,
-        boot_timeout: str | float | None = None,
         **kwargs: Any,
     ) -> None:
         def opt(name: str, value: Any) -> Any:
@@ -486,8 +479,6 @@ class DropletCluster(VMCluster):
             public_ip_url=public_ip_url,
             always_public=True,  # every droplet has a public address
         )
-        scheduler_port = config.port(opt("scheduler_port", scheduler_port), "scheduler_port")
-        dashboard_port = config.port(opt("dashboard_port", dashboard_port), "dashboard_port")
         driver = DropletDriver(
             token=token,
             api_url=opt("api_url", api_url),
@@ -503,16 +494,9 @@ class DropletCluster(VMCluster):
             ssh_keys=list(opt("ssh_keys", ssh_keys) or []),
             monitoring=bool(opt("monitoring", monitoring)),
             network=network,
-            ports=(scheduler_port, dashboard_port),
-            boot_timeout=config.parse_duration(
-                opt("boot_timeout", boot_timeout), "boot_timeout"
-            ).total_seconds(),
         )
         super().__init__(
             driver,
             security=security,
-            scheduler_port=scheduler_port,
-            dashboard_port=dashboard_port,
-            boot_timeout=boot_timeout,
             **kwargs,
         )

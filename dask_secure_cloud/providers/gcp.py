@@ -90,10 +90,8 @@ class GCPDriver(Driver):
         scopes: Sequence[str],
         network_policy: NetworkPolicy,
         max_run_duration: float | None,
-        ports: Sequence[int],
         api_endpoint: str | None,
         credentials: Any,
-        operation_timeout: float,
     ) -> None:
         self.project = project
         self.zone = zone
@@ -112,10 +110,8 @@ class GCPDriver(Driver):
         self.scopes = list(scopes)
         self.network_policy = network_policy
         self.max_run_duration = max_run_duration
-        self.ports = list(ports)
         self.api_endpoint = api_endpoint
         self.credentials = credentials
-        self.operation_timeout = operation_timeout
         self._clients: dict[str, Any] = {}
         self._image_link: str | None = None
 
@@ -164,7 +160,7 @@ class GCPDriver(Driver):
     async def _wait(self, operation: Any, what: str, zonal: bool = True) -> None:
         """Wait on an operation with our own operations client, bounded."""
         name = operation.name
-        deadline = time.monotonic() + self.operation_timeout
+        deadline = time.monotonic() + self.boot_timeout
         while True:
             if zonal:
                 current = await self._call(
@@ -186,7 +182,7 @@ class GCPDriver(Driver):
                 return
             if time.monotonic() > deadline:
                 raise CloudError(
-                    f"{what}: operation {name} not done after {self.operation_timeout:.0f}s"
+                    f"{what}: operation {name} not done after {self.boot_timeout:.0f}s"
                 )
 
     # -- before the first VM ------------------------------------------------------------
@@ -598,9 +594,6 @@ class GCPCluster(VMCluster):
         api_endpoint: str | None = None,
         credentials: Any = None,
         security: Any = None,
-        scheduler_port: int | None = None,
-        dashboard_port: int | None = None,
-        boot_timeout: str | float | None = None,
         **kwargs: Any,
     ) -> None:
         def opt(name: str, value: Any) -> Any:
@@ -640,8 +633,6 @@ class GCPCluster(VMCluster):
             Role.WORKER: opt("worker_machine_type", worker_machine_type),
         }
         run = opt("max_run_duration", max_run_duration)
-        scheduler_port = config.port(opt("scheduler_port", scheduler_port), "scheduler_port")
-        dashboard_port = config.port(opt("dashboard_port", dashboard_port), "dashboard_port")
         driver = GCPDriver(
             project=opt("project", project),
             zone=zone,
@@ -662,18 +653,11 @@ class GCPCluster(VMCluster):
             max_run_duration=(
                 config.parse_duration(run, "max_run_duration").total_seconds() if run else None
             ),
-            ports=(scheduler_port, dashboard_port),
             api_endpoint=opt("api_endpoint", api_endpoint),
             credentials=credentials,
-            operation_timeout=config.parse_duration(
-                opt("boot_timeout", boot_timeout), "boot_timeout"
-            ).total_seconds(),
         )
         super().__init__(
             driver,
             security=security,
-            scheduler_port=scheduler_port,
-            dashboard_port=dashboard_port,
-            boot_timeout=boot_timeout,
             **kwargs,
         )
