@@ -205,12 +205,14 @@ _OPTION_OPTION = click.option(
 @_PROVIDER_OPTION
 @_OPTION_OPTION
 def list_clusters(providers: Sequence[str], pairs: Sequence[str]) -> None:
-    """Clusters that exist now, found by their tags: provider, id, age, VMs, creator."""
+    """Clusters that exist now, found by their tags: provider, id, age, VMs, other
+    resources (firewalls, networks, disks) and creator. A cluster whose start was killed
+    before its first VM shows 0 VMs and what it had made."""
 
     async def run() -> None:
         found = await _found(providers or sorted(CLUSTER_CLASSES), _options(pairs))
         try:
-            rows = [("PROVIDER", "CLUSTER", "AGE", "VMS", "CREATOR")]
+            rows = [("PROVIDER", "CLUSTER", "AGE", "VMS", "OTHER", "CREATOR")]
             for provider, summary, _ in found:
                 rows.append(
                     (
@@ -218,10 +220,11 @@ def list_clusters(providers: Sequence[str], pairs: Sequence[str]) -> None:
                         summary.cluster_id,
                         _age(summary.created),
                         str(summary.vms),
+                        str(summary.other),
                         summary.creator or "?",
                     )
                 )
-            widths = [max(len(r[i]) for r in rows) for i in range(5)]
+            widths = [max(len(r[i]) for r in rows) for i in range(6)]
             for row in rows:
                 click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         finally:
@@ -291,8 +294,9 @@ def cleanup(
             click.echo("Will delete every resource of:")
             for provider, summary, _ in doomed:
                 click.echo(
-                    f"  {provider}  {summary.cluster_id}  {summary.vms} VM(s), "
-                    f"age {_age(summary.created)}, creator {summary.creator or '?'}"
+                    f"  {provider}  {summary.cluster_id}  {summary.vms} VM(s) and "
+                    f"{summary.other} other resource(s), age {_age(summary.created)}, "
+                    f"creator {summary.creator or '?'}"
                 )
             if not yes and not click.confirm("Delete them?", default=False):
                 click.echo("Nothing deleted.")

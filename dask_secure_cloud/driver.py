@@ -59,15 +59,24 @@ class ClusterSummary:
     vms: int
     created: datetime.datetime | None
     creator: str | None
+    #: Other resources still tagged with the cluster (firewalls, networks, addresses,
+    #: disks): after a start killed before its first VM, they are all that is left.
+    other: int = 0
 
 
 def summarize(
     found: Iterable[tuple[str, datetime.datetime | None, str | None]],
+    others: Iterable[str] = (),
 ) -> list[ClusterSummary]:
-    """Group ``(cluster id, VM creation time, creator)`` per cluster: its oldest VM dates it."""
+    """Group ``(cluster id, VM creation time, creator)`` per cluster (its oldest VM dates
+    it) and count the cluster ids of its other tagged resources."""
     groups: dict[str, list[tuple[datetime.datetime | None, str | None]]] = {}
     for cluster_id, created, creator in found:
         groups.setdefault(cluster_id, []).append((created, creator))
+    counts: dict[str, int] = {}
+    for cluster_id in others:
+        counts[cluster_id] = counts.get(cluster_id, 0) + 1
+        groups.setdefault(cluster_id, [])
     summaries = []
     for cluster_id, vms in sorted(groups.items()):
         times = [t for t, _ in vms if t is not None]
@@ -78,6 +87,7 @@ def summarize(
                 len(vms),
                 min(times) if times else None,
                 creators[0] if creators else None,
+                counts.get(cluster_id, 0),
             )
         )
     return summaries

@@ -418,3 +418,11 @@ async def test_default_vpc_and_tags(aws):
         assert leftovers(client, "c-default") == NOTHING
     finally:
         await driver.close()
+
+
+async def test_list_finds_clusters_and_what_a_killed_start_left(aws):
+    from listing import check_listing
+
+    _, client, options = aws
+    await check_listing(EC2Cluster, options)
+    assert all_clusters_gone(client)

@@ -410,3 +410,11 @@ def test_stand_in_refuses_what_arm_refuses():
         bad = {**body, "properties": {**body["properties"], **change}}
         with pytest.raises(ARMError, match=message):
             check_model(VirtualMachine, bad, "parameters")
+
+
+async def test_list_finds_clusters_and_what_a_killed_start_left(azure):
+    from listing import check_listing
+
+    stand_in, options = azure
+    await check_listing(AzureVMCluster, options)
+    assert stand_in.resources == {}

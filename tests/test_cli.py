@@ -92,7 +92,7 @@ def test_list_and_cleanup_a_local_cluster_whose_client_was_killed(tmp_path, audi
     listed = _cli("list", "--provider", "local", env=env)
     assert listed.returncode == 0, listed.stderr
     row = next(line for line in listed.stdout.splitlines() if cluster_id in line)
-    assert row.split()[0] == "local" and row.split()[-2] == "2"  # scheduler + 1 worker
+    assert row.split()[0] == "local" and row.split()[-3] == "2"  # scheduler + 1 worker
     assert "@" in row.split()[-1]  # the creator
 
     refused = _cli("cleanup", cluster_id, "--provider", "local", env=env, stdin="n\n")
@@ -134,7 +134,8 @@ def test_list_and_cleanup_on_digitalocean_after_the_client_was_killed(tmp_path):
         listed = _cli("list", "--provider", "digitalocean", env=env)
         assert listed.returncode == 0, listed.stderr
         row = next(line for line in listed.stdout.splitlines() if cluster_id in line)
-        assert row.split()[0] == "digitalocean" and row.split()[-2] == "2"
+        assert row.split()[0] == "digitalocean" and row.split()[-3] == "2"
+        assert int(row.split()[-2]) == 2  # its firewall and VPC
 
         refused = _cli("cleanup", cluster_id, "--provider", "digitalocean", env=env, stdin="n\n")
         assert refused.returncode == 1

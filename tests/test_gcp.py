@@ -203,3 +203,11 @@ async def test_rate_limits_are_retried(gce):
         assert len(stand_in.instances) == 2
     assert stand_in.calls.count("instances.insert") == 3  # one refused, then two
     assert nothing_left(stand_in, cluster_id)
+
+
+async def test_list_finds_clusters_and_what_a_killed_start_left(gce):
+    from listing import check_listing
+
+    stand_in, options = gce
+    await check_listing(GCPCluster, options)
+    assert not stand_in.instances and not stand_in.firewalls

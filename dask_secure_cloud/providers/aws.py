@@ -426,7 +426,15 @@ class EC2Driver(Driver):
                     found.append(
                         (tags[CLUSTER_TAG], instance.get("LaunchTime"), tags.get(CREATOR_TAG))
                     )
-        return summarize(found)
+        groups = (
+            await self._call(
+                "describe_security_groups", Filters=[{"Name": "tag-key", "Values": [CLUSTER_TAG]}]
+            )
+        )["SecurityGroups"]
+        others = [
+            {t["Key"]: t["Value"] for t in group.get("Tags", [])}[CLUSTER_TAG] for group in groups
+        ]
+        return summarize(found, others)
 
     async def state(self, vm: VM) -> str:
         name = (await self._describe(vm.id))["State"]["Name"]

@@ -735,8 +735,24 @@ class AzureDriver(Driver):
             ]
 
         vms = await self._arm("listing VMs", collect())
+        _, net = self._clients()
+        group = self.resource_group
+
+        async def tagged_others() -> list[str]:
+            found = []
+            for pager in (
+                net.network_interfaces.list(group),
+                net.public_ip_addresses.list(group),
+                compute.disks.list_by_resource_group(group),
+                net.network_security_groups.list(group),
+                net.virtual_networks.list(group),
+            ):
+                found += [r.tags[CLUSTER_TAG] async for r in pager if CLUSTER_TAG in (r.tags or {})]
+            return found
+
+        others = await self._arm("listing the cluster's resources", tagged_others())
         return summarize(
-            (v.tags[CLUSTER_TAG], v.time_created, v.tags.get(CREATOR_TAG)) for v in vms
+            ((v.tags[CLUSTER_TAG], v.time_created, v.tags.get(CREATOR_TAG)) for v in vms), others
         )
 
     async def state(self, vm: VM) -> str:

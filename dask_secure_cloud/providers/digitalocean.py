@@ -318,7 +318,13 @@ class DropletDriver(Driver):
                         creator,
                     )
                 )
-        return summarize(found)
+        others = [
+            m.group(1)
+            for group, key in (("firewalls", "firewalls"), ("vpcs", "vpcs"))
+            for item in await self._all(f"listing {group}", group, key)
+            if (m := _CLUSTER.match(item.get("name", "")))
+        ]
+        return summarize(found, others)
 
     async def state(self, vm: VM) -> str:
         try:

@@ -444,7 +444,20 @@ class GCPDriver(Driver):
             ),
         )
         instances = await asyncio.to_thread(list, pages)
-        return summarize(
+        rules = await self._call(
+            "FirewallsClient",
+            "list",
+            "listing firewall rules",
+            request=compute_v1.ListFirewallsRequest(
+                project=self.project, filter='name = "dask-secure-cloud-dsc-.*"'
+            ),
+        )
+        others = [
+            m.group(1)
+            for rule in await asyncio.to_thread(list, rules)
+            if (m := re.match(r"^dask-secure-cloud-(dsc-[0-9a-f]+)-", rule.name))
+        ]
+        found = [
             (
                 i.labels[CLUSTER_TAG],
                 datetime.datetime.fromisoformat(i.creation_timestamp)
@@ -454,7 +467,8 @@ class GCPDriver(Driver):
             )
             for i in instances
             if CLUSTER_TAG in i.labels
-        )
+        ]
+        return summarize(found, others)
 
     async def state(self, vm: VM) -> str:
         try:

@@ -35,6 +35,7 @@ import re
 import ssl
 import sys
 import threading
+import time
 import types
 import typing
 import uuid
@@ -858,6 +859,7 @@ class AzureStandIn:
         resource["_vm"] = vm.vm_id
         resource["_power"] = {"code": "PowerState/running"}
         properties["vmId"] = str(uuid.uuid4())
+        properties["timeCreated"] = time.strftime("%Y-%m-%dT%H:%M:%S.0000000+00:00", time.gmtime())
 
     def _delete_vm(self, vm: dict[str, Any]) -> None:
         self.booter.stop(vm["_vm"])

@@ -17,6 +17,7 @@ import ipaddress
 import json
 import re
 import threading
+import time
 import uuid
 from collections import Counter
 from typing import Any
@@ -161,7 +162,11 @@ class GCEStandIn:
         address = next(self._hosts)
         record = json.loads(compute_v1.Instance.to_json(instance))
         record.update(
-            id=str(uuid.uuid4().int % 10**18), status="RUNNING", selfLink=target, zone=self.zone
+            id=str(uuid.uuid4().int % 10**18),
+            status="RUNNING",
+            selfLink=target,
+            zone=self.zone,
+            creationTimestamp=time.strftime("%Y-%m-%dT%H:%M:%S.000-00:00", time.gmtime()),
         )
         nic = record["networkInterfaces"][0]
         nic["networkIP"] = address
@@ -364,12 +369,16 @@ def _check_new_name(name: str, existing: dict[str, Any]) -> None:
 
 
 def _matches(record: dict[str, Any], expression: str) -> bool:
-    """GCE list filters of the forms the driver sends: labels.K = "V" and name = "regex"."""
+    """GCE list filters of the forms the driver sends: labels.K = "V", labels.K:* and
+    name = "regex"."""
     if not expression:
         return True
     match = re.fullmatch(r'\s*labels\.([\w-]+)\s*=\s*"([^"]*)"\s*', expression)
     if match:
         return record.get("labels", {}).get(match[1]) == match[2]
+    match = re.fullmatch(r"\s*labels\.([\w-]+)\s*:\s*\*\s*", expression)
+    if match:  # the label is present, whatever its value
+        return match[1] in record.get("labels", {})
     match = re.fullmatch(r'\s*name\s*=\s*"([^"]*)"\s*', expression)
     if match:
         return re.fullmatch(match[1], record.get("name", "")) is not None
