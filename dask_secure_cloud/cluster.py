@@ -419,6 +419,7 @@ class VMCluster(SpecCluster):
         driver.configure(
             ports=(self._ports["scheduler_port"], self._ports["dashboard_port"]),
             boot_timeout=self._boot_timeout,
+            initial_workers=n_workers,
         )
 
         runtime = opt("runtime", runtime)

@@ -105,11 +105,17 @@ class Driver(abc.ABC):
     ports: tuple[int, int] = (8786, 8787)
     #: Seconds a VM (or a cloud operation) may take; set by :meth:`configure`.
     boot_timeout: float = 600.0
+    #: Workers the cluster starts with, so :meth:`prepare` can check the cloud's quota
+    #: before it makes anything; set by :meth:`configure`.
+    initial_workers: int = 0
 
-    def configure(self, *, ports: tuple[int, int], boot_timeout: float) -> None:
+    def configure(
+        self, *, ports: tuple[int, int], boot_timeout: float, initial_workers: int = 0
+    ) -> None:
         """Receive the options every cloud shares, resolved once by the cluster."""
         self.ports = ports
         self.boot_timeout = boot_timeout
+        self.initial_workers = initial_workers
 
     async def prepare(self, cluster_id: str) -> None:
         """Make what the cluster's VMs need before the first one (network, firewall)."""

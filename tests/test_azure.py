@@ -302,11 +302,60 @@ async def test_unknown_vm_size_is_named_before_any_resource(azure):
     assert not [c for c in stand_in.calls if c.startswith(("PUT", "PATCH"))]
 
 
-async def test_exhausted_core_quota_is_a_clear_error_and_leaves_nothing(azure):
+@pytest.mark.parametrize(
+    "quota,limit,changes,match",
+    [
+        # The scheduler (2 vCPUs) and two D4s_v5 workers (4 each) need 10.
+        (
+            "cores",
+            8,
+            {},
+            r"needs 10 vCPUs of the 'Total Regional vCPUs' quota in westeurope, "
+            r"and 8 are free \(limit 8, 0 in use\)",
+        ),
+        ("standardDSv5Family", 9, {}, r"needs 10 vCPUs of the 'Standard DSv5 Family vCPUs'"),
+        # Spot workers count against the Spot quota alone.
+        (
+            "lowPriorityCores",
+            7,
+            {"worker_spot": True},
+            r"needs 8 vCPUs of the 'Total Regional "
+            r"Spot vCPUs' quota",
+        ),
+    ],
+)
+async def test_start_beyond_a_vcpu_quota_is_refused_before_any_resource(
+    azure, quota, limit, changes, match
+):
     stand_in, options = azure
-    stand_in.core_quota = 8  # the scheduler (2) and one worker (4) fit, a second does not
-    with pytest.raises(ClusterStartError, match=r"core quota is exhausted.*fewer workers"):
+    stand_in.quotas["westeurope"][quota] = limit
+    with pytest.raises(ClusterStartError, match=match + r".*quota increase.*n_workers"):
+        await AzureVMCluster(n_workers=2, asynchronous=True, **options, **changes)
+    assert "GET usages" in stand_in.calls
+    assert not [c for c in stand_in.calls if c.startswith(("PUT", "PATCH"))]
+
+
+async def test_quota_check_fits_what_is_already_running(azure):
+    stand_in, options = azure
+    stand_in.quotas["westeurope"]["cores"] = 15
+    async with AzureVMCluster(n_workers=1, asynchronous=True, **options):  # 6 vCPUs in use
+        with pytest.raises(
+            ClusterStartError, match=r"needs 10 vCPUs.*9 are free \(limit 15, 6 in use\)"
+        ):
+            await AzureVMCluster(n_workers=2, asynchronous=True, **options)
+    assert stand_in.resources == {} and stand_in.booter.vms == {}
+
+
+async def test_exhausted_quota_without_usage_permission_is_a_clear_error_and_leaves_nothing(
+    azure,
+):
+    stand_in, options = azure
+    # A role without locations/usages/read: no pre-check, Azure refuses the second worker.
+    stand_in.fail("GET usages", 403, "AuthorizationFailed")
+    stand_in.quotas["westeurope"]["cores"] = 8
+    with pytest.raises(ClusterStartError, match=r"quota is exhausted.*Total Regional Cores"):
         await AzureVMCluster(n_workers=2, asynchronous=True, **options)
+    assert "PUT virtualMachines" in stand_in.calls
     assert stand_in.resources == {} and stand_in.booter.vms == {}
 
 

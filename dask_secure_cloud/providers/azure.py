@@ -193,6 +193,8 @@ class AzureDriver(Driver):
         self._compute: ComputeManagementClient | None = None
         self._net: NetworkManagementClient | None = None
         self._gpu_sizes: set[str] = set()
+        #: role -> (vCPUs, quota family) of its VM size, read with the sizes.
+        self._size_quota: dict[Role, tuple[int, str | None]] = {}
         self._subnet_id: str | None = None
         self._subnet_prefixes: list[str] = []
         self._nsg_id: str | None = None
@@ -346,6 +348,7 @@ class AzureDriver(Driver):
         )
         self.location = self.location or group["location"]
         await self._check_sizes()
+        await self._check_quota()
         _, net = self._clients()
         tags = self._cluster_tags(cluster_id)
 
@@ -498,9 +501,66 @@ class AzureDriver(Driver):
                     f"{role.value}_vm_size {size!r} is restricted for this subscription in "
                     f"{self.location}; choose another size or location"
                 )
-            gpus = {c.name: c.value for c in sku.capabilities or []}.get("GPUs", "0")
-            if gpus not in ("0", "", None):
+            capabilities = {c.name: c.value for c in sku.capabilities or []}
+            if capabilities.get("GPUs", "0") not in ("0", "", None):
                 self._gpu_sizes.add(size.lower())
+            vcpus = capabilities.get("vCPUs", "")
+            if vcpus and vcpus.isdigit():
+                self._size_quota[role] = (int(vcpus), sku.family)
+
+    def _vcpus_needed(self) -> dict[str, int]:
+        """vCPUs the scheduler and the initial workers take from each quota: the regional
+        total (``cores``) and the size's family, or the regional Spot quota
+        (``lowPriorityCores``) for Spot workers."""
+        needed: dict[str, int] = {}
+        plan = [(Role.SCHEDULER, 1, False), (Role.WORKER, self.initial_workers, self.worker_spot)]
+        for role, count, spot in plan:
+            if role not in self._size_quota or count == 0:
+                continue
+            vcpus, family = self._size_quota[role]
+            quotas = ["lowPriorityCores"] if spot else ["cores", *([family] if family else [])]
+            for quota in quotas:
+                needed[quota] = needed.get(quota, 0) + vcpus * count
+        return needed
+
+    async def _check_quota(self) -> None:
+        """Refuse a start the subscription's vCPU quotas cannot hold, before anything is
+        made. An identity without ``Microsoft.Compute/locations/usages/read`` skips the
+        check: the VM create then fails with Azure's own quota error, and is cleaned up."""
+        needed = self._vcpus_needed()
+        if not needed:
+            return
+        compute, _ = self._clients()
+        usages: dict[str, Any] = {}
+
+        async def collect() -> bool:
+            try:
+                async for usage in compute.usage.list(str(self.location)):
+                    if usage.name and usage.name.value:
+                        usages[usage.name.value.lower()] = usage
+            except HttpResponseError as e:
+                if e.status_code != 403:
+                    raise
+                logger.info("Not checking vCPU quotas: %s", e.message)
+                return False
+            return True
+
+        if not await self._arm("reading the vCPU quotas", collect()):
+            return
+        for quota, vcpus in needed.items():
+            usage = usages.get(quota.lower())
+            if usage is None:
+                continue
+            free = usage.limit - usage.current_value
+            if vcpus > free:
+                name = usage.name.localized_value or usage.name.value
+                raise CloudError(
+                    f"this cluster needs {vcpus} vCPUs of the {name!r} quota in "
+                    f"{self.location}, and {max(free, 0)} are free (limit {usage.limit}, "
+                    f"{usage.current_value} in use). Ask for a quota increase (Azure portal, "
+                    "Quotas), or start fewer workers (n_workers) or smaller ones "
+                    "(worker_vm_size)"
+                )
 
     # -- VMs ----------------------------------------------------------------------------
 

@@ -52,14 +52,21 @@ from .jsonapi import JSONServer
 
 CLUSTER_TAG = "dask-secure-cloud-cluster"
 CUSTOM_DATA_LIMIT = 65_535
-#: VM sizes offered per location: name -> (vCPUs, GPUs).
+#: VM sizes offered per location: name -> (vCPUs, GPUs, quota family).
 SIZES = {
     "westeurope": {
-        "Standard_D2s_v5": (2, 0),
-        "Standard_D4s_v5": (4, 0),
-        "Standard_NC4as_T4_v3": (4, 1),
+        "Standard_D2s_v5": (2, 0, "standardDSv5Family"),
+        "Standard_D4s_v5": (4, 0, "standardDSv5Family"),
+        "Standard_NC4as_T4_v3": (4, 1, "standardNCASv3_T4Family"),
     },
-    "eastus": {"Standard_D2s_v5": (2, 0)},
+    "eastus": {"Standard_D2s_v5": (2, 0, "standardDSv5Family")},
+}
+#: vCPU quota names as the usage API gives them: value -> localized value.
+QUOTA_NAMES = {
+    "cores": "Total Regional vCPUs",
+    "lowPriorityCores": "Total Regional Spot vCPUs",
+    "standardDSv5Family": "Standard DSv5 Family vCPUs",
+    "standardNCASv3_T4Family": "Standard NCASv3_T4 Family vCPUs",
 }
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,78}[a-zA-Z0-9_]$|^[a-zA-Z0-9]$")
 _VM_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}[a-zA-Z0-9_]$")
@@ -229,12 +236,13 @@ class AzureStandIn:
         tenant: str,
         client_id: str,
         client_secret: str,
-        core_quota: int = 64,
+        vcpu_quota: int = 64,
     ) -> None:
         self.booter = booter
         self.subscription = subscription
         self.tenant, self.client_id, self.client_secret = tenant, client_id, client_secret
-        self.core_quota = core_quota
+        #: Per location, vCPU quota name (see QUOTA_NAMES) -> limit.
+        self.quotas = {location: dict.fromkeys(QUOTA_NAMES, vcpu_quota) for location in SIZES}
         self.token = f"stand-in-token-{uuid.uuid4().hex}"
         self.groups: dict[str, str] = {}  # name (lower) -> location
         self.resources: dict[str, dict[str, Any]] = {}  # resource id (lower) -> resource
@@ -330,6 +338,8 @@ class AzureStandIn:
             return self._count("GET resourceGroups", lambda: self._group(m.group(1)))
         if re.match(r"^/providers/Microsoft.Compute/skus$", rest, re.IGNORECASE):
             return self._count("GET skus", lambda: (200, self._skus(query)))
+        if m := re.match(r"^/providers/Microsoft.Compute/locations/([^/]+)/usages$", rest):
+            return self._count("GET usages", lambda: (200, self._usages(m.group(1))))
         if m := re.match(r"^/providers/Microsoft\.\w+/locations/[^/]+/operations/([^/]+)$", rest):
             return 200, self._poll(m.group(1)), {}
         match = _RESOURCE_PATH.match(path)
@@ -418,7 +428,7 @@ class AzureStandIn:
         for location, sizes in SIZES.items():
             if wanted and wanted.group(1) != location:
                 continue
-            for name, (cpus, gpus) in sizes.items():
+            for name, (cpus, gpus, family) in sizes.items():
                 capabilities = [{"name": "vCPUs", "value": str(cpus)}]
                 if gpus:
                     capabilities.append({"name": "GPUs", "value": str(gpus)})
@@ -428,12 +438,52 @@ class AzureStandIn:
                         "name": name,
                         "tier": "Standard",
                         "size": name.removeprefix("Standard_"),
+                        "family": family,
                         "locations": [location],
                         "capabilities": capabilities,
                         "restrictions": [],
                     }
                 )
         return {"value": skus}
+
+    def _vcpus_in_use(self, location: str) -> Counter[str]:
+        """vCPUs per quota: Spot VMs count against ``lowPriorityCores`` alone, others
+        against the regional total and their size's family."""
+        used: Counter[str] = Counter()
+        for vm in self.of_kind("virtualmachines"):
+            if vm["location"] == location:
+                properties = vm["properties"]
+                cpus, _, family = SIZES[location][properties["hardwareProfile"]["vmSize"]]
+                for quota in _quotas_of(family, properties.get("priority") == "Spot"):
+                    used[quota] += cpus
+        return used
+
+    def _usages(self, location: str) -> dict[str, Any]:
+        if location not in SIZES:
+            raise ARMError(
+                400,
+                "NoRegisteredProviderFound",
+                f"No registered resource provider found for location '{location}'.",
+            )
+        used = self._vcpus_in_use(location)
+        usages = [
+            {
+                "unit": "Count",
+                "currentValue": used[quota],
+                "limit": limit,
+                "name": {"value": quota, "localizedValue": QUOTA_NAMES[quota]},
+            }
+            for quota, limit in self.quotas[location].items()
+        ]
+        usages.append(
+            {
+                "unit": "Count",
+                "currentValue": len(self.of_kind("virtualmachines")),
+                "limit": 25_000,
+                "name": {"value": "virtualMachines", "localizedValue": "Virtual Machines"},
+            }
+        )
+        return {"value": usages}
 
     # -- long-running operations --------------------------------------------------------
 
@@ -770,20 +820,21 @@ class AzureStandIn:
                 f"the current region are: {', '.join(SIZES[location])}.",
                 "vmSize",
             )
-        cores = SIZES[location][size][0]
-        used = sum(
-            SIZES[vm["location"]][vm["properties"]["hardwareProfile"]["vmSize"]][0]
-            for vm in self.of_kind("virtualmachines")
-        )
-        if used + cores > self.core_quota:
-            raise ARMError(
-                409,
-                "OperationNotAllowed",
-                "Operation could not be completed as it results in exceeding approved Total "
-                f"Regional Cores quota. Location: {location}, Current Limit: {self.core_quota}, "
-                f"Current Usage: {used}, Additional Required: {cores}, (Minimum) New Limit "
-                f"Required: {used + cores}.",
-            )
+        cores, _, family = SIZES[location][size]
+        used = self._vcpus_in_use(location)
+        for quota in _quotas_of(family, properties.get("priority") == "Spot"):
+            limit = self.quotas[location][quota]
+            if used[quota] + cores > limit:
+                label = {"cores": "Total Regional Cores", "lowPriorityCores": "LowPriorityCores"}
+                raise ARMError(
+                    409,
+                    "OperationNotAllowed",
+                    "Operation could not be completed as it results in exceeding approved "
+                    f"{label.get(quota, quota + ' Cores')} quota. Additional details - "
+                    f"Deployment Model: Resource Manager, Location: {location}, Current Limit: "
+                    f"{limit}, Current Usage: {used[quota]}, Additional Required: {cores}, "
+                    f"(Minimum) New Limit Required: {used[quota] + cores}.",
+                )
         os_profile = properties.get("osProfile") or {}
         if not os_profile.get("adminUsername") or not os_profile.get("computerName"):
             raise ARMError(
@@ -912,3 +963,8 @@ class AzureStandIn:
     def stop(self) -> None:
         self._server.stop()
         self.booter.stop_all()
+
+
+def _quotas_of(family: str, spot: bool) -> list[str]:
+    """The vCPU quotas one VM of ``family`` counts against."""
+    return ["lowPriorityCores"] if spot else ["cores", family]
