@@ -123,6 +123,8 @@ async def test_rate_limit_is_waited_out(do):
 
 START_CALLS = [
     "regions.list",
+    "account.get",
+    "droplets.list",
     "tags.create",
     "vpcs.create",
     "vpcs.get",
@@ -163,10 +165,34 @@ async def test_failure_at_each_close_call_still_leaves_nothing(do, call):
     assert not stand_in.droplets and not stand_in.firewalls and not stand_in.vpcs
 
 
-async def test_droplet_limit_is_a_clear_error_and_leaves_nothing(do):
+async def test_start_beyond_the_droplet_limit_is_refused_before_any_resource(do):
+    stand_in, options = do  # droplet limit 4
+    with pytest.raises(
+        ClusterStartError,
+        match=r"needs 5 droplets and the account may start 4 more \(droplet limit 4, 0 in use\)"
+        r".*n_workers",
+    ):
+        await DropletCluster(n_workers=4, asynchronous=True, **options)
+    made = {"tags.create", "vpcs.create", "firewalls.create", "droplets.create"}
+    assert "account.get" in stand_in.calls and not made & set(stand_in.calls)
+
+
+async def test_droplet_limit_check_counts_droplets_already_running(do):
     stand_in, options = do
+    async with DropletCluster(n_workers=1, asynchronous=True, **options):  # 2 of 4
+        with pytest.raises(ClusterStartError, match=r"needs 3 droplets.*2 more.*2 in use"):
+            await DropletCluster(n_workers=2, asynchronous=True, **options)
+        assert stand_in.calls.count("droplets.create") == 2
+    assert not stand_in.droplets and not stand_in.firewalls and not stand_in.vpcs
+
+
+async def test_droplet_limit_without_account_scope_is_a_clear_error_and_leaves_nothing(do):
+    stand_in, options = do
+    # A token without account:read: no pre-check, DigitalOcean refuses the fifth droplet.
+    stand_in.fail("account.get", 403, "forbidden")
     with pytest.raises(ClusterStartError, match="exceed your droplet limit"):
         await DropletCluster(n_workers=4, asynchronous=True, **options)
+    assert stand_in.calls.count("droplets.create") == 5
     assert not stand_in.droplets and not stand_in.firewalls and not stand_in.vpcs
 
 

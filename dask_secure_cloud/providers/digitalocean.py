@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import difflib
+import logging
 import os
 import re
 import time
@@ -41,6 +42,11 @@ __all__ = ["DropletCluster", "DropletDriver"]
 
 _TAG = re.compile(r"^[a-zA-Z0-9_\-:]{1,255}$")
 _RETRIES = 6
+logger = logging.getLogger(__name__)
+
+
+class _Forbidden(CloudError):
+    """The token's scopes do not allow the call (403)."""
 
 
 def cluster_tag(cluster_id: str) -> str:
@@ -124,6 +130,8 @@ class DropletDriver(Driver):
             detail = f"{body.get('id', status)}: {body.get('message', '')}" if body else str(status)
             if status == 404:
                 raise CloudError(f"{what}: not found ({detail})")
+            if status == 403:
+                raise _Forbidden(f"{what}: the token's scopes do not allow this ({detail})")
             if status == 401:
                 raise CloudError(
                     "DigitalOcean refused the API token: check DIGITALOCEAN_TOKEN or the "
@@ -147,6 +155,29 @@ class DropletDriver(Driver):
     def where(self) -> str:
         return self.region
 
+    async def _check_droplet_limit(self) -> None:
+        """Refuse a start the account's droplet limit cannot hold, before anything is made.
+        A token without ``account:read`` skips the check: the droplet create then fails
+        with DigitalOcean's own limit error, and what was made is deleted."""
+        try:
+            account = await self._call("reading the droplet limit", "account", "get")
+        except _Forbidden as e:
+            logger.info("Not checking the droplet limit: %s", e)
+            return
+        limit = (account.get("account") or {}).get("droplet_limit")
+        if not isinstance(limit, int):
+            return
+        # One droplet per page: the answer's total counts the account's droplets.
+        page = await self._call("counting droplets", "droplets", "list", per_page=1, page=1)
+        in_use = int((page.get("meta") or {}).get("total") or 0)
+        needed = 1 + self.initial_workers
+        if needed > limit - in_use:
+            raise CloudError(
+                f"this cluster needs {needed} droplets and the account may start "
+                f"{max(limit - in_use, 0)} more (droplet limit {limit}, {in_use} in use). "
+                "Ask DigitalOcean to raise the limit, or start fewer workers (n_workers)"
+            )
+
     async def prepare(self, cluster_id: str) -> None:
         regions = {r["slug"]: r for r in await self._all("listing regions", "regions", "regions")}
         if self.region not in regions:
@@ -161,6 +192,7 @@ class DropletDriver(Driver):
                 raise CloudError(
                     f"{role.value}_size {size!r} is not offered in {self.region}.{hint}"
                 )
+        await self._check_droplet_limit()
         tag = cluster_tag(cluster_id)
         await self._call(f"creating tag {tag}", "tags", "create", body={"name": tag})
         if not self.vpc_uuid:

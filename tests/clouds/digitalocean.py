@@ -443,7 +443,7 @@ class DigitalOceanStandIn:
             found = [
                 self._public(d) for d in self.droplets.values() if tag is None or tag in d["tags"]
             ]
-            return 200, {"droplets": found, **meta}
+            return 200, _paged("droplets", found, query)
         if call == "droplets.get":
             return 200, {"droplet": self._public(self._get_droplet(int(args[0])))}
         if call == "droplets.destroy":
@@ -472,3 +472,17 @@ class DigitalOceanStandIn:
     def stop(self) -> None:
         self._server.stop()
         self.booter.stop_all()
+
+
+def _paged(key: str, items: list[dict[str, Any]], query: dict[str, str]) -> dict[str, Any]:
+    """One page of a list, as the API pages it: ``per_page`` (20 by default, 200 at most)
+    from ``page``, the total in ``meta``, and a ``next`` link while more remain."""
+    per_page = min(int(query.get("per_page", 20)), 200)
+    page = int(query.get("page", 1))
+    if per_page < 1 or page < 1:
+        raise APIError(400, "bad_request", "page and per_page must be positive")
+    chunk = items[(page - 1) * per_page : page * per_page]
+    links: dict[str, Any] = {}
+    if page * per_page < len(items):
+        links["pages"] = {"next": f"https://api.digitalocean.com/v2/{key}?page={page + 1}"}
+    return {key: chunk, "links": links, "meta": {"total": len(items)}}
