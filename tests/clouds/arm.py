@@ -32,7 +32,6 @@ import ipaddress
 import itertools
 import json
 import re
-import ssl
 import sys
 import threading
 import time
@@ -43,12 +42,11 @@ from collections import Counter
 from typing import Any
 from urllib.parse import parse_qs
 
-import trustme
 from azure.mgmt.compute import models as compute_models
 from azure.mgmt.network import models as network_models
 
 from .booter import VMBooter
-from .jsonapi import JSONServer
+from .jsonapi import HTTPSStandIn
 
 CLUSTER_TAG = "dask-secure-cloud-cluster"
 CUSTOM_DATA_LIMIT = 65_535
@@ -227,7 +225,7 @@ def _check_value(hint: Any, value: Any, where: str) -> None:
 # -- the stand-in ------------------------------------------------------------------------
 
 
-class AzureStandIn:
+class AzureStandIn(HTTPSStandIn):
     def __init__(
         self,
         booter: VMBooter,
@@ -238,7 +236,7 @@ class AzureStandIn:
         client_secret: str,
         vcpu_quota: int = 64,
     ) -> None:
-        self.booter = booter
+        super().__init__(booter)
         self.subscription = subscription
         self.tenant, self.client_id, self.client_secret = tenant, client_id, client_secret
         #: Per location, vCPU quota name (see QUOTA_NAMES) -> limit.
@@ -254,7 +252,6 @@ class AzureStandIn:
         self._counts: Counter[str] = Counter()
         self._lock = threading.RLock()
         self._addresses = itertools.count(4)
-        self.ca = trustme.CA()
 
     # -- test helpers -------------------------------------------------------------------
 
@@ -952,17 +949,6 @@ class AzureStandIn:
             return self.handle(method, path, query, body, headers)
         except ARMError as e:
             return e.status, e.body(), {"x-ms-request-id": str(uuid.uuid4()), **e.headers}
-
-    def start(self) -> str:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-        self._server = JSONServer(self._answer, tls=context)
-        self.url = self._server.url
-        return self.url
-
-    def stop(self) -> None:
-        self._server.stop()
-        self.booter.stop_all()
 
 
 def _quotas_of(family: str, spot: bool) -> list[str]:

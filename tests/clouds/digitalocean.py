@@ -20,17 +20,14 @@ import itertools
 import json
 import random
 import re
-import ssl
 import threading
 import time
 import uuid
 from collections import Counter
 from typing import Any
 
-import trustme
-
 from .booter import VMBooter
-from .jsonapi import JSONServer
+from .jsonapi import HTTPSStandIn
 
 REGIONS = {
     "nyc3": ["s-1vcpu-1gb", "s-2vcpu-4gb", "s-4vcpu-8gb"],
@@ -178,9 +175,9 @@ SCHEMAS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
 }
 
 
-class DigitalOceanStandIn:
+class DigitalOceanStandIn(HTTPSStandIn):
     def __init__(self, booter: VMBooter, token: str, droplet_limit: int = 10) -> None:
-        self.booter = booter
+        super().__init__(booter)
         self.token = token
         self.droplet_limit = droplet_limit
         self.droplets: dict[int, dict[str, Any]] = {}
@@ -194,7 +191,6 @@ class DigitalOceanStandIn:
         self._ids = itertools.count(3_000_001)
         self._lock = threading.Lock()
         self._state_lock = threading.Lock()
-        self.ca = trustme.CA()
 
     # -- faults ---------------------------------------------------------------------------
 
@@ -461,17 +457,6 @@ class DigitalOceanStandIn:
         except APIError as e:
             payload = {"id": e.id, "message": e.message, "request_id": str(uuid.uuid4())}
             return e.status, payload, e.headers
-
-    def start(self) -> str:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-        self._server = JSONServer(self._answer, tls=context)
-        self.url = self._server.url
-        return self.url
-
-    def stop(self) -> None:
-        self._server.stop()
-        self.booter.stop_all()
 
 
 def _paged(key: str, items: list[dict[str, Any]], query: dict[str, str]) -> dict[str, Any]:

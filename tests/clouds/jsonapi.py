@@ -3,6 +3,9 @@
 A stand-in supplies one function, ``(method, path, query, body, headers) -> (status,
 payload, headers)``; this module does the sockets, TLS and JSON. ``payload`` ``None``
 sends an empty body (204-style answers); ``bytes`` are sent as they are (a blob).
+
+``HTTPSStandIn`` is the base of the stand-ins served over HTTPS: each has its own test CA
+(the SDK under test trusts it through a ``ca_bundle``) and a VM booter to stop at the end.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
+
+import trustme
+
+from .booter import VMBooter
 
 Answer = tuple[int, Any, Mapping[str, str]]
 Handle = Callable[[str, str, dict[str, str], bytes, Mapping[str, str]], Answer]
@@ -53,3 +60,29 @@ class JSONServer:
 
     def stop(self) -> None:
         self._server.shutdown()
+
+
+class HTTPSStandIn:
+    """A cloud API stand-in on ``https://127.0.0.1:<port>`` with a certificate from its
+    own test CA. Subclasses answer requests in :meth:`_answer`."""
+
+    def __init__(self, booter: VMBooter) -> None:
+        self.booter = booter
+        self.ca = trustme.CA()
+        self.url = ""
+
+    def _answer(
+        self, method: str, path: str, query: dict[str, str], body: bytes, headers: Any
+    ) -> Answer:
+        raise NotImplementedError
+
+    def start(self) -> str:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+        self._server = JSONServer(self._answer, tls=context)
+        self.url = self._server.url
+        return self.url
+
+    def stop(self) -> None:
+        self._server.stop()
+        self.booter.stop_all()
