@@ -66,6 +66,8 @@ QUOTA_NAMES = {
     "standardDSv5Family": "Standard DSv5 Family vCPUs",
     "standardNCASv3_T4Family": "Standard NCASv3_T4 Family vCPUs",
 }
+#: How ARM's quota errors name a quota; a family reads "<family> Cores".
+_QUOTA_IN_ERRORS = {"cores": "Total Regional Cores", "lowPriorityCores": "LowPriorityCores"}
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,78}[a-zA-Z0-9_]$|^[a-zA-Z0-9]$")
 _VM_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}[a-zA-Z0-9_]$")
 _RESOURCE_PATH = re.compile(
@@ -822,12 +824,11 @@ class AzureStandIn(HTTPSStandIn):
         for quota in _quotas_of(family, properties.get("priority") == "Spot"):
             limit = self.quotas[location][quota]
             if used[quota] + cores > limit:
-                label = {"cores": "Total Regional Cores", "lowPriorityCores": "LowPriorityCores"}
                 raise ARMError(
                     409,
                     "OperationNotAllowed",
                     "Operation could not be completed as it results in exceeding approved "
-                    f"{label.get(quota, quota + ' Cores')} quota. Additional details - "
+                    f"{_QUOTA_IN_ERRORS.get(quota, quota + ' Cores')} quota. Additional details - "
                     f"Deployment Model: Resource Manager, Location: {location}, Current Limit: "
                     f"{limit}, Current Usage: {used[quota]}, Additional Required: {cores}, "
                     f"(Minimum) New Limit Required: {used[quota] + cores}.",

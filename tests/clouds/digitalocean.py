@@ -346,7 +346,6 @@ class DigitalOceanStandIn(HTTPSStandIn):
     def _dispatch(
         self, call: str, args: list[str], query: dict[str, str], raw: bytes
     ) -> tuple[int, Any]:
-        meta = {"links": {}, "meta": {"total": 0}}
         if call == "account.get":
             return 200, {
                 "account": {
@@ -361,18 +360,14 @@ class DigitalOceanStandIn(HTTPSStandIn):
                 }
             }
         if call == "regions.list":
-            return 200, {
-                "regions": [
-                    {"slug": s, "name": s, "sizes": z, "available": True, "features": []}
-                    for s, z in REGIONS.items()
-                ],
-                **meta,
-            }
+            regions = [
+                {"slug": s, "name": s, "sizes": z, "available": True, "features": []}
+                for s, z in REGIONS.items()
+            ]
+            return 200, _paged("regions", regions, query)
         if call == "sizes.list":
-            return 200, {
-                "sizes": [{"slug": s} for s in sorted({z for zs in REGIONS.values() for z in zs})],
-                **meta,
-            }
+            sizes = [{"slug": s} for s in sorted({z for zs in REGIONS.values() for z in zs})]
+            return 200, _paged("sizes", sizes, query)
         if call == "tags.create":
             body = self._body("tag", raw)
             self.tags.add(body["name"])
@@ -403,7 +398,7 @@ class DigitalOceanStandIn(HTTPSStandIn):
             }
             return 201, {"vpc": self.vpcs[vpc_id]}
         if call == "vpcs.list":
-            return 200, {"vpcs": list(self.vpcs.values()), **meta}
+            return 200, _paged("vpcs", list(self.vpcs.values()), query)
         if call == "vpcs.get":
             if args[0] not in self.vpcs:
                 raise APIError(
@@ -425,7 +420,7 @@ class DigitalOceanStandIn(HTTPSStandIn):
             self.firewalls[firewall_id] = {**body, "id": firewall_id, "status": "succeeded"}
             return 202, {"firewall": self.firewalls[firewall_id]}
         if call == "firewalls.list":
-            return 200, {"firewalls": list(self.firewalls.values()), **meta}
+            return 200, _paged("firewalls", list(self.firewalls.values()), query)
         if call == "firewalls.delete":
             if self.firewalls.pop(args[0], None) is None:
                 raise APIError(
