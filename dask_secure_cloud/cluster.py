@@ -532,6 +532,10 @@ class VMCluster(SpecCluster):
             if not asynchronous and self.status != Status.closed:
                 with contextlib.suppress(Exception):
                     self.sync(self._close)
+                # The cancelled start may still be sweeping: the loop stops only after
+                # the sweep, or its cloud calls would die with the loop's executor.
+                with contextlib.suppress(Exception):
+                    self.sync(self._sweep)
                 with contextlib.suppress(Exception):
                     self._loop_runner.stop()
             raise
