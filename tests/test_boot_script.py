@@ -1,0 +1,149 @@
+"""The boot script's own behaviour, run by ``sh`` through the local VM runner.
+
+What a stock image lacks (Docker, Dask) is proven on real guests in ``test_guests.py``;
+here: each step and its duration reach the console, a failed step says which and why,
+a Dask process that dies leaves its last log lines on the console, and the client's
+interpreter is used however it was started.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dask
+import distributed
+import pytest
+
+from dask_secure_cloud.cloudinit import BootPlan, DockerRuntime, NativeRuntime, render
+from dask_secure_cloud.credentials import Role
+from dask_secure_cloud.vmrunner import boot
+
+from clouds.booter import DOCKER_SHIM_DIR
+
+
+def _run(tmp_path: Path, plan: BootPlan, *, extra_path: str | None = None, wait: float = 60):
+    """Boot ``plan`` as a local VM, wait for every process to end, return the console."""
+    vm = boot(
+        render(plan),
+        directory=tmp_path / plan.cluster_id / plan.name,
+        address="127.0.0.1",
+        cluster_id=plan.cluster_id,
+        name=plan.name,
+        role=plan.role.value,
+        extra_path=extra_path,
+    )
+    deadline = time.monotonic() + wait
+    while vm.is_running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    console = vm.console_path.read_text()
+    vm.stop()
+    return console
+
+
+def _worker(command: tuple[str, ...], runtime, **kwargs) -> BootPlan:
+    return BootPlan(
+        cluster_id="c",
+        role=Role.WORKER,
+        name="w",
+        command=("worker", *command),
+        runtime=runtime,
+        power_off_on_exit=True,
+        **kwargs,
+    )
+
+
+def _native() -> NativeRuntime:
+    return NativeRuntime(sys.executable, dask.__version__, distributed.__version__)
+
+
+def test_each_step_is_on_the_console_with_its_duration(tmp_path):
+    # The scheduler address refuses connections and the death timeout is short: the
+    # worker exits by itself, as it does when its scheduler is gone.
+    plan = _worker(("tcp://127.0.0.1:9", "--death-timeout", "2s"), _native())
+    console = _run(tmp_path, plan)
+    assert re.search(r"python-env: done in \d+\.\d+s", console), console
+    assert re.search(r"ready to start dask worker after \d+\.\d+s", console), console
+    assert re.search(r"dask worker exited with status \d+ after \d+\.\d+s", console), console
+
+
+def test_a_dask_process_that_fails_leaves_its_last_log_lines_on_the_console(tmp_path):
+    plan = _worker(("tcp://127.0.0.1:9", "--no-such-flag"), _native())
+    console = _run(tmp_path, plan)
+    assert "dask worker exited with status 2" in console
+    assert "dask-secure-cloud: | " in console and "--no-such-flag" in console
+
+
+def test_a_failing_extra_bootstrap_names_the_step(tmp_path):
+    plan = _worker(("tcp://127.0.0.1:9",), _native(), extra_bootstrap=("false",))
+    console = _run(tmp_path, plan)
+    assert "boot FAILED at step extra-bootstrap (exit 1)" in console
+    assert "ready to start dask" not in console
+
+
+def test_gpu_workers_fail_fast_on_an_image_without_the_nvidia_driver(tmp_path):
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has an NVIDIA driver")
+    plan = _worker(
+        ("tcp://127.0.0.1:9",), DockerRuntime("ghcr.io/dask/dask:2024.8.0-py3.11", gpus=True)
+    )
+    started = time.monotonic()
+    console = _run(tmp_path, plan, extra_path=DOCKER_SHIM_DIR)
+    assert time.monotonic() - started < 20
+    assert "gpu-check: FAILED" in console
+    assert "no NVIDIA driver" in console and "see the docs page of" in console
+    assert "boot FAILED at step gpu-check" in console
+    assert "docker-engine" not in console  # nothing else was attempted
+
+
+def test_a_local_vm_never_installs_system_packages(tmp_path, monkeypatch):
+    """A missing runtime on a local VM is an error, not an apt-get on the user's machine."""
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    # Only what the script itself needs: no docker, and an apt-get that must not run.
+    for tool in ("sh", "awk", "date", "sed", "tail", "mkdir", "chmod", "cat", "sleep", "grep"):
+        (bare / tool).symlink_to(shutil.which(tool))
+    (bare / "apt-get").write_text(f"#!/bin/sh\ntouch {tmp_path}/apt-get-ran\n")
+    (bare / "apt-get").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bare))
+    plan = _worker(("tcp://127.0.0.1:9",), DockerRuntime("ghcr.io/dask/dask:2024.8.0-py3.11"))
+    console = _run(tmp_path, plan)
+    assert "docker-engine: FAILED" in console
+    assert "never installs system packages on this machine" in console
+    assert not (tmp_path / "apt-get-ran").exists()
+
+
+def test_local_vms_use_the_clients_interpreter_whatever_path_says(tmp_path):
+    """A virtualenv's python started by path (a Jupyter kernel, an IDE), with a PATH whose
+    ``python3`` has no Dask: the local VMs must still run the client's interpreter."""
+    venv = tmp_path / "venv"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+        check=True,
+    )
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    (decoy / "python3").write_text(
+        "#!/bin/sh\necho 'decoy python3: No module named distributed' >&2\nexit 1\n"
+    )
+    (decoy / "python3").chmod(0o755)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("VIRTUAL_ENV", "PYTHONHOME", "PYTHONPATH", "PYENV_VERSION")
+    }
+    env["PATH"] = os.pathsep.join([str(decoy), "/usr/bin", "/bin"])
+    result = subprocess.run(
+        [str(venv / "bin/python"), "-m", "dask_secure_cloud", "demo", "--workers", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "decoy" not in result.stdout + result.stderr
