@@ -35,7 +35,8 @@ def credentials(n: int = 1000) -> None:
 
 
 def user_data() -> None:
-    """Target: < 3 KB for a TLS worker (dask-cloudprovider ships ~14 KB)."""
+    """Target: < 6 KB for a TLS worker, boot script included (dask-cloudprovider ships
+    ~14 KB)."""
     creds = ClusterCredentials("bench")
     for role, command in (
         (Role.SCHEDULER, ("scheduler", "--port", "8786", "--protocol", "tls")),

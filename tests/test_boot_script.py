@@ -147,3 +147,30 @@ def test_local_vms_use_the_clients_interpreter_whatever_path_says(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "decoy" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "runtime",
+    [
+        DockerRuntime("ghcr.io/dask/dask:2024.8.0-py3.11"),
+        DockerRuntime("ghcr.io/dask/dask:2024.8.0-py3.11", gpus=True),
+        NativeRuntime("python3", "2024.8.0", "2024.8.0", ("xarray==2024.6.0", "zarr")),
+    ],
+    ids=["docker", "docker-gpu", "native"],
+)
+def test_rendered_boot_scripts_pass_shellcheck(runtime, tmp_path):
+    """POSIX sh as dash and busybox run it: no bashisms, no unquoted surprises."""
+    from dask_secure_cloud.cloudinit import decode_file, parse
+
+    plan = _worker(("tls://10.0.0.1:8786",), runtime, env={"A": "b"}, extra_bootstrap=("echo hi",))
+    script = next(
+        decode_file(f) for f in parse(render(plan))["write_files"] if f["path"].endswith("boot.sh")
+    )
+    path = tmp_path / "boot.sh"
+    path.write_bytes(script)
+    result = subprocess.run(
+        ["shellcheck", "--shell=sh", "--severity=warning", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout
