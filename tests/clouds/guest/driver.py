@@ -1,0 +1,97 @@
+"""A driver whose VMs are QEMU guests: ``LocalVMCluster``'s boot path on real Linux.
+
+The cluster hands it user-data exactly as it hands it to a cloud; each VM is a guest of
+the stock (or baked) image on the test namespace's cluster network, reached by the
+client through the host's end of that network. A guest that powers off is a terminated
+instance; deleting a VM kills its qemu. Whether a role gets a route out ("egress") is
+the test's choice, as the network would be the cloud's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from dask_secure_cloud.cloudinit import LIMITS
+from dask_secure_cloud.cluster import VMCluster
+from dask_secure_cloud.credentials import Role
+from dask_secure_cloud.driver import VM, Driver, VMRequest
+
+from .booter import GuestBooter, GuestVM
+from .common import CLUSTER_NETWORK
+
+__all__ = ["GuestCluster", "GuestDriver"]
+
+#: Guests take cluster-network addresses from .10 on.
+_FIRST_HOST = 10
+
+
+class GuestDriver(Driver):
+    provider = "guest"
+    user_data_limit = LIMITS["aws"]  # the strictest cloud's budget
+    # Guests share two cores: booting them one after another is no slower under TCG, but
+    # the cluster still overlaps worker boots with the scheduler's, as on a cloud.
+    max_concurrent_creates = 4
+
+    def __init__(self, booter: GuestBooter, egress: Mapping[Role, bool] | None = None) -> None:
+        self.booter = booter
+        self.egress = dict(egress or {Role.SCHEDULER: True, Role.WORKER: True})
+        self.created: list[VM] = []
+
+    def _address(self) -> str:
+        taken = {vm.address for vm in self.booter.vms.values()}
+        for host in list(CLUSTER_NETWORK.hosts())[_FIRST_HOST - 1 : 250]:
+            if str(host) not in taken:
+                return str(host)
+        raise RuntimeError("no address left on the cluster network")
+
+    def where(self) -> str:
+        return f"guests on {CLUSTER_NETWORK}"
+
+    async def create(self, request: VMRequest) -> VM:
+        guest = await asyncio.to_thread(
+            self.booter.boot,
+            request.user_data,
+            address=self._address(),
+            cluster_id=request.cluster_id,
+            name=request.name,
+            role=request.role.value,
+            egress=self.egress.get(request.role, True),
+        )
+        vm = self._record(guest)
+        self.created.append(vm)
+        return vm
+
+    @staticmethod
+    def _record(guest: GuestVM) -> VM:
+        return VM(
+            id=guest.vm_id,
+            name=guest.name,
+            role=Role(guest.role),
+            cluster_id=guest.cluster_id,
+            private_ip=guest.address,
+        )
+
+    async def destroy(self, vm: VM) -> None:
+        await asyncio.to_thread(self.booter.stop, vm.id)
+
+    async def list(self, cluster_id: str) -> list[VM]:
+        return [self._record(g) for g in self.booter.vms.values() if g.cluster_id == cluster_id]
+
+    async def state(self, vm: VM) -> str:
+        guest = self.booter.vms.get(vm.id)
+        return "running" if guest is not None and guest.is_running() else "terminated"
+
+    async def console_output(self, vm: VM) -> str:
+        guest = self.booter.vms.get(vm.id)
+        return guest.console_output() if guest is not None else ""
+
+
+class GuestCluster(VMCluster):
+    """A ``VMCluster`` on guests: the clouds' boot path, the cloud's API left out."""
+
+    provider: ClassVar[str] = "guest"
+
+    def __init__(self, driver: GuestDriver, **options: Any) -> None:
+        super().__init__(driver, **options)
