@@ -69,7 +69,7 @@ step() {
   else
     rc=$?
     say "$STEP: FAILED in $(since "$t")s (exit $rc); last lines of its log:"
-    tail -n 25 "$D/log/$STEP.log" | sed 's/^/dask-secure-cloud: | /'
+    tail -n 30 "$D/log/$STEP.log" | sed 's/^/dask-secure-cloud: | /'
     exit "$rc"
   fi
 }
@@ -271,8 +271,13 @@ def render_script(
         "  status=$?",
         f'  say "dask {role} exited with status $status after $(since "$t")s"',
         '  if [ "$status" -ne 0 ]; then',
-        '    say "last lines of its log ($D/dask.log):"',
-        "    tail -n 20 \"$D/dask.log\" | sed 's/^/dask-secure-cloud: | /'",
+        # A chained traceback puts its cause far above the last lines: show the
+        # error lines first.
+        '    say "errors in its log ($D/dask.log):"',
+        "    grep -E 'Error|Exception|Timed out|timed out' \"$D/dask.log\" | tail -n 15 |",
+        "      sed 's/^/dask-secure-cloud: | /'",
+        '    say "last lines of its log:"',
+        "    tail -n 25 \"$D/dask.log\" | sed 's/^/dask-secure-cloud: | /'",
         "  fi",
     ]
     if power_off_on_exit:

@@ -211,6 +211,7 @@ class GuestBooter:
         self.image = image
         self.accelerator = accelerator or qemu.accelerator(image.kernel)
         self.vms: dict[str, GuestVM] = {}
+        self._lock = threading.Lock()
 
     def _outside_address(self) -> str:
         taken = {nic.address for vm in self.vms.values() for nic in vm.nics}
@@ -236,8 +237,18 @@ class GuestBooter:
         via ``SERVICES_ADDRESS``; without, no route beyond the cluster network at all.
         Returns once qemu runs; the guest boots on (about a minute under TCG).
         """
+        # Drivers boot from several threads at once: one at a time here, so no two
+        # guests ever get the same outside address (it takes well under a second).
+        with self._lock:
+            return self._boot(user_data, address, cluster_id, name, role, egress)
+
+    def _boot(
+        self, user_data: bytes, address: str, cluster_id: str, name: str, role: str, egress: bool
+    ) -> GuestVM:
         if ipaddress.ip_address(address) not in CLUSTER_NETWORK:
             raise ValueError(f"{address} is not on the cluster network {CLUSTER_NETWORK}")
+        if any(vm.address == address for vm in self.vms.values()):
+            raise ValueError(f"{address} is taken by another guest")
         vm_id = f"{cluster_id}/{name}"
         if vm_id in self.vms:
             raise ValueError(f"a VM {vm_id} is already running")

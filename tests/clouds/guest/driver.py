@@ -38,11 +38,21 @@ class GuestDriver(Driver):
         self.booter = booter
         self.egress = dict(egress or {Role.SCHEDULER: True, Role.WORKER: True})
         self.created: list[VM] = []
+        self._reserved: set[str] = set()
+        #: Seconds a deletion first waits for the guest to power itself off, as a VM whose
+        #: Dask process ended does; 0: delete at once, as a cloud does.
+        self.wait_for_power_off = 0.0
+        #: Per VM name: seconds from "dask ... exited" on its console to its qemu's exit
+        #: (the guest powered itself off), or None (it was still running when deleted).
+        self.powered_off: dict[str, float | None] = {}
 
-    def _address(self) -> str:
-        taken = {vm.address for vm in self.booter.vms.values()}
+    def _reserve_address(self) -> str:
+        """A free address, taken at once: creations run concurrently in threads, and two
+        guests with one address would each see half a network."""
+        taken = {vm.address for vm in self.booter.vms.values()} | self._reserved
         for host in list(CLUSTER_NETWORK.hosts())[_FIRST_HOST - 1 : 250]:
             if str(host) not in taken:
+                self._reserved.add(str(host))
                 return str(host)
         raise RuntimeError("no address left on the cluster network")
 
@@ -50,10 +60,11 @@ class GuestDriver(Driver):
         return f"guests on {CLUSTER_NETWORK}"
 
     async def create(self, request: VMRequest) -> VM:
+        address = self._reserve_address()
         guest = await asyncio.to_thread(
             self.booter.boot,
             request.user_data,
-            address=self._address(),
+            address=address,
             cluster_id=request.cluster_id,
             name=request.name,
             role=request.role.value,
@@ -74,7 +85,13 @@ class GuestDriver(Driver):
         )
 
     async def destroy(self, vm: VM) -> None:
+        guest = self.booter.vms.get(vm.id)
+        if guest is not None and self.wait_for_power_off:
+            self.powered_off[vm.name] = await asyncio.to_thread(
+                _power_off_after_dask, guest, self.wait_for_power_off
+            )
         await asyncio.to_thread(self.booter.stop, vm.id)
+        self._reserved.discard(vm.private_ip)
 
     async def list(self, cluster_id: str) -> list[VM]:
         return [self._record(g) for g in self.booter.vms.values() if g.cluster_id == cluster_id]
@@ -86,6 +103,19 @@ class GuestDriver(Driver):
     async def console_output(self, vm: VM) -> str:
         guest = self.booter.vms.get(vm.id)
         return guest.console_output() if guest is not None else ""
+
+
+def _power_off_after_dask(guest: GuestVM, timeout: float) -> float | None:
+    if not guest.wait_stopped(timeout):
+        return None
+    lines = guest.timed_lines()
+    exited = next(
+        (t for t, line in lines if "dask-secure-cloud: dask " in line and " exited " in line), None
+    )
+    last = lines[-1][0] if lines else None
+    if exited is None or last is None:
+        return None
+    return last - exited
 
 
 class GuestCluster(VMCluster):
