@@ -35,6 +35,7 @@ from distributed.security import Security
 from tornado.ioloop import PeriodicCallback
 
 from . import audit, config, images, preloads
+from .bootscript import STEP_PREFIX
 from .cloudinit import BootPlan, DockerRuntime, NativeRuntime, render
 from .credentials import ClusterCredentials, LeafCredentials, Role, leaf_from_security
 from .driver import CLUSTER_TAG, CREATOR_TAG, VM, Driver, VMRequest
@@ -1030,5 +1031,14 @@ class VMCluster(SpecCluster):
 
 
 def _tail(text: str, lines: int = 60) -> str:
-    kept = text.splitlines()[-lines:]
-    return "\n".join(kept) if kept else "(no console output)"
+    """What a failed VM's console says: the boot script's own lines (each step, how long
+    it took, why it failed), then the console's last lines. Shutdown noise after a
+    failure would otherwise push the failing step out of the report."""
+    console = text.splitlines()
+    steps = [line[line.index(STEP_PREFIX) :] for line in console if STEP_PREFIX in line]
+    kept = console[-(lines // 3 if steps else lines) :]
+    if not kept:
+        return "(no console output)"
+    if not steps:
+        return "\n".join(kept)
+    return "\n".join(["Boot script:", *steps[-lines:], "Last console lines:", *kept])

@@ -10,13 +10,37 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar
 
 from dask_secure_cloud.vmrunner import LocalVM, boot
 
 DOCKER_SHIM_DIR = str(Path(__file__).parent / "bin")
 
 
-class VMBooter:
+class _Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+VMT = TypeVar("VMT", bound=_Stoppable)
+
+
+class Booter(Generic[VMT]):
+    """What every booter (process VMs, QEMU guests) shares: the VMs it booted, by id,
+    and how they end. A stand-in takes either."""
+
+    vms: dict[str, VMT]
+
+    def stop(self, vm_id: str) -> None:
+        vm = self.vms.pop(vm_id, None)
+        if vm is not None:
+            vm.stop()
+
+    def stop_all(self) -> None:
+        for vm_id in list(self.vms):
+            self.stop(vm_id)
+
+
+class VMBooter(Booter[LocalVM]):
     """Boots VMs under ``directory`` and stops every one of them on :meth:`stop_all`."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
@@ -37,12 +61,3 @@ class VMBooter:
         )
         self.vms[vm.vm_id] = vm
         return vm
-
-    def stop(self, vm_id: str) -> None:
-        vm = self.vms.pop(vm_id, None)
-        if vm is not None:
-            vm.stop()
-
-    def stop_all(self) -> None:
-        for vm_id in list(self.vms):
-            self.stop(vm_id)

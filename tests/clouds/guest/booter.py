@@ -21,6 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
+from ..booter import Booter
 from . import qemu
 from .common import CLUSTER_NETWORK, OUTSIDE_NETWORK, SERVICES_ADDRESS
 from .image import GuestImage
@@ -192,7 +193,7 @@ class GuestVM:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-class GuestBooter:
+class GuestBooter(Booter[GuestVM]):
     """Boots guests of ``image`` on ``network`` under ``directory``; mirrors ``VMBooter``.
 
     ``accelerator`` is ``"kvm"`` or ``"tcg"``; by default :func:`qemu.accelerator`
@@ -329,15 +330,6 @@ class GuestBooter:
             self.stop(vm_id)
             raise RuntimeError(f"qemu for {vm_id} exited at once ({process.returncode}): {error}")
         return vm
-
-    def stop(self, vm_id: str) -> None:
-        vm = self.vms.pop(vm_id, None)
-        if vm is not None:
-            vm.stop()
-
-    def stop_all(self) -> None:
-        for vm_id in list(self.vms):
-            self.stop(vm_id)
 
 
 def _mac(index: int, nic: int) -> str:
