@@ -104,7 +104,14 @@ docker_engine() {
   if command -v docker >/dev/null 2>&1; then
     echo "already installed: $(docker --version)"
   else
-    apt_install docker.io || return 1
+    # With AppArmor on in the kernel, docker refuses to run a container unless it can
+    # load its profile, and apparmor is only a Recommends of docker.io.
+    set -- docker.io
+    if [ "$(cat /sys/module/apparmor/parameters/enabled 2>/dev/null)" = Y ] &&
+      ! command -v apparmor_parser >/dev/null 2>&1; then
+      set -- "$@" apparmor
+    fi
+    apt_install "$@" || return 1
   fi
   if [ -z "$LOCAL" ] && command -v systemctl >/dev/null 2>&1; then
     systemctl start docker || return 1

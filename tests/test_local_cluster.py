@@ -210,8 +210,10 @@ async def test_users_own_security_is_used_as_given(vm_dir, tmp_path):
     assert_nothing_left(vm_dir)
 
 
-async def test_docker_runtime_boots_the_pinned_image(vm_dir, monkeypatch):
-    """The clouds' default path: Dask in a container (run here by the docker stand-in)."""
+async def test_docker_user_data_passes_image_env_and_tls_to_the_container(vm_dir, monkeypatch):
+    """The container command line the docker runtime renders: pinned image, env file, TLS
+    paths. The docker stand-in runs it with this machine's Python, so this proves the
+    user-data's shape only; the real engine on a stock image is test_guests.py's."""
     from clouds.booter import DOCKER_SHIM_DIR
 
     monkeypatch.setenv("PATH", DOCKER_SHIM_DIR + os.pathsep + os.environ["PATH"])

@@ -43,6 +43,7 @@ SUITE = "bookworm"
 #: ours: no Docker, no Dask, no python3-venv (Ubuntu's cloud images lack it too). The
 #: guest image builder owns this list; the apt mirror serves everything beyond it.
 STOCK_PACKAGES = (
+    "apt",
     "systemd-sysv",
     "udev",
     "dbus",

@@ -45,6 +45,8 @@ class GuestDriver(Driver):
         #: Per VM name: seconds from "dask ... exited" on its console to its qemu's exit
         #: (the guest powered itself off), or None (it was still running when deleted).
         self.powered_off: dict[str, float | None] = {}
+        #: Per VM name: its console when it was deleted (deletion removes its files).
+        self.consoles: dict[str, str] = {}
 
     def _reserve_address(self) -> str:
         """A free address, taken at once: creations run concurrently in threads, and two
@@ -90,6 +92,8 @@ class GuestDriver(Driver):
             self.powered_off[vm.name] = await asyncio.to_thread(
                 _power_off_after_dask, guest, self.wait_for_power_off
             )
+        if guest is not None:
+            self.consoles[vm.name] = guest.console_output()
         await asyncio.to_thread(self.booter.stop, vm.id)
         self._reserved.discard(vm.private_ip)
 

@@ -25,7 +25,7 @@ from clouds.guest.common import STOCK_PACKAGES, SUITE, cached
 __all__ = ["GUEST_INSTALLS", "STOCK_STATUS", "apt_repository"]
 
 #: What the product's boot script installs, and whether with Recommends, as it does.
-GUEST_INSTALLS: dict[str, bool] = {"docker.io": False, "python3-venv": True}
+GUEST_INSTALLS: dict[str, bool] = {"apparmor": False, "docker.io": False, "python3-venv": True}
 #: The dpkg status file of the stock system, inside the repository directory.
 STOCK_STATUS = "stock-status"
 #: The mirror the packages come from. The guest sees the repository under this URL too.
