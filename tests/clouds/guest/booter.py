@@ -213,6 +213,8 @@ class GuestBooter(Booter[GuestVM]):
         self.accelerator = accelerator or qemu.accelerator(image.kernel)
         self.vms: dict[str, GuestVM] = {}
         self._lock = threading.Lock()
+        #: Cluster addresses drivers have handed out for guests still being booted.
+        self.reserved_addresses: set[str] = set()
 
     def _outside_address(self) -> str:
         taken = {nic.address for vm in self.vms.values() for nic in vm.nics}

@@ -38,7 +38,6 @@ class GuestDriver(Driver):
         self.booter = booter
         self.egress = dict(egress or {Role.SCHEDULER: True, Role.WORKER: True})
         self.created: list[VM] = []
-        self._reserved: set[str] = set()
         #: Seconds a deletion first waits for the guest to power itself off, as a VM whose
         #: Dask process ended does; 0: delete at once, as a cloud does.
         self.wait_for_power_off = 0.0
@@ -51,10 +50,12 @@ class GuestDriver(Driver):
     def _reserve_address(self) -> str:
         """A free address, taken at once: creations run concurrently in threads, and two
         guests with one address would each see half a network."""
-        taken = {vm.address for vm in self.booter.vms.values()} | self._reserved
+        # Reservations live on the booter: several clusters may share its network.
+        reserved = self.booter.reserved_addresses
+        taken = {vm.address for vm in self.booter.vms.values()} | reserved
         for host in list(CLUSTER_NETWORK.hosts())[_FIRST_HOST - 1 : 250]:
             if str(host) not in taken:
-                self._reserved.add(str(host))
+                reserved.add(str(host))
                 return str(host)
         raise RuntimeError("no address left on the cluster network")
 
@@ -95,7 +96,7 @@ class GuestDriver(Driver):
         if guest is not None:
             self.consoles[vm.name] = guest.console_output()
         await asyncio.to_thread(self.booter.stop, vm.id)
-        self._reserved.discard(vm.private_ip)
+        self.booter.reserved_addresses.discard(vm.private_ip)
 
     async def list(self, cluster_id: str) -> list[VM]:
         return [self._record(g) for g in self.booter.vms.values() if g.cluster_id == cluster_id]
