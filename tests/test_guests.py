@@ -20,7 +20,8 @@ import distributed
 import pytest
 from distributed import Client
 
-from dask_secure_cloud.cluster import default_docker_image
+from dask_secure_cloud.cluster import ClusterStartError, VMBootError, default_docker_image
+from dask_secure_cloud.credentials import Role
 
 from clouds.guest.booter import GuestBooter
 from clouds.guest.common import SERVICES_ADDRESS
@@ -183,3 +184,36 @@ async def test_native_runtime_on_a_baked_image_installs_nothing(network, service
     _no_guest_left(booter, network, services)
     assert _fetched(services, since) == []
     _assert_step_done(consoles, "python-env")
+
+
+async def test_a_failing_boot_step_is_reported_from_the_console_and_nothing_is_left(
+    network, services, tmp_path
+):
+    """A tag the registry lacks, and a VM with no route out: both starts fail within the
+    boot timeout with the failing step and its output in the error."""
+    booter = _booter(network, stock_image(), tmp_path)
+    missing_tag = GuestDriver(booter)
+    no_route = GuestDriver(booter, egress={Role.SCHEDULER: False, Role.WORKER: False})
+    missing = f"ghcr.io/dask/dask:2024.10.0-py3.11-{time.monotonic_ns()}"
+
+    async def start(driver: GuestDriver, **options) -> tuple[str, float]:
+        started = time.monotonic()
+        with pytest.raises((ClusterStartError, VMBootError)) as info:
+            async with GuestCluster(
+                driver, n_workers=0, boot_timeout="12m", asynchronous=True, **options
+            ):
+                pass
+        return str(info.value), time.monotonic() - started
+
+    (tag_error, tag_time), (route_error, route_time) = await asyncio.gather(
+        start(missing_tag, runtime="docker", docker_image=missing),
+        start(no_route, runtime="docker"),
+    )
+    print(f"missing tag reported after {tag_time:.0f}s, no route after {route_time:.0f}s")
+    assert "pull: FAILED" in tag_error and "manifest unknown" in tag_error
+    assert "boot FAILED at step pull" in tag_error
+    assert "docker-engine: FAILED" in route_error
+    assert "boot FAILED at step docker-engine" in route_error
+    assert "unreachable" in route_error.lower() or "failed to fetch" in route_error.lower()
+    assert tag_time < 12 * 60 and route_time < 12 * 60
+    _no_guest_left(booter, network, services)
