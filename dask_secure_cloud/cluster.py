@@ -360,6 +360,11 @@ class VMCluster(SpecCluster):
     boot_timeout
         How long a VM may take to come up before it is reported, with its console
         output, and the start fails.
+    offline_image
+        The VM image already holds everything the boot needs (Docker and the pulled
+        image, or this client's dask for ``runtime="native"``), so VMs may boot on a
+        network with no route out. By default such a network is refused before anything
+        is made (see "Networking" in the docs).
     """
 
     provider: ClassVar[str] = "vm"
@@ -389,6 +394,7 @@ class VMCluster(SpecCluster):
         worker_death_timeout: str | float | None = None,
         lease_timeout: str | float | None = None,
         ship_config: Sequence[str] | None = None,
+        offline_image: bool | None = None,
         asynchronous: bool = False,
         loop: Any = None,
         name: str | None = None,
@@ -425,10 +431,14 @@ class VMCluster(SpecCluster):
             "scheduler_port": config.port(opt("scheduler_port", scheduler_port), "scheduler_port"),
             "dashboard_port": config.port(opt("dashboard_port", dashboard_port), "dashboard_port"),
         }
+        offline_image = opt("offline_image", offline_image)
+        if not isinstance(offline_image, bool):
+            raise ValueError(f"offline_image must be True or False, got {offline_image!r}")
         driver.configure(
             ports=(self._ports["scheduler_port"], self._ports["dashboard_port"]),
             boot_timeout=self._boot_timeout,
             initial_workers=n_workers,
+            offline_image=offline_image,
         )
 
         runtime = opt("runtime", runtime)

@@ -108,17 +108,29 @@ class Driver(abc.ABC):
     #: Workers the cluster starts with, so :meth:`prepare` can check the cloud's quota
     #: before it makes anything; set by :meth:`configure`.
     initial_workers: int = 0
+    #: The user says the image holds everything the boot needs, so VMs with no route
+    #: out may boot (see ``egress.public_address``); set by :meth:`configure`.
+    offline_image: bool = False
 
     def configure(
-        self, *, ports: tuple[int, int], boot_timeout: float, initial_workers: int = 0
+        self,
+        *,
+        ports: tuple[int, int],
+        boot_timeout: float,
+        initial_workers: int = 0,
+        offline_image: bool = False,
     ) -> None:
         """Receive the options every cloud shares, resolved once by the cluster."""
         self.ports = ports
         self.boot_timeout = boot_timeout
         self.initial_workers = initial_workers
+        self.offline_image = offline_image
 
     async def prepare(self, cluster_id: str) -> None:
-        """Make what the cluster's VMs need before the first one (network, firewall)."""
+        """Make what the cluster's VMs need before the first one (network, firewall).
+
+        Checks that only read (quotas, whether each role's VMs will have a route out:
+        ``egress.public_address``) come first, so a refusal leaves nothing behind."""
 
     @abc.abstractmethod
     async def create(self, request: VMRequest) -> VM:

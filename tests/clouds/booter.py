@@ -1,7 +1,8 @@
 """The VM booter shared by every cloud stand-in: user-data and an address in, a VM out.
 
 A stand-in API that "creates" a VM calls :meth:`VMBooter.boot` with the user-data it
-received and the address it assigned; the VM then runs here through the same local
+received, the address it assigned and whether the cloud would give that VM a route out
+(``egress``, from the stand-in's own model of the network); the VM then runs here through the same local
 cloud-init runner that ``LocalVMCluster`` uses, with a ``docker`` stand-in first on its
 ``PATH`` so container user-data runs with this machine's Python.
 """
@@ -46,9 +47,19 @@ class VMBooter(Booter[LocalVM]):
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
         self.vms: dict[str, LocalVM] = {}
+        #: Whether the stand-in gave each VM (by name) a route out. A process VM
+        #: shares this machine's network whatever it says; a guest gets only that.
+        self.egress: dict[str, bool] = {}
 
     def boot(
-        self, user_data: bytes, *, address: str, cluster_id: str, name: str, role: str
+        self,
+        user_data: bytes,
+        *,
+        address: str,
+        cluster_id: str,
+        name: str,
+        role: str,
+        egress: bool = True,
     ) -> LocalVM:
         vm = boot(
             user_data,
@@ -60,4 +71,5 @@ class VMBooter(Booter[LocalVM]):
             extra_path=DOCKER_SHIM_DIR,
         )
         self.vms[vm.vm_id] = vm
+        self.egress[name] = egress
         return vm

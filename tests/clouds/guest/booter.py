@@ -215,6 +215,8 @@ class GuestBooter(Booter[GuestVM]):
         self._lock = threading.Lock()
         #: Cluster addresses drivers have handed out for guests still being booted.
         self.reserved_addresses: set[str] = set()
+        #: Whether each guest (by name) was given a route out.
+        self.egress: dict[str, bool] = {}
 
     def _outside_address(self) -> str:
         taken = {nic.address for vm in self.vms.values() for nic in vm.nics}
@@ -325,6 +327,7 @@ class GuestBooter(Booter[GuestVM]):
             started=started,
         )
         self.vms[vm_id] = vm
+        self.egress[name] = egress
         # A wrong option or a tap that cannot be opened ends qemu at once: say why here.
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(0.3)
