@@ -1,10 +1,18 @@
 """``GCPCluster``: a secure Dask cluster on Google Compute Engine.
 
 What is particular to Google Cloud: the official ``google-cloud-compute`` client on its
-REST transport, run in threads (it has no async client); a firewall rule per cluster
-that targets the cluster's own network tag; workers without external addresses; GPUs
-as ``guestAccelerators``; spot workers; and a lease (``max_run_duration``) after which
+REST transport, run in threads (it has no async client); firewall rules per cluster that
+target the cluster's own network tags; an external address for a VM only where its
+subnetwork has no Cloud NAT (read from the region's routers and the network's routes
+before anything is made, see :mod:`dask_secure_cloud.egress`); GPUs as
+``guestAccelerators``; spot workers; and a lease (``max_run_duration``) after which
 Compute Engine deletes a forgotten VM by itself.
+
+A fresh project's ``default`` network allows SSH, RDP and ICMP from anywhere to every
+instance (priority 65534). A worker with an external address would accept them, so the
+cluster's own rules deny every ingress from ``0.0.0.0/0`` to its tag at a priority that
+beats those and the usual user rules (1000), and allow, at a higher one, only the
+cluster's members to each other and the creator's CIDRs to the scheduler's two ports.
 
 Every client the driver builds, including the operations clients it waits with, gets
 the ``api_endpoint`` option, so nothing ever reaches another host. The driver never
@@ -17,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import getpass
+import logging
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -36,6 +45,7 @@ from ..driver import (
     VMRequest,
     summarize,
 )
+from ..egress import Exits, public_address
 from ..network import NetworkPolicy
 
 try:
@@ -49,6 +59,8 @@ except ImportError as e:  # pragma: no cover - depends on the extra
 
 __all__ = ["GCPCluster", "GCPDriver"]
 
+logger = logging.getLogger(__name__)
+
 _LABEL = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 #: Compute Engine's REST methods have no default retry: back off on rate limits and
 #: "try again" answers, as the API asks, for up to two minutes.
@@ -58,10 +70,22 @@ _THROTTLED = retry.Retry(
     maximum=10.0,
     timeout=120.0,
 )
+#: The cluster's allow rules: above its own deny rule (lower number wins).
+ALLOW_PRIORITY = 100
+#: The cluster's "deny all ingress from 0.0.0.0/0" rule: beats a fresh project's
+#: default-allow-* rules (65534) and rules made with the usual default priority (1000).
+DENY_PRIORITY = 110
+#: Cloud NAT settings that translate every subnetwork's primary range in the region.
+_NAT_ALL_SUBNETWORKS = ("ALL_SUBNETWORKS_ALL_IP_RANGES", "ALL_SUBNETWORKS_ALL_PRIMARY_IP_RANGES")
+_INTERNET_GATEWAY = "/global/gateways/default-internet-gateway"
 
 
 def _message(error: Exception) -> str:
     return getattr(error, "message", None) or str(error)
+
+
+class _NotFoundError(CloudError):
+    """The resource does not exist (HTTP 404), told apart by type, not by its text."""
 
 
 class GCPDriver(Driver):
@@ -92,6 +116,7 @@ class GCPDriver(Driver):
         max_run_duration: float | None,
         api_endpoint: str | None,
         credentials: Any,
+        worker_public_ip: bool | None = None,
     ) -> None:
         self.project = project
         self.zone = zone
@@ -112,8 +137,13 @@ class GCPDriver(Driver):
         self.max_run_duration = max_run_duration
         self.api_endpoint = api_endpoint
         self.credentials = credentials
+        #: True, False, or None to decide from the subnetwork's ways out.
+        self.worker_public_ip = worker_public_ip
         self._clients: dict[str, Any] = {}
         self._image_link: str | None = None
+        self._subnets: list[Any] | None = None
+        #: Whether VMs of each role get an external address: decided in :meth:`prepare`.
+        self._public: dict[Role, bool] = {}
 
     # -- the SDK ------------------------------------------------------------------------
 
@@ -148,7 +178,7 @@ class GCPDriver(Driver):
         try:
             return await asyncio.to_thread(call)
         except gexc.NotFound as e:
-            raise CloudError(f"{what} not found: {_message(e)}") from e
+            raise _NotFoundError(f"{what} not found: {_message(e)}") from e
         except gexc.Forbidden as e:
             raise CloudError(
                 f"{what}: permission denied ({_message(e)}); give these credentials the "
@@ -190,7 +220,16 @@ class GCPDriver(Driver):
     def where(self) -> str:
         return self.zone
 
+    @property
+    def region(self) -> str:
+        return self.zone.rsplit("-", 1)[0]
+
+    def _network_link(self) -> str:
+        return f"projects/{self.project}/global/networks/{self.network}"
+
     async def prepare(self, cluster_id: str) -> None:
+        """Read-only checks first (zone, machine types, image, the ways out), then the
+        firewall: a refusal leaves nothing behind."""
         await self._call(
             "ZonesClient", "get", f"zone {self.zone!r}", project=self.project, zone=self.zone
         )
@@ -204,31 +243,9 @@ class GCPDriver(Driver):
                 machine_type=machine_type,
             )
         await self._resolve_image()
+        await self._decide_addresses()
         sources = await self.network_policy.scheduler_sources(self._subnet_ranges)
-        tag = _network_tag(cluster_id)
-        rules = [
-            compute_v1.Firewall(
-                name=f"{tag}-client",
-                network=f"projects/{self.project}/global/networks/{self.network}",
-                description=f"dask-secure-cloud {cluster_id}: scheduler port and dashboard",
-                direction="INGRESS",
-                source_ranges=sources,
-                target_tags=[tag],
-                allowed=[
-                    compute_v1.Allowed(I_p_protocol="tcp", ports=[str(p) for p in self.ports])
-                ],
-            ),
-            compute_v1.Firewall(
-                name=f"{tag}-internal",
-                network=f"projects/{self.project}/global/networks/{self.network}",
-                description=f"dask-secure-cloud {cluster_id}: between the cluster's VMs",
-                direction="INGRESS",
-                source_tags=[tag],
-                target_tags=[tag],
-                allowed=[compute_v1.Allowed(I_p_protocol="tcp", ports=["0-65535"])],
-            ),
-        ]
-        for rule in rules:
+        for rule in self._firewall_rules(cluster_id, sources):
             operation = await self._call(
                 "FirewallsClient",
                 "insert",
@@ -238,34 +255,183 @@ class GCPDriver(Driver):
             )
             await self._wait(operation, f"firewall {rule.name}", zonal=False)
 
-    async def _subnet_ranges(self) -> list[str]:
-        """The address ranges of the cluster's subnetwork, or of the network's in region."""
-        region = self.zone.rsplit("-", 1)[0]
+    def _firewall_rules(self, cluster_id: str, sources: Sequence[str]) -> list[Any]:
+        """The deny rule first, so no moment exists where only allows are in place.
+
+        Only the scheduler's tag gets the creator's CIDRs: a worker with an external
+        address accepts nothing from outside the cluster."""
+        tag = _network_tag(cluster_id)
+        network = self._network_link()
+        return [
+            compute_v1.Firewall(
+                name=f"{tag}-deny",
+                network=network,
+                description=(
+                    f"dask-secure-cloud {cluster_id}: nothing from outside the cluster, "
+                    "whatever the network's other rules allow"
+                ),
+                direction="INGRESS",
+                priority=DENY_PRIORITY,
+                source_ranges=["0.0.0.0/0"],
+                target_tags=[tag],
+                denied=[compute_v1.Denied(I_p_protocol="all")],
+            ),
+            compute_v1.Firewall(
+                name=f"{tag}-client",
+                network=network,
+                description=f"dask-secure-cloud {cluster_id}: scheduler port and dashboard",
+                direction="INGRESS",
+                priority=ALLOW_PRIORITY,
+                source_ranges=list(sources),
+                target_tags=[_scheduler_tag(cluster_id)],
+                allowed=[
+                    compute_v1.Allowed(I_p_protocol="tcp", ports=[str(p) for p in self.ports])
+                ],
+            ),
+            compute_v1.Firewall(
+                name=f"{tag}-internal",
+                network=network,
+                description=f"dask-secure-cloud {cluster_id}: between the cluster's VMs",
+                direction="INGRESS",
+                priority=ALLOW_PRIORITY,
+                source_tags=[tag],
+                target_tags=[tag],
+                allowed=[compute_v1.Allowed(I_p_protocol="tcp", ports=["0-65535"])],
+            ),
+        ]
+
+    # -- the ways out -------------------------------------------------------------------
+
+    async def _decide_addresses(self) -> None:
+        """Which roles get an external address, from the subnetwork's ways out.
+
+        Refuses (``NoRouteOutError``) before anything is made when a role would have
+        none."""
+        exits = await self._exits()
+        wanted = {
+            Role.SCHEDULER: None if self.network_policy.use_private_ip else True,
+            Role.WORKER: self.worker_public_ip,
+        }
+        options = {Role.SCHEDULER: "use_private_ip", Role.WORKER: "worker_public_ip"}
+        for role in (Role.SCHEDULER, Role.WORKER):
+            self._public[role] = public_address(
+                role,
+                wanted[role],
+                exits,
+                option=options[role],
+                offline_image=self.offline_image,
+                fixes=self._fixes(role, exits),
+            )
+            logger.info("%s: %s", role.value, _way_out(self._public[role], exits))
+
+    def _fixes(self, role: Role, exits: Exits) -> list[str]:
+        """Compute Engine's remedies, as options to paste."""
+        fixes = [
+            f"subnetwork=<a subnetwork of network {self.network} in {self.region} that a "
+            "Cloud NAT covers> (gcloud compute routers nats create ... "
+            "--nat-all-subnet-ip-ranges, on a router of that network)",
+            "network=<a network with a 0.0.0.0/0 route to default-internet-gateway>",
+        ]
+        if role is Role.WORKER and exits.public is not None:
+            fixes.insert(
+                0,
+                "worker_public_ip=None (the default) or True: workers get an ephemeral "
+                f"external address and go out through {exits.public}, while the "
+                "cluster's firewall denies every connection from outside the cluster",
+            )
+        return fixes
+
+    async def _exits(self) -> Exits:
+        """The ways out of the VMs' subnetwork: a Cloud NAT covering it, a default
+        internet route. Both need that route: Cloud NAT sends through it too."""
+        subnet = await self._subnetwork()
+        place = f"subnetwork {subnet.name} of network {self.network} in {self.region}"
+        routers = await self._call(
+            "RoutersClient",
+            "list",
+            f"routers in {self.region}",
+            request=compute_v1.ListRoutersRequest(project=self.project, region=self.region),
+        )
+        routes = await self._call(
+            "RoutesClient",
+            "list",
+            f"routes of network {self.network!r}",
+            request=compute_v1.ListRoutesRequest(
+                project=self.project,
+                filter=f'network eq ".*/projects/{self.project}/global/networks/{self.network}"',
+            ),
+        )
+        nat = _covering_nat(await asyncio.to_thread(list, routers), self.network, subnet)
+        route = _internet_route(
+            await asyncio.to_thread(list, routes), self.network, set(self.network_tags)
+        )
+        if route is None:
+            if nat is not None:
+                place += (
+                    f" ({nat} is there, but it has no 0.0.0.0/0 route to "
+                    "default-internet-gateway to send through)"
+                )
+            return Exits(place, private=None, public=None)
+        return Exits(place, private=nat, public=f"the default internet gateway (route {route})")
+
+    async def _network_subnets(self) -> list[Any]:
+        """The subnetworks of the cluster's network in the zone's region (read once)."""
+        if self._subnets is None:
+            pages = await self._call(
+                "SubnetworksClient",
+                "list",
+                f"subnetworks of network {self.network!r}",
+                project=self.project,
+                region=self.region,
+            )
+            self._subnets = [
+                s
+                for s in await asyncio.to_thread(list, pages)
+                if s.network.endswith(f"/global/networks/{self.network}")
+            ]
+        return self._subnets
+
+    async def _subnetwork(self) -> Any:
+        """The subnetwork the VMs get their addresses from, as Compute Engine picks it."""
         if self.subnetwork:
             subnet = await self._call(
                 "SubnetworksClient",
                 "get",
                 f"subnetwork {self.subnetwork!r}",
                 project=self.project,
-                region=region,
+                region=self.region,
                 subnetwork=self.subnetwork,
             )
-            return [subnet.ip_cidr_range]
-        pages = await self._call(
-            "SubnetworksClient",
-            "list",
-            f"subnetworks of network {self.network!r}",
-            project=self.project,
-            region=region,
-        )
-        ranges = [
-            s.ip_cidr_range
-            for s in await asyncio.to_thread(list, pages)
-            if s.network.endswith(f"/networks/{self.network}")
-        ]
+            if not subnet.network.endswith(f"/global/networks/{self.network}"):
+                raise CloudError(
+                    f"subnetwork {self.subnetwork!r} belongs to network "
+                    f"{subnet.network.rsplit('/', 1)[-1]!r}, not {self.network!r}: pass "
+                    "network= with its network"
+                )
+            return subnet
+        subnets = await self._network_subnets()
+        # An auto-mode network's subnetwork in a region carries the network's name.
+        chosen = subnets if len(subnets) == 1 else [s for s in subnets if s.name == self.network]
+        if not subnets:
+            raise CloudError(
+                f"network {self.network!r} has no subnetwork in {self.region}: pass subnetwork="
+            )
+        if len(chosen) != 1:
+            names = ", ".join(s.name for s in subnets) or "none"
+            raise CloudError(
+                f"network {self.network!r} has {len(subnets)} subnetworks in {self.region} "
+                f"({names}): pass subnetwork="
+            )
+        return chosen[0]
+
+    async def _subnet_ranges(self) -> list[str]:
+        """The address ranges of the cluster's subnetwork, or of the network's in region."""
+        if self.subnetwork:
+            return [(await self._subnetwork()).ip_cidr_range]
+        ranges = [s.ip_cidr_range for s in await self._network_subnets()]
         if not ranges:
             raise CloudError(
-                f"network {self.network!r} has no subnetwork in {region}: pass subnetwork="
+                f"network {self.network!r} has no subnetwork in {self.region}: pass subnetwork="
             )
         return ranges
 
@@ -302,7 +468,9 @@ class GCPDriver(Driver):
 
     def _instance(self, request: VMRequest) -> compute_v1.Instance:
         worker = request.role is Role.WORKER
-        public = self.network_policy.public_address(worker)
+        if request.role not in self._public:
+            raise CloudError("prepare() decides the VMs' addresses: call it before create()")
+        public = self._public[request.role]
         interface = compute_v1.NetworkInterface(
             network=f"projects/{self.project}/global/networks/{self.network}"
         )
@@ -333,7 +501,7 @@ class GCPDriver(Driver):
                 "dask-secure-cloud-role": request.role.value,
                 CREATOR_TAG: _label_value(getpass.getuser()),
             },
-            tags=compute_v1.Tags(items=[_network_tag(request.cluster_id), *self.network_tags]),
+            tags=compute_v1.Tags(items=self._tags(request)),
             metadata=compute_v1.Metadata(
                 items=[compute_v1.Items(key="user-data", value=request.user_data.decode())]
             ),
@@ -364,6 +532,14 @@ class GCPDriver(Driver):
             ]
         return instance
 
+    def _tags(self, request: VMRequest) -> list[str]:
+        """The cluster's tag on every VM; the scheduler's tag (the creator's way in) on
+        the scheduler alone."""
+        tags = [_network_tag(request.cluster_id)]
+        if request.role is Role.SCHEDULER:
+            tags.append(_scheduler_tag(request.cluster_id))
+        return [*tags, *self.network_tags]
+
     async def create(self, request: VMRequest) -> VM:
         instance = self._instance(request)
         what = f"creating instance {instance.name}"
@@ -393,10 +569,15 @@ class GCPDriver(Driver):
         interface = instance.network_interfaces[0]
         nat = [c.nat_i_p for c in interface.access_configs if c.nat_i_p]
         name = instance.name.removeprefix(f"{_network_tag(cluster_id)}-")
+        role = Role(instance.labels.get("dask-secure-cloud-role", "worker"))
+        if role is Role.SCHEDULER and self.network_policy.use_private_ip:
+            # Its external address, if any, is only its way out: the client is inside
+            # the network and the firewall lets it in on the private address alone.
+            nat = []
         return VM(
             id=instance.name,
             name=name,
-            role=Role(instance.labels.get("dask-secure-cloud-role", "worker")),
+            role=role,
             cluster_id=cluster_id,
             private_ip=interface.network_i_p,
             public_ip=nat[0] if nat else None,
@@ -413,10 +594,8 @@ class GCPDriver(Driver):
                 zone=self.zone,
                 instance=vm.id,
             )
-        except CloudError as e:
-            if "not found" in str(e):
-                return  # already gone (a lease or spot deletion)
-            raise
+        except _NotFoundError:
+            return  # already gone (a lease or spot deletion)
         await self._wait(operation, what)
 
     async def list(self, cluster_id: str) -> list[VM]:
@@ -449,7 +628,7 @@ class GCPDriver(Driver):
             "list",
             "listing firewall rules",
             request=compute_v1.ListFirewallsRequest(
-                project=self.project, filter='name = "dask-secure-cloud-dsc-.*"'
+                project=self.project, filter='name eq "dask-secure-cloud-dsc-.*"'
             ),
         )
         others = [
@@ -507,7 +686,7 @@ class GCPDriver(Driver):
             "list",
             "listing firewall rules",
             request=compute_v1.ListFirewallsRequest(
-                project=self.project, filter=f'name = "{tag}-.*"'
+                project=self.project, filter=f'name eq "{tag}-.*"'
             ),
         )
         for rule in await asyncio.to_thread(list, pages):
@@ -530,6 +709,71 @@ class GCPDriver(Driver):
 def _network_tag(cluster_id: str) -> str:
     """The network tag (and name prefix) of a cluster's VMs and firewall rules."""
     return f"dask-secure-cloud-{cluster_id}"
+
+
+def _scheduler_tag(cluster_id: str) -> str:
+    """The network tag of the scheduler alone: the creator's CIDRs reach only it."""
+    return f"{_network_tag(cluster_id)}-scheduler"
+
+
+def _covering_nat(routers: Sequence[Any], network: str, subnet: Any) -> str | None:
+    """The Cloud NAT (public, for VMs) that translates ``subnet``'s primary range."""
+    for router in routers:
+        if not router.network.endswith(f"/global/networks/{network}"):
+            continue
+        for nat in router.nats:
+            if nat.type_ == "PRIVATE":
+                continue  # NAT between networks, not to the internet
+            if nat.endpoint_types and "ENDPOINT_TYPE_VM" not in nat.endpoint_types:
+                continue
+            mode = nat.source_subnetwork_ip_ranges_to_nat
+            covered = mode in _NAT_ALL_SUBNETWORKS or (
+                mode == "LIST_OF_SUBNETWORKS"
+                and any(
+                    _same_subnet(entry.name, subnet)
+                    and {"ALL_IP_RANGES", "PRIMARY_IP_RANGE"} & set(entry.source_ip_ranges_to_nat)
+                    for entry in nat.subnetworks
+                )
+            )
+            if covered:
+                return f"Cloud NAT {nat.name} on router {router.name}"
+    return None
+
+
+def _same_subnet(link: str, subnet: Any) -> bool:
+    """Whether a subnetwork URL (full or partial) names ``subnet``."""
+    tail = "/".join(link.rstrip("/").split("/")[-4:])
+    return (subnet.self_link or "").endswith(tail) or tail == (
+        f"regions/{subnet.region.rsplit('/', 1)[-1]}/subnetworks/{subnet.name}"
+    )
+
+
+def _internet_route(routes: Sequence[Any], network: str, tags: set[str]) -> str | None:
+    """The name of a 0.0.0.0/0 route to the default internet gateway that applies to the
+    cluster's VMs (a route with tags applies only to instances carrying one of them)."""
+    for route in routes:
+        if (
+            route.network.endswith(f"/global/networks/{network}")
+            and route.dest_range == "0.0.0.0/0"
+            and route.next_hop_gateway.endswith(_INTERNET_GATEWAY)
+            and (not route.tags or tags & set(route.tags))
+        ):
+            return route.name
+    return None
+
+
+def _way_out(public: bool, exits: Exits) -> str:
+    """One log line: the way out a role's VMs use."""
+    if public:
+        way = exits.public or exits.private
+        out = f"out through {way}" if way else "no way out (offline_image=True)"
+        return (
+            f"external address, {out}, in {exits.place}; every connection from outside "
+            "the cluster denied by its firewall"
+        )
+    if exits.private is not None:
+        return f"no external address, out through {exits.private}, in {exits.place}"
+    return f"no external address and no way out, in {exits.place} (offline_image=True)"
 
 
 def _label_value(text: str) -> str:
@@ -565,8 +809,15 @@ class GCPCluster(VMCluster):
         Extra labels and network tags for every VM.
     service_account, scopes
         The identity the VMs run as. Default: none, so a VM holds no Google token.
-    use_private_ip, worker_public_ip
-        As for :class:`~dask_secure_cloud.providers.aws.EC2Cluster`.
+    use_private_ip
+        The client runs inside the network and reaches the scheduler on its internal
+        address; the scheduler's port and dashboard are opened to the subnetworks'
+        ranges. Default False: the scheduler gets an external address.
+    worker_public_ip
+        ``None`` (default): workers get an ephemeral external address only where their
+        subnetwork has no Cloud NAT, so they can reach a registry, while the cluster's
+        firewall denies every connection from outside the cluster. ``False``: never
+        (the subnetwork needs Cloud NAT, or ``offline_image=True``). ``True``: always.
     max_run_duration
         Compute Engine deletes each VM after this long, whatever happens to the client.
     allowed_cidrs, open_to_world, allow_insecure_public, public_ip_url
@@ -628,6 +879,11 @@ class GCPCluster(VMCluster):
         disk_size = opt("disk_size", disk_size)
         if isinstance(disk_size, bool) or not isinstance(disk_size, int) or disk_size < 10:
             raise ValueError(f"disk_size must be a whole number of GB >= 10, got {disk_size!r}")
+        worker_public_ip = opt("worker_public_ip", worker_public_ip)
+        if worker_public_ip is not None and not isinstance(worker_public_ip, bool):
+            raise ValueError(
+                f"worker_public_ip must be True, False or None, got {worker_public_ip!r}"
+            )
         gpu_count = int(opt("gpu_count", gpu_count) or 0)
         gpu_type = opt("gpu_type", gpu_type)
         if gpu_count and not gpu_type:
@@ -669,6 +925,7 @@ class GCPCluster(VMCluster):
             ),
             api_endpoint=opt("api_endpoint", api_endpoint),
             credentials=credentials,
+            worker_public_ip=worker_public_ip,
         )
         super().__init__(
             driver,

@@ -2,13 +2,23 @@
 
 Request bodies are parsed into the client library's own ``compute_v1`` message types
 with unknown fields refused, then checked as Compute Engine checks them (names, labels,
-the 256 KiB metadata value limit, machine types of the zone, CIDRs). Answers use GCE's
-shapes: zone and global operations that are RUNNING until waited on, errors as
+the 256 KiB metadata value limit, machine types of the zone, CIDRs, networks and
+subnetworks that exist, one next hop per route, Cloud NAT settings). Answers use GCE's
+shapes: zone, region and global operations that are RUNNING until waited on, errors as
 ``{"error": {"code", "message", "errors": [{"reason", ...}]}}``, and quota failures
 inside the operation, as the real API reports them.
 
-Each inserted instance is booted from its ``user-data`` metadata by the shared VM
-booter, on an address of the subnetwork (in 127.0.0.0/8, so this machine's).
+The project starts as a fresh one does: an auto-mode ``default`` network whose
+``default`` subnetwork in the region has the range the test chooses (``subnet_cidr``),
+the default route to the internet gateway, no Cloud Router and so no Cloud NAT, and the
+default-allow-{internal,ssh,rdp,icmp} firewall rules.
+
+Each inserted instance is booted from its ``user-data`` metadata by the booter it was
+given (process VMs, or QEMU guests), on an address of its subnetwork. Whether the VM has
+a route out comes from this model of the network alone: an external address and a
+0.0.0.0/0 route to the default internet gateway, or a Cloud NAT covering its subnetwork
+(which sends through that same route). :meth:`GCEStandIn.ingress_allowed` evaluates the
+firewall rules as Compute Engine does, so tests can ask who may reach a VM.
 """
 
 from __future__ import annotations
@@ -20,12 +30,12 @@ import threading
 import time
 import uuid
 from collections import Counter
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
 
 from google.cloud import compute_v1
 from google.protobuf import json_format
 
-from .booter import VMBooter
 from .jsonapi import JSONServer
 
 METADATA_VALUE_LIMIT = 256 * 1024
@@ -37,9 +47,62 @@ MACHINE_TYPES = {
     "e2-standard-4",
     "n2-standard-8",
 }
+BASE = "https://www.googleapis.com/compute/v1"
+INTERNET_GATEWAY = "global/gateways/default-internet-gateway"
+#: The calls that change the project; the rest only read.
+MUTATING = ("insert", "delete", "patch", "update")
 _NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
+_PROTOCOLS = {"tcp", "udp", "icmp", "esp", "ah", "sctp", "ipip", "all"}
+_NAT_ALL = {"ALL_SUBNETWORKS_ALL_IP_RANGES", "ALL_SUBNETWORKS_ALL_PRIMARY_IP_RANGES"}
+_NEXT_HOPS = (
+    "nextHopGateway",
+    "nextHopInstance",
+    "nextHopIp",
+    "nextHopVpnTunnel",
+    "nextHopIlb",
+)
+
+
+def _enum(enum: Any) -> set[str]:
+    """The values a compute_v1 string enum allows (its UNDEFINED_* placeholder aside)."""
+    return {name for name in enum.__members__ if not name.startswith("UNDEFINED_")}
+
+
+_NAT_MODES = _enum(compute_v1.RouterNat.SourceSubnetworkIpRangesToNat)
+_NAT_ALLOCATION = _enum(compute_v1.RouterNat.NatIpAllocateOption)
+_NAT_TYPES = _enum(compute_v1.RouterNat.Type)
+_NAT_ENDPOINTS = _enum(compute_v1.RouterNat.EndpointTypes)
+_NAT_RANGES = _enum(compute_v1.RouterNatSubnetworkToNat.SourceIpRangesToNat)
+
+
+class BootedVM(Protocol):
+    vm_id: str
+
+    def console_output(self) -> str: ...
+
+
+class Booter(Protocol):
+    """What the stand-in needs of a booter: process VMs (``VMBooter``) or QEMU guests."""
+
+    @property
+    def vms(self) -> Mapping[str, BootedVM]: ...
+
+    def boot(
+        self,
+        user_data: bytes,
+        *,
+        address: str,
+        cluster_id: str,
+        name: str,
+        role: str,
+        egress: bool,
+    ) -> BootedVM: ...
+
+    def stop(self, vm_id: str) -> None: ...
+
+    def stop_all(self) -> None: ...
 
 
 class APIError(Exception):
@@ -48,14 +111,22 @@ class APIError(Exception):
         self.code, self.reason, self.message = code, reason, message
 
 
+def _invalid(field: str, value: Any, why: str = "") -> APIError:
+    return APIError(400, "invalid", f"Invalid value for field '{field}': '{value}'. {why}".strip())
+
+
 class GCEStandIn:
-    def __init__(self, booter: VMBooter, project: str, zone: str, subnet_cidr: str) -> None:
+    def __init__(self, booter: Booter, project: str, zone: str, subnet_cidr: str) -> None:
         self.booter = booter
         self.project = project
         self.zone = zone
         self.region = zone.rsplit("-", 1)[0]
         self.subnet = ipaddress.ip_network(subnet_cidr)
         self.instances: dict[str, dict[str, Any]] = {}
+        self.networks: dict[str, dict[str, Any]] = {}
+        self.subnetworks: dict[str, dict[str, Any]] = {}
+        self.routes: dict[str, dict[str, Any]] = {}
+        self.routers: dict[str, dict[str, Any]] = {}
         self.firewalls: dict[str, dict[str, Any]] = {}
         self.operations: dict[str, dict[str, Any]] = {}
         self.calls: list[str] = []
@@ -63,9 +134,91 @@ class GCEStandIn:
         self._faults: dict[tuple[str, int], tuple[int, str, str]] = {}
         self._counts: Counter[str] = Counter()
         self._quota: dict[str, str] = {}
-        self._hosts = (str(h) for h in self.subnet.hosts() if int(h) & 0xFF >= 2)
+        self._hosts: dict[str, Iterator[str]] = {}
+        self._external = (f"203.0.113.{i}" for i in range(2, 255))
         self._lock = threading.Lock()
         self._state_lock = threading.Lock()
+        self._fresh_project()
+
+    # -- the project as a new one is ------------------------------------------------------
+
+    def _link(self, path: str) -> str:
+        return f"{BASE}/projects/{self.project}/{path}"
+
+    def _fresh_project(self) -> None:
+        """An auto-mode ``default`` network, its subnetwork here, its default route and
+        default firewall rules, and no router."""
+        self.networks["default"] = {
+            "kind": "compute#network",
+            "name": "default",
+            "autoCreateSubnetworks": True,
+            "selfLink": self._link("global/networks/default"),
+        }
+        self.add_subnetwork("default", str(self.subnet))
+        self._add_route(
+            {
+                "name": f"default-route-{uuid.uuid4().hex[:16]}",
+                "description": "Default route to the Internet.",
+                "network": self._link("global/networks/default"),
+                "destRange": "0.0.0.0/0",
+                "priority": 1000,
+                "nextHopGateway": self._link(INTERNET_GATEWAY),
+            }
+        )
+        internal = {"IPProtocol": "tcp", "ports": ["0-65535"]}
+        defaults = {
+            # The real rule allows 10.128.0.0/9, the auto-mode ranges: here, the subnet's.
+            "default-allow-internal": (
+                [str(self.subnet)],
+                [internal, {**internal, "IPProtocol": "udp"}, {"IPProtocol": "icmp"}],
+            ),
+            "default-allow-ssh": (["0.0.0.0/0"], [{"IPProtocol": "tcp", "ports": ["22"]}]),
+            "default-allow-rdp": (["0.0.0.0/0"], [{"IPProtocol": "tcp", "ports": ["3389"]}]),
+            "default-allow-icmp": (["0.0.0.0/0"], [{"IPProtocol": "icmp"}]),
+        }
+        for name, (sources, allowed) in defaults.items():
+            self.firewalls[name] = {
+                "kind": "compute#firewall",
+                "name": name,
+                "network": self._link("global/networks/default"),
+                "direction": "INGRESS",
+                "priority": 65534,
+                "sourceRanges": sources,
+                "allowed": allowed,
+                "selfLink": self._link(f"global/firewalls/{name}"),
+            }
+
+    def add_subnetwork(self, name: str, cidr: str, network: str = "default") -> None:
+        """A subnetwork of ``network`` in the region; its VMs get addresses from ``cidr``
+        (the gateway's .1 and the network address skipped, as Compute Engine does)."""
+        subnet = ipaddress.ip_network(cidr)
+        self.subnetworks[name] = {
+            "kind": "compute#subnetwork",
+            "name": name,
+            "ipCidrRange": str(subnet),
+            "gatewayAddress": str(subnet.network_address + 1),
+            "region": self._link(f"regions/{self.region}"),
+            "network": self._link(f"global/networks/{network}"),
+            "selfLink": self._link(f"regions/{self.region}/subnetworks/{name}"),
+        }
+        first = int(subnet.network_address) + 2
+        self._hosts[name] = (str(h) for h in subnet.hosts() if int(h) >= first)
+        self._add_route(
+            {
+                "name": f"default-route-{uuid.uuid4().hex[:16]}",
+                "description": f"Default local route to the subnetwork {cidr}.",
+                "network": self._link(f"global/networks/{network}"),
+                "destRange": str(subnet),
+                "priority": 0,
+                "nextHopNetwork": self._link(f"global/networks/{network}"),
+                "routeType": "SUBNET",
+            }
+        )
+
+    def _add_route(self, route: dict[str, Any]) -> None:
+        route.setdefault("kind", "compute#route")
+        route.setdefault("selfLink", self._link(f"global/routes/{route['name']}"))
+        self.routes[route["name"]] = route
 
     # -- faults ---------------------------------------------------------------------------
 
@@ -86,13 +239,18 @@ class GCEStandIn:
             "Quota 'CPUS' exceeded.  Limit: 8.0 in region us-central1."
         )
 
+    def mutating_calls(self, since: int = 0) -> list[str]:
+        """The calls from ``self.calls[since:]`` that changed something."""
+        return [c for c in self.calls[since:] if c.rsplit(".", 1)[-1] in MUTATING]
+
     # -- helpers ------------------------------------------------------------------------------
 
     def _operation(
-        self, kind: str, target: str, zonal: bool, error: str | None = None
+        self, kind: str, target: str, scope: str, error: str | None = None
     ) -> dict[str, Any]:
+        """An operation of ``scope`` "zone", "region" or "global", RUNNING until waited on."""
         name = f"operation-{uuid.uuid4().hex}"
-        base = f"https://compute.googleapis.com/compute/v1/projects/{self.project}"
+        where = {"zone": f"zones/{self.zone}", "region": f"regions/{self.region}"}
         op: dict[str, Any] = {
             "kind": "compute#operation",
             "id": str(uuid.uuid4().int % 10**18),
@@ -101,10 +259,10 @@ class GCEStandIn:
             "targetLink": target,
             "status": "RUNNING",
             "progress": 0,
-            "selfLink": f"{base}/{'zones/' + self.zone if zonal else 'global'}/operations/{name}",
+            "selfLink": self._link(f"{where.get(scope, 'global')}/operations/{name}"),
         }
-        if zonal:
-            op["zone"] = f"{base}/zones/{self.zone}"
+        if scope in where:
+            op[scope] = self._link(where[scope])
         if error:
             op["_error"] = {"errors": [{"code": "QUOTA_EXCEEDED", "message": error}]}
         self.operations[name] = op
@@ -124,6 +282,146 @@ class GCEStandIn:
             return message.from_json(body.decode() or "{}", ignore_unknown_fields=False)
         except (json_format.Error, ValueError, TypeError) as e:
             raise APIError(400, "invalid", f"Invalid JSON payload received. {e}") from e
+
+    def _network(self, link: str, field: str) -> str:
+        """The name of the network ``link`` (full URL, partial path or name) points at."""
+        match = re.fullmatch(r"(?:.*/)?(?:projects/([^/]+)/)?global/networks/([^/]+)|([^/]+)", link)
+        if not match or (match[1] and match[1] != self.project):
+            raise _invalid(field, link)
+        name = match[2] or match[3]
+        if name not in self.networks:
+            raise APIError(
+                404,
+                "notFound",
+                f"The resource 'projects/{self.project}/global/networks/{name}' was not found",
+            )
+        return name
+
+    def _subnetwork(self, link: str, field: str) -> str:
+        match = re.fullmatch(
+            r"(?:.*/)?(?:projects/([^/]+)/)?regions/([^/]+)/subnetworks/([^/]+)|([^/]+)", link
+        )
+        if (
+            not match
+            or (match[1] and match[1] != self.project)
+            or (match[2] and match[2] != self.region)
+        ):
+            raise _invalid(field, link)
+        name = match[3] or match[4]
+        if name not in self.subnetworks:
+            raise APIError(
+                404,
+                "notFound",
+                f"The resource 'projects/{self.project}/regions/{self.region}/subnetworks/"
+                f"{name}' was not found",
+            )
+        return name
+
+    def _network_of(self, subnetwork: str) -> str:
+        return self.subnetworks[subnetwork]["network"].rsplit("/", 1)[-1]
+
+    def _placement(self, nic: Any) -> tuple[str, str]:
+        """The network and subnetwork of an instance's interface, as Compute Engine
+        fills them in: the ``default`` network, an auto-mode network's own subnetwork."""
+        if nic.subnetwork:
+            subnetwork = self._subnetwork(
+                nic.subnetwork, "resource.networkInterfaces[0].subnetwork"
+            )
+            network = self._network_of(subnetwork)
+            if nic.network and self._network(nic.network, "network") != network:
+                raise APIError(
+                    400,
+                    "invalid",
+                    f"Subnetwork '{subnetwork}' does not belong to network '{nic.network}'.",
+                )
+            return network, subnetwork
+        network = self._network(
+            nic.network or "global/networks/default", "resource.networkInterfaces[0].network"
+        )
+        if not self.networks[network].get("autoCreateSubnetworks"):
+            raise APIError(
+                400, "invalid", "Subnetwork should be specified for custom subnetmode network"
+            )
+        if network not in self.subnetworks or self._network_of(network) != network:
+            raise APIError(
+                400, "invalid", f"Network '{network}' has no subnetwork in region {self.region}"
+            )
+        return network, network
+
+    # -- the way out, from this model alone --------------------------------------------------
+
+    def _internet_route(self, network: str, tags: set[str]) -> bool:
+        """A 0.0.0.0/0 route to the default internet gateway that applies to the VM."""
+        return any(
+            route["network"].endswith(f"/global/networks/{network}")
+            and route["destRange"] == "0.0.0.0/0"
+            and route.get("nextHopGateway", "").endswith(INTERNET_GATEWAY)
+            and (not route.get("tags") or tags & set(route["tags"]))
+            for route in self.routes.values()
+        )
+
+    def _nat_covers(self, network: str, subnetwork: str) -> bool:
+        """A public Cloud NAT for VMs translates the subnetwork's primary range."""
+        for router in self.routers.values():
+            if not router["network"].endswith(f"/global/networks/{network}"):
+                continue
+            for nat in router.get("nats", []):
+                if nat.get("type", "PUBLIC") != "PUBLIC":
+                    continue
+                if "ENDPOINT_TYPE_VM" not in (nat.get("endpointTypes") or ["ENDPOINT_TYPE_VM"]):
+                    continue
+                covered = _nat_subnetworks(nat, primary=True)
+                if subnetwork in covered or "*" in covered:
+                    return True
+        return False
+
+    def egress(self, network: str, subnetwork: str, tags: set[str], external: bool) -> bool:
+        """Whether a VM so placed reaches the internet: Cloud NAT and external
+        addresses alike send through the default internet gateway's route."""
+        if not self._internet_route(network, tags):
+            return False
+        return external or self._nat_covers(network, subnetwork)
+
+    # -- who may come in ------------------------------------------------------------------------
+
+    def ingress_allowed(self, instance: str, source: str, protocol: str, port: int | None) -> bool:
+        """Whether the firewall lets ``source`` (an address) reach ``instance`` on
+        ``protocol``/``port``: the matching rule of the highest priority (lowest
+        number) decides, a deny beating an allow of the same priority; none matching,
+        the implied deny-all-ingress."""
+        record = self.instances[instance]
+        nic = record["networkInterfaces"][0]
+        network = nic["network"].rsplit("/", 1)[-1]
+        targets = set(record.get("tags", {}).get("items", []))
+        sender = next(
+            (
+                r
+                for r in self.instances.values()
+                if r["networkInterfaces"][0]["networkIP"] == source
+                and r["networkInterfaces"][0]["network"] == nic["network"]
+            ),
+            None,
+        )
+        sender_tags = set(sender.get("tags", {}).get("items", [])) if sender else set()
+        address = ipaddress.ip_address(source)
+        matches = []
+        for rule in self.firewalls.values():
+            if rule.get("disabled") or rule.get("direction", "INGRESS") != "INGRESS":
+                continue
+            if not rule["network"].endswith(f"/global/networks/{network}"):
+                continue
+            if rule.get("targetTags") and not targets & set(rule["targetTags"]):
+                continue
+            from_range = any(
+                address in ipaddress.ip_network(c) for c in rule.get("sourceRanges", [])
+            )
+            if not from_range and not sender_tags & set(rule.get("sourceTags", [])):
+                continue
+            denied = bool(rule.get("denied"))
+            entries = rule["denied"] if denied else rule.get("allowed", [])
+            if any(_covers(entry, protocol, port) for entry in entries):
+                matches.append((rule.get("priority", 1000), not denied))
+        return bool(matches) and min(matches)[1]
 
     # -- resources ------------------------------------------------------------------------------
 
@@ -154,12 +452,21 @@ class GCEStandIn:
                 user_data = item.value
         if not instance.disks or not instance.disks[0].auto_delete:
             raise APIError(400, "invalid", "test stand-in: boot disk must be auto-deleted")
+        if len(instance.network_interfaces) != 1:
+            raise APIError(400, "invalid", "test stand-in: one network interface per instance")
+        nic = instance.network_interfaces[0]
+        network, subnetwork = self._placement(nic)
+        for config in nic.access_configs:
+            if config.type_ and config.type_ != "ONE_TO_ONE_NAT":
+                raise _invalid("resource.networkInterfaces[0].accessConfigs[0].type", config.type_)
+        if len(nic.access_configs) > 1:
+            raise APIError(400, "invalid", "At most one access config per network interface")
         self.requests.append(("instances.insert", json.loads(body)))
         error = self._quota.pop("instances.insert", None)
-        target = f"projects/{self.project}/zones/{self.zone}/instances/{instance.name}"
+        target = self._link(f"zones/{self.zone}/instances/{instance.name}")
         if error:
-            return self._operation("insert", target, zonal=True, error=error)
-        address = next(self._hosts)
+            return self._operation("insert", target, "zone", error=error)
+        address = next(self._hosts[subnetwork])
         record = json.loads(compute_v1.Instance.to_json(instance))
         record.update(
             id=str(uuid.uuid4().int % 10**18),
@@ -168,10 +475,14 @@ class GCEStandIn:
             zone=self.zone,
             creationTimestamp=time.strftime("%Y-%m-%dT%H:%M:%S.000-00:00", time.gmtime()),
         )
-        nic = record["networkInterfaces"][0]
-        nic["networkIP"] = address
-        for config in nic.get("accessConfigs", []):
-            config["natIP"] = "203.0.113.7"
+        record_nic = record["networkInterfaces"][0]
+        record_nic.update(
+            network=self._link(f"global/networks/{network}"),
+            subnetwork=self._link(f"regions/{self.region}/subnetworks/{subnetwork}"),
+            networkIP=address,
+        )
+        for config in record_nic.get("accessConfigs", []):
+            config["natIP"] = next(self._external)
         cluster = instance.labels.get("dask-secure-cloud-cluster", "untagged")
         role = instance.labels.get("dask-secure-cloud-role", "worker")
         vm = self.booter.boot(
@@ -180,10 +491,13 @@ class GCEStandIn:
             cluster_id=cluster,
             name=instance.name.removeprefix(f"dask-secure-cloud-{cluster}-"),
             role=role,
+            egress=self.egress(
+                network, subnetwork, set(instance.tags.items), bool(nic.access_configs)
+            ),
         )
         record["_vm"] = vm.vm_id
         self.instances[instance.name] = record
-        return self._operation("insert", target, zonal=True)
+        return self._operation("insert", target, "zone")
 
     def delete_instance(self, name: str) -> dict[str, Any]:
         record = self.instances.pop(name, None)
@@ -194,7 +508,7 @@ class GCEStandIn:
                 f"The resource 'projects/{self.project}/zones/{self.zone}/instances/{name}' was not found",
             )
         self.booter.stop(record["_vm"])
-        return self._operation("delete", name, zonal=True)
+        return self._operation("delete", name, "zone")
 
     def list_instances(self, query: dict[str, str]) -> dict[str, Any]:
         items = [
@@ -208,13 +522,157 @@ class GCEStandIn:
     def insert_firewall(self, body: bytes) -> dict[str, Any]:
         rule = self._parse(compute_v1.Firewall, body)
         _check_new_name(rule.name, self.firewalls)
+        network = self._network(rule.network or "global/networks/default", "resource.network")
         for cidr in rule.source_ranges:
-            ipaddress.ip_network(cidr)
-        if not rule.allowed and not rule.denied:
-            raise APIError(400, "invalid", "Firewall must have an allowed or denied rule")
+            try:
+                ipaddress.ip_network(cidr)
+            except ValueError as e:
+                raise _invalid("resource.sourceRanges", cidr) from e
+        if bool(rule.allowed) == bool(rule.denied):
+            raise APIError(400, "invalid", "Exactly one of 'allowed' or 'denied' must be set")
+        for entry in [*rule.allowed, *rule.denied]:
+            protocol = entry.I_p_protocol
+            if protocol not in _PROTOCOLS and not (protocol.isdigit() and int(protocol) < 256):
+                raise _invalid("resource.allowed[0].IPProtocol", protocol)
+            if entry.ports and protocol not in ("tcp", "udp", "sctp"):
+                raise APIError(400, "invalid", "Ports may only be given for tcp, udp and sctp")
+        if "priority" in rule and not 0 <= rule.priority <= 65535:
+            raise _invalid("resource.priority", rule.priority)
+        if rule.direction and rule.direction not in ("INGRESS", "EGRESS"):
+            raise _invalid("resource.direction", rule.direction)
         self.requests.append(("firewalls.insert", json.loads(body)))
-        self.firewalls[rule.name] = json.loads(compute_v1.Firewall.to_json(rule))
-        return self._operation("insert", rule.name, zonal=False)
+        record = json.loads(compute_v1.Firewall.to_json(rule))
+        record.update(
+            kind="compute#firewall",
+            network=self._link(f"global/networks/{network}"),
+            direction=rule.direction or "INGRESS",
+            priority=rule.priority if "priority" in rule else 1000,
+            selfLink=self._link(f"global/firewalls/{rule.name}"),
+        )
+        if record["direction"] == "INGRESS" and not (
+            rule.source_ranges or rule.source_tags or rule.source_service_accounts
+        ):
+            record["sourceRanges"] = ["0.0.0.0/0"]  # Compute Engine's default source
+        self.firewalls[rule.name] = record
+        return self._operation("insert", record["selfLink"], "global")
+
+    def insert_route(self, body: bytes) -> dict[str, Any]:
+        route = self._parse(compute_v1.Route, body)
+        _check_new_name(route.name, self.routes)
+        if not route.network:
+            raise APIError(400, "required", "Required field 'resource.network' not specified")
+        network = self._network(route.network, "resource.network")
+        try:
+            ipaddress.ip_network(route.dest_range)
+        except ValueError as e:
+            raise _invalid("resource.destRange", route.dest_range) from e
+        record = json.loads(compute_v1.Route.to_json(route))
+        hops = [hop for hop in _NEXT_HOPS if record.get(hop)]
+        if len(hops) != 1:
+            raise APIError(400, "invalid", "Exactly one next hop must be specified for a route")
+        gateway = record.get("nextHopGateway")
+        if gateway and not re.fullmatch(
+            rf"(?:.*/)?(?:projects/{re.escape(self.project)}/)?{INTERNET_GATEWAY}", gateway
+        ):
+            raise _invalid("resource.nextHopGateway", gateway)
+        if "priority" in route and not 0 <= route.priority <= 65535:
+            raise _invalid("resource.priority", route.priority)
+        self.requests.append(("routes.insert", json.loads(body)))
+        record.update(
+            network=self._link(f"global/networks/{network}"),
+            priority=route.priority if "priority" in route else 1000,
+        )
+        if gateway:
+            record["nextHopGateway"] = self._link(INTERNET_GATEWAY)
+        self._add_route(record)
+        return self._operation("insert", record["selfLink"], "global")
+
+    def delete_route(self, name: str) -> dict[str, Any]:
+        route = self.routes.get(name)
+        if route is None:
+            raise APIError(404, "notFound", f"The resource 'routes/{name}' was not found")
+        if route.get("routeType") == "SUBNET":
+            raise APIError(
+                400, "invalid", f"The local route '{name}' of a subnetwork cannot be deleted."
+            )
+        del self.routes[name]
+        return self._operation("delete", route["selfLink"], "global")
+
+    def insert_router(self, body: bytes) -> dict[str, Any]:
+        router = self._parse(compute_v1.Router, body)
+        _check_new_name(router.name, self.routers)
+        if not router.network:
+            raise APIError(400, "required", "Required field 'resource.network' not specified")
+        network = self._network(router.network, "resource.network")
+        if router.region and router.region.rsplit("/", 1)[-1] != self.region:
+            raise _invalid("resource.region", router.region)
+        record = json.loads(compute_v1.Router.to_json(router))
+        names = [nat.get("name", "") for nat in record.get("nats", [])]
+        if len(set(names)) != len(names):
+            raise APIError(400, "invalid", "NAT names must be unique within a router")
+        for index, nat in enumerate(record.get("nats", [])):
+            self._check_nat(nat, index, network)
+        self.requests.append(("routers.insert", json.loads(body)))
+        record.update(
+            kind="compute#router",
+            network=self._link(f"global/networks/{network}"),
+            region=self._link(f"regions/{self.region}"),
+            selfLink=self._link(f"regions/{self.region}/routers/{router.name}"),
+        )
+        self.routers[router.name] = record
+        return self._operation("insert", record["selfLink"], "region")
+
+    def _check_nat(self, nat: dict[str, Any], index: int, network: str) -> None:
+        """What Compute Engine checks of a Cloud NAT gateway, with its fields' enums."""
+        field = f"resource.nats[{index}]"
+        if not _NAME.match(nat.get("name", "")):
+            raise _invalid(f"{field}.name", nat.get("name", ""))
+        allocation = nat.get("natIpAllocateOption")
+        if allocation not in _NAT_ALLOCATION:
+            raise _invalid(f"{field}.natIpAllocateOption", allocation)
+        if (allocation == "MANUAL_ONLY") != bool(nat.get("natIps")):
+            raise APIError(400, "invalid", f"{field}: natIps are given with MANUAL_ONLY only")
+        if nat.get("type", "PUBLIC") not in _NAT_TYPES:
+            raise _invalid(f"{field}.type", nat.get("type"))
+        for endpoint in nat.get("endpointTypes", []):
+            if endpoint not in _NAT_ENDPOINTS:
+                raise _invalid(f"{field}.endpointTypes", endpoint)
+        mode = nat.get("sourceSubnetworkIpRangesToNat")
+        if mode not in _NAT_MODES:
+            raise _invalid(f"{field}.sourceSubnetworkIpRangesToNat", mode)
+        listed = nat.get("subnetworks", [])
+        if (mode == "LIST_OF_SUBNETWORKS") != bool(listed):
+            raise APIError(
+                400,
+                "invalid",
+                f"{field}: subnetworks are listed with LIST_OF_SUBNETWORKS, and only then",
+            )
+        for entry in listed:
+            name = self._subnetwork(entry.get("name", ""), f"{field}.subnetworks.name")
+            if self._network_of(name) != network:
+                raise APIError(
+                    400, "invalid", f"Subnetwork '{name}' is not in the router's network"
+                )
+            ranges = entry.get("sourceIpRangesToNat", [])
+            if not ranges or any(r not in _NAT_RANGES for r in ranges):
+                raise _invalid(f"{field}.subnetworks.sourceIpRangesToNat", ranges)
+        if nat.get("type", "PUBLIC") != "PUBLIC":
+            return
+        mine = _nat_subnetworks(nat, primary=True)
+        for router in self.routers.values():
+            if not router["network"].endswith(f"/global/networks/{network}"):
+                continue
+            for other in router.get("nats", []):
+                theirs = _nat_subnetworks(other, primary=True)
+                if other.get("type", "PUBLIC") == "PUBLIC" and (
+                    "*" in mine or "*" in theirs or mine & theirs
+                ):
+                    raise APIError(
+                        400,
+                        "invalid",
+                        f"A subnetwork's primary range may be in one Cloud NAT gateway only: "
+                        f"it is already in '{other['name']}' on router '{router['name']}'",
+                    )
 
     # -- routing ------------------------------------------------------------------------------
 
@@ -226,11 +684,22 @@ class GCEStandIn:
             raise APIError(403, "forbidden", f"Permission denied on project of {path}")
         rest = path[len(prefix) :]
         zone = f"/zones/{self.zone}"
+        region = rf"/regions/{self.region}"
         routes = [
             ("GET", r"^/zones/([^/]+)$", "zones.get"),
             ("GET", rf"^{zone}/machineTypes/([^/]+)$", "machineTypes.get"),
             ("GET", r"^/global/images/family/([^/]+)$", "images.getFromFamily"),
-            ("GET", rf"^/regions/{self.region}/subnetworks$", "subnetworks.list"),
+            ("GET", rf"^{region}/subnetworks$", "subnetworks.list"),
+            ("GET", rf"^{region}/subnetworks/([^/]+)$", "subnetworks.get"),
+            ("GET", rf"^{region}/routers$", "routers.list"),
+            ("POST", rf"^{region}/routers$", "routers.insert"),
+            ("GET", rf"^{region}/routers/([^/]+)$", "routers.get"),
+            ("DELETE", rf"^{region}/routers/([^/]+)$", "routers.delete"),
+            ("POST", rf"^{region}/operations/([^/]+)/wait$", "regionOperations.wait"),
+            ("GET", r"^/global/routes$", "routes.list"),
+            ("POST", r"^/global/routes$", "routes.insert"),
+            ("GET", r"^/global/routes/([^/]+)$", "routes.get"),
+            ("DELETE", r"^/global/routes/([^/]+)$", "routes.delete"),
             ("POST", r"^/global/firewalls$", "firewalls.insert"),
             ("GET", r"^/global/firewalls$", "firewalls.list"),
             ("DELETE", r"^/global/firewalls/([^/]+)$", "firewalls.delete"),
@@ -262,6 +731,9 @@ class GCEStandIn:
             return 200, self._dispatch(call, args, query, body)
 
     def _dispatch(self, call: str, args: list[str], query: dict[str, str], body: bytes) -> Any:
+        kind, verb = call.split(".")
+        if kind in ("subnetworks", "routes", "routers"):
+            return self._network_call(kind, verb, args, query, body)
         if call == "zones.get":
             if args[0] != self.zone:
                 raise APIError(
@@ -288,19 +760,8 @@ class GCEStandIn:
                 "kind": "compute#image",
                 "name": f"{args[0]}-v20261101",
                 "family": args[0],
-                "selfLink": f"https://compute.googleapis.com/compute/v1/projects/ubuntu-os-cloud/global/images/{args[0]}-v20261101",
+                "selfLink": f"{BASE}/projects/ubuntu-os-cloud/global/images/{args[0]}-v20261101",
                 "status": "READY",
-            }
-        if call == "subnetworks.list":
-            return {
-                "items": [
-                    {
-                        "name": "default",
-                        "ipCidrRange": str(self.subnet),
-                        "region": self.region,
-                        "network": f"https://compute.googleapis.com/compute/v1/projects/{self.project}/global/networks/default",
-                    }
-                ]
             }
         if call == "firewalls.insert":
             return self.insert_firewall(body)
@@ -313,8 +774,8 @@ class GCEStandIn:
         if call == "firewalls.delete":
             if self.firewalls.pop(args[0], None) is None:
                 raise APIError(404, "notFound", f"The resource 'firewalls/{args[0]}' was not found")
-            return self._operation("delete", args[0], zonal=False)
-        if call in ("globalOperations.wait", "zoneOperations.wait"):
+            return self._operation("delete", args[0], "global")
+        if kind.endswith("Operations"):
             return self._finish(args[0])
         if call == "instances.insert":
             return self.insert_instance(body)
@@ -338,6 +799,30 @@ class GCEStandIn:
             return self.delete_instance(args[0])
         raise APIError(404, "notFound", call)
 
+    def _network_call(
+        self, kind: str, verb: str, args: list[str], query: dict[str, str], body: bytes
+    ) -> Any:
+        """Subnetworks (read), routes and routers (read, insert, delete)."""
+        collection = {
+            "subnetworks": self.subnetworks,
+            "routes": self.routes,
+            "routers": self.routers,
+        }[kind]
+        if verb == "list":
+            items = [r for r in collection.values() if _matches(r, query.get("filter", ""))]
+            return {"kind": f"compute#{kind[:-1]}List", "items": items}
+        if verb == "insert":
+            return self.insert_route(body) if kind == "routes" else self.insert_router(body)
+        if verb == "delete" and kind == "routes":
+            return self.delete_route(args[0])
+        record = collection.get(args[0])
+        if record is None:
+            raise APIError(404, "notFound", f"The resource '{kind}/{args[0]}' was not found")
+        if verb == "delete":
+            del collection[args[0]]
+            return self._operation("delete", record["selfLink"], "region")
+        return record
+
     # -- server ------------------------------------------------------------------------------------
 
     def _answer(
@@ -360,6 +845,32 @@ class GCEStandIn:
         self.booter.stop_all()
 
 
+def _nat_subnetworks(nat: dict[str, Any], primary: bool) -> set[str]:
+    """The subnetworks a NAT translates (their primary ranges): names, or ``{"*"}``."""
+    mode = nat.get("sourceSubnetworkIpRangesToNat")
+    if mode in _NAT_ALL:
+        return {"*"}
+    return {
+        entry["name"].rsplit("/", 1)[-1]
+        for entry in nat.get("subnetworks", [])
+        if not primary
+        or {"ALL_IP_RANGES", "PRIMARY_IP_RANGE"} & set(entry.get("sourceIpRangesToNat", []))
+    }
+
+
+def _covers(entry: dict[str, Any], protocol: str, port: int | None) -> bool:
+    """Whether a firewall rule's allowed/denied entry covers ``protocol``/``port``."""
+    if entry["IPProtocol"] not in ("all", protocol):
+        return False
+    if not entry.get("ports") or port is None:
+        return True
+    for spec in entry["ports"]:
+        low, _, high = spec.partition("-")
+        if int(low) <= port <= int(high or low):
+            return True
+    return False
+
+
 def _check_new_name(name: str, existing: dict[str, Any]) -> None:
     """GCE resource names: RFC 1035 labels, unique in their collection."""
     if not _NAME.match(name):
@@ -369,8 +880,9 @@ def _check_new_name(name: str, existing: dict[str, Any]) -> None:
 
 
 def _matches(record: dict[str, Any], expression: str) -> bool:
-    """GCE list filters of the forms the driver sends: labels.K = "V", labels.K:* and
-    name = "regex"."""
+    """GCE list filters of the forms the driver sends: AIP-160 ``labels.K = "V"``,
+    ``labels.K:*`` and ``FIELD = "literal"``, and the regular-expression form
+    ``FIELD eq "RE2"`` (the whole field must match)."""
     if not expression:
         return True
     match = re.fullmatch(r'\s*labels\.([\w-]+)\s*=\s*"([^"]*)"\s*', expression)
@@ -379,7 +891,10 @@ def _matches(record: dict[str, Any], expression: str) -> bool:
     match = re.fullmatch(r"\s*labels\.([\w-]+)\s*:\s*\*\s*", expression)
     if match:  # the label is present, whatever its value
         return match[1] in record.get("labels", {})
-    match = re.fullmatch(r'\s*name\s*=\s*"([^"]*)"\s*', expression)
+    match = re.fullmatch(r'\s*(\w+)\s*=\s*"([^"]*)"\s*', expression)
     if match:
-        return re.fullmatch(match[1], record.get("name", "")) is not None
+        return record.get(match[1]) == match[2]
+    match = re.fullmatch(r'\s*(\w+)\s+eq\s+"([^"]*)"\s*', expression)
+    if match:
+        return re.fullmatch(match[2], str(record.get(match[1], ""))) is not None
     raise APIError(400, "invalid", f"Invalid list filter expression '{expression}'")
