@@ -135,7 +135,7 @@ def test_list_and_cleanup_on_digitalocean_after_the_client_was_killed(tmp_path):
         assert listed.returncode == 0, listed.stderr
         row = next(line for line in listed.stdout.splitlines() if cluster_id in line)
         assert row.split()[0] == "digitalocean" and row.split()[-3] == "2"
-        assert int(row.split()[-2]) == 2  # its firewall and VPC
+        assert int(row.split()[-2]) == 3  # its two firewalls and its VPC
 
         refused = _cli("cleanup", cluster_id, "--provider", "digitalocean", env=env, stdin="n\n")
         assert refused.returncode == 1

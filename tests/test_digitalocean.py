@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import logging
 import os
+from collections.abc import Iterable, Mapping
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from distributed import Client
 
 from dask_secure_cloud import DropletCluster
 from dask_secure_cloud.cluster import ClusterStartError
-from dask_secure_cloud.network import NetworkPolicyError
+from dask_secure_cloud.credentials import Role
+from dask_secure_cloud.driver import VMRequest
+from dask_secure_cloud.network import NetworkPolicy, NetworkPolicyError
+from dask_secure_cloud.providers.digitalocean import DropletDriver
 
 from clouds.booter import VMBooter
 from clouds.digitalocean import DigitalOceanStandIn
@@ -20,53 +29,153 @@ TOKEN = "dop_v1_test_token_never_on_a_droplet"
 OVERSIZED = [f"echo {os.urandom(60).hex()}" for _ in range(900)]
 
 
-@pytest.fixture
-def do(tmp_path, monkeypatch):
-    stand_in = DigitalOceanStandIn(VMBooter(tmp_path / "vms"), TOKEN, droplet_limit=4)
+#: The calls that make something: none may come before the preflight checks.
+MAKING = {"tags.create", "vpcs.create", "firewalls.create", "droplets.create"}
+
+
+def serve(tmp_path, booter, **kwargs: Any) -> tuple[DigitalOceanStandIn, dict[str, Any]]:
+    """A started stand-in booting with ``booter``, and the options that reach it."""
+    stand_in = DigitalOceanStandIn(booter, TOKEN, **kwargs)
     url = stand_in.start()
     bundle = tmp_path / "ca.pem"
     stand_in.ca.cert_pem.write_to_path(str(bundle))
-    monkeypatch.setenv("DIGITALOCEAN_TOKEN", TOKEN)
     options = {
         "api_url": url,
         "ca_bundle": str(bundle),  # trust the stand-in's test CA
         "region": "nyc3",
         "scheduler_size": "s-1vcpu-1gb",
         "worker_size": "s-2vcpu-4gb",
+        # The stand-in's public addresses are documentation ones, not routed here.
         "use_private_ip": True,
         "boot_timeout": "60s",
     }
+    return stand_in, options
+
+
+@pytest.fixture
+def do(tmp_path, monkeypatch):
+    stand_in, options = serve(tmp_path, VMBooter(tmp_path / "vms"), droplet_limit=4)
+    monkeypatch.setenv("DIGITALOCEAN_TOKEN", TOKEN)
     yield stand_in, options
     stand_in.stop()
+
+
+def driver_for(options: Mapping[str, Any]) -> DropletDriver:
+    """The cluster's driver on its own, for checks that need no Dask on the droplets."""
+    driver = DropletDriver(
+        token=TOKEN,
+        api_url=options["api_url"],
+        ca_bundle=options["ca_bundle"],
+        region=options["region"],
+        sizes={Role.SCHEDULER: options["scheduler_size"], Role.WORKER: options["worker_size"]},
+        image="ubuntu-24-04-x64",
+        vpc_uuid=None,
+        tags=[],
+        ssh_keys=[],
+        monitoring=False,
+        network=NetworkPolicy(use_private_ip=True),
+    )
+    driver.configure(ports=(8786, 8787), boot_timeout=60)
+    return driver
+
+
+class RecordingBooter:
+    """Any booter with the shared interface (as the guest booter has it): records what
+    it is asked to boot and runs nothing, so addresses off this machine can be given."""
+
+    def __init__(self) -> None:
+        self.vms: dict[str, SimpleNamespace] = {}
+        self.booted: dict[str, tuple[str, bool]] = {}
+
+    def boot(
+        self,
+        user_data: bytes,
+        *,
+        address: str,
+        cluster_id: str,
+        name: str,
+        role: str,
+        egress: bool = True,
+    ) -> SimpleNamespace:
+        vm = SimpleNamespace(vm_id=f"{cluster_id}/{name}")
+        self.vms[vm.vm_id] = vm
+        self.booted[name] = (address, egress)
+        return vm
+
+    def stop(self, vm_id: str) -> None:
+        self.vms.pop(vm_id, None)
+
+    def stop_all(self) -> None:
+        self.vms.clear()
 
 
 def nothing_left(stand_in: DigitalOceanStandIn, cluster_id: str) -> bool:
     tag = f"dask-secure-cloud-{cluster_id}"
     return (
         not [d for d in stand_in.droplets.values() if tag in d["tags"]]
-        and not [f for f in stand_in.firewalls.values() if f["name"] == tag]
+        and not [f for f in stand_in.firewalls.values() if f["name"].startswith(tag)]
         and not [v for v in stand_in.vpcs.values() if v["name"] == tag]
-        and tag not in stand_in.tags
+        and not [t for t in stand_in.tags if t.startswith(tag)]
         and not vm_processes(cluster_id)
     )
 
 
+def open_to_outside(
+    firewalls: Iterable[Mapping[str, Any]],
+    droplets: Iterable[Mapping[str, Any]],
+    cluster_id: str,
+) -> list[tuple[str, dict[str, Any]]]:
+    """The inbound rules (by firewall name) of every firewall that applies to a worker of
+    the cluster, by tag or droplet id, whose sources reach beyond the cluster's own
+    droplets: any address range, load balancer or Kubernetes cluster, another droplet, or
+    a tag other than the cluster's own."""
+    tag = f"dask-secure-cloud-{cluster_id}"
+    inside_tags = {tag, f"{tag}-scheduler"}
+    cluster = [d for d in droplets if tag in d["tags"]]
+    ids = {d["id"] for d in cluster}
+    workers = [d for d in cluster if "dask-secure-cloud-worker" in d["tags"]]
+    assert workers, "no worker to check"
+    found = []
+    for firewall in firewalls:
+        applies = any(
+            set(firewall.get("tags") or []) & set(w["tags"])
+            or w["id"] in (firewall.get("droplet_ids") or [])
+            for w in workers
+        )
+        for rule in firewall.get("inbound_rules") or [] if applies else []:
+            sources = rule["sources"]
+            if (
+                sources.get("addresses")
+                or sources.get("load_balancer_uids")
+                or sources.get("kubernetes_ids")
+                or set(sources.get("droplet_ids") or []) - ids
+                or set(sources.get("tags") or []) - inside_tags
+            ):
+                found.append((firewall["name"], rule))
+    return found
+
+
 async def test_droplet_cluster_computes_over_tls_and_leaves_nothing(do):
+    """The defaults on DigitalOcean's network: every droplet has a public address, which
+    is its way out, and no firewall lets anything from outside the cluster reach a worker."""
     stand_in, options = do
     async with DropletCluster(
         n_workers=2, tags=["team:ml"], asynchronous=True, **options
     ) as cluster:
-        assert cluster.scheduler_address.startswith("tls://127.")
+        cluster_id = cluster.cluster_id
+        tag = f"dask-secure-cloud-{cluster_id}"
+        vpc = next(v for v in stand_in.vpcs.values() if v["name"] == tag)
+        network = ipaddress.ip_network(vpc["ip_range"])
+        scheduler_host = cluster.scheduler_address.removeprefix("tls://").rsplit(":", 1)[0]
+        assert ipaddress.ip_address(scheduler_host) in network
         async with Client(cluster, asynchronous=True) as client:
             await client.wait_for_workers(2, timeout=60)
             assert await client.submit(sum, range(10)) == 45
             workers = list(cluster.scheduler_info["workers"])
-        cluster_id = cluster.cluster_id
-        tag = f"dask-secure-cloud-{cluster_id}"
-        vpc = next(v for v in stand_in.vpcs.values() if v["name"] == tag)
         # Workers reach the scheduler over the VPC's private addresses.
-        network = vpc["ip_range"].rsplit(".", 2)[0]
-        assert all(w.split("//")[1].startswith(network) for w in workers)
+        assert all(
+            ipaddress.ip_address(w.split("//")[1].rsplit(":", 1)[0]) in network for w in workers
+        )
         droplets = [b for kind, b in stand_in.bodies if kind == "droplet"]
         assert len(droplets) == 3
         for body in droplets:
@@ -80,15 +189,148 @@ async def test_droplet_cluster_computes_over_tls_and_leaves_nothing(do):
                 b"secure-cloud" in f for p, f in files.items() if p.endswith("dask.yaml")
             )
             assert "ssh_keys" not in body
-        firewall = next(f for f in stand_in.firewalls.values() if f["name"] == tag)
-        assert firewall["tags"] == [tag]
-        ports = {
-            r["ports"]: r["sources"] for r in firewall["inbound_rules"] if r["protocol"] == "tcp"
-        }
-        assert ports["8786"] == {"addresses": [vpc["ip_range"]]}
-        assert ports["all"] == {"tags": [tag]}
-        assert len(firewall["inbound_rules"]) == 4  # nothing else comes in
+        # Every droplet, workers too, has a public address and, from it, a route out.
+        for droplet in stand_in.droplets.values():
+            assert {n["type"] for n in droplet["networks"]["v4"]} == {"private", "public"}
+        assert len(stand_in.booter.egress) == 3 and all(stand_in.booter.egress.values())
+        # Nothing from outside the cluster reaches a worker, through any firewall.
+        assert (
+            open_to_outside(stand_in.firewalls.values(), stand_in.droplets.values(), cluster_id)
+            == []
+        )
+        # Only the scheduler carries the tag its port-opening firewall applies to.
+        scheduler_only = f"{tag}-scheduler"
+        carriers = [d["name"] for d in stand_in.droplets.values() if scheduler_only in d["tags"]]
+        assert carriers == [f"{tag}-scheduler"]
+        firewalls = {f["name"]: f for f in stand_in.firewalls.values()}
+        assert set(firewalls) == {tag, scheduler_only}
+        assert firewalls[tag]["tags"] == [tag]
+        assert firewalls[tag]["inbound_rules"] == [
+            {"protocol": p, "ports": "all", "sources": {"tags": [tag]}} for p in ("tcp", "udp")
+        ]
+        assert firewalls[scheduler_only]["tags"] == [scheduler_only]
+        assert firewalls[scheduler_only]["inbound_rules"] == [
+            {"protocol": "tcp", "ports": port, "sources": {"addresses": [vpc["ip_range"]]}}
+            for port in ("8786", "8787")
+        ]
     assert nothing_left(stand_in, cluster_id)
+
+
+def test_the_outside_check_finds_scheduler_ports_open_on_every_droplet():
+    """The check above fails on the firewall this cluster used to make: the scheduler's
+    ports open to the creator on the cluster's tag, so on every worker."""
+    tag = "dask-secure-cloud-dsc-0a1b"
+    droplets = [
+        {"id": 1, "tags": [tag, f"{tag}-scheduler", "dask-secure-cloud-scheduler"]},
+        {"id": 2, "tags": [tag, "dask-secure-cloud-worker"]},
+        {"id": 3, "tags": ["someone-else"]},
+    ]
+    inside = {"protocol": "tcp", "ports": "all", "sources": {"tags": [tag]}}
+    creator = {"protocol": "tcp", "ports": "8786", "sources": {"addresses": ["198.51.100.7/32"]}}
+    cases = {
+        "one firewall on the cluster's tag": ({"tags": [tag]}, creator, True),
+        "the creator on the scheduler's tag": ({"tags": [f"{tag}-scheduler"]}, creator, False),
+        "the worker by id": ({"droplet_ids": [2]}, creator, True),
+        "another droplet": ({"tags": [tag]}, {**inside, "sources": {"droplet_ids": [3]}}, True),
+        "another tag": ({"tags": [tag]}, {**inside, "sources": {"tags": ["someone-else"]}}, True),
+        "the cluster's droplets": ({"tags": [tag]}, inside, False),
+    }
+    for case, (applied, rule, flagged) in cases.items():
+        firewall = {"name": "fw", **applied, "inbound_rules": [rule]}
+        assert bool(open_to_outside([firewall], droplets, "dsc-0a1b")) is flagged, case
+
+
+async def test_each_roles_way_out_is_known_and_logged_before_anything_is_made(do):
+    stand_in, options = do
+
+    class Snapshot(logging.Handler):
+        """The stand-in's calls so far, at each log line."""
+
+        def __init__(self) -> None:
+            super().__init__(logging.INFO)
+            self.seen: list[tuple[str, list[str]]] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.seen.append((record.getMessage(), list(stand_in.calls)))
+
+    handler = Snapshot()
+    logger = logging.getLogger("dask_secure_cloud.providers.digitalocean")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    driver = driver_for(options)
+    try:
+        await driver.prepare("dsc-0a1b2c")
+        await driver.release("dsc-0a1b2c")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+        await driver.close()
+    ways_out = [(m, calls) for m, calls in handler.seen if "reach the internet" in m]
+    assert [m.split()[0] for m, _ in ways_out] == ["scheduler", "worker"]
+    for message, calls in ways_out:
+        assert "the droplet's public interface" in message
+        assert "the cluster's own VPC in region nyc3" in message
+        assert "account.get" in calls and not MAKING & set(calls)
+    assert set(stand_in.calls) >= MAKING - {"droplets.create"}
+    assert not stand_in.firewalls and not stand_in.vpcs and not stand_in.tags
+
+
+async def test_droplets_get_addresses_of_the_chosen_pool_and_a_route_out_from_any_booter(
+    tmp_path,
+):
+    """What a guest test needs: the cluster's own VPC in 10.77.0.0/25, not 127.0.0.0/8,
+    and a booter other than the process booter, told each droplet has a route out."""
+    booter = RecordingBooter()
+    stand_in, options = serve(tmp_path, booter, vpc_pool="10.77.0.0/25")
+    driver = driver_for(options)
+    try:
+        await driver.prepare("dsc-0a1b2c")
+        vms = [
+            await driver.create(VMRequest("dsc-0a1b2c", name, role, b"#cloud-config\n{}\n"))
+            for name, role in (("scheduler", Role.SCHEDULER), ("worker-0", Role.WORKER))
+        ]
+        (vpc,) = stand_in.vpcs.values()
+        assert vpc["ip_range"] == "10.77.0.0/25"
+        pool = ipaddress.ip_network("10.77.0.0/25")
+        assert all(ipaddress.ip_address(vm.private_ip) in pool for vm in vms)
+        assert booter.booted == {vm.name: (vm.private_ip, True) for vm in vms}
+        assert len({vm.private_ip for vm in vms}) == 2
+        for vm in vms:
+            await driver.destroy(vm)
+        await driver.release("dsc-0a1b2c")
+    finally:
+        await driver.close()
+        stand_in.stop()
+    assert not stand_in.droplets and not stand_in.firewalls and not stand_in.vpcs
+    assert not stand_in.tags and booter.vms == {}
+
+
+@pytest.mark.parametrize(
+    "ip_range,message",
+    [
+        ("203.0.113.0/24", "RFC 1918"),
+        ("10.20.0.0/15", "larger than /16"),
+        ("10.20.0.0/29", "smaller than /28"),
+        ("10.20.0.1/24", "ip_range is invalid"),
+        ("10.77.0.0/24", "overlaps another VPC"),
+    ],
+)
+def test_stand_in_refuses_vpc_ranges_the_api_refuses(ip_range, message):
+    from clouds.digitalocean import APIError
+
+    stand_in = DigitalOceanStandIn(RecordingBooter(), TOKEN, vpc_pool="10.77.0.0/25")
+
+    def create(**extra: str) -> Any:
+        body = json.dumps({"name": "v", "region": "nyc3", **extra}).encode()
+        return stand_in.handle("POST", "/v2/vpcs", {}, body, f"Bearer {TOKEN}")
+
+    create()  # takes 10.77.0.0/25
+    with pytest.raises(APIError, match=message):
+        create(ip_range=ip_range)
+    create(ip_range="10.20.0.0/16")  # the sizes the API allows, at both ends
+    create(ip_range="192.168.7.0/28")
+    with pytest.raises(APIError, match="no free VPC range"):
+        create()  # the pool is used up
 
 
 async def test_given_vpc_is_used_and_kept(do):
@@ -121,46 +363,56 @@ async def test_rate_limit_is_waited_out(do):
     assert nothing_left(stand_in, cluster_id)
 
 
+#: Each call of a start, with the occurrence to fail when a start makes it twice.
 START_CALLS = [
-    "regions.list",
-    "account.get",
-    "droplets.list",
-    "tags.create",
-    "vpcs.create",
-    "vpcs.get",
-    "firewalls.create",
-    "droplets.create",
-    "droplets.get",
+    ("regions.list", 1),
+    ("account.get", 1),
+    ("droplets.list", 1),
+    ("tags.create", 1),  # the cluster's tag
+    ("tags.create", 2),  # the scheduler's
+    ("vpcs.create", 1),
+    ("vpcs.get", 1),
+    ("firewalls.create", 1),  # between the cluster's droplets
+    ("firewalls.create", 2),  # the scheduler's ports
+    ("droplets.create", 1),
+    ("droplets.get", 1),
 ]
 
 
-@pytest.mark.parametrize("call", START_CALLS)
-async def test_failure_at_each_start_call_leaves_nothing(do, call):
+@pytest.mark.parametrize("call,occurrence", START_CALLS)
+async def test_failure_at_each_start_call_leaves_nothing(do, call, occurrence):
     stand_in, options = do
     # 5xx answers are retried by pydo itself; a 422 is final.
-    stand_in.fail(call, 422, "unprocessable_entity")
+    stand_in.fail(call, 422, "unprocessable_entity", occurrence=occurrence)
     with pytest.raises(ClusterStartError, match="unprocessable_entity"):
         await DropletCluster(n_workers=1, asynchronous=True, **options)
+    assert stand_in.calls.count(call) >= occurrence
     assert not stand_in.droplets and not stand_in.firewalls and not stand_in.vpcs
     assert not stand_in.tags and stand_in.booter.vms == {}
 
 
 @pytest.mark.parametrize(
-    "call",
+    "call,occurrence",
     [
-        "droplets.destroy",
-        "droplets.list",
-        "firewalls.list",
-        "firewalls.delete",
-        "vpcs.delete",
-        "tags.delete",
+        ("droplets.destroy", 1),
+        ("droplets.list", 1),
+        ("firewalls.list", 1),
+        ("firewalls.delete", 1),
+        ("firewalls.delete", 2),
+        ("vpcs.delete", 1),
+        ("tags.delete", 1),
+        ("tags.delete", 2),
     ],
 )
-async def test_failure_at_each_close_call_still_leaves_nothing(do, call):
+async def test_failure_at_each_close_call_still_leaves_nothing(do, call, occurrence):
     stand_in, options = do
     cluster = await DropletCluster(n_workers=1, asynchronous=True, **options)
-    stand_in.fail(call, 500, "server_error")
+    # A final error: pydo retries a 500 on these GETs and DELETEs by itself, so the
+    # close path would never see one.
+    stand_in.fail(call, 422, "unprocessable_entity", occurrence=occurrence)
+    made = stand_in.calls.count(call)
     await cluster.close()
+    assert stand_in.calls.count(call) >= made + occurrence  # the failure was met
     assert nothing_left(stand_in, cluster.cluster_id)
     assert not stand_in.droplets and not stand_in.firewalls and not stand_in.vpcs
 

@@ -1,9 +1,12 @@
 """``DropletCluster``: a secure Dask cluster on DigitalOcean droplets, through ``pydo.aio``.
 
-What is particular to DigitalOcean: every droplet has a public address, so the cluster's
-cloud firewall (applied by the cluster's tag) is what keeps it private: the scheduler
-port and dashboard from the creator's address only, every port between droplets of the
-tag, nothing else inbound. Workers reach the scheduler over the VPC's private addresses.
+What is particular to DigitalOcean: every droplet has a public IPv4 address, which is
+also its way out (to install Docker and pull the image), so no droplet lacks a route out
+and none needs a NAT. The cluster's two cloud firewalls are what keep droplets private:
+one, applied by the cluster's tag, lets droplets of the cluster reach each other on every
+port and nothing else in; the other, applied by a tag only the scheduler carries, opens
+the scheduler port and dashboard to the creator's address. Workers reach the scheduler
+over the VPC's private addresses.
 A VPC is made per cluster unless one is given. User-data is plain text of at most
 64 KiB, so files inside it are gzip+base64 encoded by ``cloudinit``.
 
@@ -28,6 +31,7 @@ from ..cloudinit import LIMITS
 from ..cluster import VMCluster
 from ..credentials import Role
 from ..driver import CREATOR_TAG, VM, CloudError, ClusterSummary, Driver, VMRequest, summarize
+from ..egress import Exits, public_address
 from ..network import NetworkPolicy
 
 try:
@@ -53,8 +57,14 @@ def cluster_tag(cluster_id: str) -> str:
     return f"dask-secure-cloud-{cluster_id}"
 
 
+def scheduler_tag(cluster_id: str) -> str:
+    """The tag only this cluster's scheduler carries: its firewall opens the scheduler's
+    ports to the creator, so those ports are closed on every worker."""
+    return f"{cluster_tag(cluster_id)}-scheduler"
+
+
 class DropletDriver(Driver):
-    """Droplets, a cloud firewall and (unless given) a VPC per cluster, found by its tag."""
+    """Droplets, two cloud firewalls and (unless given) a VPC per cluster, found by its tag."""
 
     provider = "digitalocean"
     user_data_limit = LIMITS["digitalocean"]
@@ -193,8 +203,10 @@ class DropletDriver(Driver):
                     f"{role.value}_size {size!r} is not offered in {self.region}.{hint}"
                 )
         await self._check_droplet_limit()
+        self._check_egress()
         tag = cluster_tag(cluster_id)
-        await self._call(f"creating tag {tag}", "tags", "create", body={"name": tag})
+        for name in (tag, scheduler_tag(cluster_id)):
+            await self._call(f"creating tag {name}", "tags", "create", body={"name": name})
         if not self.vpc_uuid:
             vpc = await self._call(
                 "creating the cluster's VPC",
@@ -213,29 +225,35 @@ class DropletDriver(Driver):
             return [vpc["vpc"]["ip_range"]]
 
         sources = await self.network.scheduler_sources(inside_the_vpc)
-        everywhere = {"addresses": ["0.0.0.0/0", "::/0"]}
-        await self._call(
-            "creating the cluster's firewall",
-            "firewalls",
-            "create",
-            body={
-                "name": tag,
-                "tags": [tag],
-                "inbound_rules": [
-                    *(
-                        {"protocol": "tcp", "ports": str(port), "sources": {"addresses": sources}}
-                        for port in self.ports
-                    ),
-                    {"protocol": "tcp", "ports": "all", "sources": {"tags": [tag]}},
-                    {"protocol": "udp", "ports": "all", "sources": {"tags": [tag]}},
-                ],
-                "outbound_rules": [
-                    {"protocol": "tcp", "ports": "all", "destinations": everywhere},
-                    {"protocol": "udp", "ports": "all", "destinations": everywhere},
-                    {"protocol": "icmp", "destinations": everywhere},
-                ],
-            },
+        for body in _firewalls(cluster_id, sources, self.ports):
+            await self._call(f"creating firewall {body['name']}", "firewalls", "create", body=body)
+
+    def _check_egress(self) -> None:
+        """Every droplet has a public IPv4 address on its public interface, whatever its
+        VPC, and that is its way out: asked of the shared rule all the same (nothing to
+        read, so nothing can be refused), so each role's way out is logged as on every
+        cloud."""
+        vpc = f"VPC {self.vpc_uuid}" if self.vpc_uuid else "the cluster's own VPC"
+        exits = Exits(
+            place=f"{vpc} in region {self.region}",
+            private=None,
+            public="the droplet's public interface",
         )
+        for role in (Role.SCHEDULER, Role.WORKER):
+            public_address(
+                role,
+                True,
+                exits,
+                option="public address (every droplet has one)",
+                offline_image=self.offline_image,
+                fixes=(),
+            )
+            logger.info(
+                "%s droplets in %s reach the internet through %s",
+                role.value,
+                exits.place,
+                exits.public,
+            )
 
     # -- VMs ----------------------------------------------------------------------------
 
@@ -250,6 +268,7 @@ class DropletDriver(Driver):
             "vpc_uuid": self.vpc_uuid,
             "tags": [
                 tag,
+                *([scheduler_tag(request.cluster_id)] if request.role is Role.SCHEDULER else []),
                 f"dask-secure-cloud-{request.role.value}",
                 *_creator_tag(request.tags.get(CREATOR_TAG)),
                 *self.tags,
@@ -354,7 +373,7 @@ class DropletDriver(Driver):
             m.group(1)
             for group, key in (("firewalls", "firewalls"), ("vpcs", "vpcs"))
             for item in await self._all(f"listing {group}", group, key)
-            if (m := _CLUSTER.match(item.get("name", "")))
+            if (m := _MADE.match(item.get("name", "")))
         ]
         return summarize(found, others)
 
@@ -368,10 +387,11 @@ class DropletDriver(Driver):
         return "terminated" if droplet["status"] in ("off", "archive") else "running"
 
     async def release(self, cluster_id: str) -> None:
-        """Delete the firewall, the VPC the cluster made, and its tag; droplets first."""
+        """Delete the firewalls, the VPC the cluster made, and its tags; droplets first."""
         tag = cluster_tag(cluster_id)
+        names = {tag, scheduler_tag(cluster_id)}
         for rule in await self._all("listing firewalls", "firewalls", "firewalls"):
-            if rule["name"] == tag:
+            if rule["name"] in names:
                 await self._call(
                     "deleting the firewall", "firewalls", "delete", firewall_id=rule["id"]
                 )
@@ -386,11 +406,12 @@ class DropletDriver(Driver):
                         if time.monotonic() > deadline:
                             raise
                         await asyncio.sleep(2)
-        try:
-            await self._call(f"deleting tag {tag}", "tags", "delete", tag_id=tag)
-        except CloudError as e:
-            if "not found" not in str(e):
-                raise
+        for name in sorted(names):
+            try:
+                await self._call(f"deleting tag {name}", "tags", "delete", tag_id=name)
+            except CloudError as e:
+                if "not found" not in str(e):
+                    raise
 
     async def close(self) -> None:
         if self._client is not None:
@@ -399,6 +420,42 @@ class DropletDriver(Driver):
 
 
 _CLUSTER = re.compile(r"^dask-secure-cloud-(dsc-[0-9a-f]+)$")
+#: The names of what ``prepare`` makes: the VPC and firewall named by the cluster's tag,
+#: and the scheduler's firewall named by the scheduler's tag.
+_MADE = re.compile(r"^dask-secure-cloud-(dsc-[0-9a-f]+)(?:-scheduler)?$")
+
+
+def _firewalls(
+    cluster_id: str, sources: Sequence[str], ports: Sequence[int]
+) -> list[dict[str, Any]]:
+    """The cluster's two cloud firewalls. DigitalOcean applies every firewall whose tag a
+    droplet carries, so the scheduler's ports open to ``sources`` go on a firewall of the
+    scheduler's own tag: on the cluster's tag they would open them on every worker too."""
+    tag = cluster_tag(cluster_id)
+    everywhere = {"addresses": ["0.0.0.0/0", "::/0"]}
+    return [
+        {
+            "name": tag,
+            "tags": [tag],
+            "inbound_rules": [
+                {"protocol": "tcp", "ports": "all", "sources": {"tags": [tag]}},
+                {"protocol": "udp", "ports": "all", "sources": {"tags": [tag]}},
+            ],
+            "outbound_rules": [
+                {"protocol": "tcp", "ports": "all", "destinations": everywhere},
+                {"protocol": "udp", "ports": "all", "destinations": everywhere},
+                {"protocol": "icmp", "destinations": everywhere},
+            ],
+        },
+        {
+            "name": scheduler_tag(cluster_id),
+            "tags": [scheduler_tag(cluster_id)],
+            "inbound_rules": [
+                {"protocol": "tcp", "ports": str(port), "sources": {"addresses": list(sources)}}
+                for port in ports
+            ],
+        },
+    ]
 
 
 def _creator_tag(creator: str | None) -> list[str]:

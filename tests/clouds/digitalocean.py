@@ -9,8 +9,13 @@ requests cannot pass unnoticed. Errors come in DigitalOcean's shape,
 ``{"id": ..., "message": ...}``; rate limits as 429 with ``ratelimit-reset``; the account's
 droplet limit as 422. A bearer token is required.
 
-Droplets boot their ``user_data`` with the shared VM booter on an address of their VPC
-(VPC ranges are in 127.0.0.0/8 here, so they are this machine's).
+Droplets boot their ``user_data`` with the booter given (process VMs or guests) on an
+address of their VPC. A VPC made without ``ip_range`` gets a /20 of ``vpc_pool``, as
+DigitalOcean gives one of its 10.0.0.0/8 ranges; the pool is 127.0.0.0/8 by default, so
+process VMs' addresses are this machine's, and a guest test passes its own network
+(``vpc_pool="10.77.0.0/25"``, smaller than a /20, is given whole). Like a real droplet,
+every droplet has a public IPv4 network besides its private one, and its default route
+goes out through it: the booter is told so (``egress``) from the droplet's networks.
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ import threading
 import time
 import uuid
 from collections import Counter
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
-from .booter import VMBooter
 from .jsonapi import HTTPSStandIn
 
 REGIONS = {
@@ -36,6 +41,32 @@ REGIONS = {
 USER_DATA_LIMIT = 64 * 1024
 _NAME = r"^[a-zA-Z0-9]?[a-z0-9A-Z.\-]*[a-z0-9A-Z]$"
 _TAG = r"^[a-zA-Z0-9_\-\:]+$"
+
+
+class BootedVM(Protocol):
+    vm_id: str
+
+
+class DropletBooter(Protocol):
+    """What the stand-in needs of a booter: ``clouds.booter.VMBooter`` and the guest
+    booter both have it."""
+
+    vms: Mapping[str, Any]
+
+    def boot(
+        self,
+        user_data: bytes,
+        *,
+        address: str,
+        cluster_id: str,
+        name: str,
+        role: str,
+        egress: bool = True,
+    ) -> BootedVM: ...
+
+    def stop(self, vm_id: str) -> None: ...
+
+    def stop_all(self) -> None: ...
 
 
 class APIError(Exception):
@@ -175,11 +206,26 @@ SCHEMAS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
 }
 
 
+#: What DigitalOcean gives a VPC made without ``ip_range``: a /20 of its pool.
+_GIVEN_PREFIX = 20
+#: The sizes of ``ip_range`` the API accepts, and where it must lie (RFC 1918).
+_RANGE_PREFIXES = range(16, 29)
+_RFC1918 = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
+
+
 class DigitalOceanStandIn(HTTPSStandIn):
-    def __init__(self, booter: VMBooter, token: str, droplet_limit: int = 10) -> None:
-        super().__init__(booter)
+    def __init__(
+        self,
+        booter: DropletBooter,
+        token: str,
+        droplet_limit: int = 10,
+        vpc_pool: str = "127.0.0.0/8",
+    ) -> None:
+        super().__init__(booter)  # type: ignore[arg-type]  # any booter, not only VMBooter
+        self.booter: DropletBooter = booter
         self.token = token
         self.droplet_limit = droplet_limit
+        self.vpc_pool = ipaddress.ip_network(vpc_pool)
         self.droplets: dict[int, dict[str, Any]] = {}
         self.firewalls: dict[str, dict[str, Any]] = {}
         self.vpcs: dict[str, dict[str, Any]] = {}
@@ -245,14 +291,28 @@ class DigitalOceanStandIn(HTTPSStandIn):
             raise APIError(422, "unprocessable_entity", "vpc_uuid is not a VPC of this account")
         network = ipaddress.ip_network(vpc["ip_range"])
         used = {d["_private"] for d in self.droplets.values()}
-        private = next(str(h) for h in network.hosts() if int(h) & 0xFF >= 2 and str(h) not in used)
+        private = next(
+            (str(h) for h in network.hosts() if int(h) & 0xFF >= 2 and str(h) not in used), None
+        )
+        if private is None:
+            raise APIError(422, "unprocessable_entity", "the VPC has no free address left")
+        networks = [
+            {"ip_address": private, "type": "private", "netmask": str(network.netmask)},
+            # Every droplet has a public IPv4 address, and its default gateway is there.
+            {
+                "ip_address": f"203.0.113.{random.randint(2, 250)}",
+                "type": "public",
+                "netmask": "255.255.240.0",
+                "gateway": "203.0.113.1",
+            },
+        ]
         droplet_id = next(self._ids)
         tags = [t for t in body.get("tags") or []]
         cluster = next(
             (
                 t.removeprefix("dask-secure-cloud-")
                 for t in tags
-                if t.startswith("dask-secure-cloud-dsc-")
+                if t.startswith("dask-secure-cloud-dsc-") and not t.endswith("-scheduler")
             ),
             "untagged",
         )
@@ -262,6 +322,7 @@ class DigitalOceanStandIn(HTTPSStandIn):
             cluster_id=cluster,
             name=body["name"].removeprefix(f"dask-secure-cloud-{cluster}-"),
             role="scheduler" if "dask-secure-cloud-scheduler" in tags else "worker",
+            egress=_route_out(networks),
         )
         self.droplets[droplet_id] = {
             "id": droplet_id,
@@ -275,9 +336,46 @@ class DigitalOceanStandIn(HTTPSStandIn):
             "networks": {"v4": [], "v6": []},
             "_private": private,
             "_vm": vm.vm_id,
-            "_public": f"203.0.113.{random.randint(2, 250)}",
+            "_networks": networks,
         }
         return 202, {"droplet": self._public(self.droplets[droplet_id]), "links": {"actions": []}}
+
+    def _overlaps(self, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+        return any(
+            network.overlaps(ipaddress.ip_network(v["ip_range"])) for v in self.vpcs.values()
+        )
+
+    def _asked_range(self, ip_range: str) -> str:
+        """An ``ip_range`` the request names: RFC 1918, /16 to /28, overlapping none of the
+        account's VPCs, as the API documents it."""
+        try:
+            network = ipaddress.ip_network(ip_range)
+        except ValueError as e:
+            raise APIError(422, "unprocessable_entity", f"ip_range is invalid: {e}") from e
+        if not any(network.subnet_of(n) for n in _RFC1918 if n.version == network.version):
+            raise APIError(422, "unprocessable_entity", "ip_range must be an RFC 1918 range")
+        if network.prefixlen not in _RANGE_PREFIXES:
+            raise APIError(
+                422,
+                "unprocessable_entity",
+                "ip_range may not be smaller than /28 nor larger than /16",
+            )
+        if self._overlaps(network):
+            raise APIError(422, "unprocessable_entity", "ip_range overlaps another VPC network")
+        return str(network)
+
+    def _given_range(self) -> str:
+        """A range of ``vpc_pool`` no VPC of the account overlaps: a /20 of it, as the API
+        generates one, or the whole pool when it is smaller."""
+        prefix = max(_GIVEN_PREFIX, self.vpc_pool.prefixlen)
+        free = [
+            n
+            for n in itertools.islice(self.vpc_pool.subnets(new_prefix=prefix), 4096)
+            if not self._overlaps(n)
+        ]
+        if not free:
+            raise APIError(422, "unprocessable_entity", "no free VPC range left in the pool")
+        return str(random.choice(free))
 
     def _public(self, droplet: dict[str, Any]) -> dict[str, Any]:
         # A droplet is "new" until the first time it is looked at again, then active.
@@ -289,10 +387,7 @@ class DigitalOceanStandIn(HTTPSStandIn):
             raise APIError(404, "not_found", "The resource you were accessing could not be found.")
         if droplet["status"] == "new":
             droplet["status"] = "active"
-            droplet["networks"]["v4"] = [
-                {"ip_address": droplet["_private"], "type": "private", "netmask": "255.255.240.0"},
-                {"ip_address": droplet["_public"], "type": "public", "netmask": "255.255.240.0"},
-            ]
+            droplet["networks"]["v4"] = list(droplet["_networks"])
         return droplet
 
     def _delete_droplet(self, droplet_id: int) -> None:
@@ -384,10 +479,10 @@ class DigitalOceanStandIn(HTTPSStandIn):
             if body["region"] not in REGIONS:
                 raise APIError(422, "unprocessable_entity", "region is invalid")
             vpc_id = str(uuid.uuid4())
-            ip_range = (
-                body.get("ip_range")
-                or f"127.{random.randint(1, 254)}.{random.randint(0, 15) * 16}.0/20"
-            )
+            if "ip_range" in body:
+                ip_range = self._asked_range(body["ip_range"])
+            else:
+                ip_range = self._given_range()
             self.vpcs[vpc_id] = {
                 "id": vpc_id,
                 "name": body["name"],
@@ -452,6 +547,13 @@ class DigitalOceanStandIn(HTTPSStandIn):
         except APIError as e:
             payload = {"id": e.id, "message": e.message, "request_id": str(uuid.uuid4())}
             return e.status, payload, e.headers
+
+
+def _route_out(networks: list[dict[str, Any]]) -> bool:
+    """Whether a droplet with these IPv4 networks has a route out: its public interface
+    carries its default gateway (its VPC interface has none). Every droplet has one, so
+    every droplet does; a droplet without one (not something the API makes) would not."""
+    return any(n["type"] == "public" and n.get("gateway") for n in networks)
 
 
 def _paged(key: str, items: list[dict[str, Any]], query: dict[str, str]) -> dict[str, Any]:
