@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import dataclasses
+import ipaddress
 import json
+import logging
 import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from azure.core.exceptions import HttpResponseError
+from azure.identity.aio import ClientSecretCredential
 from azure.mgmt.compute.models import VirtualMachine
+from azure.mgmt.network import models as nm
+from azure.mgmt.network.aio import NetworkManagementClient
+from azure.mgmt.network.models import NatGateway
 from distributed import Client
 
 from dask_secure_cloud import AzureVMCluster, audit
@@ -21,7 +30,7 @@ from dask_secure_cloud.driver import VMRequest
 from dask_secure_cloud.network import NetworkPolicyError
 
 from clouds.arm import ARMError, AzureStandIn, check_model
-from conftest import SECRET, SUBSCRIPTION, decoded_files, vm_processes
+from conftest import CLIENT_ID, SECRET, SUBSCRIPTION, TENANT, decoded_files, vm_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -51,6 +60,45 @@ def nothing_left(stand_in: AzureStandIn, cluster_id: str) -> bool:
     return not stand_in.tagged(cluster_id) and not vm_processes(cluster_id)
 
 
+def nsg_of(stand_in: AzureStandIn, role: str) -> dict:
+    """The cluster's NSG for ``role`` ("scheduler" or "worker")."""
+    (nsg,) = [
+        r for r in stand_in.of_kind("networksecuritygroups") if r["name"].endswith(f"-{role}-nsg")
+    ]
+    return nsg
+
+
+def admits_from_outside(nsg: dict, inside: list[str]) -> list[str]:
+    """The inbound rules of ``nsg`` that let in an address outside ``inside``, in the
+    order Azure applies them, up to a deny-all; without one, Azure's own defaults
+    (AllowVnetInBound, AllowAzureLoadBalancerInBound) would let more in."""
+    networks = [ipaddress.ip_network(p) for p in inside]
+
+    def outside(source: str) -> bool:
+        try:
+            return not any(ipaddress.ip_network(source).subnet_of(n) for n in networks)
+        except ValueError:  # "*", or a service tag such as Internet or VirtualNetwork
+            return True
+
+    rules = sorted(
+        (
+            r
+            for r in nsg["properties"]["securityRules"]
+            if r["properties"]["direction"] == "Inbound"
+        ),
+        key=lambda r: r["properties"]["priority"],
+    )
+    found = []
+    for rule in rules:
+        p = rule["properties"]
+        sources = p.get("sourceAddressPrefixes") or [p.get("sourceAddressPrefix")]
+        if p["access"] == "Deny" and sources == ["*"] and p.get("destinationPortRange") == "*":
+            return found
+        if p["access"] == "Allow" and any(outside(s) for s in sources):
+            found.append(rule["name"])
+    return [*found, "(no deny-all: Azure's default rules apply)"]
+
+
 async def test_azure_cluster_computes_over_tls_and_leaves_nothing(azure, audit_log):
     stand_in, options = azure
     async with AzureVMCluster(
@@ -63,7 +111,12 @@ async def test_azure_cluster_computes_over_tls_and_leaves_nothing(azure, audit_l
         cluster_id = cluster.cluster_id
         kinds = {r["_kind"] for r in stand_in.resources.values()}
         assert {"virtualmachines", "networkinterfaces", "disks", "networksecuritygroups"} <= kinds
-        assert not stand_in.of_kind("publicipaddresses")  # private first
+        # The vnet made for the cluster keeps default outbound access, explicitly: the
+        # VMs go out through it, with no public address at all.
+        (vnet,) = stand_in.of_kind("virtualnetworks")
+        assert vnet["properties"]["subnets"][0]["properties"]["defaultOutboundAccess"] is True
+        assert not stand_in.of_kind("publicipaddresses")
+        assert stand_in.booter.egress == dict.fromkeys(["scheduler", "worker-0", "worker-1"], True)
     assert nothing_left(stand_in, cluster_id)
     assert stand_in.resources == {}
     # The audit log holds the cluster's whole life, and no key, token or secret.
@@ -105,14 +158,16 @@ async def test_requests_are_private_hardened_and_carry_no_secret(azure):
             assert SECRET.encode() not in user_data and stand_in.token.encode() not in user_data
             files = decoded_files(user_data)
             assert not any(b"PRIVATE KEY" in f for p, f in files.items() if "ca" in p.lower())
-        # Every NIC of the cluster: no public address, the cluster's own NSG.
-        nsg = next(r for r in stand_in.of_kind("networksecuritygroups"))
+        # Every NIC of the cluster: no public address, its role's own NSG.
+        subnet = options["address_prefix"]
         for nic in stand_in.of_kind("networkinterfaces"):
             config = nic["properties"]["ipConfigurations"][0]["properties"]
             assert "publicIPAddress" not in config
-            assert nic["properties"]["networkSecurityGroup"]["id"] == nsg["id"]
-        rules = {r["name"]: r["properties"] for r in nsg["properties"]["securityRules"]}
-        subnet = options["address_prefix"]
+            role = "scheduler" if "scheduler" in nic["name"] else "worker"
+            assert nic["properties"]["networkSecurityGroup"]["id"] == nsg_of(stand_in, role)["id"]
+        assert admits_from_outside(nsg_of(stand_in, "worker"), [subnet]) == []
+        scheduler_rules = nsg_of(stand_in, "scheduler")["properties"]["securityRules"]
+        rules = {r["name"]: r["properties"] for r in scheduler_rules}
         # Private by default: the scheduler port is open to the subnet only.
         assert rules["dask-scheduler-from-client"]["sourceAddressPrefixes"] == [subnet]
         assert rules["dask-scheduler-from-client"]["destinationPortRanges"] == ["8786", "8787"]
@@ -144,9 +199,10 @@ async def test_public_scheduler_only_when_asked_and_only_for_the_given_cidrs(azu
         (address,) = stand_in.of_kind("publicipaddresses")
         assert address["sku"] == {"name": "Standard"}
         assert address["properties"]["deleteOption"] == "Delete"
-        nsg = stand_in.of_kind("networksecuritygroups")[0]
-        rule = nsg["properties"]["securityRules"][0]["properties"]
+        rule = nsg_of(stand_in, "scheduler")["properties"]["securityRules"][0]["properties"]
         assert rule["sourceAddressPrefixes"] == ["198.51.100.7/32"]
+        # Only the scheduler admits the creator; the workers admit nothing from outside.
+        assert admits_from_outside(nsg_of(stand_in, "worker"), [options["address_prefix"]]) == []
         assert "GET subscriptions" not in stand_in.calls  # AZURE_SUBSCRIPTION_ID was used
         for vm in (scheduler, worker):
             await driver.destroy(vm)
@@ -466,4 +522,416 @@ async def test_list_finds_clusters_and_what_a_killed_start_left(azure):
 
     stand_in, options = azure
     await check_listing(AzureVMCluster, options)
+    assert stand_in.resources == {}
+
+
+# -- ways out: the network decides whether a VM gets a public address ---------------------
+
+GROUP_ID = f"/subscriptions/{SUBSCRIPTION}/resourceGroups/dask-rg/providers/Microsoft.Network"
+
+
+def mutations(calls: list[str]) -> list[str]:
+    """The stand-in calls that would make, change or delete something."""
+    return [c for c in calls if c.split()[0] in ("PUT", "PATCH", "DELETE", "POST")]
+
+
+@contextlib.asynccontextmanager
+async def network_client(stand_in: AzureStandIn, options: dict):
+    """The real async network SDK, signed in at the stand-in, to make a user's network."""
+    bundle = options["ca_bundle"]
+    credential = ClientSecretCredential(
+        TENANT, CLIENT_ID, SECRET, authority=stand_in.url, connection_verify=bundle
+    )
+    client = NetworkManagementClient(
+        credential,
+        SUBSCRIPTION,
+        base_url=stand_in.url,
+        credential_scopes=[f"{stand_in.url}/.default"],
+        connection_verify=bundle,
+        polling_interval=0.1,
+    )
+    async with credential, client:
+        yield client
+
+
+async def make_network(
+    net: NetworkManagementClient,
+    prefix: str,
+    *,
+    default_outbound_access: bool | None = None,
+    nat: bool = False,
+    nat_address: bool = True,
+    default_route: tuple[str, str | None] | None = None,
+) -> None:
+    """vnet ``team-vnet`` with subnet ``compute``, as a user makes it with the SDK: with a
+    NAT gateway ``team-nat`` (with a Standard public address unless ``nat_address`` is
+    False), a route table ``team-rt`` whose 0.0.0.0/0 route goes to ``default_route``
+    (next hop type, next hop address), and ``defaultOutboundAccess`` as given (left out:
+    this API version makes the subnet private)."""
+    subnet = nm.Subnet(name="compute", address_prefix=prefix)
+    if default_outbound_access is not None:
+        subnet.default_outbound_access = default_outbound_access
+    if nat:
+        addresses = []
+        if nat_address:
+            await (
+                await net.public_ip_addresses.begin_create_or_update(
+                    "dask-rg",
+                    "team-nat-ip",
+                    nm.PublicIPAddress(
+                        location="westeurope",
+                        sku=nm.PublicIPAddressSku(name="Standard"),
+                        public_ip_allocation_method="Static",
+                    ),
+                )
+            ).result()
+            addresses = [nm.SubResource(id=f"{GROUP_ID}/publicIPAddresses/team-nat-ip")]
+        gateway = await (
+            await net.nat_gateways.begin_create_or_update(
+                "dask-rg",
+                "team-nat",
+                nm.NatGateway(
+                    location="westeurope",
+                    sku=nm.NatGatewaySku(name="Standard"),
+                    public_ip_addresses=addresses,
+                ),
+            )
+        ).result()
+        subnet.nat_gateway = nm.SubResource(id=gateway.id)
+    if default_route is not None:
+        hop, address = default_route
+        table = await (
+            await net.route_tables.begin_create_or_update(
+                "dask-rg",
+                "team-rt",
+                nm.RouteTable(
+                    location="westeurope",
+                    routes=[
+                        nm.Route(
+                            name="default",
+                            address_prefix="0.0.0.0/0",
+                            next_hop_type=hop,
+                            next_hop_ip_address=address,
+                        )
+                    ],
+                ),
+            )
+        ).result()
+        subnet.route_table = nm.RouteTable(id=table.id)
+    await (
+        await net.virtual_networks.begin_create_or_update(
+            "dask-rg",
+            "team-vnet",
+            nm.VirtualNetwork(
+                location="westeurope",
+                address_space=nm.AddressSpace(address_prefixes=[prefix]),
+                subnets=[subnet],
+            ),
+        )
+    ).result()
+
+
+def public_nics(stand_in: AzureStandIn, cluster_id: str) -> dict[str, bool]:
+    """NIC name (without the cluster id) -> whether it carries a public address."""
+    return {
+        nic["name"].removeprefix(f"{cluster_id}-").removesuffix("-nic"): bool(
+            nic["properties"]["ipConfigurations"][0]["properties"].get("publicIPAddress")
+        )
+        for nic in stand_in.of_kind("networkinterfaces")
+        if nic["tags"].get("dask-secure-cloud-cluster") == cluster_id
+    }
+
+
+async def test_defaults_on_a_private_subnet_give_vms_public_addresses_closed_to_outside(
+    azure, caplog
+):
+    stand_in, options = azure
+    prefix = options["address_prefix"]
+    async with network_client(stand_in, options) as net:
+        await make_network(net, prefix)  # a new subnet: private, no NAT gateway
+    (vnet,) = stand_in.of_kind("virtualnetworks")
+    assert vnet["properties"]["subnets"][0]["properties"]["defaultOutboundAccess"] is False
+    caplog.set_level(logging.INFO, logger="dask_secure_cloud.providers.azure")
+    async with AzureVMCluster(
+        n_workers=2, vnet="team-vnet", subnet="compute", asynchronous=True, **options
+    ) as cluster:
+        cluster_id = cluster.cluster_id
+        # The client is inside the vnet (use_private_ip=True): the scheduler's public
+        # address only carries its traffic out.
+        assert cluster.scheduler_address.startswith("tls://127.")
+        async with Client(cluster, asynchronous=True) as client:
+            await client.wait_for_workers(2, timeout=60)
+            assert await client.submit(sum, range(10)) == 45
+        assert public_nics(stand_in, cluster_id) == dict.fromkeys(
+            ["scheduler", "worker-0", "worker-1"], True
+        )
+        for address in stand_in.of_kind("publicipaddresses"):
+            assert address["sku"] == {"name": "Standard"}
+        assert stand_in.booter.egress == dict.fromkeys(["scheduler", "worker-0", "worker-1"], True)
+        # Nothing from outside the cluster's subnet reaches any of them.
+        for role in ("scheduler", "worker"):
+            assert admits_from_outside(nsg_of(stand_in, role), [prefix]) == []
+        assert "worker VMs in subnet compute of vnet team-vnet go out through a Standard " in (
+            caplog.text
+        )
+    assert nothing_left(stand_in, cluster_id)
+
+
+async def test_private_workers_on_a_subnet_with_no_way_out_are_refused_before_anything(azure):
+    stand_in, options = azure
+    async with network_client(stand_in, options) as net:
+        await make_network(net, options["address_prefix"], default_outbound_access=False)
+    before = len(stand_in.calls)
+    with pytest.raises(ClusterStartError) as info:
+        await AzureVMCluster(worker_public_ip=False, vnet="team-vnet", asynchronous=True, **options)
+    message = str(info.value)
+    assert "workers would have no route out" in message
+    assert "worker_public_ip=False and subnet compute of vnet team-vnet" in message
+    for fix in ("subnet=<a subnet of vnet 'team-vnet' with a NAT gateway", "worker_public_ip=True"):
+        assert fix in message
+    assert "offline_image=True" in message
+    assert "GET virtualNetworks" in stand_in.calls[before:]
+    assert mutations(stand_in.calls[before:]) == []
+    assert stand_in.booter.vms == {}
+
+
+async def test_a_subnet_that_drops_internet_traffic_is_refused_unless_the_image_is_offline(
+    azure,
+):
+    stand_in, options = azure
+    async with network_client(stand_in, options) as net:
+        await make_network(net, options["address_prefix"], default_route=("None", None))
+    before = len(stand_in.calls)
+    with pytest.raises(ClusterStartError) as info:
+        await AzureVMCluster(vnet="team-vnet", asynchronous=True, **options)
+    message = str(info.value)
+    assert "subnet compute of vnet team-vnet (route table team-rt drops 0.0.0.0/0)" in message
+    assert "has no way out" in message and "offline_image=True" in message
+    assert "worker_public_ip=True" not in message  # a public address would not help
+    assert "GET routeTables" in stand_in.calls[before:]
+    assert mutations(stand_in.calls[before:]) == []
+
+    # The image holds what the boot needs: the VMs may start with no way out.
+    async with AzureVMCluster(
+        n_workers=1, vnet="team-vnet", offline_image=True, asynchronous=True, **options
+    ) as cluster:
+        cluster_id = cluster.cluster_id
+        assert public_nics(stand_in, cluster_id) == {"scheduler": False, "worker-0": False}
+        assert stand_in.booter.egress == {"scheduler": False, "worker-0": False}
+        async with Client(cluster, asynchronous=True) as client:  # process VMs need none
+            await client.wait_for_workers(1, timeout=60)
+            assert await client.submit(lambda: 7) == 7
+    assert nothing_left(stand_in, cluster_id)
+
+
+async def test_private_workers_behind_a_nat_gateway_compute(azure, caplog):
+    stand_in, options = azure
+    async with network_client(stand_in, options) as net:
+        await make_network(net, options["address_prefix"], nat=True)
+    caplog.set_level(logging.INFO, logger="dask_secure_cloud.providers.azure")
+    async with AzureVMCluster(
+        n_workers=1, vnet="team-vnet", asynchronous=True, **options
+    ) as cluster:
+        cluster_id = cluster.cluster_id
+        assert public_nics(stand_in, cluster_id) == {"scheduler": False, "worker-0": False}
+        assert [a["name"] for a in stand_in.of_kind("publicipaddresses")] == ["team-nat-ip"]
+        assert stand_in.booter.egress == {"scheduler": True, "worker-0": True}
+        async with Client(cluster, asynchronous=True) as client:
+            await client.wait_for_workers(1, timeout=60)
+            assert await client.submit(sum, range(4)) == 6
+        assert "worker VMs in subnet compute of vnet team-vnet go out through NAT gateway " in (
+            caplog.text
+        )
+    assert nothing_left(stand_in, cluster_id)
+
+
+@pytest.mark.parametrize(
+    "network,worker_public,way_out",
+    [
+        ({"default_outbound_access": True}, False, "default outbound access (being retired"),
+        (
+            {"default_route": ("VirtualAppliance", "10.0.0.4")},
+            False,
+            "route table team-rt: 0.0.0.0/0 to virtual appliance 10.0.0.4 (assumed to lead out)",
+        ),
+        # A NAT gateway with no public address translates nothing.
+        ({"nat": True, "nat_address": False}, True, "a Standard public IP on each VM"),
+        # Azure routes 0.0.0.0/0 to the internet anyway: only the subnet's exits count.
+        ({"default_route": ("Internet", None)}, True, "a Standard public IP on each VM"),
+    ],
+)
+async def test_each_way_out_of_a_users_subnet_is_read_before_anything(
+    azure, caplog, network, worker_public, way_out
+):
+    stand_in, options = azure
+    async with network_client(stand_in, options) as net:
+        await make_network(net, options["address_prefix"], **network)
+    caplog.set_level(logging.INFO, logger="dask_secure_cloud.providers.azure")
+    cluster = AzureVMCluster(vnet="team-vnet", asynchronous=True, **options)
+    driver = cluster.driver
+    before = len(stand_in.calls)
+    try:
+        await driver.prepare("dsc-exits")
+        assert driver._public == {Role.WORKER: worker_public, Role.SCHEDULER: worker_public}
+        assert f"worker VMs in subnet compute of vnet team-vnet go out through {way_out}" in (
+            caplog.text
+        )
+        # The ways out were read before the first thing was made.
+        reads = stand_in.calls[before : stand_in.calls.index("PUT networkSecurityGroups")]
+        assert "GET virtualNetworks" in reads and not mutations(reads)
+        await driver.release("dsc-exits")
+    finally:
+        await driver.close()
+    assert not stand_in.tagged("dsc-exits")
+
+
+async def test_an_old_subnet_without_the_property_has_default_outbound_access(azure):
+    stand_in, options = azure
+    async with network_client(stand_in, options) as net:
+        await make_network(net, options["address_prefix"])
+    # As a subnet made before API version 2025-07-01 reads: the property unset.
+    (vnet,) = stand_in.of_kind("virtualnetworks")
+    del vnet["properties"]["subnets"][0]["properties"]["defaultOutboundAccess"]
+    async with AzureVMCluster(
+        n_workers=1, vnet="team-vnet", worker_public_ip=False, asynchronous=True, **options
+    ) as cluster:
+        assert public_nics(stand_in, cluster.cluster_id) == {
+            "scheduler": False,
+            "worker-0": False,
+        }
+        assert stand_in.booter.egress == {"scheduler": True, "worker-0": True}
+        cluster_id = cluster.cluster_id
+    assert nothing_left(stand_in, cluster_id)
+
+
+class RecordingBooter:
+    """A booter that boots nothing: the stand-in takes any booter with this interface."""
+
+    @dataclasses.dataclass
+    class VM:
+        vm_id: str
+        address: str
+
+        def console_output(self) -> str:
+            return ""
+
+        def stop(self) -> None:
+            pass
+
+    def __init__(self) -> None:
+        self.vms: dict[str, RecordingBooter.VM] = {}
+        self.egress: dict[str, bool] = {}
+
+    def boot(self, user_data, *, address, cluster_id, name, role, egress):
+        vm = self.VM(f"{cluster_id}/{name}", address)
+        self.vms[vm.vm_id] = vm
+        self.egress[name] = egress
+        return vm
+
+    def stop(self, vm_id: str) -> None:
+        self.vms.pop(vm_id, None)
+
+    def stop_all(self) -> None:
+        self.vms.clear()
+
+
+async def test_vms_take_their_addresses_from_the_given_prefix_with_any_booter(azure):
+    stand_in, options = azure
+    stand_in.booter = booter = RecordingBooter()
+    cluster = AzureVMCluster(asynchronous=True, **{**options, "address_prefix": "10.77.0.0/25"})
+    driver = cluster.driver
+    try:
+        await driver.prepare("dsc-guests")
+        (vnet,) = stand_in.of_kind("virtualnetworks")
+        assert vnet["properties"]["addressSpace"]["addressPrefixes"] == ["10.77.0.0/25"]
+        vms = [
+            await driver.create(VMRequest("dsc-guests", name, role, b"#cloud-config\n{}\n"))
+            for name, role in (
+                ("scheduler", Role.SCHEDULER),
+                ("worker-0", Role.WORKER),
+                ("worker-1", Role.WORKER),
+            )
+        ]
+        assert [vm.private_ip for vm in vms] == ["10.77.0.4", "10.77.0.5", "10.77.0.6"]
+        assert [v.address for v in booter.vms.values()] == ["10.77.0.4", "10.77.0.5", "10.77.0.6"]
+        assert booter.egress == dict.fromkeys(["scheduler", "worker-0", "worker-1"], True)
+        await driver.destroy(vms[1])
+        # A freed address is handed out again, the lowest first, as Azure does.
+        again = await driver.create(
+            VMRequest("dsc-guests", "worker-2", Role.WORKER, b"#cloud-config\n{}\n")
+        )
+        assert again.private_ip == "10.77.0.5"
+        for vm in (vms[0], vms[2], again):
+            await driver.destroy(vm)
+        await driver.release("dsc-guests")
+    finally:
+        await driver.close()
+    assert stand_in.resources == {} and booter.vms == {}
+
+
+async def test_stand_in_refuses_what_arm_refuses_on_the_network(azure):
+    stand_in, options = azure
+    prefix = options["address_prefix"]
+    with pytest.raises(ARMError, match="Could not find member 'publicIPAddresses'"):
+        check_model(
+            NatGateway,
+            {"location": "westeurope", "properties": {"publicIPAddresses": []}},
+            "parameters",
+        )
+    async with network_client(stand_in, options) as net:
+        missing = nm.Subnet(
+            name="compute",
+            address_prefix=prefix,
+            nat_gateway=nm.SubResource(id=f"{GROUP_ID}/natGateways/nope"),
+        )
+        with pytest.raises(HttpResponseError) as info:
+            await net.virtual_networks.begin_create_or_update(
+                "dask-rg",
+                "team-vnet",
+                nm.VirtualNetwork(
+                    location="westeurope",
+                    address_space=nm.AddressSpace(address_prefixes=[prefix]),
+                    subnets=[missing],
+                ),
+            )
+        assert info.value.error.code == "InvalidResourceReference"
+        with pytest.raises(HttpResponseError) as info:
+            await net.public_ip_addresses.begin_create_or_update(
+                "dask-rg",
+                "dynamic",
+                nm.PublicIPAddress(
+                    location="westeurope",
+                    sku=nm.PublicIPAddressSku(name="Standard"),
+                    public_ip_allocation_method="Dynamic",
+                ),
+            )
+        assert info.value.error.code == "StandardSkuPublicIPAddressesMustBeStatic"
+        with pytest.raises(HttpResponseError) as info:
+            await make_network(net, prefix, default_route=("VirtualAppliance", None))
+        assert info.value.error.code == "InvalidRequestFormat"
+
+        await make_network(net, prefix, nat=True)
+        with pytest.raises(HttpResponseError) as info:
+            await net.nat_gateways.begin_delete("dask-rg", "team-nat")
+        assert info.value.error.code == "InUseNatGatewayCannotBeDeleted"
+        with pytest.raises(HttpResponseError) as info:
+            await net.public_ip_addresses.begin_delete("dask-rg", "team-nat-ip")
+        assert info.value.error.code == "PublicIPAddressCannotBeDeleted"
+        with pytest.raises(HttpResponseError) as info:  # one address, one NAT gateway
+            await net.nat_gateways.begin_create_or_update(
+                "dask-rg",
+                "second-nat",
+                nm.NatGateway(
+                    location="westeurope",
+                    sku=nm.NatGatewaySku(name="Standard"),
+                    public_ip_addresses=[
+                        nm.SubResource(id=f"{GROUP_ID}/publicIPAddresses/team-nat-ip")
+                    ],
+                ),
+            )
+        assert info.value.error.code == "PublicIPAddressInUse"
+        # Taken apart in order, everything goes.
+        await (await net.virtual_networks.begin_delete("dask-rg", "team-vnet")).result()
+        await (await net.nat_gateways.begin_delete("dask-rg", "team-nat")).result()
+        await (await net.public_ip_addresses.begin_delete("dask-rg", "team-nat-ip")).result()
     assert stand_in.resources == {}

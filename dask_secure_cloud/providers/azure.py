@@ -3,10 +3,13 @@
 What is particular to Azure: every resource lives in a resource group the user owns, and
 a VM is several resources (NIC, OS disk, public address) that each carry the cluster tag
 and are deleted with the VM (``deleteOption=Delete``) and, should one survive, by the tag
-sweep in :meth:`AzureDriver.release`. The network is private first: workers never get a
-public address, the scheduler only when ``use_private_ip=False`` asks for one, and a
-per-cluster network security group admits the scheduler port and dashboard from the
-creator's address only, the Dask ports within the subnet, and nothing else.
+sweep in :meth:`AzureDriver.release`. The network is private first: before anything is
+made, the subnet's ways out (a NAT gateway, a route to a firewall, default outbound
+access) are read, and a VM gets a public address only where it needs one to reach a
+registry or where ``use_private_ip=False`` asks for one (``egress.public_address``).
+Whatever addresses they get, two per-cluster network security groups keep them closed:
+the scheduler's admits its port and dashboard from the creator's address only, the
+workers' admits nothing from outside the subnet, and both the Dask ports within it.
 
 Credentials come from ``azure-identity``'s ``DefaultAzureCredential`` (or the credential
 passed in) and never reach a VM; the subscription from the option, the dask config,
@@ -45,6 +48,7 @@ from ..driver import (
     VMRequest,
     summarize,
 )
+from ..egress import Exits, public_address
 from ..network import NetworkPolicy
 
 try:
@@ -90,6 +94,16 @@ _TAG_KEY_FORBIDDEN = set("<>%&\\?/")
 #: Azure Scheduled Events, under the metadata endpoint: where a Spot VM learns it is
 #: about to be evicted.
 _SCHEDULED_EVENTS = "/metadata/scheduledevents?api-version=2020-07-01"
+#: What a VM with a Standard public address goes out through (ARM names no resource
+#: for it: the address itself is the way out).
+_PUBLIC_EXIT = "a Standard public IP"
+#: Next hops of a 0.0.0.0/0 route that send internet traffic to a box of the user's (a
+#: firewall, a VPN or ExpressRoute gateway), assumed to lead out: ARM cannot tell.
+_APPLIANCES = {
+    "virtualappliance": "virtual appliance",
+    "virtualapplianceecmp": "virtual appliances",
+    "virtualnetworkgateway": "virtual network gateway",
+}
 
 T = TypeVar("T")
 
@@ -165,6 +179,7 @@ class AzureDriver(Driver):
         ssh_public_key: str | None,
         user_assigned_identity: str | None,
         network: NetworkPolicy,
+        worker_public_ip: bool | None = None,
         polling_interval: float = 2.0,
     ) -> None:
         self._given_credential = credential
@@ -188,6 +203,7 @@ class AzureDriver(Driver):
         self.ssh_public_key = ssh_public_key
         self.user_assigned_identity = user_assigned_identity
         self.network = network
+        self.worker_public_ip = worker_public_ip
         self.polling_interval = polling_interval
         self._credential: AsyncTokenCredential | None = credential
         self._compute: ComputeManagementClient | None = None
@@ -197,7 +213,10 @@ class AzureDriver(Driver):
         self._size_quota: dict[Role, tuple[int, str | None]] = {}
         self._subnet_id: str | None = None
         self._subnet_prefixes: list[str] = []
-        self._nsg_id: str | None = None
+        #: The NSG each role's NICs carry: the user's one for both, or the cluster's two.
+        self._nsg_ids: dict[Role, str] = {}
+        #: Whether each role's VMs get a public address, decided in :meth:`prepare`.
+        self._public: dict[Role, bool] = {}
         self._login_key: str | None = None
 
     def __repr__(self) -> str:
@@ -349,99 +368,167 @@ class AzureDriver(Driver):
         self.location = self.location or group["location"]
         await self._check_sizes()
         await self._check_quota()
-        _, net = self._clients()
-        tags = self._cluster_tags(cluster_id)
-
+        # Read-only until every check has passed: a refusal leaves nothing behind.
         if self.vnet:
-            await self._use_given_network()
+            exits = await self._use_given_network()
         else:
-            vnet = await self._lro(
-                "creating the cluster's virtual network",
-                net.virtual_networks.begin_create_or_update,
-                self.resource_group,
-                _name(cluster_id, "vnet"),
-                nm.VirtualNetwork(
-                    location=self.location,
-                    tags=tags,
-                    address_space=nm.AddressSpace(address_prefixes=[self.address_prefix]),
-                    subnets=[
-                        nm.Subnet(
-                            name="dask",
-                            address_prefix=self.address_prefix,
-                            # VMs without public addresses still pull their image; a NAT
-                            # gateway is the production answer (see the docs).
-                            default_outbound_access=True,
-                        )
-                    ],
-                ),
+            exits = Exits(
+                place=f"the subnet 'dask' of the cluster's vnet {_name(cluster_id, 'vnet')}",
+                private="default outbound access",
+                public=_PUBLIC_EXIT,
             )
-            self._subnet_id = vnet.subnets[0].id
-            self._subnet_prefixes = [self.address_prefix]
-
         if self.network_security_group:
-            self._nsg_id = self._resource_id(
-                "Microsoft.Network/networkSecurityGroups", self.network_security_group
+            await self._read_given_nsg()
+        self._decide_public(exits)
+
+        if not self.vnet:
+            await self._make_network(cluster_id)
+        if not self.network_security_group:
+            await self._make_nsgs(cluster_id)
+
+    async def _make_network(self, cluster_id: str) -> None:
+        _, net = self._clients()
+        vnet = await self._lro(
+            "creating the cluster's virtual network",
+            net.virtual_networks.begin_create_or_update,
+            self.resource_group,
+            _name(cluster_id, "vnet"),
+            nm.VirtualNetwork(
+                location=self.location,
+                tags=self._cluster_tags(cluster_id),
+                address_space=nm.AddressSpace(address_prefixes=[self.address_prefix]),
+                subnets=[
+                    nm.Subnet(
+                        name="dask",
+                        address_prefix=self.address_prefix,
+                        # Since API version 2025-07-01 a new subnet is private unless
+                        # told otherwise: this one keeps Azure's free way out, so VMs
+                        # without public addresses still pull their image. A NAT
+                        # gateway is the production answer (see the docs).
+                        default_outbound_access=True,
+                    )
+                ],
+            ),
+        )
+        self._subnet_id = vnet.subnets[0].id
+        self._subnet_prefixes = [self.address_prefix]
+
+    async def _read_given_nsg(self) -> None:
+        _, net = self._clients()
+        assert self.network_security_group is not None
+        nsg_id = self._resource_id(
+            "Microsoft.Network/networkSecurityGroups", self.network_security_group
+        )
+        await self._arm(
+            "reading network_security_group",
+            net.network_security_groups.get(*self._group_and_name(nsg_id)),
+        )
+        self._nsg_ids = dict.fromkeys(Role, nsg_id)
+
+    def _decide_public(self, exits: Exits) -> None:
+        """Whether each role's VMs get a public address, from the subnet's ways out, or
+        :class:`~dask_secure_cloud.egress.NoRouteOutError` before anything is made."""
+        fixes = self._fixes(exits)
+        scheduler_wanted = None if self.network.use_private_ip else True
+        for role, wanted, option in (
+            (Role.WORKER, self.worker_public_ip, "worker_public_ip"),
+            (Role.SCHEDULER, scheduler_wanted, "use_private_ip"),
+        ):
+            public = public_address(
+                role,
+                wanted,
+                exits,
+                option=option,
+                offline_image=self.offline_image,
+                fixes=fixes,
             )
-            await self._arm(
-                "reading network_security_group",
-                net.network_security_groups.get(
-                    *self._group_and_name(self._nsg_id),
-                ),
+            self._public[role] = public
+            if public:
+                way = f"{exits.public} on each VM"
+            elif exits.private is not None:
+                way = exits.private
+            else:
+                way = "no way out (offline_image=True)"
+            logger.info("Azure %s VMs in %s go out through %s", role.value, exits.place, way)
+
+    def _fixes(self, exits: Exits) -> list[str]:
+        """Azure's own remedies for a subnet with no way out, as options to paste."""
+        where = f"of vnet {self.vnet!r} " if self.vnet else ""
+        fixes = [
+            f"subnet=<a subnet {where}with a NAT gateway (natGateway), or whose route table "
+            "sends 0.0.0.0/0 to a firewall>",
+            "vnet=None (the cluster makes its own vnet, with default outbound access)",
+        ]
+        if exits.public is not None:
+            fixes.append(
+                "worker_public_ip=True (a Standard public IP per worker, about $0.005 per "
+                "hour; the cluster's network security group keeps inbound closed)"
             )
-            return
+        return fixes
+
+    async def _make_nsgs(self, cluster_id: str) -> None:
+        """One NSG for the scheduler, one for the workers: only the scheduler's admits
+        anyone from outside the subnet (the creator, on the scheduler's two ports), so a
+        worker with a public address accepts nothing from outside the cluster's subnet."""
+        _, net = self._clients()
 
         async def inside() -> list[str]:
             return list(self._subnet_prefixes)
 
         sources = await self.network.scheduler_sources(inside)
-        nsg = await self._lro(
-            "creating the cluster's network security group",
-            net.network_security_groups.begin_create_or_update,
-            self.resource_group,
-            _name(cluster_id, "nsg"),
-            nm.NetworkSecurityGroup(
-                location=self.location,
-                tags=tags,
-                security_rules=[
-                    nm.SecurityRule(
-                        name="dask-scheduler-from-client",
-                        priority=100,
-                        direction="Inbound",
-                        access="Allow",
-                        protocol="Tcp",
-                        source_address_prefixes=sources,
-                        source_port_range="*",
-                        destination_address_prefix="*",
-                        destination_port_ranges=[str(p) for p in self.ports],
-                    ),
-                    nm.SecurityRule(
-                        name="dask-within-subnet",
-                        priority=110,
-                        direction="Inbound",
-                        access="Allow",
-                        protocol="*",
-                        source_address_prefixes=self._subnet_prefixes,
-                        source_port_range="*",
-                        destination_address_prefixes=self._subnet_prefixes,
-                        destination_port_range="*",
-                    ),
-                    # Azure's defaults let the whole virtual network (and peered ones)
-                    # in; this cluster admits only what the two rules above name.
-                    nm.SecurityRule(
-                        name="deny-everything-else",
-                        priority=4096,
-                        direction="Inbound",
-                        access="Deny",
-                        protocol="*",
-                        source_address_prefix="*",
-                        source_port_range="*",
-                        destination_address_prefix="*",
-                        destination_port_range="*",
-                    ),
-                ],
-            ),
+        client_rule = nm.SecurityRule(
+            name="dask-scheduler-from-client",
+            priority=100,
+            direction="Inbound",
+            access="Allow",
+            protocol="Tcp",
+            source_address_prefixes=sources,
+            source_port_range="*",
+            destination_address_prefix="*",
+            destination_port_ranges=[str(p) for p in self.ports],
         )
-        self._nsg_id = nsg.id
+        for role, extra in ((Role.SCHEDULER, [client_rule]), (Role.WORKER, [])):
+            nsg = await self._lro(
+                f"creating the cluster's network security group for the {role.value}s",
+                net.network_security_groups.begin_create_or_update,
+                self.resource_group,
+                _name(cluster_id, f"{role.value}-nsg"),
+                nm.NetworkSecurityGroup(
+                    location=self.location,
+                    tags=self._cluster_tags(cluster_id),
+                    security_rules=[*extra, *self._closed_rules()],
+                ),
+            )
+            self._nsg_ids[role] = nsg.id
+
+    def _closed_rules(self) -> list[nm.SecurityRule]:
+        """The Dask ports within the subnet, and nothing else inbound."""
+        return [
+            nm.SecurityRule(
+                name="dask-within-subnet",
+                priority=110,
+                direction="Inbound",
+                access="Allow",
+                protocol="*",
+                source_address_prefixes=self._subnet_prefixes,
+                source_port_range="*",
+                destination_address_prefixes=self._subnet_prefixes,
+                destination_port_range="*",
+            ),
+            # Azure's defaults let the whole virtual network (and peered ones) and the
+            # load balancer's probes in; this cluster admits only what is named above.
+            nm.SecurityRule(
+                name="deny-everything-else",
+                priority=4096,
+                direction="Inbound",
+                access="Deny",
+                protocol="*",
+                source_address_prefix="*",
+                source_port_range="*",
+                destination_address_prefix="*",
+                destination_port_range="*",
+            ),
+        ]
 
     def _resource_id(self, kind: str, name_or_id: str) -> str:
         if is_valid_resource_id(name_or_id):
@@ -456,7 +543,8 @@ class AzureDriver(Driver):
         parts = parse_resource_id(resource_id)
         return parts["resource_group"], parts["name"]
 
-    async def _use_given_network(self) -> None:
+    async def _use_given_network(self) -> Exits:
+        """Find the given subnet and read its ways out (GETs only)."""
         _, net = self._clients()
         assert self.vnet is not None
         vnet_id = self._resource_id("Microsoft.Network/virtualNetworks", self.vnet)
@@ -471,6 +559,63 @@ class AzureDriver(Driver):
         subnet = subnets[wanted]
         self._subnet_id = subnet.id
         self._subnet_prefixes = list(subnet.address_prefixes or [subnet.address_prefix])
+        return await self._subnet_exits(f"subnet {wanted} of vnet {name}", subnet)
+
+    async def _subnet_exits(self, place: str, subnet: nm.Subnet) -> Exits:
+        """The ways out of a user's subnet, in the order Azure uses them: its route
+        table's 0.0.0.0/0 route, then its NAT gateway, then default outbound access.
+
+        ``defaultOutboundAccess`` absent counts as true: subnets made before API version
+        2025-07-01 have it unset and keep Azure's default outbound access; newer API
+        versions write ``false`` on every new subnet. A Standard public IP on a NIC is
+        a way out whatever the subnet says, unless the route table drops internet
+        traffic (next hop ``None``)."""
+        default_route = await self._default_route(subnet)
+        if default_route is not None:
+            table, hop, address = default_route
+            if hop == "none":
+                return Exits(f"{place} (route table {table} drops 0.0.0.0/0)", None, None)
+            if hop in _APPLIANCES:
+                private = (
+                    f"route table {table}: 0.0.0.0/0 to {_APPLIANCES[hop]} {address or ''}"
+                    " (assumed to lead out)"
+                ).replace("  ", " ")
+                return Exits(place, private, _PUBLIC_EXIT)
+        if subnet.nat_gateway is not None and subnet.nat_gateway.id:
+            return Exits(place, await self._nat_exit(subnet.nat_gateway.id), _PUBLIC_EXIT)
+        if subnet.default_outbound_access is not False:
+            return Exits(place, "default outbound access (being retired by Azure)", _PUBLIC_EXIT)
+        return Exits(place, None, _PUBLIC_EXIT)
+
+    async def _default_route(self, subnet: nm.Subnet) -> tuple[str, str, str | None] | None:
+        """(route table, next hop type in lower case, next hop address) of the subnet's
+        0.0.0.0/0 route, or None when Azure's system route to the internet applies."""
+        if subnet.route_table is None or not subnet.route_table.id:
+            return None
+        _, net = self._clients()
+        group, name = self._group_and_name(subnet.route_table.id)
+        table = await self._arm(
+            f"reading route table {name} of the subnet", net.route_tables.get(group, name)
+        )
+        for route in table.routes or []:
+            if route.address_prefix == "0.0.0.0/0":
+                # A str enum: lower() reads its value, where str() would give its name.
+                hop = (route.next_hop_type or "").lower()
+                return name, hop, route.next_hop_ip_address
+        return None
+
+    async def _nat_exit(self, nat_id: str) -> str | None:
+        """``"NAT gateway <name>"``, or None for one with no public IPv4 address or
+        prefix, which translates nothing."""
+        _, net = self._clients()
+        group, name = self._group_and_name(nat_id)
+        nat = await self._arm(
+            f"reading NAT gateway {name} of the subnet", net.nat_gateways.get(group, name)
+        )
+        if nat.public_ip_addresses or nat.public_ip_prefixes:
+            return f"NAT gateway {name}"
+        logger.info("NAT gateway %s has no public IPv4 address: not a way out", name)
+        return None
 
     async def _check_sizes(self) -> None:
         compute, _ = self._clients()
@@ -570,7 +715,7 @@ class AzureDriver(Driver):
         role = request.role.value
         tags = {**self._cluster_tags(request.cluster_id, role), **request.tags}
         name = _name(request.cluster_id, request.name)
-        public = self.network.public_address(worker=request.role is Role.WORKER)
+        public = self._public[request.role]
         public_ip = None
         if public:
             public_ip = await self._lro(
@@ -594,7 +739,7 @@ class AzureDriver(Driver):
             nm.NetworkInterface(
                 location=self.location,
                 tags=tags,
-                network_security_group=nm.NetworkSecurityGroup(id=self._nsg_id),
+                network_security_group=nm.NetworkSecurityGroup(id=self._nsg_ids[request.role]),
                 ip_configurations=[
                     nm.NetworkInterfaceIPConfiguration(
                         name="primary",
@@ -693,7 +838,7 @@ class AzureDriver(Driver):
             cm.DiskUpdate(tags=tags),
         )
         address = public_ip.ip_address if public_ip else None
-        if public_ip is not None and not address:
+        if public_ip is not None and not address and self._reachable(request.role):
             address = (
                 await self._arm(
                     "reading a public address",
@@ -706,8 +851,14 @@ class AzureDriver(Driver):
             role=request.role,
             cluster_id=request.cluster_id,
             private_ip=nic.ip_configurations[0].private_ip_address,
-            public_ip=address,
+            public_ip=address if self._reachable(request.role) else None,
         )
+
+    def _reachable(self, role: Role) -> bool:
+        """Whether a VM's public address is for reaching it: a public scheduler's is.
+        A private scheduler's only carries its traffic out, and the client, inside the
+        virtual network, must use the private address the NSG admits it on."""
+        return role is Role.WORKER or not self.network.use_private_ip
 
     def _login(self) -> str:
         if self._login_key is None:
@@ -978,9 +1129,17 @@ class AzureVMCluster(VMCluster):
     user_assigned_identity
         Resource id of a user-assigned managed identity the VMs run as.
     use_private_ip
-        Default ``True``: the scheduler gets no public address and the client must run
-        inside the virtual network. ``False`` gives the scheduler a public address,
-        reachable from ``allowed_cidrs`` (default: this machine's address) only.
+        Default ``True``: the client must run inside the virtual network, and reaches
+        the scheduler at its private address. ``False`` gives the scheduler a public
+        address, reachable from ``allowed_cidrs`` (default: this machine's address) only.
+    worker_public_ip
+        Default ``None``: workers get a Standard public address only when their subnet
+        has no other way out (no NAT gateway, no route to a firewall, no default
+        outbound access), so they can reach a registry; the workers' network security
+        group admits nothing from outside the subnet to it. ``True``: always one;
+        ``False``: never, and a subnet with no other way out is refused before anything
+        is made. The same rule gives a private scheduler a public address, for its
+        traffic out only.
     allowed_cidrs, open_to_world, allow_insecure_public, public_ip_url
         Who may reach the scheduler, as for ``EC2Cluster``.
     metadata_endpoint
@@ -1014,6 +1173,7 @@ class AzureVMCluster(VMCluster):
         ssh_public_key: str | None = None,
         user_assigned_identity: str | None = None,
         use_private_ip: bool | None = None,
+        worker_public_ip: bool | None = None,
         allowed_cidrs: Sequence[str] | None = None,
         open_to_world: bool | None = None,
         allow_insecure_public: bool | None = None,
@@ -1078,9 +1238,15 @@ class AzureVMCluster(VMCluster):
             raise ValueError(
                 f"spot_max_price must be a number (-1: on-demand price), got {spot_max_price!r}"
             )
+        worker_public_ip = opt("worker_public_ip", worker_public_ip)
+        if worker_public_ip is not None and not isinstance(worker_public_ip, bool):
+            raise ValueError(
+                f"worker_public_ip must be True, False or None, got {worker_public_ip!r}"
+            )
         network = NetworkPolicy.from_options(
             opt,
             security=security,
+            worker_public_ip=worker_public_ip,
             use_private_ip=use_private_ip,
             allowed_cidrs=allowed_cidrs,
             open_to_world=open_to_world,
@@ -1113,6 +1279,7 @@ class AzureVMCluster(VMCluster):
             ssh_public_key=opt("ssh_public_key", ssh_public_key),
             user_assigned_identity=opt("user_assigned_identity", user_assigned_identity),
             network=network,
+            worker_public_ip=worker_public_ip,
         )
         super().__init__(
             driver,

@@ -3,8 +3,8 @@
 It serves what ``AzureVMCluster`` uses: a Microsoft Entra token endpoint (client
 credentials, so ``DefaultAzureCredential``'s environment source signs in here), the
 subscription list, resource groups, VM sizes (resource SKUs), and PUT/GET/PATCH/DELETE/list
-of virtual networks, network security groups, public addresses, network interfaces, VMs
-and disks.
+of virtual networks, network security groups, public addresses, NAT gateways, route
+tables, network interfaces, VMs and disks.
 
 What ARM would refuse, it refuses, in ARM's error shape ``{"error": {"code", "message",
 "target"}}``:
@@ -20,7 +20,15 @@ What ARM would refuse, it refuses, in ARM's error shape ``{"error": {"code", "me
 Writes are long-running operations as ARM runs them: 201/202 with an
 ``Azure-AsyncOperation`` header, the operation ``InProgress`` on the first poll and
 ``Succeeded`` (or ``Failed``, with an error) after. A VM boots its ``customData`` with the
-shared VM booter at its NIC's private address (the tests put the vnet in 127.0.0.0/8).
+booter it is given (process VMs or QEMU guests) at its NIC's private address, the lowest
+free one of its subnet past the four Azure keeps (any prefix: tests use 127.x.0.0/16 for
+process VMs, a guest test 10.77.0.0/25), and with whether the network gives it a route
+out, decided from this stand-in's own model (:meth:`AzureStandIn.egress`): a public
+address, unless its subnet's route table drops 0.0.0.0/0; a 0.0.0.0/0 route to a virtual
+appliance or gateway (modelled as a firewall that forwards); a NAT gateway with a public
+address; or default outbound access, which a subnet has when ``defaultOutboundAccess`` is
+true, or unset on a subnet made with an API version before 2025-07-01 (from that version
+on, ARM writes ``false`` on a new subnet that does not say).
 """
 
 from __future__ import annotations
@@ -29,7 +37,6 @@ import base64
 import binascii
 import enum
 import ipaddress
-import itertools
 import json
 import re
 import sys
@@ -39,13 +46,13 @@ import types
 import typing
 import uuid
 from collections import Counter
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 from azure.mgmt.compute import models as compute_models
 from azure.mgmt.network import models as network_models
 
-from .booter import VMBooter
 from .jsonapi import HTTPSStandIn
 
 CLUSTER_TAG = "dask-secure-cloud-cluster"
@@ -79,10 +86,53 @@ MODELS = {
     "virtualnetworks": network_models.VirtualNetwork,
     "networksecuritygroups": network_models.NetworkSecurityGroup,
     "publicipaddresses": network_models.PublicIPAddress,
+    "natgateways": network_models.NatGateway,
+    "routetables": network_models.RouteTable,
     "networkinterfaces": network_models.NetworkInterface,
     "virtualmachines": compute_models.VirtualMachine,
     "disks": compute_models.Disk,
 }
+
+
+#: From this API version on, a new subnet that does not say is private
+#: (``defaultOutboundAccess: false``); before it, the property stays unset and the
+#: subnet has default outbound access.
+PRIVATE_SUBNETS_FROM = "2025-07-01"
+#: Next hops of a 0.0.0.0/0 route that lead to the user's own box (a firewall, a VPN or
+#: ExpressRoute gateway), which this stand-in models as forwarding to the internet.
+APPLIANCE_HOPS = {"virtualappliance", "virtualapplianceecmp", "virtualnetworkgateway"}
+#: Addresses Azure keeps at the start of every subnet (network, gateway, two for DNS).
+RESERVED_AT_START = 4
+
+
+class StandInVM(Protocol):
+    """What the stand-in needs of a booted VM: its id and its console."""
+
+    vm_id: str
+
+    def console_output(self) -> str: ...
+
+
+class StandInBooter(Protocol):
+    """Any booter (``VMBooter``'s process VMs, ``GuestBooter``'s QEMU guests)."""
+
+    @property
+    def vms(self) -> Mapping[str, StandInVM]: ...
+
+    def boot(
+        self,
+        user_data: bytes,
+        *,
+        address: str,
+        cluster_id: str,
+        name: str,
+        role: str,
+        egress: bool,
+    ) -> StandInVM: ...
+
+    def stop(self, vm_id: str) -> None: ...
+
+    def stop_all(self) -> None: ...
 
 
 #: Enums the API documents as open: any value is passed on to the service's own checks
@@ -230,7 +280,7 @@ def _check_value(hint: Any, value: Any, where: str) -> None:
 class AzureStandIn(HTTPSStandIn):
     def __init__(
         self,
-        booter: VMBooter,
+        booter: StandInBooter,
         *,
         subscription: str,
         tenant: str,
@@ -238,7 +288,8 @@ class AzureStandIn(HTTPSStandIn):
         client_secret: str,
         vcpu_quota: int = 64,
     ) -> None:
-        super().__init__(booter)
+        super().__init__(booter)  # type: ignore[arg-type]  # any booter, see StandInBooter
+        self.booter: StandInBooter = booter
         self.subscription = subscription
         self.tenant, self.client_id, self.client_secret = tenant, client_id, client_secret
         #: Per location, vCPU quota name (see QUOTA_NAMES) -> limit.
@@ -253,7 +304,6 @@ class AzureStandIn(HTTPSStandIn):
         self._faults: dict[tuple[str, int], tuple[ARMError, bool]] = {}
         self._counts: Counter[str] = Counter()
         self._lock = threading.RLock()
-        self._addresses = itertools.count(4)
 
     # -- test helpers -------------------------------------------------------------------
 
@@ -578,7 +628,7 @@ class AzureStandIn(HTTPSStandIn):
         if method == "PATCH":
             return self._patch(resource_id, kind, body)
         if method == "PUT":
-            return self._put(resource_id, match, kind, body)
+            return self._put(resource_id, match, kind, body, query["api-version"])
         raise ARMError(405, "MethodNotAllowed", method)
 
     def _check_common(self, match: re.Match[str], kind: str, body: dict[str, Any]) -> str:
@@ -612,7 +662,12 @@ class AzureStandIn(HTTPSStandIn):
         return location
 
     def _put(
-        self, resource_id: str, match: re.Match[str], kind: str, body: dict[str, Any]
+        self,
+        resource_id: str,
+        match: re.Match[str],
+        kind: str,
+        body: dict[str, Any],
+        api_version: str,
     ) -> tuple[int, Any, dict[str, str]]:
         location = self._check_common(match, kind, body)
         existed = resource_id.lower() in self.resources
@@ -625,6 +680,7 @@ class AzureStandIn(HTTPSStandIn):
             "tags": body.get("tags") or {},
             "properties": properties,
             "_kind": kind,
+            "_api_version": api_version,
         }
         if "sku" in body:
             resource["sku"] = body["sku"]
@@ -661,6 +717,17 @@ class AzureStandIn(HTTPSStandIn):
                 found.append(resource["id"])
         return found
 
+    def _subnet_users(self, kind: str, resource_id: str) -> list[str]:
+        """Subnets that use the NAT gateway or route table ``resource_id``."""
+        key = "natGateway" if kind == "natgateways" else "routeTable"
+        return [
+            subnet["id"]
+            for vnet in self.of_kind("virtualnetworks")
+            for subnet in vnet["properties"].get("subnets") or []
+            if ((subnet.get("properties") or {}).get(key) or {}).get("id", "").lower()
+            == resource_id.lower()
+        ]
+
     def _delete(self, resource_id: str, kind: str) -> tuple[int, Any, dict[str, str]]:
         resource = self.resources.get(resource_id.lower())
         if resource is None:
@@ -682,8 +749,22 @@ class AzureStandIn(HTTPSStandIn):
                 "InUseSubnetCannotBeDeleted",
                 f"Subnet of {resource_id} is in use by {users} and cannot be deleted.",
             )
+        if kind in ("natgateways", "routetables") and (
+            users := self._subnet_users(kind, resource_id)
+        ):
+            what = "NatGateway" if kind == "natgateways" else "RouteTable"
+            raise ARMError(
+                400,
+                f"InUse{what}CannotBeDeleted",
+                f"{what} {resource_id} is in use by {users} and cannot be deleted.",
+            )
         if kind == "publicipaddresses" and (
             users := self._refs("networkinterfaces", "publicIPAddress", resource_id)
+            + [
+                nat["id"]
+                for nat in self.of_kind("natgateways")
+                if resource_id.lower() in json.dumps(nat["properties"]).lower()
+            ]
         ):
             raise ARMError(
                 400,
@@ -735,6 +816,19 @@ class AzureStandIn(HTTPSStandIn):
                 )
             subnet["id"] = f"{resource['id']}/subnets/{subnet['name']}"
             subnet["properties"]["provisioningState"] = "Succeeded"
+            self._check_subnet_refs(subnet)
+            if (
+                "defaultOutboundAccess" not in subnet["properties"]
+                and resource["_api_version"] >= PRIVATE_SUBNETS_FROM
+            ):
+                subnet["properties"]["defaultOutboundAccess"] = False
+
+    def _check_subnet_refs(self, subnet: dict[str, Any]) -> None:
+        """What a subnet refers to (NAT gateway, route table, NSG) must exist."""
+        properties = subnet["properties"]
+        for key in ("natGateway", "routeTable", "networkSecurityGroup"):
+            if ref := properties.get(key):
+                self._reference(ref.get("id", ""), key)
 
     def _make_networksecuritygroups(
         self, resource: dict[str, Any], properties: dict[str, Any]
@@ -771,7 +865,60 @@ class AzureStandIn(HTTPSStandIn):
             rule["id"] = f"{resource['id']}/securityRules/{rule['name']}"
 
     def _make_publicipaddresses(self, resource: dict[str, Any], properties: dict[str, Any]) -> None:
+        sku = (resource.get("sku") or {}).get("name", "Basic")
+        if sku == "Standard" and properties.get("publicIPAllocationMethod") != "Static":
+            raise ARMError(
+                400,
+                "StandardSkuPublicIPAddressesMustBeStatic",
+                f"Standard sku publicIp {resource['id']} must have AllocationMethod set to Static.",
+            )
         properties["ipAddress"] = f"203.0.113.{len(self.of_kind('publicipaddresses')) + 10}"
+
+    def _make_natgateways(self, resource: dict[str, Any], properties: dict[str, Any]) -> None:
+        resource.setdefault("sku", {"name": "Standard"})
+        for key in ("publicIpAddresses", "publicIpPrefixes"):
+            for ref in properties.get(key) or []:
+                self._reference(ref.get("id", ""), key)
+        for ref in properties.get("publicIpAddresses") or []:
+            address = self.resources[ref["id"].lower()]
+            if (address.get("sku") or {}).get("name", "Basic") != "Standard":
+                raise ARMError(
+                    400,
+                    "NatGatewayCannotUseBasicSkuPublicIp",
+                    f"NAT gateway {resource['id']} cannot use Basic sku public IP {ref['id']}.",
+                )
+            holders = self._refs("networkinterfaces", "publicIPAddress", ref["id"]) + [
+                nat["id"]
+                for nat in self.of_kind("natgateways")
+                if nat["id"].lower() != resource["id"].lower()
+                and ref["id"].lower() in json.dumps(nat["properties"]).lower()
+            ]
+            if holders:
+                raise ARMError(
+                    400,
+                    "PublicIPAddressInUse",
+                    f"Resource {resource['id']} is referencing public IP address {ref['id']} "
+                    f"that is already allocated to resource {holders[0]}.",
+                )
+
+    def _make_routetables(self, resource: dict[str, Any], properties: dict[str, Any]) -> None:
+        for route in properties.get("routes") or []:
+            p = route.get("properties") or {}
+            if not p.get("addressPrefix") or not p.get("nextHopType"):
+                raise ARMError(
+                    400,
+                    "InvalidRequestFormat",
+                    f"Route {route.get('name')} needs addressPrefix and nextHopType.",
+                )
+            appliance = p["nextHopType"].lower() in ("virtualappliance", "virtualapplianceecmp")
+            if appliance != bool(p.get("nextHopIpAddress")):
+                raise ARMError(
+                    400,
+                    "InvalidRequestFormat",
+                    f"Route {route.get('name')}: nextHopIpAddress is required with the "
+                    "next hop type VirtualAppliance, and allowed with no other.",
+                )
+            route["id"] = f"{resource['id']}/routes/{route.get('name')}"
 
     def _make_networkinterfaces(self, resource: dict[str, Any], properties: dict[str, Any]) -> None:
         if nsg := properties.get("networkSecurityGroup"):
@@ -794,9 +941,66 @@ class AzureStandIn(HTTPSStandIn):
                 )
             if ip := p.get("publicIPAddress"):
                 self._reference(ip["id"], "publicIPAddress")
-            network = ipaddress.ip_network(subnet["properties"]["addressPrefix"])
-            p["privateIPAddress"] = str(network.network_address + next(self._addresses))
+            p["privateIPAddress"] = self._free_address(subnet)
             config["id"] = f"{resource['id']}/ipConfigurations/{config['name']}"
+
+    def _free_address(self, subnet: dict[str, Any]) -> str:
+        """The lowest address of ``subnet`` no NIC holds, past the ones Azure keeps (the
+        first four and the last), as Azure's dynamic allocation picks it."""
+        network = ipaddress.ip_network(subnet["properties"]["addressPrefix"])
+        held = {
+            config["properties"].get("privateIPAddress")
+            for nic in self.of_kind("networkinterfaces")
+            for config in nic["properties"].get("ipConfigurations") or []
+            if (config["properties"].get("subnet") or {}).get("id", "").lower()
+            == subnet["id"].lower()
+        }
+        for offset in range(RESERVED_AT_START, network.num_addresses - 1):
+            address = str(network.network_address + offset)
+            if address not in held:
+                return address
+        raise ARMError(
+            400,
+            "SubnetIsFull",
+            f"Subnet {subnet['name']} with address prefix {network} does not have enough "
+            "capacity for 1 IP addresses.",
+        )
+
+    # -- whether a VM has a route out, from this stand-in's model of the network ---------
+
+    def egress(self, nic: dict[str, Any]) -> bool:
+        """Whether a VM on ``nic`` reaches the internet, as Azure's routing would have
+        it: the subnet's 0.0.0.0/0 route first (to None: nothing; to an appliance: out),
+        then a public address on the NIC, a NAT gateway with a public address, default
+        outbound access."""
+        config = nic["properties"]["ipConfigurations"][0]["properties"]
+        subnet = self._subnet(config["subnet"]["id"])["properties"]
+        hop = self._default_hop(subnet)
+        if hop == "none":
+            return False
+        if hop in APPLIANCE_HOPS or config.get("publicIPAddress"):
+            return True
+        if nat := subnet.get("natGateway"):
+            gateway = self.resources.get(nat["id"].lower())
+            nat_props = (gateway or {}).get("properties") or {}
+            return bool(nat_props.get("publicIpAddresses") or nat_props.get("publicIpPrefixes"))
+        return subnet.get("defaultOutboundAccess", True) is not False
+
+    def _subnet(self, subnet_id: str) -> dict[str, Any]:
+        vnet_id, _, name = subnet_id.partition("/subnets/")
+        vnet = self._reference(vnet_id, "subnet")
+        for subnet in vnet["properties"].get("subnets") or []:
+            if subnet["name"] == name:
+                return subnet
+        raise ARMError(400, "InvalidResourceReference", f"Resource {subnet_id} was not found.")
+
+    def _default_hop(self, subnet: dict[str, Any]) -> str | None:
+        """The next hop type (lower case) of the subnet's 0.0.0.0/0 route, if it has one."""
+        table = self.resources.get(((subnet.get("routeTable") or {}).get("id") or "").lower())
+        for route in ((table or {}).get("properties") or {}).get("routes") or []:
+            if route["properties"]["addressPrefix"] == "0.0.0.0/0":
+                return str(route["properties"]["nextHopType"]).lower()
+        return None
 
     def _reference(self, resource_id: str, what: str) -> dict[str, Any]:
         found = self.resources.get(resource_id.lower())
@@ -904,6 +1108,7 @@ class AzureStandIn(HTTPSStandIn):
             cluster_id=cluster,
             name=resource["name"].removeprefix(f"{cluster}-"),
             role=tags.get("dask-secure-cloud-role", "worker"),
+            egress=self.egress(nics[0]),
         )
         resource["_vm"] = vm.vm_id
         resource["_power"] = {"code": "PowerState/running"}
