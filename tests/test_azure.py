@@ -10,9 +10,7 @@ import ipaddress
 import json
 import logging
 import os
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from azure.core.exceptions import HttpResponseError
@@ -29,31 +27,10 @@ from dask_secure_cloud.credentials import Role
 from dask_secure_cloud.driver import VMRequest
 from dask_secure_cloud.network import NetworkPolicyError
 
-from clouds.arm import ARMError, AzureStandIn, check_model
+from clouds.arm import ARMError, AzureStandIn, ScheduledEvents, check_model
 from conftest import CLIENT_ID, SECRET, SUBSCRIPTION, TENANT, decoded_files, vm_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-class _ScheduledEvents(BaseHTTPRequestHandler):
-    """Just enough of Azure's Scheduled Events for a Spot eviction notice."""
-
-    evicting = threading.Event()
-
-    def do_GET(self):
-        if self.headers.get("Metadata") != "true":
-            body, status = b'{"error": "Bad request. Required metadata header not specified"}', 400
-        elif self.evicting.is_set():
-            body, status = b'{"DocumentIncarnation": 2, "Events": [{"EventType": "Preempt"}]}', 200
-        else:
-            body, status = b'{"DocumentIncarnation": 1, "Events": []}', 200
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
 
 
 def nothing_left(stand_in: AzureStandIn, cluster_id: str) -> bool:
@@ -417,16 +394,14 @@ async def test_exhausted_quota_without_usage_permission_is_a_clear_error_and_lea
 
 async def test_spot_gpu_workers_retire_on_eviction_notice(azure):
     stand_in, options = azure
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ScheduledEvents)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    _ScheduledEvents.evicting.clear()
+    events = ScheduledEvents()
     try:
         async with AzureVMCluster(
             n_workers=1,
             worker_spot=True,
             worker_vm_size="Standard_NC4as_T4_v3",
             runtime="native",
-            metadata_endpoint=f"http://127.0.0.1:{server.server_address[1]}",
+            metadata_endpoint=events.url,
             asynchronous=True,
             **{k: v for k, v in options.items() if k != "worker_vm_size"},
         ) as cluster:
@@ -437,14 +412,14 @@ async def test_spot_gpu_workers_retire_on_eviction_notice(azure):
             assert cluster.driver.gpus(Role.WORKER) and not cluster.driver.gpus(Role.SCHEDULER)
             async with Client(cluster, asynchronous=True) as client:
                 await client.wait_for_workers(1, timeout=60)
-                _ScheduledEvents.evicting.set()
+                events.evict()
                 deadline = time.monotonic() + 30
                 while cluster.scheduler_info["workers"]:
                     assert time.monotonic() < deadline, "the worker did not retire"
                     await asyncio.sleep(0.5)
             cluster_id = cluster.cluster_id
     finally:
-        server.shutdown()
+        events.stop()
     assert nothing_left(stand_in, cluster_id)
 
 
@@ -456,7 +431,9 @@ async def test_boot_failure_is_reported_with_the_serial_console(azure):
             **{**options, "boot_timeout": "6s"},
             extra_bootstrap=["echo azure-boot-marker", "exit 3"],
         )
-    assert "6s (boot_timeout)" in str(info.value)
+    # The VM stopped when its boot failed: reported then, not at the boot timeout.
+    assert "scheduler VM scheduler stopped" in str(info.value)
+    assert "boot FAILED at step extra-bootstrap" in str(info.value)
     assert "POST virtualMachines/retrieveBootDiagnosticsData" in stand_in.calls
     assert stand_in.resources == {}
 

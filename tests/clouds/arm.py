@@ -46,13 +46,14 @@ import types
 import typing
 import uuid
 from collections import Counter
-from collections.abc import Mapping
-from typing import Any, Protocol
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import parse_qs
 
 from azure.mgmt.compute import models as compute_models
 from azure.mgmt.network import models as network_models
 
+from .booter import StandInBooter
 from .jsonapi import HTTPSStandIn
 
 CLUSTER_TAG = "dask-secure-cloud-cluster"
@@ -103,36 +104,6 @@ PRIVATE_SUBNETS_FROM = "2025-07-01"
 APPLIANCE_HOPS = {"virtualappliance", "virtualapplianceecmp", "virtualnetworkgateway"}
 #: Addresses Azure keeps at the start of every subnet (network, gateway, two for DNS).
 RESERVED_AT_START = 4
-
-
-class StandInVM(Protocol):
-    """What the stand-in needs of a booted VM: its id and its console."""
-
-    vm_id: str
-
-    def console_output(self) -> str: ...
-
-
-class StandInBooter(Protocol):
-    """Any booter (``VMBooter``'s process VMs, ``GuestBooter``'s QEMU guests)."""
-
-    @property
-    def vms(self) -> Mapping[str, StandInVM]: ...
-
-    def boot(
-        self,
-        user_data: bytes,
-        *,
-        address: str,
-        cluster_id: str,
-        name: str,
-        role: str,
-        egress: bool,
-    ) -> StandInVM: ...
-
-    def stop(self, vm_id: str) -> None: ...
-
-    def stop_all(self) -> None: ...
 
 
 #: Enums the API documents as open: any value is passed on to the service's own checks
@@ -288,7 +259,7 @@ class AzureStandIn(HTTPSStandIn):
         client_secret: str,
         vcpu_quota: int = 64,
     ) -> None:
-        super().__init__(booter)  # type: ignore[arg-type]  # any booter, see StandInBooter
+        super().__init__(booter)
         self.booter: StandInBooter = booter
         self.subscription = subscription
         self.tenant, self.client_id, self.client_secret = tenant, client_id, client_secret
@@ -607,7 +578,11 @@ class AzureStandIn(HTTPSStandIn):
         resource_id = self._id(match)
         if action == "instanceView" and method == "GET":
             vm = self._get(resource_id)
-            return 200, {"statuses": [{"code": "ProvisioningState/succeeded"}, vm["_power"]]}
+            # A VM whose OS shut itself down is Stopped (still allocated, still billed).
+            booted = self.booter.vms.get(vm.get("_vm", ""))
+            stopped = booted is not None and not booted.is_running()
+            power = {"code": "PowerState/stopped"} if stopped else vm["_power"]
+            return 200, {"statuses": [{"code": "ProvisioningState/succeeded"}, power]}
         if action == "retrieveBootDiagnosticsData" and method == "POST":
             self._get(resource_id)
             return 200, {
@@ -1160,3 +1135,42 @@ class AzureStandIn(HTTPSStandIn):
 def _quotas_of(family: str, spot: bool) -> list[str]:
     """The vCPU quotas one VM of ``family`` counts against."""
     return ["lowPriorityCores"] if spot else ["cores", family]
+
+
+class ScheduledEvents:
+    """Just enough of Azure's instance metadata service for a Spot eviction notice:
+    ``GET /metadata/scheduledevents`` with the ``Metadata: true`` header, answered with
+    no events until :meth:`evict`, then a ``Preempt``. ``address`` is where the VMs reach
+    it: 127.0.0.1 for process VMs, the guest bed's host address for guests."""
+
+    def __init__(self, address: str = "127.0.0.1") -> None:
+        evicting = self.evicting = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.headers.get("Metadata") != "true":
+                    status = 400
+                    body = b'{"error": "Bad request. Required metadata header not specified"}'
+                elif evicting.is_set():
+                    status = 200
+                    body = b'{"DocumentIncarnation": 2, "Events": [{"EventType": "Preempt"}]}'
+                else:
+                    status, body = 200, b'{"DocumentIncarnation": 1, "Events": []}'
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer((address, 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"http://{address}:{self._server.server_address[1]}"
+
+    def evict(self) -> None:
+        self.evicting.set()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -10,6 +10,7 @@ cloud-init runner that ``LocalVMCluster`` uses, with a ``docker`` stand-in first
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
@@ -23,6 +24,39 @@ class _Stoppable(Protocol):
 
 
 VMT = TypeVar("VMT", bound=_Stoppable)
+
+
+class BootedVM(Protocol):
+    """What a stand-in needs of a booted VM: its id, its console, whether it runs."""
+
+    vm_id: str
+
+    def console_output(self) -> str: ...
+
+    def is_running(self) -> bool: ...
+
+
+class StandInBooter(Protocol):
+    """What a stand-in needs of a booter: :class:`VMBooter` (process VMs) and
+    ``clouds.guest.booter.GuestBooter`` (QEMU guests) both have it."""
+
+    @property
+    def vms(self) -> Mapping[str, BootedVM]: ...
+
+    def boot(
+        self,
+        user_data: bytes,
+        *,
+        address: str,
+        cluster_id: str,
+        name: str,
+        role: str,
+        egress: bool = True,
+    ) -> BootedVM: ...
+
+    def stop(self, vm_id: str) -> None: ...
+
+    def stop_all(self) -> None: ...
 
 
 class Booter(Generic[VMT]):

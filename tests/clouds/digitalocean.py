@@ -29,9 +29,9 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
+from .booter import StandInBooter
 from .jsonapi import HTTPSStandIn
 
 REGIONS = {
@@ -41,32 +41,6 @@ REGIONS = {
 USER_DATA_LIMIT = 64 * 1024
 _NAME = r"^[a-zA-Z0-9]?[a-z0-9A-Z.\-]*[a-z0-9A-Z]$"
 _TAG = r"^[a-zA-Z0-9_\-\:]+$"
-
-
-class BootedVM(Protocol):
-    vm_id: str
-
-
-class DropletBooter(Protocol):
-    """What the stand-in needs of a booter: ``clouds.booter.VMBooter`` and the guest
-    booter both have it."""
-
-    vms: Mapping[str, Any]
-
-    def boot(
-        self,
-        user_data: bytes,
-        *,
-        address: str,
-        cluster_id: str,
-        name: str,
-        role: str,
-        egress: bool = True,
-    ) -> BootedVM: ...
-
-    def stop(self, vm_id: str) -> None: ...
-
-    def stop_all(self) -> None: ...
 
 
 class APIError(Exception):
@@ -216,13 +190,13 @@ _RFC1918 = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12"
 class DigitalOceanStandIn(HTTPSStandIn):
     def __init__(
         self,
-        booter: DropletBooter,
+        booter: StandInBooter,
         token: str,
         droplet_limit: int = 10,
         vpc_pool: str = "127.0.0.0/8",
     ) -> None:
-        super().__init__(booter)  # type: ignore[arg-type]  # any booter, not only VMBooter
-        self.booter: DropletBooter = booter
+        super().__init__(booter)
+        self.booter: StandInBooter = booter
         self.token = token
         self.droplet_limit = droplet_limit
         self.vpc_pool = ipaddress.ip_network(vpc_pool)

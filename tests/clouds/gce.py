@@ -30,12 +30,13 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from typing import Any, Protocol
+from collections.abc import Iterator
+from typing import Any
 
 from google.cloud import compute_v1
 from google.protobuf import json_format
 
+from .booter import StandInBooter
 from .jsonapi import JSONServer
 
 METADATA_VALUE_LIMIT = 256 * 1024
@@ -77,34 +78,6 @@ _NAT_ENDPOINTS = _enum(compute_v1.RouterNat.EndpointTypes)
 _NAT_RANGES = _enum(compute_v1.RouterNatSubnetworkToNat.SourceIpRangesToNat)
 
 
-class BootedVM(Protocol):
-    vm_id: str
-
-    def console_output(self) -> str: ...
-
-
-class Booter(Protocol):
-    """What the stand-in needs of a booter: process VMs (``VMBooter``) or QEMU guests."""
-
-    @property
-    def vms(self) -> Mapping[str, BootedVM]: ...
-
-    def boot(
-        self,
-        user_data: bytes,
-        *,
-        address: str,
-        cluster_id: str,
-        name: str,
-        role: str,
-        egress: bool,
-    ) -> BootedVM: ...
-
-    def stop(self, vm_id: str) -> None: ...
-
-    def stop_all(self) -> None: ...
-
-
 class APIError(Exception):
     def __init__(self, code: int, reason: str, message: str) -> None:
         super().__init__(message)
@@ -116,7 +89,7 @@ def _invalid(field: str, value: Any, why: str = "") -> APIError:
 
 
 class GCEStandIn:
-    def __init__(self, booter: Booter, project: str, zone: str, subnet_cidr: str) -> None:
+    def __init__(self, booter: StandInBooter, project: str, zone: str, subnet_cidr: str) -> None:
         self.booter = booter
         self.project = project
         self.zone = zone

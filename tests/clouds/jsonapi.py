@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlparse
 
 import trustme
 
-from .booter import VMBooter
+from .booter import StandInBooter
 
 Answer = tuple[int, Any, Mapping[str, str]]
 Handle = Callable[[str, str, dict[str, str], bytes, Mapping[str, str]], Answer]
@@ -66,7 +66,7 @@ class HTTPSStandIn:
     """A cloud API stand-in on ``https://127.0.0.1:<port>`` with a certificate from its
     own test CA. Subclasses answer requests in :meth:`_answer`."""
 
-    def __init__(self, booter: VMBooter) -> None:
+    def __init__(self, booter: StandInBooter) -> None:
         self.booter = booter
         self.ca = trustme.CA()
         self.url = ""
