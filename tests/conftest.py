@@ -5,13 +5,16 @@ import os
 import random
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from dask_secure_cloud.cloudinit import decode_file, parse
 
 from clouds.arm import AzureStandIn
-from clouds.booter import VMBooter
+from clouds.booter import Booter, VMBooter
+
+pytest_plugins = ["clouds.guest.fixtures"]
 
 # -- the Azure Resource Manager stand-in, for test_azure and test_jupyterlab ---------------
 
@@ -21,10 +24,13 @@ CLIENT_ID = "0d6c1a52-3f4e-4b8a-9e7d-6c5b4a3f2e1d"
 SECRET = "client-secret-never-on-a-vm"
 
 
-@pytest.fixture
-def azure(tmp_path, monkeypatch):
+def start_azure(
+    booter: Booter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, address_prefix: str
+) -> tuple[AzureStandIn, dict[str, Any]]:
+    """The ARM stand-in booting its VMs with ``booter``, its resource group, and the
+    options an AzureVMCluster needs to use it (the vnet made in ``address_prefix``)."""
     stand_in = AzureStandIn(
-        VMBooter(tmp_path / "vms"),
+        booter,
         subscription=SUBSCRIPTION,
         tenant=TENANT,
         client_id=CLIENT_ID,
@@ -45,9 +51,20 @@ def azure(tmp_path, monkeypatch):
         "ca_bundle": str(bundle),
         "scheduler_vm_size": "Standard_D2s_v5",
         "worker_vm_size": "Standard_D4s_v5",
-        "address_prefix": f"127.{random.randint(100, 250)}.0.0/16",
+        "address_prefix": address_prefix,
         "boot_timeout": "60s",
     }
+    return stand_in, options
+
+
+@pytest.fixture
+def azure(tmp_path, monkeypatch):
+    stand_in, options = start_azure(
+        VMBooter(tmp_path / "vms"),
+        tmp_path,
+        monkeypatch,
+        address_prefix=f"127.{random.randint(100, 250)}.0.0/16",
+    )
     yield stand_in, options
     stand_in.stop()
 

@@ -15,7 +15,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 
 import pytest
 import yaml
@@ -23,7 +22,7 @@ import yaml
 from clouds.guest.booter import GuestBooter
 from clouds.guest.common import SERVICES_ADDRESS
 from clouds.guest.image import GuestImage, stock_image
-from clouds.guest.network import GuestNetwork, NetworkUnavailable
+from clouds.guest.network import GuestNetwork
 
 pytestmark = [pytest.mark.slow, pytest.mark.guest, pytest.mark.timeout(600)]
 
@@ -41,18 +40,9 @@ except OSError as e:
 """
 
 
-@pytest.fixture(scope="module")
-def bed() -> Iterator[tuple[GuestNetwork, GuestImage]]:
-    network = GuestNetwork()
-    try:
-        network.start()
-    except NetworkUnavailable as e:
-        pytest.skip(f"no guest network here: {e}")
-    try:
-        yield network, stock_image()
-    finally:
-        network.close()
-    assert not network.exists(), "the namespace or its veth outlived the test"
+@pytest.fixture
+def bed(guest_network: GuestNetwork) -> tuple[GuestNetwork, GuestImage]:
+    return guest_network, stock_image()
 
 
 def _user_data(runcmd: list[str], write_files: list[dict[str, str]] | None = None) -> bytes:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import dask
@@ -24,53 +23,20 @@ from dask_secure_cloud.cluster import ClusterStartError, VMBootError, default_do
 from dask_secure_cloud.credentials import Role
 
 from clouds.guest.booter import GuestBooter
-from clouds.guest.common import SERVICES_ADDRESS
-from clouds.guest.container_image import dask_images
 from clouds.guest.driver import GuestCluster, GuestDriver
 from clouds.guest.image import GuestImage, baked_image, stock_image
 from clouds.guest.internet import Services
-from clouds.guest.mirror_apt import apt_repository
-from clouds.guest.mirror_pypi import dask_requirements, wheelhouse
-from clouds.guest.network import GuestNetwork, NetworkUnavailable
+from clouds.guest.network import GuestNetwork
 
-pytestmark = [pytest.mark.slow, pytest.mark.guest, pytest.mark.timeout(1800)]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.guest,
+    pytest.mark.timeout(1800),
+    pytest.mark.usefixtures("patient_connections"),
+]
 
 #: Under TCG on two shared cores, three guests installing Docker take minutes.
 BOOT_TIMEOUT = "15m"
-
-
-@pytest.fixture(autouse=True)
-def _patient_connections() -> Iterator[None]:
-    """TCG guests on two shared cores run Python some twenty times slower than a cloud
-    VM: give Dask's connections (client and, shipped with the config, the VMs') the time
-    a TLS handshake takes there."""
-    with dask.config.set({"distributed.comm.timeouts.connect": "180s"}):
-        yield
-
-
-@pytest.fixture(scope="module")
-def network() -> Iterator[GuestNetwork]:
-    network = GuestNetwork()
-    try:
-        network.start()
-    except NetworkUnavailable as e:
-        pytest.skip(f"no guest network here: {e}")
-    yield network
-    network.close()
-
-
-@pytest.fixture(scope="module")
-def services(network, tmp_path_factory) -> Iterator[Services]:
-    started = Services.start(
-        network.exec_prefix,
-        SERVICES_ADDRESS,
-        apt_repository(),
-        wheelhouse(dask_requirements()),
-        dask_images(),
-        tmp_path_factory.mktemp("services"),
-    )
-    yield started
-    started.stop()
 
 
 def _booter(network: GuestNetwork, image: GuestImage, directory: Path) -> GuestBooter:
@@ -144,54 +110,56 @@ def _assert_step_done(consoles: dict[str, str], step: str) -> None:
         assert re.search(rf"{step}: done in \d+\.\d+s", steps), (name, steps or console[-3000:])
 
 
-async def test_default_docker_runtime_on_a_stock_image(network, services, tmp_path):
+async def test_default_docker_runtime_on_a_stock_image(guest_network, guest_services, tmp_path):
     """Docker installed at boot from apt, the pinned image pulled from "ghcr.io", TLS."""
-    booter = _booter(network, stock_image(), tmp_path)
+    booter = _booter(guest_network, stock_image(), tmp_path)
     driver = GuestDriver(booter)
     since = time.time()
     off, consoles = await _compute_and_power_off(booter, driver, runtime="docker")
-    _no_guest_left(booter, network, services)
+    _no_guest_left(booter, guest_network, guest_services)
     assert max(s for s in off.values() if s is not None) < 120
     _assert_step_done(consoles, "docker-engine")
     _assert_step_done(consoles, "pull")
-    fetched = _fetched(services, since)
+    fetched = _fetched(guest_services, since)
     image = default_docker_image().split("/", 1)[1].replace(":", "/manifests/")
     assert any(r["host"] == "ghcr.io" and image in r["path"] for r in fetched)
     assert any(r["path"].endswith(".deb") and "/docker.io_" in r["path"] for r in fetched)
 
 
 async def test_native_runtime_on_a_stock_image_installs_this_clients_dask(
-    network, services, tmp_path
+    guest_network, guest_services, tmp_path
 ):
-    booter = _booter(network, stock_image(), tmp_path)
+    booter = _booter(guest_network, stock_image(), tmp_path)
     driver = GuestDriver(booter)
     since = time.time()
     _, consoles = await _compute_and_power_off(booter, driver, runtime="native")
-    _no_guest_left(booter, network, services)
+    _no_guest_left(booter, guest_network, guest_services)
     _assert_step_done(consoles, "python-env")
-    fetched = _fetched(services, since)
+    fetched = _fetched(guest_services, since)
     wheel = f"/dask-{dask.__version__}-"
     assert sum(1 for r in fetched if wheel in r["path"]) == 3  # once per VM
     assert any("python3-venv" in r["path"] for r in fetched)
 
 
-async def test_native_runtime_on_a_baked_image_installs_nothing(network, services, tmp_path):
+async def test_native_runtime_on_a_baked_image_installs_nothing(
+    guest_network, guest_services, tmp_path
+):
     image = baked_image(dask.__version__, distributed.__version__)
-    booter = _booter(network, image, tmp_path)
+    booter = _booter(guest_network, image, tmp_path)
     driver = GuestDriver(booter)
     since = time.time()
     _, consoles = await _compute_and_power_off(booter, driver, runtime="native")
-    _no_guest_left(booter, network, services)
-    assert _fetched(services, since) == []
+    _no_guest_left(booter, guest_network, guest_services)
+    assert _fetched(guest_services, since) == []
     _assert_step_done(consoles, "python-env")
 
 
 async def test_a_failing_boot_step_is_reported_from_the_console_and_nothing_is_left(
-    network, services, tmp_path
+    guest_network, guest_services, tmp_path
 ):
     """A tag the registry lacks, and a VM with no route out: both starts fail within the
     boot timeout with the failing step and its output in the error."""
-    booter = _booter(network, stock_image(), tmp_path)
+    booter = _booter(guest_network, stock_image(), tmp_path)
     missing_tag = GuestDriver(booter)
     no_route = GuestDriver(booter, egress={Role.SCHEDULER: False, Role.WORKER: False})
     missing = f"ghcr.io/dask/dask:2024.10.0-py3.11-{time.monotonic_ns()}"
@@ -216,4 +184,4 @@ async def test_a_failing_boot_step_is_reported_from_the_console_and_nothing_is_l
     assert "boot FAILED at step docker-engine" in route_error
     assert "unreachable" in route_error.lower() or "failed to fetch" in route_error.lower()
     assert tag_time < 12 * 60 and route_time < 12 * 60
-    _no_guest_left(booter, network, services)
+    _no_guest_left(booter, guest_network, guest_services)

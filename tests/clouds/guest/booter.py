@@ -177,6 +177,22 @@ class GuestVM:
                 return exited - seconds
         return None
 
+    def dask_exit_to_power_off(self) -> float | None:
+        """Seconds from the boot script's "dask ... exited" line to the guest's last
+        console line, once it has powered off; None if either is missing."""
+        lines = self.timed_lines()
+        exited = next(
+            (t for t, line in lines if "dask-secure-cloud: dask " in line and " exited " in line),
+            None,
+        )
+        if self.is_running() or exited is None or not lines:
+            return None
+        return lines[-1][0] - exited
+
+    def console_text(self) -> str:
+        """The console as read so far, also after :meth:`stop` removed its file."""
+        return "\n".join(line for _, line in self.timed_lines())
+
     def stop(self, grace: float = 5.0) -> None:
         """Kill qemu (SIGTERM, then SIGKILL after ``grace``), remove its taps and files."""
         if self.process.poll() is None:
@@ -197,7 +213,8 @@ class GuestBooter(Booter[GuestVM]):
     """Boots guests of ``image`` on ``network`` under ``directory``; mirrors ``VMBooter``.
 
     ``accelerator`` is ``"kvm"`` or ``"tcg"``; by default :func:`qemu.accelerator`
-    probes which works here, once per process.
+    probes which works here, once per process. ``apparmor=False`` boots the guests'
+    kernel with AppArmor off (see :func:`qemu.qemu_command`).
     """
 
     def __init__(
@@ -206,10 +223,12 @@ class GuestBooter(Booter[GuestVM]):
         network: GuestNetwork,
         image: GuestImage,
         accelerator: str | None = None,
+        apparmor: bool = True,
     ) -> None:
         self.directory = Path(directory)
         self.network = network
         self.image = image
+        self.apparmor = apparmor
         self.accelerator = accelerator or qemu.accelerator(image.kernel)
         self.vms: dict[str, GuestVM] = {}
         self._lock = threading.Lock()
@@ -298,6 +317,7 @@ class GuestBooter(Booter[GuestVM]):
                 nics=nics,
                 console=directory / "console.log",
                 name=name,
+                apparmor=self.apparmor,
             )
             with open(directory / "qemu.log", "wb") as log:
                 started = time.monotonic()

@@ -113,14 +113,7 @@ class GuestDriver(Driver):
 def _power_off_after_dask(guest: GuestVM, timeout: float) -> float | None:
     if not guest.wait_stopped(timeout):
         return None
-    lines = guest.timed_lines()
-    exited = next(
-        (t for t, line in lines if "dask-secure-cloud: dask " in line and " exited " in line), None
-    )
-    last = lines[-1][0] if lines else None
-    if exited is None or last is None:
-        return None
-    return last - exited
+    return guest.dask_exit_to_power_off()
 
 
 class GuestCluster(VMCluster):
