@@ -1,10 +1,18 @@
 """``EC2Cluster``: a secure Dask cluster on Amazon EC2, through aiobotocore.
 
-What is particular to AWS: a per-cluster security group (scheduler port and dashboard
-from the creator's address only, everything between members of the group), IMDSv2 with
-a hop limit of 1, encrypted root volumes deleted with their instance, shutdown meaning
-terminate, spot workers that retire themselves on an interruption notice, and the
-cluster id as a tag on every instance, volume and security group.
+What is particular to AWS: two security groups per cluster (one every member carries,
+open only to the other members; one only the scheduler carries, opening its port and
+dashboard to the creator's address), IMDSv2 with a hop limit of 1, encrypted root
+volumes deleted with their instance, shutdown meaning terminate, spot workers that
+retire themselves on an interruption notice, and the cluster id as a tag on every
+instance, volume and security group.
+
+Whether a VM gets a public address is decided before anything is made, from the route
+table of its subnet (``egress.public_address``): a subnet that sends 0.0.0.0/0 to a NAT
+gateway (or a NAT instance, or a transit gateway) needs none; one that sends it to an
+internet gateway, as a new account's default VPC does, gives the VM a public address
+that only carries its outbound traffic, since no security group lets anything in from
+outside the cluster; a subnet with neither is refused.
 
 Credentials come from botocore's own chain (environment, profiles, SSO, instance role);
 none is ever sent to a VM. ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_EC2`` (or the
@@ -17,6 +25,7 @@ import asyncio
 import contextlib
 import difflib
 import getpass
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
@@ -35,6 +44,7 @@ from ..driver import (
     VMRequest,
     summarize,
 )
+from ..egress import Exits, public_address
 from ..network import NetworkPolicy
 
 try:
@@ -46,6 +56,8 @@ except ImportError as e:  # pragma: no cover - depends on the extra
     raise ImportError("EC2Cluster needs the aws extra: pip install 'dask-secure-cloud[aws]'") from e
 
 __all__ = ["EC2Cluster", "EC2Driver"]
+
+logger = logging.getLogger(__name__)
 
 #: Canonical's account, which publishes the official Ubuntu AMIs.
 UBUNTU_OWNER = "099720109477"
@@ -78,6 +90,14 @@ def known_regions() -> set[str]:
     }
 
 
+class EC2Error(CloudError):
+    """An EC2 error, with the API's error code to decide on (never its message text)."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+
 @contextlib.contextmanager
 def _translated(operation: str) -> Iterator[None]:
     """Turn botocore's errors into a :class:`CloudError` that says what to change."""
@@ -94,13 +114,82 @@ def _translated(operation: str) -> Iterator[None]:
         code, message = error.get("Code", "?"), error.get("Message", str(e))
         advice = next((v for k, v in _ADVICE.items() if code.startswith(k)), None)
         hint = f" ({advice})" if advice else ""
-        raise CloudError(f"EC2 {operation} failed: {code}: {message}{hint}") from e
+        raise EC2Error(f"EC2 {operation} failed: {code}: {message}{hint}", code) from e
     except BotoCoreError as e:
         raise CloudError(f"EC2 {operation} failed: {e}") from e
 
 
+def subnet_route_table(tables: Sequence[Mapping[str, Any]], subnet_id: str) -> Mapping[str, Any]:
+    """The route table a subnet uses: its explicit association, else the VPC's main one.
+
+    ``tables`` are every route table of the subnet's VPC, as DescribeRouteTables lists
+    them. A VPC always has a main route table, so one is found."""
+    main: Mapping[str, Any] | None = None
+    for table in tables:
+        for association in table.get("Associations", []):
+            if association.get("SubnetId") == subnet_id:
+                return table
+            if association.get("Main"):
+                main = table
+    if main is None:
+        raise CloudError(f"subnet {subnet_id}: its VPC reports no main route table")
+    return main
+
+
+def route_exits(table: Mapping[str, Any], place: str) -> Exits:
+    """The ways out a route table's default route (0.0.0.0/0) offers a VM.
+
+    A NAT gateway, a NAT instance (an instance or network interface as the target) or a
+    transit gateway carry a private VM's traffic: the transit gateway is assumed to lead
+    out, as it does in a hub-and-spoke egress VPC. An internet gateway carries only a
+    public address's traffic. A route EC2 reports as ``blackhole`` (its NAT gateway
+    deleted or failed, its internet gateway detached) leads nowhere."""
+    for route in table.get("Routes", []):
+        if route.get("DestinationCidrBlock") != "0.0.0.0/0" or route.get("State") != "active":
+            continue
+        if route.get("NatGatewayId"):
+            return Exits(place, private=f"NAT gateway {route['NatGatewayId']}", public=None)
+        target = route.get("InstanceId") or route.get("NetworkInterfaceId")
+        if target:
+            return Exits(place, private=f"NAT instance {target}", public=None)
+        if route.get("TransitGatewayId"):
+            way = f"transit gateway {route['TransitGatewayId']}"
+            return Exits(place, private=way, public=None)
+        if str(route.get("GatewayId", "")).startswith("igw-"):
+            return Exits(place, private=None, public=f"internet gateway {route['GatewayId']}")
+    return Exits(place, private=None, public=None)
+
+
+def _fixes(role: Role, exits: Exits, table_id: str, vpc_id: str) -> list[str]:
+    """AWS's own remedies for a role with no way out, as text the user can paste."""
+    fixes = ["subnet_id=<a subnet whose route table sends 0.0.0.0/0 to a NAT gateway>"]
+    if exits.public is not None and role is Role.WORKER:
+        fixes.append(
+            "worker_public_ip=None (the default) or True: workers get a public address "
+            "for their outbound traffic, and no inbound connection from outside the cluster"
+        )
+    if exits.public is None:
+        fixes.append(
+            "subnet_id=<a subnet whose route table sends 0.0.0.0/0 to an internet gateway>"
+        )
+        fixes.append(
+            f"add a route 0.0.0.0/0 to route table {table_id}: to a NAT gateway, or to an "
+            f"internet gateway attached to {vpc_id}"
+        )
+    return fixes
+
+
+def _way_out(public: bool, exits: Exits) -> str:
+    """How a VM gets out, for the log."""
+    address = "a public address" if public else "no public address"
+    way = exits.private if exits.private or not public else exits.public
+    if way is None:
+        return f"{address} and no route out (offline_image=True) in {exits.place}"
+    return f"{address}, out through {way} of {exits.place}"
+
+
 class EC2Driver(Driver):
-    """Instances, volumes and one security group per cluster, found by the cluster tag."""
+    """Instances, volumes and two security groups per cluster, found by the cluster tag."""
 
     provider = "aws"
     user_data_limit = LIMITS["aws"]
@@ -121,6 +210,7 @@ class EC2Driver(Driver):
         worker_spot: bool,
         tags: Mapping[str, str],
         network: NetworkPolicy,
+        worker_public_ip: bool | None = None,
     ) -> None:
         self.region = region
         self.endpoint_url = endpoint_url
@@ -135,10 +225,14 @@ class EC2Driver(Driver):
         self.worker_spot = worker_spot
         self.tags = dict(tags)
         self.network = network
+        #: The user's ``worker_public_ip``: True, False, or None to decide from the subnet.
+        self.worker_public_ip = worker_public_ip
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
         self._root_device = "/dev/sda1"
-        self._group_ids: list[str] = []
+        self._group_ids: dict[Role, list[str]] = {}
+        #: Whether VMs of each role get a public address, decided by :meth:`prepare`.
+        self._public: dict[Role, bool] = {}
         self._gpus: dict[Role, bool] = {}
         self._arch: dict[Role, str] = {}
 
@@ -177,40 +271,99 @@ class EC2Driver(Driver):
         vpc_id, vpc_cidr = await self._resolve_network()
         await self._check_instance_types()
         await self._resolve_ami()
+        await self._decide_public_addresses(vpc_id)  # the last read-only check
         if self.security_groups:
-            self._group_ids = list(self.security_groups)
+            self._group_ids = {role: list(self.security_groups) for role in Role}
             return
 
         async def inside_the_vpc() -> list[str]:
             return [vpc_cidr]
 
         sources = await self.network.scheduler_sources(inside_the_vpc)
-        group = await self._call(
-            "create_security_group",
-            GroupName=f"dask-secure-cloud-{cluster_id}",
-            Description=f"dask-secure-cloud cluster {cluster_id}",
-            VpcId=vpc_id,
-            TagSpecifications=[
-                {"ResourceType": "security-group", "Tags": self._tags(cluster_id, "firewall")}
+        members = await self._create_group(
+            cluster_id, vpc_id, "", f"dask-secure-cloud cluster {cluster_id}: its members"
+        )
+        self._group_ids = {Role.WORKER: [members], Role.SCHEDULER: [members]}
+        await self._call(
+            "authorize_security_group_ingress",
+            GroupId=members,
+            IpPermissions=[{"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": members}]}],
+        )
+        # The client's way in is a group of its own that only the scheduler carries, so
+        # a worker with a public address accepts nothing from outside the cluster.
+        scheduler = await self._create_group(
+            cluster_id,
+            vpc_id,
+            "-scheduler",
+            f"dask-secure-cloud cluster {cluster_id}: the client to the scheduler",
+        )
+        self._group_ids[Role.SCHEDULER] = [members, scheduler]
+        await self._call(
+            "authorize_security_group_ingress",
+            GroupId=scheduler,
+            IpPermissions=[
+                {
+                    "IpProtocol": "tcp",
+                    "FromPort": port,
+                    "ToPort": port,
+                    "IpRanges": [{"CidrIp": c, "Description": "dask client"} for c in sources],
+                }
+                for port in self.ports
             ],
         )
-        group_id = group["GroupId"]
-        self._group_ids = [group_id]
-        permissions: list[dict[str, Any]] = [
-            {
-                "IpProtocol": "tcp",
-                "FromPort": port,
-                "ToPort": port,
-                "IpRanges": [{"CidrIp": c, "Description": "dask client"} for c in sources],
-            }
-            for port in self.ports
-        ]
-        permissions.append(
-            {"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": group_id}]}  # members
+
+    async def _create_group(self, cluster_id: str, vpc_id: str, suffix: str, about: str) -> str:
+        """A security group tagged with the cluster, so cleanup finds it even after a crash."""
+        group = await self._call(
+            "create_security_group",
+            GroupName=f"dask-secure-cloud-{cluster_id}{suffix}",
+            Description=about,
+            VpcId=vpc_id,
+            TagSpecifications=[
+                {
+                    "ResourceType": "security-group",
+                    "Tags": self._tags(cluster_id, f"firewall{suffix}"),
+                }
+            ],
         )
-        await self._call(
-            "authorize_security_group_ingress", GroupId=group_id, IpPermissions=permissions
-        )
+        return group["GroupId"]
+
+    async def _decide_public_addresses(self, vpc_id: str) -> None:
+        """Read the subnet's route table and decide, per role, whether its VMs get a
+        public address; refuse (before anything is made) a subnet with no way out."""
+        tables: list[dict[str, Any]] = []
+        filters = [{"Name": "vpc-id", "Values": [vpc_id]}]
+        async for page in self._paginate("describe_route_tables", Filters=filters):
+            tables.extend(page["RouteTables"])
+        subnet_id = str(self.subnet_id)
+        table = subnet_route_table(tables, subnet_id)
+        exits = route_exits(table, f"subnet {subnet_id} of {vpc_id}")
+        wanted = {
+            Role.SCHEDULER: None if self.network.use_private_ip else True,
+            Role.WORKER: self.worker_public_ip,
+        }
+        options = {Role.SCHEDULER: "use_private_ip", Role.WORKER: "worker_public_ip"}
+        for role in (Role.WORKER, Role.SCHEDULER):  # workers first: most often refused
+            self._public[role] = public_address(
+                role,
+                wanted[role],
+                exits,
+                option=options[role],
+                offline_image=self.offline_image,
+                fixes=_fixes(role, exits, table["RouteTableId"], vpc_id),
+            )
+        for role, public in self._public.items():
+            logger.info("%s VMs: %s", role.value, _way_out(public, exits))
+        if wanted[Role.SCHEDULER] and exits.public is None:
+            # Replies to the client would leave through the NAT, not the address it used.
+            logger.warning(
+                "%s sends 0.0.0.0/0 to %s, not to an internet gateway: the scheduler's "
+                "public address will not answer the client. Use a subnet whose route "
+                "table sends 0.0.0.0/0 to an internet gateway, or use_private_ip=True "
+                "from inside the VPC",
+                exits.place,
+                exits.private or "nothing",
+            )
 
     async def _resolve_network(self) -> tuple[str, str]:
         if self.subnet_id:
@@ -300,7 +453,10 @@ class EC2Driver(Driver):
 
     async def create(self, request: VMRequest) -> VM:
         worker = request.role is Role.WORKER
-        public = self.network.public_address(worker)
+        public = self._public.get(request.role, self.network.public_address(worker))
+        # The client connects to the scheduler's public address unless it is inside the
+        # VPC; any other public address only carries the VM's own outbound traffic.
+        reachable = public and not worker and not self.network.use_private_ip
         tags = self._tags(request.cluster_id, request.name)
         params: dict[str, Any] = {
             "ImageId": self.ami,
@@ -312,7 +468,7 @@ class EC2Driver(Driver):
                 {
                     "DeviceIndex": 0,
                     "SubnetId": self.subnet_id,
-                    "Groups": self._group_ids,
+                    "Groups": self._group_ids.get(request.role, []),
                     "AssociatePublicIpAddress": public,
                     "DeleteOnTermination": True,
                 }
@@ -354,9 +510,11 @@ class EC2Driver(Driver):
             }
         instance = (await self._call("run_instances", **params))["Instances"][0]
         public_ip = None
-        if public:
+        if reachable:
             instance = await self._wait_for_public_ip(instance["InstanceId"])
             public_ip = instance.get("PublicIpAddress")
+        elif worker:
+            public_ip = instance.get("PublicIpAddress")  # for the record, if known yet
         return VM(
             id=instance["InstanceId"],
             name=request.name,
@@ -448,7 +606,7 @@ class EC2Driver(Driver):
         return ""
 
     async def release(self, cluster_id: str) -> None:
-        """Delete the cluster's security group once its instances are gone."""
+        """Delete the cluster's security groups once its instances are gone."""
         groups = (
             await self._call(
                 "describe_security_groups",
@@ -456,16 +614,19 @@ class EC2Driver(Driver):
             )
         )["SecurityGroups"]
         for group in groups:
-            deadline = time.monotonic() + 300
-            while True:
-                try:
-                    await self._call("delete_security_group", GroupId=group["GroupId"])
-                    break
-                except CloudError as e:
-                    # Terminated instances keep their network interface for a while.
-                    if "DependencyViolation" not in str(e) or time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(5)
+            await self._delete_group(group["GroupId"])
+
+    async def _delete_group(self, group_id: str) -> None:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                await self._call("delete_security_group", GroupId=group_id)
+                return
+            except EC2Error as e:
+                # Terminated instances keep their network interface for a while.
+                if e.code != "DependencyViolation" or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(5)
 
     async def close(self) -> None:
         await self._stack.aclose()
@@ -488,7 +649,8 @@ class EC2Cluster(VMCluster):
     vpc, subnet_id
         Where to launch. Default: the region's default VPC and one of its subnets.
     security_groups
-        Existing security groups to use instead of the per-cluster one (never deleted).
+        Existing security groups to use instead of the per-cluster ones (never deleted);
+        every VM, workers included, then carries all of them.
     iam_instance_profile
         Name or ARN of the instance profile the VMs run as.
     key_name
@@ -501,10 +663,16 @@ class EC2Cluster(VMCluster):
     tags
         Extra tags for every resource.
     use_private_ip
-        The client is inside the VPC: the scheduler gets no public address.
+        The client is inside the VPC and connects to the scheduler's private address.
+        The scheduler still gets a public address, for its outbound traffic only, where
+        the subnet's sole way out is an internet gateway.
     worker_public_ip
-        Give workers public addresses (default: no). Workers need outbound internet to
-        pull the image: without public addresses, the subnet needs a NAT gateway.
+        ``None`` (default): decided from the subnet's route table. A NAT gateway (or NAT
+        instance, or transit gateway) as its way out: no public address. An internet
+        gateway only, as in a new account's default VPC: a public address that carries
+        the workers' outbound traffic, while no inbound connection from outside the
+        cluster is accepted. Neither: refused before anything is made. ``True``: always
+        a public address. ``False``: never; refused unless the subnet has a NAT.
     allowed_cidrs
         Who may reach the scheduler port and dashboard. Default: this machine's public
         address, looked up at ``public_ip_url``.
@@ -562,11 +730,17 @@ class EC2Cluster(VMCluster):
             raise ValueError(f"tags must map strings to strings, got {tags!r}")
         if CLUSTER_TAG in tags:
             raise ValueError(f"tags: {CLUSTER_TAG!r} is set by the cluster itself")
+        worker_public = opt("worker_public_ip", worker_public_ip)
+        if worker_public is not None and not isinstance(worker_public, bool):
+            raise ValueError(
+                f"worker_public_ip must be True, False or None (decide from the subnet), "
+                f"got {worker_public!r}"
+            )
         network = NetworkPolicy.from_options(
             opt,
             security=security,
             use_private_ip=use_private_ip,
-            worker_public_ip=worker_public_ip,
+            worker_public_ip=worker_public,
             allowed_cidrs=allowed_cidrs,
             open_to_world=open_to_world,
             allow_insecure_public=allow_insecure_public,
@@ -597,6 +771,7 @@ class EC2Cluster(VMCluster):
             worker_spot=self._worker_spot,
             tags=tags,
             network=network,
+            worker_public_ip=worker_public,
         )
         super().__init__(
             driver,
