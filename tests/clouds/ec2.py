@@ -43,7 +43,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import parse_qs
 from xml.sax.saxutils import escape
 
@@ -54,6 +54,8 @@ from moto.ec2.models.internet_gateways import InternetGateway
 from moto.server import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import make_server
 
+from .booter import StandInBooter
+
 ACCOUNT = "123456789012"
 USER_DATA_LIMIT = 16_384
 _MODEL = botocore.session.get_session().get_service_model("ec2")
@@ -63,36 +65,6 @@ ET.register_namespace("", _NS)  # route tables are written back in EC2's own nam
 _PROTOCOL_PARAMS = {"Action", "Version"}
 #: Actions that only read: everything else makes, changes or deletes something.
 _READS = ("Describe", "Get", "List")
-
-
-class BootedVM(Protocol):
-    """What the stand-in needs of a VM a booter started."""
-
-    vm_id: str
-
-    def console_output(self) -> str: ...
-
-
-class Booter(Protocol):
-    """Process VMs (``clouds.booter.VMBooter``) or QEMU guests (``GuestBooter``) alike."""
-
-    @property
-    def vms(self) -> Mapping[str, BootedVM]: ...
-
-    def boot(
-        self,
-        user_data: bytes,
-        *,
-        address: str,
-        cluster_id: str,
-        name: str,
-        role: str,
-        egress: bool,
-    ) -> BootedVM: ...
-
-    def stop(self, vm_id: str) -> None: ...
-
-    def stop_all(self) -> None: ...
 
 
 def _error(code: str, message: str, status: int = 400) -> tuple[int, bytes]:
@@ -260,7 +232,7 @@ def make_network(client: Any, subnet_cidr: str, way_out: str = "internet") -> Ne
 class EC2StandIn:
     """moto's EC2 behind the checks above, booting what it launches."""
 
-    def __init__(self, booter: Booter, region: str = "us-east-1") -> None:
+    def __init__(self, booter: StandInBooter, region: str = "us-east-1") -> None:
         self.booter = booter
         self.region = region
         self.calls: list[str] = []
@@ -270,6 +242,8 @@ class EC2StandIn:
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._booted: dict[str, str] = {}  # instance id -> booter vm id
+        #: The console of each instance that ended: EC2 keeps it readable after that.
+        self._last_console: dict[str, str] = {}
         self._stop = threading.Event()
 
     # -- faults ---------------------------------------------------------------------------
@@ -328,7 +302,7 @@ class EC2StandIn:
                 # A terminated instance's VM is gone before EC2 reports it terminated.
                 for key, value in params.items():
                     if key.startswith("InstanceId.") and value in self._booted:
-                        self.booter.stop(self._booted.pop(value))
+                        self._end(value)
             return response
 
         return middleware
@@ -465,7 +439,7 @@ class EC2StandIn:
 
     def _console_output(self, instance_id: str) -> tuple[int, bytes]:
         vm = self.booter.vms.get(self._booted.get(instance_id, ""))
-        text = vm.console_output() if vm else ""
+        text = vm.console_output() if vm else self._last_console.get(instance_id, "")
         body = (
             '<?xml version="1.0" encoding="UTF-8"?>\n'
             '<GetConsoleOutputResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">'
@@ -512,7 +486,28 @@ class EC2StandIn:
                     )
                     self._booted[instance.id] = vm.vm_id
                 elif state in ("shutting-down", "terminated") and instance.id in self._booted:
-                    self.booter.stop(self._booted.pop(instance.id))
+                    self._end(instance.id)
+                elif state == "running" and instance.id in self._booted:
+                    self._shut_down_if_off(instance)
+
+    def _end(self, instance_id: str) -> None:
+        """Stop the instance's VM, keeping its console readable as EC2 does."""
+        vm_id = self._booted.pop(instance_id)
+        vm = self.booter.vms.get(vm_id)
+        if vm is not None:
+            self._last_console[instance_id] = vm.console_output()
+        self.booter.stop(vm_id)
+
+    def _shut_down_if_off(self, instance: Any) -> None:
+        """A VM whose OS powered itself off: EC2 stops the instance, or terminates it
+        when it was launched with ``InstanceInitiatedShutdownBehavior=terminate``."""
+        vm = self.booter.vms.get(self._booted[instance.id])
+        if vm is None or vm.is_running():
+            return
+        if instance.instance_initiated_shutdown_behavior == "terminate":
+            self._backend().terminate_instances([instance.id])
+        else:
+            self._backend().stop_instances([instance.id])
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -532,6 +527,7 @@ class EC2StandIn:
         """Forget every resource and call, as a fresh account would have none."""
         self.booter.stop_all()
         self._booted.clear()
+        self._last_console.clear()
         get_backend("ec2").reset()
         self._fresh_account()
         self.calls.clear()
