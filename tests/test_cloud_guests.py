@@ -1,0 +1,333 @@
+"""Each cloud's stand-in boots the instances it is asked for as real Linux guests.
+
+The API side is the same as in each cloud's own tests (the real SDK client against the
+stand-in, which validates every body); what differs is the VM: a QEMU guest of the
+stock-like image (kernel, systemd, cloud-init, python3; no Docker, no Dask) whose real
+cloud-init runs the user-data the stand-in received. A guest gets a route out ("the
+internet": the test namespace's apt, PyPI and ghcr.io) only where the stand-in's own
+model of the network gives its instance one, so the driver's preflight and the guest
+must agree, or the boot fails.
+
+The networks are the shape of each cloud's default network on a new account (no NAT:
+an internet gateway or default internet route only), laid out on the guest bed's
+10.77.0.0/24 so that this machine reaches the guests' private addresses.
+
+Under TCG on two shared cores a guest boots in one to two minutes, and installing
+Docker or Dask at boot takes several more, so each cloud proves a different part of the
+boot path: EC2 the default runtime (Docker installed, the pinned image pulled) on the
+stock image, ... Together with ``test_guests.py`` every runtime is proven on a stock
+image, and every cloud on guests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import boto3
+import dask
+import distributed
+import pytest
+from distributed import Client
+from google.auth.credentials import AnonymousCredentials
+
+from dask_secure_cloud import AzureVMCluster, DropletCluster, EC2Cluster, GCPCluster
+from dask_secure_cloud.cluster import VMCluster, default_docker_image
+
+from clouds.arm import ScheduledEvents
+from clouds.digitalocean import DigitalOceanStandIn
+from clouds.ec2 import EC2StandIn, make_network
+from clouds.gce import GCEStandIn
+from clouds.guest.booter import GuestBooter, GuestVM
+from clouds.guest.common import HOST_ADDRESS
+from clouds.guest.image import baked_image, stock_image
+from clouds.guest.internet import Services
+from clouds.guest.network import GuestNetwork
+from conftest import start_azure
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.guest,
+    pytest.mark.timeout(1800),
+    pytest.mark.usefixtures("patient_connections"),
+]
+
+#: Where the stand-ins put their VMs' private addresses: the guest bed's cluster network
+#: (10.77.0.0/24; its upper half holds this machine's end of the bridge).
+SUBNET = "10.77.0.0/25"
+#: Installing Docker and pulling the image on a TCG guest takes minutes.
+BOOT_TIMEOUT = "15m"
+REGION = "us-east-1"
+#: Guests boot with AppArmor off (``apparmor=0``): installing the apparmor package on a
+#: TCG guest compiles every profile it ships, for minutes. Ubuntu's images (the clouds'
+#: default) have AppArmor and its profiles already; a Debian kernel that enforces it
+#: without the package is the boot script's special case, proven in ``test_guests.py``.
+APPARMOR = False
+#: The lease path in minutes rather than the default twenty.
+LEASE = {"lease_timeout": "90s", "worker_death_timeout": "90s"}
+
+
+async def _computes_over_tls(cluster: VMCluster, workers: int) -> None:
+    """The scheduler and every worker answer on their 10.77.0.x addresses over TLS, and
+    each worker runs a task."""
+    assert cluster.scheduler_address.startswith("tls://10.77.0.")
+    async with Client(cluster, asynchronous=True) as client:
+        await client.wait_for_workers(workers, timeout=600)
+        addresses = list((await client.scheduler.identity())["workers"])
+        assert all(a.startswith("tls://10.77.0.") for a in addresses)
+        futures = [
+            client.submit(sum, range(i, i + 10), workers=[a], pure=False)
+            for i, a in enumerate(addresses)
+        ]
+        assert await client.gather(futures) == [sum(range(i, i + 10)) for i in range(workers)]
+        versions = await client.get_versions(check=True)
+        assert versions["scheduler"]["packages"]["dask"] == dask.__version__
+
+
+async def _lease_ends(cluster: VMCluster, guests: list[GuestVM]) -> dict[str, float | None]:
+    """Stop renewing the scheduler's lease, as a killed client would, and wait for every
+    guest to power itself off: the scheduler ends itself, its workers follow.
+
+    Returns, per guest, the seconds from its Dask process's end to its power-off."""
+    cluster.periodic_callbacks["secure-cloud-lease"].stop()
+    deadline = time.monotonic() + 400
+    for guest in guests:
+        await asyncio.to_thread(guest.wait_stopped, max(deadline - time.monotonic(), 1))
+    return {guest.name: guest.dask_exit_to_power_off() for guest in guests}
+
+
+def _no_guest_left(booter: GuestBooter, network: GuestNetwork, services: Services) -> None:
+    """Every guest gone: no VM on the booter, no qemu in the namespace."""
+    assert booter.vms == {}
+    assert set(network.pids()) <= {services.process.pid}
+
+
+def _fetched(services: Services, since: float) -> list[dict]:
+    return [r for r in services.requests() if r.get("time", 0) >= since]
+
+
+# -- EC2: the default runtime on the stock image, on a default-VPC-shaped network ---------
+
+
+@pytest.fixture
+def ec2_guests(
+    guest_network, guest_services, tmp_path, monkeypatch
+) -> Iterator[tuple[EC2StandIn, GuestBooter, object, dict]]:
+    """moto's EC2 booting guests, and a VPC shaped like a new account's default one: an
+    internet gateway as the main route table's default route, no NAT gateway."""
+    # AppArmor off in the guests' kernel: see APPARMOR.
+    booter = GuestBooter(tmp_path / "vms", guest_network, stock_image(), apparmor=APPARMOR)
+    stand_in = EC2StandIn(booter, REGION)
+    stand_in.start()
+    stand_in.reset()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", stand_in.url)
+    client = boto3.client("ec2", region_name=REGION, endpoint_url=stand_in.url)
+    network = make_network(client, SUBNET, way_out="internet")
+    options = {
+        "region": REGION,
+        "ami": client.describe_images()["Images"][0]["ImageId"],
+        "vpc": network.vpc_id,
+        "subnet_id": network.subnet_id,
+        "use_private_ip": True,  # the client reaches the guests' private addresses
+        "boot_timeout": BOOT_TIMEOUT,
+    }
+    try:
+        yield stand_in, booter, client, options
+    finally:
+        stand_in.stop()
+
+
+async def test_ec2_defaults_install_docker_on_stock_guests_and_compute_over_tls(
+    ec2_guests, guest_network, guest_services
+):
+    """``EC2Cluster()``'s defaults (Docker runtime, pinned image, no NAT gateway) on three
+    stock guests: the preflight gives workers public addresses, the stand-in gives those
+    a route out, and the guests install Docker, pull the image and compute over TLS. Then
+    the client stops renewing the lease, as a killed client would: each guest powers
+    itself off and EC2 terminates its instance."""
+    _, booter, client, options = ec2_guests
+    since = time.time()
+    async with EC2Cluster(n_workers=2, **LEASE, asynchronous=True, **options) as cluster:
+        await _computes_over_tls(cluster, workers=2)
+        assert booter.egress == {"scheduler": True, "worker-0": True, "worker-1": True}
+        vms = await cluster.driver.list(cluster.cluster_id)
+        assert all(vm.public_ip for vm in vms if vm.name != "scheduler")
+        guests = list(booter.vms.values())
+        off = await _lease_ends(cluster, guests)
+        cluster_id = cluster.cluster_id
+    print(f"seconds from Dask's end to power-off: {off}")
+    assert all(seconds is not None and seconds < 120 for seconds in off.values()), off
+    for guest in guests:
+        steps = guest.console_text()
+        assert "docker-engine: done in" in steps, (guest.name, steps[-3000:])
+        assert "pull: done in" in steps, (guest.name, steps[-3000:])
+    fetched = _fetched(guest_services, since)
+    image = default_docker_image().split("/", 1)[1].replace(":", "/manifests/")
+    assert any(r["host"] == "ghcr.io" and image in r["path"] for r in fetched)
+    assert any("/docker.io_" in r["path"] for r in fetched)
+    tag = [{"Name": "tag:dask-secure-cloud-cluster", "Values": [cluster_id]}]
+    instances = [
+        i
+        for r in client.describe_instances(Filters=tag)["Reservations"]
+        for i in r["Instances"]
+        if i["State"]["Name"] != "terminated"
+    ]
+    assert instances == []
+    assert client.describe_security_groups(Filters=tag)["SecurityGroups"] == []
+    _no_guest_left(booter, guest_network, guest_services)
+
+
+# -- GCE: the native runtime installs this client's dask on stock guests ------------------
+
+
+@pytest.fixture
+def gce_guests(guest_network, tmp_path) -> Iterator[tuple[GCEStandIn, GuestBooter, dict]]:
+    """The GCE stand-in booting guests; its ``default`` network as on a new project: the
+    default internet route, no Cloud NAT, the default allow rules."""
+    booter = GuestBooter(tmp_path / "vms", guest_network, stock_image(), apparmor=APPARMOR)
+    stand_in = GCEStandIn(booter, "dsc-guest-project", "us-central1-a", SUBNET)
+    url = stand_in.start()
+    options = {
+        "project": "dsc-guest-project",
+        "zone": "us-central1-a",
+        "api_endpoint": url,
+        "credentials": AnonymousCredentials(),
+        "use_private_ip": True,  # the client reaches the guests' private addresses
+        "boot_timeout": BOOT_TIMEOUT,
+    }
+    try:
+        yield stand_in, booter, options
+    finally:
+        stand_in.stop()
+
+
+async def test_gcp_defaults_with_native_runtime_install_dask_on_stock_guests(
+    gce_guests, guest_network, guest_services
+):
+    """``GCPCluster(runtime="native")`` on three stock guests: workers get external
+    addresses (no Cloud NAT), the boot script makes a virtualenv with this client's exact
+    dask and distributed from "PyPI", and the cluster computes over TLS."""
+    stand_in, booter, options = gce_guests
+    since = time.time()
+    async with GCPCluster(n_workers=2, runtime="native", asynchronous=True, **options) as cluster:
+        await _computes_over_tls(cluster, workers=2)
+        assert booter.egress == {"scheduler": True, "worker-0": True, "worker-1": True}
+        guests = list(booter.vms.values())
+        cluster_id = cluster.cluster_id
+    for guest in guests:
+        steps = guest.console_text()
+        assert "python-env: done in" in steps, (guest.name, steps[-3000:])
+    fetched = _fetched(guest_services, since)
+    wheel = f"/dask-{dask.__version__}-"
+    assert sum(1 for r in fetched if wheel in r["path"]) == 3  # once per VM
+    assert any("python3-venv" in r["path"] for r in fetched)
+    labelled = [
+        r
+        for r in stand_in.instances.values()
+        if r["labels"].get("dask-secure-cloud-cluster") == cluster_id
+    ]
+    assert labelled == []
+    assert not [name for name in stand_in.firewalls if cluster_id in name]
+    _no_guest_left(booter, guest_network, guest_services)
+
+
+# -- DigitalOcean: a baked image boots with nothing to install -----------------------------
+
+
+@pytest.fixture
+def do_guests(
+    guest_network, tmp_path, monkeypatch
+) -> Iterator[tuple[DigitalOceanStandIn, GuestBooter, dict]]:
+    """The DigitalOcean stand-in booting guests of an image with this client's dask
+    baked in; the VPC the cluster makes gets its range from the guest bed's network."""
+    image = baked_image(dask.__version__, distributed.__version__)
+    booter = GuestBooter(tmp_path / "vms", guest_network, image, apparmor=APPARMOR)
+    token = "dop_v1_guest_test_token"
+    stand_in = DigitalOceanStandIn(booter, token, vpc_pool=SUBNET)
+    url = stand_in.start()
+    bundle = tmp_path / "ca.pem"
+    stand_in.ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("DIGITALOCEAN_TOKEN", token)
+    options = {
+        "api_url": url,
+        "ca_bundle": str(bundle),
+        "use_private_ip": True,  # the client reaches the guests' private addresses
+        "boot_timeout": BOOT_TIMEOUT,
+    }
+    try:
+        yield stand_in, booter, options
+    finally:
+        stand_in.stop()
+
+
+async def test_digitalocean_defaults_on_baked_guests_compute_and_fetch_nothing(
+    do_guests, guest_network, guest_services
+):
+    """``DropletCluster(runtime="native")`` on guests of a baked image: every droplet has
+    its public interface as a way out, yet boots without fetching anything."""
+    stand_in, booter, options = do_guests
+    since = time.time()
+    async with DropletCluster(
+        n_workers=1, runtime="native", asynchronous=True, **options
+    ) as cluster:
+        await _computes_over_tls(cluster, workers=1)
+        assert booter.egress == {"scheduler": True, "worker-0": True}
+        guests = list(booter.vms.values())
+        cluster_id = cluster.cluster_id
+    assert _fetched(guest_services, since) == []
+    for guest in guests:
+        assert "python-env: done in" in guest.console_text(), guest.name
+    tag = f"dask-secure-cloud-{cluster_id}"
+    assert not [d for d in stand_in.droplets.values() if tag in d["tags"]]
+    assert not [f for f in stand_in.firewalls.values() if f["name"].startswith(tag)]
+    assert not [v for v in stand_in.vpcs.values() if v["name"].startswith(tag)]
+    _no_guest_left(booter, guest_network, guest_services)
+
+
+# -- Azure: private by default, and a Spot worker evicted -----------------------------------
+
+
+async def test_azure_defaults_on_baked_guests_and_a_spot_worker_evicted(
+    guest_network, guest_services, tmp_path, monkeypatch
+):
+    """``AzureVMCluster(resource_group=...)`` on guests of a baked image: the vnet made for
+    the cluster has default outbound access, so no VM gets a public address, yet each has
+    a way out. The Spot worker's eviction notice (from the instance metadata service)
+    retires it, and its guest powers itself off; Azure then reports the VM stopped."""
+    image = baked_image(dask.__version__, distributed.__version__)
+    booter = GuestBooter(tmp_path / "vms", guest_network, image, apparmor=APPARMOR)
+    stand_in, options = start_azure(booter, tmp_path, monkeypatch, address_prefix=SUBNET)
+    events = ScheduledEvents(HOST_ADDRESS)  # reachable from the guests' cluster network
+    since = time.time()
+    try:
+        async with AzureVMCluster(
+            n_workers=1,
+            runtime="native",
+            worker_spot=True,
+            metadata_endpoint=events.url,
+            asynchronous=True,
+            **{**options, "boot_timeout": BOOT_TIMEOUT},
+        ) as cluster:
+            await _computes_over_tls(cluster, workers=1)
+            assert booter.egress == {"scheduler": True, "worker-0": True}
+            vms = await cluster.driver.list(cluster.cluster_id)
+            assert [vm.public_ip for vm in vms] == [None, None]
+            (worker,) = [vm for vm in booter.vms.values() if vm.name == "worker-0"]
+            events.evict()
+            deadline = time.monotonic() + 300
+            while cluster.scheduler_info["workers"]:
+                assert time.monotonic() < deadline, "the evicted worker did not retire"
+                await asyncio.sleep(1)
+            assert await asyncio.to_thread(worker.wait_stopped, 300), "it did not power off"
+            print(f"seconds from Dask's end to power-off: {worker.dask_exit_to_power_off()}")
+            assert "python-env: done in" in worker.console_text()
+            cluster_id = cluster.cluster_id
+        assert _fetched(guest_services, since) == []  # the image had everything
+        assert not stand_in.tagged(cluster_id)
+        _no_guest_left(booter, guest_network, guest_services)
+    finally:
+        events.stop()
+        stand_in.stop()
