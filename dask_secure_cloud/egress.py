@@ -20,13 +20,14 @@ subnet settings: read-only calls) into an :class:`Exits` per role, and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .credentials import Role
 from .driver import CloudError
 
-__all__ = ["Exits", "NoRouteOutError", "public_address"]
+__all__ = ["Exits", "NoRouteOutError", "decide_public_addresses", "public_address", "way_out"]
 
 
 class NoRouteOutError(CloudError):
@@ -76,6 +77,49 @@ def public_address(
     if offline_image:
         return bool(wanted)
     raise _refusal(role, wanted, exits, option, fixes)
+
+
+def decide_public_addresses(
+    exits: Exits,
+    *,
+    use_private_ip: bool,
+    worker_public_ip: bool | None,
+    offline_image: bool,
+    fixes: Callable[[Role], Sequence[str]],
+    logger: logging.Logger,
+) -> dict[Role, bool]:
+    """Per role, whether its VMs get a public address (:func:`public_address`), logged.
+
+    Workers ask with ``worker_public_ip``. The scheduler asks for one when the client
+    reaches it from outside (``use_private_ip=False``); otherwise it gets one only to get
+    out, and the driver reports it as private-only. Workers are decided first: they are
+    the role a network most often refuses."""
+    wanted = {Role.WORKER: worker_public_ip, Role.SCHEDULER: None if use_private_ip else True}
+    options = {Role.WORKER: "worker_public_ip", Role.SCHEDULER: "use_private_ip"}
+    decided: dict[Role, bool] = {}
+    for role in (Role.WORKER, Role.SCHEDULER):
+        decided[role] = public_address(
+            role,
+            wanted[role],
+            exits,
+            option=options[role],
+            offline_image=offline_image,
+            fixes=fixes(role),
+        )
+        logger.info("%s VMs: %s", role.value, way_out(decided[role], exits))
+    return decided
+
+
+def way_out(public: bool, exits: Exits) -> str:
+    """How a VM with or without a public address gets out of ``exits.place``."""
+    if public:
+        way = exits.public or exits.private
+        address = "a public address (inbound from outside the cluster closed)"
+    else:
+        way = exits.private
+        address = "no public address"
+    out = f"out through {way}" if way else "no way out (offline_image=True)"
+    return f"{address}, {out}, in {exits.place}"
 
 
 def _refusal(

@@ -195,7 +195,8 @@ async def test_defaults_on_a_fresh_default_network_compute_with_closed_public_wo
     assert nothing_left(stand_in, cluster_id)
     assert project_as_fresh(stand_in)
     logged = caplog.text
-    assert "worker: external address, out through the default internet gateway" in logged
+    assert "worker VMs: a public address (inbound from outside the cluster closed), out " in logged
+    assert "out through the default internet gateway" in logged
     # Every call went to the stand-in: the network guard in conftest refuses any other host.
     assert "zoneOperations.wait" in stand_in.calls
 
@@ -407,7 +408,7 @@ async def test_private_workers_behind_cloud_nat_compute(gce, caplog, worker_publ
         assert len(stand_in.booter.egress) == 3 and all(stand_in.booter.egress.values())
         cluster_id = cluster.cluster_id
     assert nothing_left(stand_in, cluster_id)
-    assert "worker: no external address, out through Cloud NAT nat-1 on router router-1" in (
+    assert "worker VMs: no public address, out through Cloud NAT nat-1 on router router-1" in (
         caplog.text
     )
 

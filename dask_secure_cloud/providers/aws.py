@@ -44,7 +44,7 @@ from ..driver import (
     VMRequest,
     summarize,
 )
-from ..egress import Exits, public_address
+from ..egress import Exits, decide_public_addresses
 from ..network import NetworkPolicy
 
 try:
@@ -177,15 +177,6 @@ def _fixes(role: Role, exits: Exits, table_id: str, vpc_id: str) -> list[str]:
             f"internet gateway attached to {vpc_id}"
         )
     return fixes
-
-
-def _way_out(public: bool, exits: Exits) -> str:
-    """How a VM gets out, for the log."""
-    address = "a public address" if public else "no public address"
-    way = exits.private if exits.private or not public else exits.public
-    if way is None:
-        return f"{address} and no route out (offline_image=True) in {exits.place}"
-    return f"{address}, out through {way} of {exits.place}"
 
 
 class EC2Driver(Driver):
@@ -338,23 +329,15 @@ class EC2Driver(Driver):
         subnet_id = str(self.subnet_id)
         table = subnet_route_table(tables, subnet_id)
         exits = route_exits(table, f"subnet {subnet_id} of {vpc_id}")
-        wanted = {
-            Role.SCHEDULER: None if self.network.use_private_ip else True,
-            Role.WORKER: self.worker_public_ip,
-        }
-        options = {Role.SCHEDULER: "use_private_ip", Role.WORKER: "worker_public_ip"}
-        for role in (Role.WORKER, Role.SCHEDULER):  # workers first: most often refused
-            self._public[role] = public_address(
-                role,
-                wanted[role],
-                exits,
-                option=options[role],
-                offline_image=self.offline_image,
-                fixes=_fixes(role, exits, table["RouteTableId"], vpc_id),
-            )
-        for role, public in self._public.items():
-            logger.info("%s VMs: %s", role.value, _way_out(public, exits))
-        if wanted[Role.SCHEDULER] and exits.public is None:
+        self._public = decide_public_addresses(
+            exits,
+            use_private_ip=self.network.use_private_ip,
+            worker_public_ip=self.worker_public_ip,
+            offline_image=self.offline_image,
+            fixes=lambda role: _fixes(role, exits, table["RouteTableId"], vpc_id),
+            logger=logger,
+        )
+        if not self.network.use_private_ip and exits.public is None:
             # Replies to the client would leave through the NAT, not the address it used.
             logger.warning(
                 "%s sends 0.0.0.0/0 to %s, not to an internet gateway: the scheduler's "

@@ -48,7 +48,7 @@ from ..driver import (
     VMRequest,
     summarize,
 )
-from ..egress import Exits, public_address
+from ..egress import Exits, decide_public_addresses
 from ..network import NetworkPolicy
 
 try:
@@ -429,27 +429,14 @@ class AzureDriver(Driver):
         """Whether each role's VMs get a public address, from the subnet's ways out, or
         :class:`~dask_secure_cloud.egress.NoRouteOutError` before anything is made."""
         fixes = self._fixes(exits)
-        scheduler_wanted = None if self.network.use_private_ip else True
-        for role, wanted, option in (
-            (Role.WORKER, self.worker_public_ip, "worker_public_ip"),
-            (Role.SCHEDULER, scheduler_wanted, "use_private_ip"),
-        ):
-            public = public_address(
-                role,
-                wanted,
-                exits,
-                option=option,
-                offline_image=self.offline_image,
-                fixes=fixes,
-            )
-            self._public[role] = public
-            if public:
-                way = f"{exits.public} on each VM"
-            elif exits.private is not None:
-                way = exits.private
-            else:
-                way = "no way out (offline_image=True)"
-            logger.info("Azure %s VMs in %s go out through %s", role.value, exits.place, way)
+        self._public = decide_public_addresses(
+            exits,
+            use_private_ip=self.network.use_private_ip,
+            worker_public_ip=self.worker_public_ip,
+            offline_image=self.offline_image,
+            fixes=lambda role: fixes,
+            logger=logger,
+        )
 
     def _fixes(self, exits: Exits) -> list[str]:
         """Azure's own remedies for a subnet with no way out, as options to paste."""

@@ -31,7 +31,7 @@ from ..cloudinit import LIMITS
 from ..cluster import VMCluster
 from ..credentials import Role
 from ..driver import CREATOR_TAG, VM, CloudError, ClusterSummary, Driver, VMRequest, summarize
-from ..egress import Exits, public_address
+from ..egress import Exits, decide_public_addresses
 from ..network import NetworkPolicy
 
 try:
@@ -239,21 +239,14 @@ class DropletDriver(Driver):
             private=None,
             public="the droplet's public interface",
         )
-        for role in (Role.SCHEDULER, Role.WORKER):
-            public_address(
-                role,
-                True,
-                exits,
-                option="public address (every droplet has one)",
-                offline_image=self.offline_image,
-                fixes=(),
-            )
-            logger.info(
-                "%s droplets in %s reach the internet through %s",
-                role.value,
-                exits.place,
-                exits.public,
-            )
+        decide_public_addresses(
+            exits,
+            use_private_ip=False,
+            worker_public_ip=True,
+            offline_image=self.offline_image,
+            fixes=lambda role: (),
+            logger=logger,
+        )
 
     # -- VMs ----------------------------------------------------------------------------
 

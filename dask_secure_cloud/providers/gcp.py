@@ -45,7 +45,7 @@ from ..driver import (
     VMRequest,
     summarize,
 )
-from ..egress import Exits, public_address
+from ..egress import Exits, decide_public_addresses
 from ..network import NetworkPolicy
 
 try:
@@ -308,21 +308,14 @@ class GCPDriver(Driver):
         Refuses (``NoRouteOutError``) before anything is made when a role would have
         none."""
         exits = await self._exits()
-        wanted = {
-            Role.SCHEDULER: None if self.network_policy.use_private_ip else True,
-            Role.WORKER: self.worker_public_ip,
-        }
-        options = {Role.SCHEDULER: "use_private_ip", Role.WORKER: "worker_public_ip"}
-        for role in (Role.SCHEDULER, Role.WORKER):
-            self._public[role] = public_address(
-                role,
-                wanted[role],
-                exits,
-                option=options[role],
-                offline_image=self.offline_image,
-                fixes=self._fixes(role, exits),
-            )
-            logger.info("%s: %s", role.value, _way_out(self._public[role], exits))
+        self._public = decide_public_addresses(
+            exits,
+            use_private_ip=self.network_policy.use_private_ip,
+            worker_public_ip=self.worker_public_ip,
+            offline_image=self.offline_image,
+            fixes=lambda role: self._fixes(role, exits),
+            logger=logger,
+        )
 
     def _fixes(self, role: Role, exits: Exits) -> list[str]:
         """Compute Engine's remedies, as options to paste."""
@@ -760,20 +753,6 @@ def _internet_route(routes: Sequence[Any], network: str, tags: set[str]) -> str 
         ):
             return route.name
     return None
-
-
-def _way_out(public: bool, exits: Exits) -> str:
-    """One log line: the way out a role's VMs use."""
-    if public:
-        way = exits.public or exits.private
-        out = f"out through {way}" if way else "no way out (offline_image=True)"
-        return (
-            f"external address, {out}, in {exits.place}; every connection from outside "
-            "the cluster denied by its firewall"
-        )
-    if exits.private is not None:
-        return f"no external address, out through {exits.private}, in {exits.place}"
-    return f"no external address and no way out, in {exits.place} (offline_image=True)"
 
 
 def _label_value(text: str) -> str:
