@@ -210,7 +210,8 @@ async def test_defaults_on_a_new_accounts_network_compute_with_workers_closed(aw
             for cidr in rule["IpRanges"]:
                 assert cidr["CidrIp"].startswith("127.") and cidr["CidrIp"].endswith("/23")
         logged = "\n".join(r.getMessage() for r in caplog.records)
-        assert "worker VMs: a public address, out through internet gateway igw-" in logged
+        assert "worker VMs: a public address (inbound from outside the cluster closed), " in logged
+        assert "out through internet gateway igw-" in logged
     assert leftovers(client, cluster_id) == NOTHING
 
 
