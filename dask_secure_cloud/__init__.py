@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from . import config  # noqa: F401  (registers the dask config defaults)
+from .errors import OptionError, SecureCloudError
 
 __version__ = "0.1.0"
 
@@ -21,22 +22,45 @@ _LAZY = {
     "DropletCluster": ".providers.digitalocean",
     "VMCluster": ".cluster",
     "ClusterCredentials": ".credentials",
+    "ClusterStartError": ".cluster",
+    "VMBootError": ".cluster",
+    "ResourcesLeftError": ".cluster",
+    "CloudError": ".driver",
+    "NoRouteOutError": ".egress",
+    "ConfigError": ".config",
+    "NetworkPolicyError": ".network",
+    "UserDataTooLarge": ".cloudinit",
 }
 
 __all__ = [
     "AzureVMCluster",
+    "CloudError",
     "ClusterCredentials",
+    "ClusterStartError",
+    "ConfigError",
     "DropletCluster",
     "EC2Cluster",
     "GCPCluster",
     "LocalVMCluster",
+    "NetworkPolicyError",
+    "NoRouteOutError",
+    "OptionError",
+    "ResourcesLeftError",
+    "SecureCloudError",
+    "UserDataTooLarge",
+    "VMBootError",
     "VMCluster",
     "__version__",
 ]
 
 if TYPE_CHECKING:
-    from .cluster import VMCluster
+    from .cloudinit import UserDataTooLarge
+    from .cluster import ClusterStartError, ResourcesLeftError, VMBootError, VMCluster
+    from .config import ConfigError
     from .credentials import ClusterCredentials
+    from .driver import CloudError
+    from .egress import NoRouteOutError
+    from .network import NetworkPolicyError
     from .providers.aws import EC2Cluster
     from .providers.azure import AzureVMCluster
     from .providers.digitalocean import DropletCluster

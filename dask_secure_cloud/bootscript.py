@@ -34,6 +34,8 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 
+from .errors import OptionError
+
 __all__ = ["STEP_PREFIX", "render_script"]
 
 #: Every line the script prints starts with this, so a console is easy to search.
@@ -226,7 +228,7 @@ def render_script(
     before any step (directory modes, environment files).
     """
     if runtime not in ("docker", "native"):
-        raise ValueError(f"runtime must be 'docker' or 'native', got {runtime!r}")
+        raise OptionError(f"runtime must be 'docker' or 'native', got {runtime!r}")
     lines = [
         "#!/bin/sh",
         f"# {header}",

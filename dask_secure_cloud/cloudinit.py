@@ -26,6 +26,7 @@ import yaml
 
 from .bootscript import render_script
 from .credentials import LeafCredentials, Role
+from .errors import OptionError, SecureCloudError
 
 __all__ = [
     "LIMITS",
@@ -66,7 +67,7 @@ LIMITS: dict[str, UserDataLimit] = {
 }
 
 
-class UserDataTooLarge(ValueError):
+class UserDataTooLarge(SecureCloudError, ValueError):
     """Rendered user-data exceeds the cloud's limit. The message names the biggest parts."""
 
 
@@ -79,7 +80,7 @@ class DockerRuntime:
 
     def __post_init__(self) -> None:
         if not self.image or any(c.isspace() for c in self.image):
-            raise ValueError(f"docker_image must be an image reference, got {self.image!r}")
+            raise OptionError(f"docker_image must be an image reference, got {self.image!r}")
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class NativeRuntime:
     def __post_init__(self) -> None:
         for requirement in self.pip_packages:
             if not requirement or requirement.startswith("-") or "\n" in requirement:
-                raise ValueError(
+                raise OptionError(
                     f"pip_packages: {requirement!r} is not a requirement; give names with "
                     "optional versions, for example ['xarray==2024.6.0', 'zarr']"
                 )
@@ -133,17 +134,17 @@ class BootPlan:
 
     def __post_init__(self) -> None:
         if self.role not in (Role.SCHEDULER, Role.WORKER):
-            raise ValueError(f"a VM is a scheduler or a worker, not {self.role!r}")
+            raise OptionError(f"a VM is a scheduler or a worker, not {self.role!r}")
         if self.tls is not None and self.tls.role != self.role:
-            raise ValueError(
+            raise OptionError(
                 f"{self.name}: a {self.role.value} VM was given a {self.tls.role.value} certificate"
             )
         for key in self.env:
             if not key.isidentifier():
-                raise ValueError(f"env_vars: {key!r} is not a valid variable name")
+                raise OptionError(f"env_vars: {key!r} is not a valid variable name")
         for name in self.preloads:
             if not name.endswith(".py") or "/" in name:
-                raise ValueError(f"preload names are plain .py file names, got {name!r}")
+                raise OptionError(f"preload names are plain .py file names, got {name!r}")
 
 
 class _Literal(str):
@@ -176,7 +177,7 @@ def _env_file(env: Mapping[str, str], runtime: DockerRuntime | NativeRuntime) ->
         # docker --env-file takes values verbatim, one per line.
         for key, value in env.items():
             if "\n" in value:
-                raise ValueError(f"env_vars: {key} holds a newline, which docker cannot pass")
+                raise OptionError(f"env_vars: {key} holds a newline, which docker cannot pass")
         return "".join(f"{k}={v}\n" for k, v in env.items())
     return "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items())
 
@@ -210,7 +211,7 @@ def _launch_line(plan: BootPlan) -> str:
         prefix = ["$PY", "-m", f"distributed.cli.dask_{role}"]
     args = list(plan.command[1:]) if plan.command and plan.command[0] == role else []
     if plan.command and plan.command[0] != role:
-        raise ValueError(f"{plan.name}: command must start with {role!r}: {plan.command!r}")
+        raise OptionError(f"{plan.name}: command must start with {role!r}: {plan.command!r}")
     for name in sorted(plan.preloads):
         args += ["--preload", f"{home}/preload/{name}"]
     if plan.tls is not None:
@@ -325,10 +326,10 @@ def parse(user_data: bytes) -> dict[str, Any]:
         user_data = gzip.decompress(user_data)
     text = user_data.decode()
     if not text.startswith("#cloud-config"):
-        raise ValueError("user-data is not a #cloud-config document")
+        raise OptionError("user-data is not a #cloud-config document")
     document = yaml.safe_load(text)
     if not isinstance(document, dict):
-        raise ValueError("user-data #cloud-config must be a mapping")
+        raise OptionError("user-data #cloud-config must be a mapping")
     return document
 
 
@@ -344,7 +345,7 @@ def decode_file(entry: Mapping[str, Any]) -> bytes:
         return gzip.decompress(content if isinstance(content, bytes) else content.encode())
     if encoding == "text":
         return content.encode() if isinstance(content, str) else bytes(content)
-    raise ValueError(f"write_files: unknown encoding {encoding!r}")
+    raise OptionError(f"write_files: unknown encoding {encoding!r}")
 
 
 def secrets_in(user_data: bytes) -> Sequence[str]:

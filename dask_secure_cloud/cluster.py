@@ -39,6 +39,7 @@ from .bootscript import STEP_PREFIX
 from .cloudinit import BootPlan, DockerRuntime, NativeRuntime, render
 from .credentials import ClusterCredentials, LeafCredentials, Role, leaf_from_security
 from .driver import CLUSTER_TAG, CREATOR_TAG, VM, Driver, VMRequest
+from .errors import OptionError, SecureCloudError
 
 __all__ = ["ClusterStartError", "VMBootError", "VMCluster", "default_docker_image"]
 
@@ -117,15 +118,15 @@ async def delete_cluster(driver: Driver, cluster_id: str) -> list[str]:
     return deleted
 
 
-class ClusterStartError(RuntimeError):
+class ClusterStartError(SecureCloudError, RuntimeError):
     """The cluster could not start; everything it made has been deleted."""
 
 
-class VMBootError(RuntimeError):
+class VMBootError(SecureCloudError, RuntimeError):
     """A VM did not come up in time. The message carries its console output."""
 
 
-class ResourcesLeftError(RuntimeError):
+class ResourcesLeftError(SecureCloudError, RuntimeError):
     """Closing did not delete every VM of the cluster. The message lists them."""
 
 
@@ -162,7 +163,7 @@ def _cli_flags(command: str, options: Mapping[str, Any], option_name: str) -> li
     for key, value in options.items():
         flag = key.replace("_", "-")
         if flag in reserved:
-            raise ValueError(
+            raise OptionError(
                 f"{option_name}: {key!r} is set by the cluster itself; "
                 "use the cluster's own option for it instead"
             )
@@ -170,10 +171,10 @@ def _cli_flags(command: str, options: Mapping[str, Any], option_name: str) -> li
         if param is None:
             close = difflib.get_close_matches(flag, sorted(known), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"{option_name}: 'dask {command}' has no option {key!r}.{hint}")
+            raise OptionError(f"{option_name}: 'dask {command}' has no option {key!r}.{hint}")
         if getattr(param, "is_flag", False) or getattr(param, "is_bool_flag", False):
             if not isinstance(value, bool):
-                raise ValueError(f"{option_name}: {key!r} takes True or False, got {value!r}")
+                raise OptionError(f"{option_name}: {key!r} takes True or False, got {value!r}")
             if value:
                 flags.append(f"--{flag}")
             elif f"--no-{flag}" in param.secondary_opts:
@@ -409,7 +410,7 @@ class VMCluster(SpecCluster):
         self.cluster_id = name or f"dsc-{uuid.uuid4().hex[:10]}"
         n_workers = opt("n_workers", n_workers)
         if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 0:
-            raise ValueError(f"n_workers must be a whole number >= 0, got {n_workers!r}")
+            raise OptionError(f"n_workers must be a whole number >= 0, got {n_workers!r}")
 
         security = opt("security", security)
         self._lifetime = config.parse_duration(
@@ -433,7 +434,7 @@ class VMCluster(SpecCluster):
         }
         offline_image = opt("offline_image", offline_image)
         if not isinstance(offline_image, bool):
-            raise ValueError(f"offline_image must be True or False, got {offline_image!r}")
+            raise OptionError(f"offline_image must be True or False, got {offline_image!r}")
         driver.configure(
             ports=(self._ports["scheduler_port"], self._ports["dashboard_port"]),
             boot_timeout=self._boot_timeout,
@@ -444,13 +445,13 @@ class VMCluster(SpecCluster):
         runtime = opt("runtime", runtime)
         packages = opt("pip_packages", pip_packages) or ()
         if isinstance(packages, str) or not all(isinstance(p, str) for p in packages):
-            raise ValueError(
+            raise OptionError(
                 f"pip_packages must be a list of requirements, got {packages!r}; "
                 "wrap a single package in a list"
             )
         if runtime == "docker":
             if packages:
-                raise ValueError(
+                raise OptionError(
                     "pip_packages applies to runtime='native' (installed on the VM at boot); "
                     "with runtime='docker', build them into docker_image instead"
                 )
@@ -470,12 +471,12 @@ class VMCluster(SpecCluster):
                 pip_packages=tuple(packages),
             )
         else:
-            raise ValueError(f"runtime must be 'docker' or 'native', got {runtime!r}")
+            raise OptionError(f"runtime must be 'docker' or 'native', got {runtime!r}")
 
         self._env = dict(opt("env_vars", env_vars) or {})
         lines = opt("extra_bootstrap", extra_bootstrap) or ()
         if isinstance(lines, str) or not all(isinstance(line, str) for line in lines):
-            raise ValueError(
+            raise OptionError(
                 f"extra_bootstrap must be a list of shell lines, got {lines!r}; "
                 "wrap a single command in a list"
             )
@@ -506,7 +507,7 @@ class VMCluster(SpecCluster):
             client_security = security
             self.protocol = "tls"
         else:
-            raise ValueError(
+            raise OptionError(
                 "security must be True (generate credentials), False (plain tcp, trusted "
                 f"networks only) or a distributed.Security; got {security!r}"
             )

@@ -20,6 +20,8 @@ from typing import Any
 import dask.config
 import yaml
 
+from .errors import OptionError, SecureCloudError
+
 __all__ = [
     "ConfigError",
     "Resolved",
@@ -46,7 +48,7 @@ dask.config.update_defaults(_DEFAULTS)
 _SHARED = {k for k, v in _DEFAULTS["secure-cloud"].items() if not isinstance(v, dict)}
 
 
-class ConfigError(ValueError):
+class ConfigError(SecureCloudError, ValueError):
     """A dask config key or value under ``secure-cloud`` is wrong."""
 
 
@@ -241,16 +243,16 @@ def parse_duration(value: Any, option_name: str) -> datetime.timedelta:
         try:
             delta = datetime.timedelta(seconds=dask.utils.parse_timedelta(value, default="s"))
         except (TypeError, ValueError, KeyError) as e:
-            raise ValueError(
+            raise OptionError(
                 f"{option_name} must be a duration such as '12h' or '30m', got {value!r}"
             ) from e
     if delta <= datetime.timedelta(0):
-        raise ValueError(f"{option_name} must be positive, got {value!r}")
+        raise OptionError(f"{option_name} must be positive, got {value!r}")
     return delta
 
 
 def port(value: Any, option_name: str) -> int:
     """A TCP port number, or a ``ValueError`` naming the option."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
-        raise ValueError(f"{option_name} must be a TCP port from 1 to 65535, got {value!r}")
+        raise OptionError(f"{option_name} must be a TCP port from 1 to 65535, got {value!r}")
     return value

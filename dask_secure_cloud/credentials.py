@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .errors import OptionError
+
 if TYPE_CHECKING:
     from distributed.security import Security
 
@@ -84,13 +86,13 @@ def parse_identity(cert: x509.Certificate) -> tuple[str, Role, str]:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound as e:
-        raise ValueError("certificate has no subjectAltName") from e
+        raise OptionError("certificate has no subjectAltName") from e
     prefix = f"{URI_SCHEME}://"
     for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
         if uri.startswith(prefix):
             cluster_id, role, name = uri[len(prefix) :].split("/", 2)
             return cluster_id, Role(role), name
-    raise ValueError(f"certificate has no {prefix} identity")
+    raise OptionError(f"certificate has no {prefix} identity")
 
 
 @dataclass(frozen=True, repr=False)
@@ -137,11 +139,11 @@ class ClusterCredentials:
         now: datetime.datetime | None = None,
     ) -> None:
         if not isinstance(lifetime, datetime.timedelta) or lifetime <= datetime.timedelta(0):
-            raise ValueError(
+            raise OptionError(
                 f"certificate_lifetime must be a positive duration such as '12h', got {lifetime!r}"
             )
         if not cluster_id or "/" in cluster_id:
-            raise ValueError(f"cluster_id must be a non-empty string without '/': {cluster_id!r}")
+            raise OptionError(f"cluster_id must be a non-empty string without '/': {cluster_id!r}")
         self.cluster_id = cluster_id
         self.lifetime = lifetime
         self.not_before = (now or datetime.datetime.now(datetime.timezone.utc)) - CLOCK_SKEW
@@ -191,7 +193,7 @@ class ClusterCredentials:
         """Sign a fresh key for one VM (or the client), valid as long as the CA."""
         role = Role(role)
         if not name or "/" in name:
-            raise ValueError(f"certificate name must be non-empty and without '/': {name!r}")
+            raise OptionError(f"certificate name must be non-empty and without '/': {name!r}")
         key = ec.generate_private_key(ec.SECP256R1())
         identity = f"{URI_SCHEME}://{self.cluster_id}/{role.value}/{name}"
         cert = (
@@ -286,7 +288,7 @@ def leaf_from_security(security: Security, role: Role) -> LeafCredentials:
 
     def read(value: str | None, what: str) -> str:
         if not value:
-            raise ValueError(
+            raise OptionError(
                 f"security: the given distributed.Security has no {what}; a VM cluster "
                 "ships the scheduler's and workers' certificates to their VMs, so set "
                 f"{what}, or pass security=True to let the cluster make its own"

@@ -15,6 +15,7 @@ from typing import ClassVar
 
 from .cloudinit import UserDataLimit
 from .credentials import Role
+from .errors import SecureCloudError
 
 __all__ = ["VM", "CloudError", "ClusterSummary", "Driver", "VMRequest", "summarize"]
 
@@ -24,7 +25,7 @@ CLUSTER_TAG = "dask-secure-cloud-cluster"
 CREATOR_TAG = "dask-secure-cloud-creator"
 
 
-class CloudError(RuntimeError):
+class CloudError(SecureCloudError, RuntimeError):
     """The cloud refused a request. The message names the option to change, if any."""
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
+from .errors import OptionError
+
 __all__ = ["ImageReference", "Presence", "image_presence", "parse_reference"]
 
 logger = logging.getLogger(__name__)
@@ -80,7 +82,7 @@ def parse_reference(image: str) -> ImageReference:
         if "/" not in repository:
             repository = f"library/{repository}"
     if not re.fullmatch(r"[a-z0-9]+(?:[._/-][a-z0-9]+)*", repository):
-        raise ValueError(f"docker_image: {image!r} is not a valid image reference")
+        raise OptionError(f"docker_image: {image!r} is not a valid image reference")
     return ImageReference(registry, repository, digest or tag or "latest")
 
 

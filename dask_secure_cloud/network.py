@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import SecureCloudError
+
 __all__ = [
     "NetworkPolicy",
     "NetworkPolicyError",
@@ -27,7 +29,7 @@ logger = logging.getLogger(__name__)
 _WORLD = {"0.0.0.0/0", "::/0"}
 
 
-class NetworkPolicyError(ValueError):
+class NetworkPolicyError(SecureCloudError, ValueError):
     """The requested exposure is refused until the caller opts in explicitly."""
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .cloudinit import decode_file, parse
+from .errors import SecureCloudError
 
 __all__ = ["LocalVM", "UnsupportedUserData", "boot", "find_vms"]
 
@@ -38,7 +39,7 @@ _PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUA
 _RECORD = "vm.json"
 
 
-class UnsupportedUserData(ValueError):
+class UnsupportedUserData(SecureCloudError, ValueError):
     """The user-data asks for something this runner cannot do faithfully."""
 
 

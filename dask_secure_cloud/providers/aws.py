@@ -45,6 +45,7 @@ from ..driver import (
     summarize,
 )
 from ..egress import Exits, decide_public_addresses
+from ..errors import OptionError
 from ..network import NetworkPolicy
 
 try:
@@ -704,18 +705,18 @@ class EC2Cluster(VMCluster):
         if region not in regions:
             close = difflib.get_close_matches(str(region), sorted(regions), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"region {region!r} is not an EC2 region.{hint}")
+            raise OptionError(f"region {region!r} is not an EC2 region.{hint}")
         size = opt("filesystem_size", filesystem_size)
         if isinstance(size, bool) or not isinstance(size, int) or size < 8:
-            raise ValueError(f"filesystem_size must be a whole number of GiB >= 8, got {size!r}")
+            raise OptionError(f"filesystem_size must be a whole number of GiB >= 8, got {size!r}")
         tags = dict(opt("tags", tags) or {})
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
-            raise ValueError(f"tags must map strings to strings, got {tags!r}")
+            raise OptionError(f"tags must map strings to strings, got {tags!r}")
         if CLUSTER_TAG in tags:
-            raise ValueError(f"tags: {CLUSTER_TAG!r} is set by the cluster itself")
+            raise OptionError(f"tags: {CLUSTER_TAG!r} is set by the cluster itself")
         worker_public = opt("worker_public_ip", worker_public_ip)
         if worker_public is not None and not isinstance(worker_public, bool):
-            raise ValueError(
+            raise OptionError(
                 f"worker_public_ip must be True, False or None (decide from the subnet), "
                 f"got {worker_public!r}"
             )
@@ -735,7 +736,7 @@ class EC2Cluster(VMCluster):
         }
         for role, value in instance_types.items():
             if not isinstance(value, str) or "." not in value:
-                raise ValueError(
+                raise OptionError(
                     f"{role.value}_instance_type must look like 'm6i.large', got {value!r}"
                 )
         self._worker_spot = bool(opt("worker_spot", worker_spot))

@@ -49,6 +49,7 @@ from ..driver import (
     summarize,
 )
 from ..egress import Exits, decide_public_addresses
+from ..errors import OptionError
 from ..network import NetworkPolicy
 
 try:
@@ -1174,60 +1175,60 @@ class AzureVMCluster(VMCluster):
 
         resource_group = opt("resource_group", resource_group)
         if not resource_group or not isinstance(resource_group, str):
-            raise ValueError(
+            raise OptionError(
                 "resource_group is required: the name of an existing Azure resource group "
                 "(set secure-cloud.azure.resource-group in the dask config or pass it)"
             )
         location = opt("location", location)
         if location is not None and not _LOCATION.match(str(location)):
-            raise ValueError(
+            raise OptionError(
                 f"location must be a region name such as 'westeurope', got {location!r}"
             )
         cloud = opt("cloud", cloud)
         if cloud not in CLOUDS:
             close = difflib.get_close_matches(str(cloud), sorted(CLOUDS), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"cloud must be one of {sorted(CLOUDS)}, got {cloud!r}.{hint}")
+            raise OptionError(f"cloud must be one of {sorted(CLOUDS)}, got {cloud!r}.{hint}")
         image = opt("image", image)
         if not isinstance(image, str) or not _IMAGE.match(image):
-            raise ValueError(
+            raise OptionError(
                 "image must be 'publisher:offer:sku:version', for example "
                 f"'Canonical:ubuntu-24_04-lts:server:latest'; got {image!r}"
             )
         disk_size = opt("disk_size", disk_size)
         if isinstance(disk_size, bool) or not isinstance(disk_size, int) or disk_size < 30:
-            raise ValueError(f"disk_size must be a whole number of GiB >= 30, got {disk_size!r}")
+            raise OptionError(f"disk_size must be a whole number of GiB >= 30, got {disk_size!r}")
         tags = dict(opt("tags", tags) or {})
         for key, value in tags.items():
             if not isinstance(key, str) or not isinstance(value, str):
-                raise ValueError(f"tags must map strings to strings, got {tags!r}")
+                raise OptionError(f"tags must map strings to strings, got {tags!r}")
             if len(key) > 512 or len(value) > 256 or _TAG_KEY_FORBIDDEN & set(key):
-                raise ValueError(
+                raise OptionError(
                     f"tags: {key!r} is not an Azure tag (names up to 512 characters without "
                     "< > % & \\ ? /, values up to 256)"
                 )
         if CLUSTER_TAG in tags:
-            raise ValueError(f"tags: {CLUSTER_TAG!r} is set by the cluster itself")
+            raise OptionError(f"tags: {CLUSTER_TAG!r} is set by the cluster itself")
         if len(tags) > 48:
-            raise ValueError("tags: Azure allows 50 tags per resource, the cluster uses 2")
+            raise OptionError("tags: Azure allows 50 tags per resource, the cluster uses 2")
         vm_sizes = {
             Role.SCHEDULER: opt("scheduler_vm_size", scheduler_vm_size),
             Role.WORKER: opt("worker_vm_size", worker_vm_size),
         }
         for role, size in vm_sizes.items():
             if not isinstance(size, str) or not size.startswith(("Standard_", "Basic_")):
-                raise ValueError(
+                raise OptionError(
                     f"{role.value}_vm_size must be an Azure VM size such as "
                     f"'Standard_D4s_v5', got {size!r}"
                 )
         spot_max_price = opt("spot_max_price", spot_max_price)
         if isinstance(spot_max_price, bool) or not isinstance(spot_max_price, int | float):
-            raise ValueError(
+            raise OptionError(
                 f"spot_max_price must be a number (-1: on-demand price), got {spot_max_price!r}"
             )
         worker_public_ip = opt("worker_public_ip", worker_public_ip)
         if worker_public_ip is not None and not isinstance(worker_public_ip, bool):
-            raise ValueError(
+            raise OptionError(
                 f"worker_public_ip must be True, False or None, got {worker_public_ip!r}"
             )
         network = NetworkPolicy.from_options(
@@ -1290,6 +1291,6 @@ def _prefix(value: Any) -> str:
     try:
         return str(ipaddress.ip_network(value))
     except (TypeError, ValueError) as e:
-        raise ValueError(
+        raise OptionError(
             f"address_prefix must be a network such as '10.77.0.0/16', got {value!r}"
         ) from e

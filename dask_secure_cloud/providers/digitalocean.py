@@ -32,6 +32,7 @@ from ..cluster import VMCluster
 from ..credentials import Role
 from ..driver import CREATOR_TAG, VM, CloudError, ClusterSummary, Driver, VMRequest, summarize
 from ..egress import Exits, decide_public_addresses
+from ..errors import OptionError
 from ..network import NetworkPolicy
 
 try:
@@ -547,14 +548,14 @@ class DropletCluster(VMCluster):
 
         token = opt("token", token) or os.environ.get("DIGITALOCEAN_TOKEN")
         if not token:
-            raise ValueError(
+            raise OptionError(
                 "No DigitalOcean API token: set DIGITALOCEAN_TOKEN, the dask config key "
                 "secure-cloud.digitalocean.token, or pass token="
             )
         tags = list(opt("tags", tags) or [])
         for tag in tags:
             if not isinstance(tag, str) or not _TAG.match(tag):
-                raise ValueError(
+                raise OptionError(
                     f"tags: {tag!r} is not a DigitalOcean tag (letters, digits, '-', '_', ':')"
                 )
         network = NetworkPolicy.from_options(

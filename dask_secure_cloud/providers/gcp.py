@@ -46,6 +46,7 @@ from ..driver import (
     summarize,
 )
 from ..egress import Exits, decide_public_addresses
+from ..errors import OptionError
 from ..network import NetworkPolicy
 
 try:
@@ -845,28 +846,28 @@ class GCPCluster(VMCluster):
 
         zone = opt("zone", zone)
         if not isinstance(zone, str) or not re.fullmatch(r"[a-z]+-[a-z]+\d+-[a-z]", zone):
-            raise ValueError(f"zone must look like 'us-central1-a', got {zone!r}")
+            raise OptionError(f"zone must look like 'us-central1-a', got {zone!r}")
         labels = dict(opt("labels", labels) or {})
         for key, value in labels.items():
             if not _LABEL.match(str(key)) or not re.fullmatch(r"[a-z0-9_-]{0,63}", str(value)):
-                raise ValueError(
+                raise OptionError(
                     f"labels: {key!r}: {value!r} is not a valid label (lowercase letters, "
                     "digits, '-' and '_', at most 63 characters)"
                 )
         if CLUSTER_TAG in labels:
-            raise ValueError(f"labels: {CLUSTER_TAG!r} is set by the cluster itself")
+            raise OptionError(f"labels: {CLUSTER_TAG!r} is set by the cluster itself")
         disk_size = opt("disk_size", disk_size)
         if isinstance(disk_size, bool) or not isinstance(disk_size, int) or disk_size < 10:
-            raise ValueError(f"disk_size must be a whole number of GB >= 10, got {disk_size!r}")
+            raise OptionError(f"disk_size must be a whole number of GB >= 10, got {disk_size!r}")
         worker_public_ip = opt("worker_public_ip", worker_public_ip)
         if worker_public_ip is not None and not isinstance(worker_public_ip, bool):
-            raise ValueError(
+            raise OptionError(
                 f"worker_public_ip must be True, False or None, got {worker_public_ip!r}"
             )
         gpu_count = int(opt("gpu_count", gpu_count) or 0)
         gpu_type = opt("gpu_type", gpu_type)
         if gpu_count and not gpu_type:
-            raise ValueError("gpu_count needs gpu_type, for example gpu_type='nvidia-tesla-t4'")
+            raise OptionError("gpu_count needs gpu_type, for example gpu_type='nvidia-tesla-t4'")
         network_policy = NetworkPolicy.from_options(
             opt,
             security=security,
