@@ -440,6 +440,7 @@ class VMCluster(SpecCluster):
             boot_timeout=self._boot_timeout,
             initial_workers=n_workers,
             offline_image=offline_image,
+            creator=audit.creator(),
         )
 
         runtime = opt("runtime", runtime)
@@ -551,7 +552,7 @@ class VMCluster(SpecCluster):
             tls=self.protocol == "tls",
             ca_fingerprint=self.ca_fingerprint,
             certificates_expire=self.certificates_expire,
-            creator=audit.creator(),
+            creator=driver.creator,
         )
         workers = {
             f"worker-{i}": {"cls": WorkerVM, "options": {"cluster": self}} for i in range(n_workers)
@@ -798,7 +799,7 @@ class VMCluster(SpecCluster):
             name=name,
             role=role,
             user_data=user_data,
-            tags={CLUSTER_TAG: self.cluster_id, CREATOR_TAG: audit.creator()},
+            tags={CLUSTER_TAG: self.cluster_id, CREATOR_TAG: self.driver.creator},
         )
         started = time.monotonic()
         task = asyncio.ensure_future(self._bounded(self.driver.create(request)))

@@ -112,6 +112,9 @@ class Driver(abc.ABC):
     #: The user says the image holds everything the boot needs, so VMs with no route
     #: out may boot (see ``egress.public_address``); set by :meth:`configure`.
     offline_image: bool = False
+    #: Who started the cluster (``audit.creator()``: ``user@host``), recorded in the
+    #: creator tag of everything the driver makes; set by :meth:`configure`.
+    creator: str = "unknown"
 
     def configure(
         self,
@@ -120,12 +123,14 @@ class Driver(abc.ABC):
         boot_timeout: float,
         initial_workers: int = 0,
         offline_image: bool = False,
+        creator: str = "unknown",
     ) -> None:
         """Receive the options every cloud shares, resolved once by the cluster."""
         self.ports = ports
         self.boot_timeout = boot_timeout
         self.initial_workers = initial_workers
         self.offline_image = offline_image
+        self.creator = creator
 
     async def prepare(self, cluster_id: str) -> None:
         """Make what the cluster's VMs need before the first one (network, firewall).

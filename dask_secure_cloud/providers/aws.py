@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
-import getpass
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -431,7 +430,7 @@ class EC2Driver(Driver):
             **self.tags,
             "Name": f"dask-secure-cloud-{cluster_id}-{name}",
             CLUSTER_TAG: cluster_id,
-            CREATOR_TAG: getpass.getuser(),
+            CREATOR_TAG: self.creator,
         }
         return [{"Key": k, "Value": v} for k, v in tags.items()]
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import getpass
 import logging
 import re
 import time
@@ -493,7 +492,7 @@ class GCPDriver(Driver):
                 **self.labels,
                 CLUSTER_TAG: request.cluster_id,
                 "dask-secure-cloud-role": request.role.value,
-                CREATOR_TAG: _label_value(getpass.getuser()),
+                CREATOR_TAG: _label_value(self.creator),
             },
             tags=compute_v1.Tags(items=self._tags(request)),
             metadata=compute_v1.Metadata(
