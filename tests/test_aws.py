@@ -553,7 +553,9 @@ async def test_default_vpc_and_tags(aws):
                 cluster_id="c-default",
                 name="worker-0",
                 role=Role.WORKER,
-                user_data=b"#cloud-config\n{}\n",
+                # Something that runs: a process VM with nothing to run ends at once, and
+                # EC2 terminates an instance whose OS has ended.
+                user_data=b"#cloud-config\nruncmd:\n  - [sleep, '300']\n",
             )
         )
         tags = {
