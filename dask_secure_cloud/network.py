@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import SecureCloudError
+from .errors import OptionError, SecureCloudError
 
 __all__ = [
     "NetworkPolicy",
@@ -104,7 +104,8 @@ class NetworkPolicy:
     answer that every driver turns into its own firewall rules."""
 
     use_private_ip: bool = False
-    worker_public_ip: bool = False
+    #: True or False as asked; None: decided from the network's ways out (``egress``).
+    worker_public_ip: bool | None = None
     allowed_cidrs: tuple[str, ...] = ()
     open_to_world: bool = False
     public_ip_url: str = "https://checkip.amazonaws.com"
@@ -128,23 +129,29 @@ class NetworkPolicy:
 
         ``always_public`` is for clouds where every VM has a public address regardless.
         """
+        worker_public = option("worker_public_ip", worker_public_ip)
+        if worker_public is not None and not isinstance(worker_public, bool):
+            raise OptionError(
+                "worker_public_ip must be True, False or None (None: decided from the "
+                f"network's ways out), got {worker_public!r}"
+            )
         policy = cls(
             use_private_ip=bool(option("use_private_ip", use_private_ip)),
-            worker_public_ip=bool(option("worker_public_ip", worker_public_ip)),
+            worker_public_ip=worker_public,
             allowed_cidrs=tuple(parse_cidrs(option("allowed_cidrs", allowed_cidrs))),
             open_to_world=bool(option("open_to_world", open_to_world)),
             public_ip_url=option("public_ip_url", public_ip_url),
         )
         check_public_exposure(
             security=option("security", security) is not False,
-            public=always_public or not policy.use_private_ip or policy.worker_public_ip,
+            public=always_public or not policy.use_private_ip or bool(policy.worker_public_ip),
             allow_insecure_public=bool(option("allow_insecure_public", allow_insecure_public)),
         )
         return policy
 
     def public_address(self, worker: bool) -> bool:
         """Whether a VM of this role gets a public address."""
-        return self.worker_public_ip if worker else not self.use_private_ip
+        return bool(self.worker_public_ip) if worker else not self.use_private_ip
 
     async def scheduler_sources(self, internal: Callable[[], Awaitable[list[str]]]) -> list[str]:
         """CIDRs for the scheduler's port and dashboard; ``internal`` gives the network's

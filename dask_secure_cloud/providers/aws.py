@@ -713,17 +713,11 @@ class EC2Cluster(VMCluster):
             raise OptionError(f"tags must map strings to strings, got {tags!r}")
         if CLUSTER_TAG in tags:
             raise OptionError(f"tags: {CLUSTER_TAG!r} is set by the cluster itself")
-        worker_public = opt("worker_public_ip", worker_public_ip)
-        if worker_public is not None and not isinstance(worker_public, bool):
-            raise OptionError(
-                f"worker_public_ip must be True, False or None (decide from the subnet), "
-                f"got {worker_public!r}"
-            )
         network = NetworkPolicy.from_options(
             opt,
             security=security,
             use_private_ip=use_private_ip,
-            worker_public_ip=worker_public,
+            worker_public_ip=worker_public_ip,
             allowed_cidrs=allowed_cidrs,
             open_to_world=open_to_world,
             allow_insecure_public=allow_insecure_public,
@@ -754,7 +748,7 @@ class EC2Cluster(VMCluster):
             worker_spot=self._worker_spot,
             tags=tags,
             network=network,
-            worker_public_ip=worker_public,
+            worker_public_ip=network.worker_public_ip,
         )
         super().__init__(
             driver,

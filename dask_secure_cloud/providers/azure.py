@@ -1226,11 +1226,6 @@ class AzureVMCluster(VMCluster):
             raise OptionError(
                 f"spot_max_price must be a number (-1: on-demand price), got {spot_max_price!r}"
             )
-        worker_public_ip = opt("worker_public_ip", worker_public_ip)
-        if worker_public_ip is not None and not isinstance(worker_public_ip, bool):
-            raise OptionError(
-                f"worker_public_ip must be True, False or None, got {worker_public_ip!r}"
-            )
         network = NetworkPolicy.from_options(
             opt,
             security=security,
@@ -1267,7 +1262,7 @@ class AzureVMCluster(VMCluster):
             ssh_public_key=opt("ssh_public_key", ssh_public_key),
             user_assigned_identity=opt("user_assigned_identity", user_assigned_identity),
             network=network,
-            worker_public_ip=worker_public_ip,
+            worker_public_ip=network.worker_public_ip,
         )
         super().__init__(
             driver,

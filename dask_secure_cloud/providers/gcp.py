@@ -858,11 +858,6 @@ class GCPCluster(VMCluster):
         disk_size = opt("disk_size", disk_size)
         if isinstance(disk_size, bool) or not isinstance(disk_size, int) or disk_size < 10:
             raise OptionError(f"disk_size must be a whole number of GB >= 10, got {disk_size!r}")
-        worker_public_ip = opt("worker_public_ip", worker_public_ip)
-        if worker_public_ip is not None and not isinstance(worker_public_ip, bool):
-            raise OptionError(
-                f"worker_public_ip must be True, False or None, got {worker_public_ip!r}"
-            )
         gpu_count = int(opt("gpu_count", gpu_count) or 0)
         gpu_type = opt("gpu_type", gpu_type)
         if gpu_count and not gpu_type:
@@ -904,7 +899,7 @@ class GCPCluster(VMCluster):
             ),
             api_endpoint=opt("api_endpoint", api_endpoint),
             credentials=credentials,
-            worker_public_ip=worker_public_ip,
+            worker_public_ip=network_policy.worker_public_ip,
         )
         super().__init__(
             driver,
