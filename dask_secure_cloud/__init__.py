@@ -10,7 +10,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from . import config  # noqa: F401  (registers the dask config defaults)
-from .errors import OptionError, SecureCloudError
+from .errors import (
+    ClusterStartError,
+    OptionError,
+    ResourcesLeftError,
+    SecureCloudError,
+    UnknownOptionError,
+    VMBootError,
+)
 
 __version__ = "0.1.0"
 
@@ -22,9 +29,6 @@ _LAZY = {
     "DropletCluster": ".providers.digitalocean",
     "VMCluster": ".cluster",
     "ClusterCredentials": ".credentials",
-    "ClusterStartError": ".cluster",
-    "VMBootError": ".cluster",
-    "ResourcesLeftError": ".cluster",
     "CloudError": ".driver",
     "NoRouteOutError": ".egress",
     "ConfigError": ".config",
@@ -47,6 +51,7 @@ __all__ = [
     "OptionError",
     "ResourcesLeftError",
     "SecureCloudError",
+    "UnknownOptionError",
     "UserDataTooLarge",
     "VMBootError",
     "VMCluster",
@@ -55,7 +60,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .cloudinit import UserDataTooLarge
-    from .cluster import ClusterStartError, ResourcesLeftError, VMBootError, VMCluster
+    from .cluster import VMCluster
     from .config import ConfigError
     from .credentials import ClusterCredentials
     from .driver import CloudError

@@ -1,16 +1,16 @@
 """Dask config defaults for dask-secure-cloud, its schema, and the one rule for reading options.
 
-Every option is resolved the same way, in one place: an explicit keyword beats the dask
-config (files and ``DASK_SECURE_CLOUD__...`` variables) under ``secure-cloud.<provider>``,
-which beats the shared ``secure-cloud`` key, whose built-in default ships in
-``secure-cloud.yaml``. Loading the defaults changes nothing the user set and writes
-nothing to their home directory. ``secure-cloud-schema.yaml`` (JSON Schema) gives each
-key's type and meaning; :func:`check_provider_keys` holds the user's config to it.
+The options classes (``options/``) are the one source of every key, default and meaning;
+``secure-cloud.yaml`` and ``secure-cloud-schema.yaml`` are written from them, and the
+defaults loaded here come from the same classes. Loading the defaults changes nothing
+the user set and writes nothing to their home directory. :func:`check_provider_keys`
+refuses a misspelled key or a value of the wrong type in the user's config; resolving a
+value (keyword > ``secure-cloud.<provider>`` > ``secure-cloud``) is
+``options.resolve``'s job.
 """
 
 from __future__ import annotations
 
-import datetime
 import difflib
 import os
 from collections.abc import Iterable
@@ -20,27 +20,20 @@ from typing import Any
 import dask.config
 import yaml
 
-from .errors import OptionError, SecureCloudError
+from .errors import SecureCloudError
+from .options.base import _from_config
+from .options.files import config_defaults, config_schema
 
 __all__ = [
     "ConfigError",
     "Resolved",
     "check_provider_keys",
     "explain",
-    "option",
-    "parse_duration",
-    "port",
     "schema_for",
 ]
 
-_HERE = os.path.dirname(__file__)
-_DEFAULTS_FILE = os.path.join(_HERE, "secure-cloud.yaml")
-_SCHEMA_FILE = os.path.join(_HERE, "secure-cloud-schema.yaml")
-
-with open(_DEFAULTS_FILE) as _f:
-    _DEFAULTS: dict[str, Any] = yaml.safe_load(_f)
-with open(_SCHEMA_FILE) as _f:
-    SCHEMA: dict[str, Any] = yaml.safe_load(_f)
+_DEFAULTS: dict[str, Any] = config_defaults()
+SCHEMA: dict[str, Any] = config_schema()
 
 dask.config.update_defaults(_DEFAULTS)
 
@@ -54,21 +47,6 @@ class ConfigError(SecureCloudError, ValueError):
 
 def _norm(key: str) -> str:
     return key.replace("_", "-")
-
-
-def option(provider: str, name: str, value: Any = None) -> Any:
-    """Resolve one option: keyword > ``secure-cloud.<provider>.<name>`` > ``secure-cloud.<name>``.
-
-    A ``None`` keyword means "not given". A ``None`` value in the provider's section
-    means "inherit the shared value".
-    """
-    if value is not None:
-        return value
-    key = _norm(name)
-    found = dask.config.get(f"secure-cloud.{provider}.{key}", default=None)
-    if found is not None:
-        return found
-    return dask.config.get(f"secure-cloud.{key}", default=None)
 
 
 _ROOT = SCHEMA["properties"]["secure-cloud"]["properties"]
@@ -163,7 +141,7 @@ def explain(provider: str, names: Iterable[str]) -> list[Resolved]:
     rows = []
     for name in sorted(names):
         key = _norm(name)
-        value = option(provider, name)
+        value = _from_config(provider, name)[0]
         for dotted in (f"secure-cloud.{provider}.{key}", f"secure-cloud.{key}"):
             if dotted in env:
                 source = f"environment {env[dotted]}"
@@ -233,26 +211,3 @@ def _file_keys() -> dict[str, str]:
             for dotted in _flatten(data):
                 found.setdefault(dotted, full)
     return found
-
-
-def parse_duration(value: Any, option_name: str) -> datetime.timedelta:
-    """Turn ``'12h'``, ``3600`` or a ``timedelta`` into a positive ``timedelta``."""
-    if isinstance(value, datetime.timedelta):
-        delta = value
-    else:
-        try:
-            delta = datetime.timedelta(seconds=dask.utils.parse_timedelta(value, default="s"))
-        except (TypeError, ValueError, KeyError) as e:
-            raise OptionError(
-                f"{option_name} must be a duration such as '12h' or '30m', got {value!r}"
-            ) from e
-    if delta <= datetime.timedelta(0):
-        raise OptionError(f"{option_name} must be positive, got {value!r}")
-    return delta
-
-
-def port(value: Any, option_name: str) -> int:
-    """A TCP port number, or a ``ValueError`` naming the option."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
-        raise OptionError(f"{option_name} must be a TCP port from 1 to 65535, got {value!r}")
-    return value

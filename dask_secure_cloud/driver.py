@@ -8,8 +8,10 @@ cluster (``cluster.py``) does the rest.
 from __future__ import annotations
 
 import abc
+import asyncio
 import datetime
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -17,7 +19,19 @@ from .cloudinit import UserDataLimit
 from .credentials import Role
 from .errors import SecureCloudError
 
-__all__ = ["VM", "CloudError", "ClusterSummary", "Driver", "VMRequest", "summarize"]
+__all__ = [
+    "VM",
+    "CloudError",
+    "ClusterSummary",
+    "Driver",
+    "ForbiddenError",
+    "InUseError",
+    "InterruptionNotice",
+    "NotFoundError",
+    "ThrottledError",
+    "VMRequest",
+    "summarize",
+]
 
 #: The tag (or label) key every resource of a cluster carries.
 CLUSTER_TAG = "dask-secure-cloud-cluster"
@@ -26,7 +40,31 @@ CREATOR_TAG = "dask-secure-cloud-creator"
 
 
 class CloudError(SecureCloudError, RuntimeError):
-    """The cloud refused a request. The message names the option to change, if any."""
+    """The cloud refused a request. The message names the option to change, if any.
+
+    Drivers raise one of the subclasses below where the cloud's answer says which case it
+    is (by status or error code, never by message text), so the core can act on it: skip
+    what is already gone, wait out what is in use or throttled, stop on what is forbidden.
+    """
+
+
+class NotFoundError(CloudError):
+    """The resource does not exist (any more): for a delete, the work is done."""
+
+
+class InUseError(CloudError):
+    """The resource is still referenced by another (a NIC by a VM being deleted, a network
+    by its last VMs): deleting it again a little later succeeds."""
+
+
+class ForbiddenError(CloudError):
+    """The credentials may not do this: retrying cannot help; the message says which
+    permission or scope is missing."""
+
+
+class ThrottledError(CloudError):
+    """The cloud asked us to slow down, after the SDK's own retries: nothing is known
+    about the resource, and the same call may succeed later."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +88,20 @@ class VM:
     cluster_id: str
     private_ip: str
     public_ip: str | None = None
+
+
+@dataclass(frozen=True)
+class InterruptionNotice:
+    """Where a VM learns that its cloud is about to reclaim it (a spot or preemptible VM),
+    so the core can retire the worker gracefully first. The cloud's metadata endpoint and
+    headers live in its driver; the core only renders them into the worker's preload."""
+
+    #: Answers 200 (with ``must_contain`` in its body, where given) once notice is given.
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    must_contain: str = ""
+    #: EC2's IMDSv2: a session token is fetched here first (PUT), then sent with the poll.
+    token_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -99,9 +151,18 @@ class Driver(abc.ABC):
 
     #: Short provider name, as used in ``secure-cloud.<provider>`` config.
     provider: ClassVar[str]
+    #: Seconds a delete, or a wait on the cloud, may take before it is an error: a VM to
+    #: terminate, an operation to finish, a resource to stop being in use, a new VM to
+    #: be reported active. Every driver's polling loop is bounded by it (see
+    #: :meth:`poll_until` and :meth:`delete_when_free`); the VM's own boot is bounded
+    #: by ``boot_timeout`` instead.
+    operation_timeout: float = 600.0
     user_data_limit: ClassVar[UserDataLimit]
     #: VM creations in flight at once; the SDK's retries absorb throttling beyond it.
     max_concurrent_creates: ClassVar[int] = 16
+    #: Seconds between the cluster watcher's listings of its VMs (:meth:`states`) while
+    #: any VM boots: one listing per interval, whatever the number of VMs.
+    watch_interval: ClassVar[float] = 5.0
     #: The scheduler's port and dashboard port, for the firewall; set by :meth:`configure`.
     ports: tuple[int, int] = (8786, 8787)
     #: Seconds a VM (or a cloud operation) may take; set by :meth:`configure`.
@@ -158,8 +219,27 @@ class Driver(abc.ABC):
         """Whether VMs of ``role`` have GPUs to hand to the container. Known after prepare."""
         return False
 
+    def interruption_notice(self, role: Role) -> InterruptionNotice | None:
+        """Where VMs of ``role`` hear they are about to be reclaimed; ``None`` when they
+        are not spot or preemptible VMs."""
+        return None
+
+    async def states(self, cluster_id: str) -> Mapping[str, str]:
+        """Each of the cluster's VMs' state by VM id, from one listing: what the cluster's
+        watcher polls while VMs boot. A VM missing from it, once listed, has ended.
+
+        The default calls every listed VM running; a driver whose listing tells a VM that
+        powered itself off (stopped, shutting down) reports it as ``"terminated"``."""
+        return {vm.id: "running" for vm in await self.list(cluster_id)}
+
     async def state(self, vm: VM) -> str:
-        """``"running"``, ``"terminated"`` (it stopped by itself) or ``"unknown"``."""
+        """What the cloud says of ``vm`` now, in one of three words.
+
+        ``"running"``: it exists and has not ended. ``"terminated"``: the cloud says it
+        ended or stopped by itself, or that it is gone (a :class:`NotFoundError`
+        answer). ``"unknown"``: anything else, above all a poll that failed (throttled,
+        a network error, a 5xx): a failed poll says nothing about the VM and is never
+        ``"terminated"``. The caller polls again, so a poll is not retried at length."""
         return "unknown"
 
     async def console_output(self, vm: VM) -> str:
@@ -175,3 +255,43 @@ class Driver(abc.ABC):
 
     async def close(self) -> None:
         """Release SDK sessions. The cluster calls this last."""
+
+    # -- shared by the drivers ------------------------------------------------------------
+
+    async def poll_until(
+        self,
+        done: Callable[[], Awaitable[bool]],
+        what: str,
+        *,
+        interval: float = 2.0,
+        timeout: float | None = None,
+    ) -> None:
+        """Call ``done`` every ``interval`` seconds until it returns True; raise
+        :class:`CloudError` naming ``what`` once ``timeout`` (default
+        :attr:`operation_timeout`) has passed without."""
+        limit = self.operation_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while not await done():
+            if time.monotonic() >= deadline:
+                raise CloudError(f"{what}: not done within {limit:.0f}s")
+            await asyncio.sleep(interval)
+
+    async def delete_when_free(
+        self, delete: Callable[[], Awaitable[object]], what: str, *, interval: float = 2.0
+    ) -> None:
+        """Call ``delete`` again while the cloud answers :class:`InUseError`, for at most
+        :attr:`operation_timeout`; :class:`NotFoundError` counts as deleted. Still in use
+        when time is up: :class:`InUseError`, with the cloud's last answer."""
+        deadline = time.monotonic() + self.operation_timeout
+        while True:
+            try:
+                await delete()
+                return
+            except NotFoundError:
+                return
+            except InUseError as e:
+                if time.monotonic() >= deadline:
+                    raise InUseError(
+                        f"{what}: still in use after {self.operation_timeout:.0f}s: {e}"
+                    ) from e
+                await asyncio.sleep(interval)

@@ -7,7 +7,14 @@ cluster, ``ValueError`` for what the caller asked), so code that caught those st
 
 from __future__ import annotations
 
-__all__ = ["OptionError", "SecureCloudError"]
+__all__ = [
+    "ClusterStartError",
+    "OptionError",
+    "ResourcesLeftError",
+    "SecureCloudError",
+    "UnknownOptionError",
+    "VMBootError",
+]
 
 
 class SecureCloudError(Exception):
@@ -17,3 +24,20 @@ class SecureCloudError(Exception):
 class OptionError(SecureCloudError, ValueError):
     """An option's value is refused before anything is made; the message names the
     option and what to pass instead."""
+
+
+class UnknownOptionError(OptionError, TypeError):
+    """A keyword no option has: a ``TypeError`` as for any function, naming the closest
+    real option."""
+
+
+class ClusterStartError(SecureCloudError, RuntimeError):
+    """The cluster could not start; everything it made has been deleted."""
+
+
+class VMBootError(SecureCloudError, RuntimeError):
+    """A VM did not come up in time. The message carries its console output."""
+
+
+class ResourcesLeftError(SecureCloudError, RuntimeError):
+    """Closing did not delete every VM of the cluster. The message lists them."""

@@ -12,9 +12,12 @@ import logging
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from .errors import OptionError, SecureCloudError
+from .errors import OptionError
+
+if TYPE_CHECKING:
+    from .options import CloudOptions
 
 __all__ = [
     "NetworkPolicy",
@@ -29,7 +32,7 @@ logger = logging.getLogger(__name__)
 _WORLD = {"0.0.0.0/0", "::/0"}
 
 
-class NetworkPolicyError(SecureCloudError, ValueError):
+class NetworkPolicyError(OptionError):
     """The requested exposure is refused until the caller opts in explicitly."""
 
 
@@ -111,41 +114,24 @@ class NetworkPolicy:
     public_ip_url: str = "https://checkip.amazonaws.com"
 
     @classmethod
-    def from_options(
-        cls,
-        option: Callable[[str, Any], Any],
-        *,
-        security: Any,
-        use_private_ip: bool | None,
-        allowed_cidrs: Sequence[str] | None,
-        open_to_world: bool | None,
-        allow_insecure_public: bool | None,
-        public_ip_url: str | None,
-        worker_public_ip: bool | None = None,
-        always_public: bool = False,
-    ) -> NetworkPolicy:
-        """Resolve the network options with ``option`` (keyword > config > default) and
-        refuse an unsafe combination before anything is made.
+    def from_options(cls, options: CloudOptions, *, always_public: bool = False) -> NetworkPolicy:
+        """The policy of a cloud's resolved options; an unsafe combination is refused
+        before anything is made.
 
         ``always_public`` is for clouds where every VM has a public address regardless.
         """
-        worker_public = option("worker_public_ip", worker_public_ip)
-        if worker_public is not None and not isinstance(worker_public, bool):
-            raise OptionError(
-                "worker_public_ip must be True, False or None (None: decided from the "
-                f"network's ways out), got {worker_public!r}"
-            )
+        worker_public_ip: bool | None = getattr(options, "worker_public_ip", None)
         policy = cls(
-            use_private_ip=bool(option("use_private_ip", use_private_ip)),
-            worker_public_ip=worker_public,
-            allowed_cidrs=tuple(parse_cidrs(option("allowed_cidrs", allowed_cidrs))),
-            open_to_world=bool(option("open_to_world", open_to_world)),
-            public_ip_url=option("public_ip_url", public_ip_url),
+            use_private_ip=options.use_private_ip,
+            worker_public_ip=worker_public_ip,
+            allowed_cidrs=options.allowed_cidrs or (),
+            open_to_world=options.open_to_world,
+            public_ip_url=options.public_ip_url,
         )
         check_public_exposure(
-            security=option("security", security) is not False,
+            security=options.security is not False,
             public=always_public or not policy.use_private_ip or bool(policy.worker_public_ip),
-            allow_insecure_public=bool(option("allow_insecure_public", allow_insecure_public)),
+            allow_insecure_public=options.allow_insecure_public,
         )
         return policy
 

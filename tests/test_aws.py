@@ -25,6 +25,7 @@ from dask_secure_cloud.network import NetworkPolicy, NetworkPolicyError
 
 from clouds.booter import VMBooter
 from clouds.ec2 import EC2StandIn, Network, make_network
+from clouds.naming import check_named_clusters, check_polls
 from conftest import decoded_files, vm_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -342,7 +343,7 @@ async def test_missing_credentials_is_a_clear_error(aws, monkeypatch):
         ({"security": False, "use_private_ip": False}, NetworkPolicyError, "allow_insecure_public"),
         (
             {"allowed_cidrs": ["0.0.0.0/0"], "use_private_ip": False},
-            ClusterStartError,
+            NetworkPolicyError,
             "open_to_world",
         ),
         ({"allowed_cidrs": ["not-an-ip"]}, NetworkPolicyError, "'not-an-ip' is not an address"),
@@ -519,25 +520,23 @@ async def test_default_vpc_and_tags(aws):
     """Without vpc or subnet the region's default VPC is used; user tags reach the VMs."""
     _, client, options = aws
     from dask_secure_cloud.driver import VMRequest
+    from dask_secure_cloud.options import EC2Options, resolve
     from dask_secure_cloud.providers.aws import EC2Driver
 
     default_vpc = client.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])
     default_vpc = default_vpc["Vpcs"][0]["VpcId"]
-    driver = EC2Driver(
-        region=REGION,
-        endpoint_url=None,
-        instance_types={Role.SCHEDULER: "t3.medium", Role.WORKER: "t3.medium"},
-        ami=options["ami"],
-        vpc=None,
-        subnet_id=None,
-        security_groups=[],
-        iam_instance_profile=None,
-        key_name=None,
-        filesystem_size=20,
-        worker_spot=False,
-        tags={"team": "analytics"},
-        network=NetworkPolicy(use_private_ip=True),
+    driver_options = resolve(
+        EC2Options,
+        {
+            "region": REGION,
+            "scheduler_instance_type": "t3.medium",
+            "worker_instance_type": "t3.medium",
+            "ami": options["ami"],
+            "filesystem_size": 20,
+            "tags": {"team": "analytics"},
+        },
     )
+    driver = EC2Driver(driver_options, network=NetworkPolicy(use_private_ip=True))
     driver.configure(ports=(8786, 8787), boot_timeout=10)
     try:
         await driver.prepare("c-default")
@@ -716,3 +715,29 @@ def test_a_subnet_uses_its_own_route_table_else_the_main_one():
     own = {**_table(LOCAL, subnet="subnet-a"), "RouteTableId": "rtb-a"}
     assert subnet_route_table([main, own], "subnet-a")["RouteTableId"] == "rtb-a"
     assert subnet_route_table([own, main], "subnet-b")["RouteTableId"] == "rtb-main"
+
+
+# -- the driver contract -------------------------------------------------------------------
+
+
+async def test_user_named_clusters_are_listed_and_cleaned_up_each_alone(aws):
+    """``nightly-etl`` beside ``nightly`` and ``nightly-etl-scheduler``: the latter's
+    members' security group used to have the name of the former's scheduler group."""
+    _, client, options = aws
+    await check_named_clusters(EC2Cluster, options, lambda c: leftovers(client, c) == NOTHING)
+    assert all_clusters_gone(client)
+
+
+async def test_a_throttled_or_failed_poll_is_unknown_never_terminated(aws):
+    stand_in, client, options = aws
+    await check_polls(
+        EC2Cluster,
+        options,
+        [
+            lambda: stand_in.throttle("DescribeInstances"),
+            lambda: stand_in.fail("DescribeInstances", "InternalError", status=500),
+            lambda: stand_in.fail("DescribeInstances", "Unavailable", status=503),
+        ],
+        lambda c: leftovers(client, c) == NOTHING,
+    )
+    assert all_clusters_gone(client)

@@ -28,6 +28,7 @@ from dask_secure_cloud.driver import VMRequest
 from dask_secure_cloud.network import NetworkPolicyError
 
 from clouds.arm import ARMError, AzureStandIn, ScheduledEvents, check_model
+from clouds.naming import check_named_clusters, check_polls
 from conftest import CLIENT_ID, SECRET, SUBSCRIPTION, TENANT, decoded_files, vm_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -386,7 +387,8 @@ async def test_exhausted_quota_without_usage_permission_is_a_clear_error_and_lea
     # A role without locations/usages/read: no pre-check, Azure refuses the second worker.
     stand_in.fail("GET usages", 403, "AuthorizationFailed")
     stand_in.quotas["westeurope"]["cores"] = 8
-    with pytest.raises(ClusterStartError, match=r"quota is exhausted.*Total Regional Cores"):
+    quota = r"OperationNotAllowed: .*Total Regional Cores quota.*quota increase"
+    with pytest.raises(ClusterStartError, match=quota):
         await AzureVMCluster(n_workers=2, asynchronous=True, **options)
     assert "PUT virtualMachines" in stand_in.calls
     assert stand_in.resources == {} and stand_in.booter.vms == {}
@@ -914,4 +916,56 @@ async def test_stand_in_refuses_what_arm_refuses_on_the_network(azure):
         await (await net.virtual_networks.begin_delete("dask-rg", "team-vnet")).result()
         await (await net.nat_gateways.begin_delete("dask-rg", "team-nat")).result()
         await (await net.public_ip_addresses.begin_delete("dask-rg", "team-nat-ip")).result()
+    assert stand_in.resources == {}
+
+
+# -- the driver contract -------------------------------------------------------------------
+
+
+async def test_user_named_clusters_are_listed_and_cleaned_up_each_alone(azure):
+    stand_in, options = azure
+    await check_named_clusters(AzureVMCluster, options, lambda c: nothing_left(stand_in, c))
+    assert stand_in.resources == {}
+
+
+async def test_a_throttled_or_failed_poll_is_unknown_never_terminated(azure):
+    """A failed poll used to raise out of ``state``, and so out of the boot watch."""
+    stand_in, options = azure
+    call = "GET virtualMachines/instanceView"
+    await check_polls(
+        AzureVMCluster,
+        options,
+        [
+            lambda: stand_in.throttle(call),
+            lambda: stand_in.fail(call, 500, "InternalServerError"),
+            lambda: stand_in.fail(call, 503, "ServiceUnavailable"),
+        ],
+        lambda c: nothing_left(stand_in, c),
+    )
+    assert stand_in.resources == {}
+
+
+async def test_deletes_refused_as_in_use_are_retried_by_their_error_code(azure):
+    """ARM refuses to delete an NSG or a vnet while a NIC of a VM being deleted still
+    holds it: its error code says so (the message, in ARM's words, is only quoted)."""
+    stand_in, options = azure
+    cluster = await AzureVMCluster(n_workers=1, asynchronous=True, **options)
+    stand_in.fail(
+        "DELETE networkSecurityGroups",
+        400,
+        "InUseNetworkSecurityGroupCannotBeDeleted",
+        message="Network security group cannot be deleted because it is in use by the "
+        "following resources: [nic-1].",
+    )
+    stand_in.fail(
+        "DELETE virtualNetworks",
+        400,
+        "InUseSubnetCannotBeDeleted",
+        message="Subnet dask is in use by nic-1 and cannot be deleted.",
+    )
+    await cluster.close()
+    # Two NSGs and a vnet, each of the first two refused once and deleted again.
+    assert stand_in.calls.count("DELETE networkSecurityGroups") == 3
+    assert stand_in.calls.count("DELETE virtualNetworks") == 2
+    assert nothing_left(stand_in, cluster.cluster_id)
     assert stand_in.resources == {}

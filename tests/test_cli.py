@@ -50,7 +50,7 @@ time.sleep(600)
 """
 
 
-def _start_and_kill(cls: str, args: str, env: dict[str, str]) -> str:
+def _start_and_kill(cls: str, args: str, env: dict[str, str], prefix: str = "dsc-") -> str:
     """Start a cluster in a child process, then kill the child as a crash would."""
     child = subprocess.Popen(
         [sys.executable, "-c", LIVE_CLUSTER.format(cls=cls, args=args)],
@@ -60,7 +60,7 @@ def _start_and_kill(cls: str, args: str, env: dict[str, str]) -> str:
     )
     try:
         cluster_id = child.stdout.readline().strip()
-        assert cluster_id.startswith("dsc-"), child.communicate(timeout=5)
+        assert cluster_id.startswith(prefix), child.communicate(timeout=5)
     finally:
         child.kill()
         child.wait()
@@ -109,7 +109,9 @@ def test_list_and_cleanup_a_local_cluster_whose_client_was_killed(tmp_path, audi
     assert events[-1]["event"] == "cleanup" and events[-1]["ok"] is True
 
 
-def test_list_and_cleanup_on_digitalocean_after_the_client_was_killed(tmp_path):
+@pytest.mark.parametrize("name", [None, "nightly-etl"])
+def test_list_and_cleanup_on_digitalocean_after_the_client_was_killed(tmp_path, name):
+    """A generated id, and one the user chose (only ``dsc-`` ids used to be listed)."""
     from clouds.booter import VMBooter
     from clouds.digitalocean import DigitalOceanStandIn
 
@@ -128,7 +130,10 @@ def test_list_and_cleanup_on_digitalocean_after_the_client_was_killed(tmp_path):
         "DASK_SECURE_CLOUD__AUDIT_LOG": str(tmp_path / "audit.jsonl"),
     }
     try:
-        cluster_id = _start_and_kill("DropletCluster", "", env)
+        if name is None:
+            cluster_id = _start_and_kill("DropletCluster", "", env)
+        else:
+            cluster_id = _start_and_kill("DropletCluster", f"name={name!r}", env, prefix=name)
         assert len(stand_in.droplets) == 2
 
         listed = _cli("list", "--provider", "digitalocean", env=env)

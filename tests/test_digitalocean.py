@@ -18,10 +18,17 @@ from dask_secure_cloud.cluster import ClusterStartError
 from dask_secure_cloud.credentials import Role
 from dask_secure_cloud.driver import VMRequest
 from dask_secure_cloud.network import NetworkPolicy, NetworkPolicyError
-from dask_secure_cloud.providers.digitalocean import DropletDriver
+from dask_secure_cloud.options import DropletOptions, resolve
+from dask_secure_cloud.providers.digitalocean import (
+    DropletDriver,
+    cluster_tag,
+    made_name,
+    scheduler_tag,
+)
 
 from clouds.booter import VMBooter
 from clouds.digitalocean import DigitalOceanStandIn
+from clouds.naming import check_named_clusters, check_polls
 from conftest import decoded_files, vm_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -62,19 +69,9 @@ def do(tmp_path, monkeypatch):
 
 def driver_for(options: Mapping[str, Any]) -> DropletDriver:
     """The cluster's driver on its own, for checks that need no Dask on the droplets."""
-    driver = DropletDriver(
-        token=TOKEN,
-        api_url=options["api_url"],
-        ca_bundle=options["ca_bundle"],
-        region=options["region"],
-        sizes={Role.SCHEDULER: options["scheduler_size"], Role.WORKER: options["worker_size"]},
-        image="ubuntu-24-04-x64",
-        vpc_uuid=None,
-        tags=[],
-        ssh_keys=[],
-        monitoring=False,
-        network=NetworkPolicy(use_private_ip=True),
-    )
+    keys = ("api_url", "ca_bundle", "region", "scheduler_size", "worker_size")
+    driver_options = resolve(DropletOptions, {key: options[key] for key in keys})
+    driver = DropletDriver(driver_options, token=TOKEN, network=NetworkPolicy(use_private_ip=True))
     driver.configure(ports=(8786, 8787), boot_timeout=60)
     return driver
 
@@ -110,12 +107,14 @@ class RecordingBooter:
 
 
 def nothing_left(stand_in: DigitalOceanStandIn, cluster_id: str) -> bool:
-    tag = f"dask-secure-cloud-{cluster_id}"
+    tags = {cluster_tag(cluster_id), scheduler_tag(cluster_id)}
+    names = {made_name(tag) for tag in tags}
     return (
-        not [d for d in stand_in.droplets.values() if tag in d["tags"]]
-        and not [f for f in stand_in.firewalls.values() if f["name"].startswith(tag)]
-        and not [v for v in stand_in.vpcs.values() if v["name"] == tag]
-        and not [t for t in stand_in.tags if t.startswith(tag)]
+        not [d for d in stand_in.droplets.values() if tags & set(d["tags"])]
+        and not [f for f in stand_in.firewalls.values() if tags & set(f.get("tags") or [])]
+        and not [f for f in stand_in.firewalls.values() if f["name"] in names]
+        and not [v for v in stand_in.vpcs.values() if v["name"] in names]
+        and not tags & stand_in.tags
         and not vm_processes(cluster_id)
     )
 
@@ -129,8 +128,8 @@ def open_to_outside(
     the cluster, by tag or droplet id, whose sources reach beyond the cluster's own
     droplets: any address range, load balancer or Kubernetes cluster, another droplet, or
     a tag other than the cluster's own."""
-    tag = f"dask-secure-cloud-{cluster_id}"
-    inside_tags = {tag, f"{tag}-scheduler"}
+    tag = cluster_tag(cluster_id)
+    inside_tags = {tag, scheduler_tag(cluster_id)}
     cluster = [d for d in droplets if tag in d["tags"]]
     ids = {d["id"] for d in cluster}
     workers = [d for d in cluster if "dask-secure-cloud-worker" in d["tags"]]
@@ -163,8 +162,8 @@ async def test_droplet_cluster_computes_over_tls_and_leaves_nothing(do):
         n_workers=2, tags=["team:ml"], asynchronous=True, **options
     ) as cluster:
         cluster_id = cluster.cluster_id
-        tag = f"dask-secure-cloud-{cluster_id}"
-        vpc = next(v for v in stand_in.vpcs.values() if v["name"] == tag)
+        tag = cluster_tag(cluster_id)
+        vpc = next(v for v in stand_in.vpcs.values() if v["name"] == made_name(tag))
         network = ipaddress.ip_network(vpc["ip_range"])
         scheduler_host = cluster.scheduler_address.removeprefix("tls://").rsplit(":", 1)[0]
         assert ipaddress.ip_address(scheduler_host) in network
@@ -199,11 +198,13 @@ async def test_droplet_cluster_computes_over_tls_and_leaves_nothing(do):
             == []
         )
         # Only the scheduler carries the tag its port-opening firewall applies to.
-        scheduler_only = f"{tag}-scheduler"
+        scheduler_only = scheduler_tag(cluster_id)
         carriers = [d["name"] for d in stand_in.droplets.values() if scheduler_only in d["tags"]]
-        assert carriers == [f"{tag}-scheduler"]
-        firewalls = {f["name"]: f for f in stand_in.firewalls.values()}
+        assert carriers == [f"dask-secure-cloud-{cluster_id}-scheduler"]
+        firewalls = {f["tags"][0]: f for f in stand_in.firewalls.values()}
         assert set(firewalls) == {tag, scheduler_only}
+        names = {f["name"] for f in firewalls.values()}
+        assert names == {made_name(tag), made_name(scheduler_only)}
         assert firewalls[tag]["tags"] == [tag]
         assert firewalls[tag]["inbound_rules"] == [
             {"protocol": p, "ports": "all", "sources": {"tags": [tag]}} for p in ("tcp", "udp")
@@ -219,9 +220,9 @@ async def test_droplet_cluster_computes_over_tls_and_leaves_nothing(do):
 def test_the_outside_check_finds_scheduler_ports_open_on_every_droplet():
     """The check above fails on the firewall this cluster used to make: the scheduler's
     ports open to the creator on the cluster's tag, so on every worker."""
-    tag = "dask-secure-cloud-dsc-0a1b"
+    tag, scheduler_only = cluster_tag("dsc-0a1b"), scheduler_tag("dsc-0a1b")
     droplets = [
-        {"id": 1, "tags": [tag, f"{tag}-scheduler", "dask-secure-cloud-scheduler"]},
+        {"id": 1, "tags": [tag, scheduler_only, "dask-secure-cloud-scheduler"]},
         {"id": 2, "tags": [tag, "dask-secure-cloud-worker"]},
         {"id": 3, "tags": ["someone-else"]},
     ]
@@ -229,7 +230,7 @@ def test_the_outside_check_finds_scheduler_ports_open_on_every_droplet():
     creator = {"protocol": "tcp", "ports": "8786", "sources": {"addresses": ["198.51.100.7/32"]}}
     cases = {
         "one firewall on the cluster's tag": ({"tags": [tag]}, creator, True),
-        "the creator on the scheduler's tag": ({"tags": [f"{tag}-scheduler"]}, creator, False),
+        "the creator on the scheduler's tag": ({"tags": [scheduler_only]}, creator, False),
         "the worker by id": ({"droplet_ids": [2]}, creator, True),
         "another droplet": ({"tags": [tag]}, {**inside, "sources": {"droplet_ids": [3]}}, True),
         "another tag": ({"tags": [tag]}, {**inside, "sources": {"tags": ["someone-else"]}}, True),
@@ -506,3 +507,29 @@ def test_stand_in_refuses_what_the_spec_refuses(do):
     ):
         with pytest.raises(APIError, match=message):
             validate(body, schema, required)
+
+
+# -- the driver contract -------------------------------------------------------------------
+
+
+async def test_user_named_clusters_are_listed_and_cleaned_up_each_alone(do):
+    """``nightly-etl`` beside ``nightly`` and ``nightly-etl-scheduler``: the latter's tag
+    used to be the former's scheduler-only tag, and ``dsc-`` ids alone were listed."""
+    stand_in, options = do
+    await check_named_clusters(DropletCluster, options, lambda c: nothing_left(stand_in, c))
+    assert not stand_in.droplets and not stand_in.firewalls and not stand_in.vpcs
+    assert not stand_in.tags
+
+
+async def test_a_throttled_or_failed_poll_is_unknown_never_terminated(do):
+    stand_in, options = do
+    await check_polls(
+        DropletCluster,
+        options,
+        [
+            lambda: stand_in.rate_limit("droplets.get"),
+            lambda: stand_in.fail("droplets.get", 500, "server_error"),
+            lambda: stand_in.fail("droplets.get", 503, "service_unavailable"),
+        ],
+        lambda c: nothing_left(stand_in, c),
+    )

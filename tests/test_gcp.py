@@ -21,7 +21,8 @@ from dask_secure_cloud.credentials import Role
 from dask_secure_cloud.driver import VMRequest
 
 from clouds.booter import VMBooter
-from clouds.gce import GCEStandIn
+from clouds.gce import GCEStandIn, PreemptionNotice
+from clouds.naming import check_named_clusters, check_polls
 from conftest import decoded_files, vm_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -64,7 +65,8 @@ def nothing_left(stand_in: GCEStandIn, cluster_id: str) -> bool:
         for r in stand_in.instances.values()
         if r["labels"].get("dask-secure-cloud-cluster") == cluster_id
     ]
-    rules = [n for n in stand_in.firewalls if cluster_id in n]
+    names = {f"dask-secure-cloud-{cluster_id}-{rule}" for rule in ("deny", "client", "internal")}
+    rules = names & set(stand_in.firewalls)
     return not labelled and not rules and not vm_processes(cluster_id)
 
 
@@ -171,7 +173,7 @@ async def test_defaults_on_a_fresh_default_network_compute_with_closed_public_wo
         client_rule = rules[f"{tag}-client"]
         assert sorted(client_rule["allowed"][0]["ports"]) == ["8786", "8787"]
         assert client_rule["sourceRanges"] == [str(stand_in.subnet)]  # client inside the VPC
-        assert client_rule["targetTags"] == [f"{tag}-scheduler"]  # the scheduler alone
+        assert client_rule["targetTags"] == [f"{tag}--scheduler"]  # the scheduler alone
         internal = rules[f"{tag}-internal"]
         assert internal["sourceTags"] == internal["targetTags"] == [tag]
         deny = rules[f"{tag}-deny"]
@@ -201,22 +203,37 @@ async def test_defaults_on_a_fresh_default_network_compute_with_closed_public_wo
     assert "zoneOperations.wait" in stand_in.calls
 
 
-async def test_spot_and_gpu_workers(gce):
+async def test_spot_gpu_workers_retire_on_the_preemption_notice(gce):
+    """A Spot worker asks the metadata server whether it is being preempted; once it
+    answers TRUE (Compute Engine's 30-second notice) the worker retires gracefully, so
+    the scheduler moves its data elsewhere before the VM is gone."""
     stand_in, options = gce
-    async with GCPCluster(
-        n_workers=1,
-        worker_spot=True,
-        gpu_type="nvidia-tesla-t4",
-        gpu_count=1,
-        runtime="native",
-        asynchronous=True,
-        **options,
-    ) as cluster:
-        worker = [b for c, b in stand_in.requests if c == "instances.insert"][-1]
-        assert worker["scheduling"]["provisioningModel"] == "SPOT"
-        assert worker["scheduling"]["onHostMaintenance"] == "TERMINATE"
-        assert worker["guestAccelerators"][0]["acceleratorCount"] == 1
-        cluster_id = cluster.cluster_id
+    notice = PreemptionNotice()
+    try:
+        async with GCPCluster(
+            n_workers=1,
+            worker_spot=True,
+            gpu_type="nvidia-tesla-t4",
+            gpu_count=1,
+            runtime="native",
+            metadata_endpoint=notice.url,
+            asynchronous=True,
+            **options,
+        ) as cluster:
+            worker = [b for c, b in stand_in.requests if c == "instances.insert"][-1]
+            assert worker["scheduling"]["provisioningModel"] == "SPOT"
+            assert worker["scheduling"]["onHostMaintenance"] == "TERMINATE"
+            assert worker["guestAccelerators"][0]["acceleratorCount"] == 1
+            async with Client(cluster, asynchronous=True) as client:
+                await client.wait_for_workers(1, timeout=60)
+                notice.preempt()
+                deadline = asyncio.get_running_loop().time() + 30
+                while cluster.scheduler_info["workers"]:
+                    assert asyncio.get_running_loop().time() < deadline, "it did not retire"
+                    await asyncio.sleep(0.5)
+            cluster_id = cluster.cluster_id
+    finally:
+        notice.stop()
     assert nothing_left(stand_in, cluster_id)
 
 
@@ -309,10 +326,13 @@ async def test_rate_limits_are_retried(gce):
     stand_in, options = gce
     stand_in.fail("instances.insert", 429, "rateLimitExceeded")
     stand_in.fail("firewalls.insert", 503, "backendError")
+    # Compute Engine answers its per-project rate limits with 403: waited out too.
+    stand_in.fail("zones.get", 403, "rateLimitExceeded")
     async with GCPCluster(n_workers=1, asynchronous=True, **options) as cluster:
         cluster_id = cluster.cluster_id
         assert len(stand_in.instances) == 2
     assert stand_in.calls.count("instances.insert") == 3  # one refused, then two
+    assert stand_in.calls.count("zones.get") == 2
     assert nothing_left(stand_in, cluster_id)
 
 
@@ -513,3 +533,32 @@ def test_stand_in_rejects_what_compute_engine_rejects(gce):
 
     with pytest.raises(APIError, match="Invalid JSON payload"):
         stand_in.insert_route(b'{"name": "r-2", "nextHopGatway": "x"}')
+
+
+# -- the driver contract -------------------------------------------------------------------
+
+
+async def test_user_named_clusters_are_listed_and_cleaned_up_each_alone(gce):
+    """Firewall rules carry no labels: their cluster is read from their names, which
+    used to be recognised for ``dsc-`` ids only; and cleaning up ``nightly`` used to
+    delete every rule named ``dask-secure-cloud-nightly-*``, ``nightly-etl``'s too."""
+    stand_in, options = gce
+    await check_named_clusters(GCPCluster, options, lambda c: nothing_left(stand_in, c))
+    assert project_as_fresh(stand_in)
+
+
+async def test_a_throttled_or_failed_poll_is_unknown_never_terminated(gce):
+    stand_in, options = gce
+    await check_polls(
+        GCPCluster,
+        options,
+        [
+            lambda: stand_in.fail("instances.get", 429, "rateLimitExceeded"),
+            # Compute Engine answers its per-project rate limits with 403.
+            lambda: stand_in.fail("instances.get", 403, "rateLimitExceeded"),
+            lambda: stand_in.fail("instances.get", 503, "backendError"),
+            lambda: stand_in.fail("instances.get", 500, "backendError"),
+        ],
+        lambda c: nothing_left(stand_in, c),
+    )
+    assert project_as_fresh(stand_in)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from dask_secure_cloud import LocalVMCluster, cluster
+from dask_secure_cloud import LocalVMCluster, plan
 from dask_secure_cloud.cluster import ClusterStartError
 from dask_secure_cloud.images import Presence, image_presence, parse_reference
 
@@ -100,9 +100,7 @@ def test_a_missing_tag_is_refused_before_any_vm_exists(registry, vm_dir):
 
 def test_a_missing_default_image_names_the_fixes(registry, vm_dir, monkeypatch):
     host, _ = registry
-    monkeypatch.setattr(
-        cluster, "default_docker_image", lambda: f"{host}/dask/dask:2026.1.0-py3.13"
-    )
+    monkeypatch.setattr(plan, "default_docker_image", lambda: f"{host}/dask/dask:2026.1.0-py3.13")
     with pytest.raises(ClusterStartError) as info:
         LocalVMCluster(n_workers=1, runtime="docker", directory=vm_dir)
     message = str(info.value)

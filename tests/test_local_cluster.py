@@ -240,7 +240,7 @@ async def test_docker_user_data_passes_image_env_and_tls_to_the_container(vm_dir
         ({"certificate_lifetime": 0}, "certificate_lifetime must be positive"),
         ({"certificate_lifetime": "-2h"}, "certificate_lifetime must be"),
         ({"certificate_lifetime": "soon"}, "certificate_lifetime must be a duration"),
-        ({"runtime": "podman"}, "runtime must be 'docker' or 'native'"),
+        ({"runtime": "podman"}, "runtime must be one of docker, native"),
         ({"security": "yes"}, "security must be True"),
         ({"worker_options": {"nthread": 2}}, "Did you mean 'nthreads'"),
         ({"worker_options": {"tls_key": "/x"}}, "set by the cluster itself"),
@@ -275,17 +275,20 @@ def test_config_and_keyword_precedence(vm_dir, monkeypatch):
     monkeypatch.setenv("DASK_SECURE_CLOUD__LOCAL__CERTIFICATE_LIFETIME", "3h")
     dask.config.refresh()
     try:
-        from dask_secure_cloud.config import option
+        from dask_secure_cloud.options import EC2Options, LocalOptions, resolve
+
+        def hours(cls, **keywords):
+            return resolve(cls, keywords).certificate_lifetime.total_seconds() / 3600
 
         with dask.config.set({"secure-cloud.local.certificate-lifetime": "5h"}):
-            assert option("local", "certificate_lifetime") == "5h"  # set() beats env
+            assert hours(LocalOptions) == 5  # set() beats env
         with dask.config.set({"secure-cloud.certificate-lifetime": "7h"}):
             # The provider's own key beats the shared one.
-            assert option("local", "certificate_lifetime") == "3h"
-            assert option("aws", "certificate_lifetime") == "7h"
-        assert option("local", "certificate_lifetime") == "3h"  # env beats default
-        assert option("local", "certificate_lifetime", "1h") == "1h"  # keyword beats all
-        assert option("aws", "certificate_lifetime") == "24h"  # other providers: the default
+            assert hours(LocalOptions) == 3
+            assert hours(EC2Options) == 7
+        assert hours(LocalOptions) == 3  # env beats default
+        assert hours(LocalOptions, certificate_lifetime="1h") == 1  # keyword beats all
+        assert hours(EC2Options) == 24  # other providers: the default
     finally:
         monkeypatch.delenv("DASK_SECURE_CLOUD__LOCAL__CERTIFICATE_LIFETIME")
         dask.config.refresh()

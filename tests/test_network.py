@@ -10,6 +10,7 @@ from dask_secure_cloud.network import (
     parse_cidrs,
     scheduler_sources,
 )
+from dask_secure_cloud.options import DropletOptions, EC2Options, resolve
 
 
 async def test_creator_address_is_looked_up_when_no_cidrs_are_given():
@@ -65,28 +66,13 @@ def test_plain_tcp_on_a_public_address_needs_an_explicit_opt_in():
 
 
 def test_policy_from_options_resolves_and_refuses():
-    given = {"use_private_ip": None, "allowed_cidrs": ["10.1.2.3"], "public_ip_url": None}
-    defaults = {"public_ip_url": "https://example.invalid/ip", "security": True}
-
-    def option(name, value):
-        return value if value is not None else defaults.get(name)
-
-    policy = NetworkPolicy.from_options(
-        option, security=None, open_to_world=None, allow_insecure_public=None, **given
-    )
+    options = resolve(EC2Options, {"allowed_cidrs": ["10.1.2.3"]})
+    policy = NetworkPolicy.from_options(options)
     assert policy.allowed_cidrs == ("10.1.2.3/32",)
     assert policy.public_address(worker=False) and not policy.public_address(worker=True)
+    insecure = resolve(DropletOptions, {"security": False, "use_private_ip": True})
     with pytest.raises(NetworkPolicyError, match="allow_insecure_public"):
-        NetworkPolicy.from_options(
-            option,
-            security=False,
-            use_private_ip=True,
-            allowed_cidrs=None,
-            open_to_world=None,
-            allow_insecure_public=None,
-            public_ip_url=None,
-            always_public=True,
-        )
+        NetworkPolicy.from_options(insecure, always_public=True)
 
 
 async def test_policy_uses_the_network_ranges_for_a_client_inside_it():

@@ -21,15 +21,12 @@ none is ever sent to a VM. ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_EC2`` (or t
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import difflib
 import logging
-import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
-from .. import config, preloads
 from ..cloudinit import LIMITS
 from ..cluster import VMCluster
 from ..credentials import Role
@@ -40,18 +37,25 @@ from ..driver import (
     CloudError,
     ClusterSummary,
     Driver,
+    ForbiddenError,
+    InterruptionNotice,
+    InUseError,
+    NotFoundError,
+    ThrottledError,
     VMRequest,
     summarize,
 )
 from ..egress import Exits, decide_public_addresses
 from ..errors import OptionError
 from ..network import NetworkPolicy
+from ..options import EC2Options
 
 try:
     import botocore.session
     from aiobotocore.config import AioConfig
     from aiobotocore.session import get_session
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+    from botocore.parsers import ResponseParserError
 except ImportError as e:  # pragma: no cover - depends on the extra
     raise ImportError("EC2Cluster needs the aws extra: pip install 'dask-secure-cloud[aws]'") from e
 
@@ -63,6 +67,8 @@ logger = logging.getLogger(__name__)
 UBUNTU_OWNER = "099720109477"
 UBUNTU_NAME = "ubuntu/images/hvm-ssd*/ubuntu-noble-24.04-{arch}-server-*"
 _LIVE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]
+#: An instance in these states has ended, or is ending: its OS powered off.
+_ENDED_STATES = frozenset({"shutting-down", "terminated", "stopping", "stopped"})
 
 # EC2 error codes -> what the user should change.
 _ADVICE = {
@@ -91,11 +97,76 @@ def known_regions() -> set[str]:
 
 
 class EC2Error(CloudError):
-    """An EC2 error, with the API's error code to decide on (never its message text)."""
+    """An EC2 error, with the API's error code to decide on (never its message text).
+
+    Where the code tells the case, the error is also one of the shared kinds:
+    :class:`EC2NotFoundError`, :class:`EC2InUseError`, :class:`EC2ForbiddenError`,
+    :class:`EC2ThrottledError` (see :func:`ec2_error`)."""
 
     def __init__(self, message: str, code: str = "") -> None:
         super().__init__(message)
         self.code = code
+
+
+class EC2NotFoundError(EC2Error, NotFoundError):
+    """``*.NotFound``: the instance, group, subnet... does not exist (any more)."""
+
+
+class EC2InUseError(EC2Error, InUseError):
+    """``DependencyViolation``, ``*.InUse``: still referenced (a security group by the
+    network interface of an instance that is terminating)."""
+
+
+class EC2ForbiddenError(EC2Error, ForbiddenError):
+    """``UnauthorizedOperation``, ``AuthFailure``, ``OptInRequired``...: the credentials
+    or the account may not do this."""
+
+
+class EC2ThrottledError(EC2Error, ThrottledError):
+    """``RequestLimitExceeded`` and the other throttling codes, after botocore's retries."""
+
+
+#: EC2 error codes of each shared kind, besides the ``.NotFound`` and ``.InUse`` suffixes.
+_NOT_FOUND_CODES = frozenset({"InvalidInstanceID.NotFound", "InvalidGroup.NotFound"})
+_IN_USE_CODES = frozenset({"DependencyViolation", "VolumeInUse"})
+_FORBIDDEN_CODES = frozenset(
+    {
+        "UnauthorizedOperation",
+        "AuthFailure",
+        "OptInRequired",
+        "Blocked",
+        "PendingVerification",
+        "SignatureDoesNotMatch",
+        "InvalidClientTokenId",
+        "MissingAuthenticationToken",
+    }
+)
+_THROTTLED_CODES = frozenset(
+    {
+        "RequestLimitExceeded",
+        "Throttling",
+        "ThrottlingException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "EC2ThrottledException",
+        "BandwidthLimitExceeded",
+    }
+)
+
+
+def ec2_error(message: str, code: str) -> EC2Error:
+    """The :class:`EC2Error` of the kind EC2's error ``code`` says."""
+    cls: type[EC2Error] = EC2Error
+    if code in _THROTTLED_CODES:
+        cls = EC2ThrottledError
+    elif code in _FORBIDDEN_CODES:
+        cls = EC2ForbiddenError
+    elif code in _IN_USE_CODES or code.endswith(".InUse"):
+        cls = EC2InUseError
+    elif code in _NOT_FOUND_CODES or code.endswith(".NotFound"):
+        cls = EC2NotFoundError
+    return cls(message, code)
 
 
 @contextlib.contextmanager
@@ -114,9 +185,11 @@ def _translated(operation: str) -> Iterator[None]:
         code, message = error.get("Code", "?"), error.get("Message", str(e))
         advice = next((v for k, v in _ADVICE.items() if code.startswith(k)), None)
         hint = f" ({advice})" if advice else ""
-        raise EC2Error(f"EC2 {operation} failed: {code}: {message}{hint}", code) from e
-    except BotoCoreError as e:
+        raise ec2_error(f"EC2 {operation} failed: {code}: {message}{hint}", code) from e
+    except BotoCoreError as e:  # no answer: a network error, a timeout
         raise CloudError(f"EC2 {operation} failed: {e}") from e
+    except ResponseParserError as e:  # an answer not from EC2 (a proxy's error page)
+        raise CloudError(f"EC2 {operation} failed: the answer was not EC2's ({e})") from e
 
 
 def subnet_route_table(tables: Sequence[Mapping[str, Any]], subnet_id: str) -> Mapping[str, Any]:
@@ -185,41 +258,29 @@ class EC2Driver(Driver):
     provider = "aws"
     user_data_limit = LIMITS["aws"]
 
-    def __init__(
-        self,
-        *,
-        region: str,
-        endpoint_url: str | None,
-        instance_types: Mapping[Role, str],
-        ami: str | None,
-        vpc: str | None,
-        subnet_id: str | None,
-        security_groups: Sequence[str],
-        iam_instance_profile: str | None,
-        key_name: str | None,
-        filesystem_size: int,
-        worker_spot: bool,
-        tags: Mapping[str, str],
-        network: NetworkPolicy,
-        worker_public_ip: bool | None = None,
-    ) -> None:
-        self.region = region
-        self.endpoint_url = endpoint_url
-        self.instance_types = dict(instance_types)
-        self.ami = ami
-        self.vpc = vpc
-        self.subnet_id = subnet_id
-        self.security_groups = list(security_groups)
-        self.iam_instance_profile = iam_instance_profile
-        self.key_name = key_name
-        self.filesystem_size = filesystem_size
-        self.worker_spot = worker_spot
-        self.tags = dict(tags)
+    def __init__(self, options: EC2Options, *, network: NetworkPolicy) -> None:
+        self.options = options
+        self.region = options.region
+        self.endpoint_url = options.endpoint_url
+        self.instance_types = {
+            Role.SCHEDULER: options.scheduler_instance_type,
+            Role.WORKER: options.worker_instance_type,
+        }
+        self.ami = options.ami
+        self.vpc = options.vpc
+        self.subnet_id = options.subnet_id
+        self.security_groups = list(options.security_groups)
+        self.iam_instance_profile = options.iam_instance_profile
+        self.key_name = options.key_name
+        self.filesystem_size = options.filesystem_size
+        self.worker_spot = options.worker_spot
+        self.tags = dict(options.tags)
         self.network = network
         #: The user's ``worker_public_ip``: True, False, or None to decide from the subnet.
-        self.worker_public_ip = worker_public_ip
+        self.worker_public_ip = network.worker_public_ip
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
+        self._poll_client: Any = None
         self._root_device = "/dev/sda1"
         self._group_ids: dict[Role, list[str]] = {}
         #: Whether VMs of each role get a public address, decided by :meth:`prepare`.
@@ -229,21 +290,32 @@ class EC2Driver(Driver):
 
     # -- the SDK ------------------------------------------------------------------------
 
-    async def _ec2(self) -> Any:
+    async def _ec2(self, poll: bool = False) -> Any:
+        """The client; ``poll``: one that does not retry, for :meth:`state`, whose caller
+        polls again anyway (retrying there would only add calls to a throttled account)."""
+        if poll:
+            if self._poll_client is None:
+                # One attempt in all: botocore's "max_attempts" counts the retries alone.
+                self._poll_client = await self._new_client({"total_max_attempts": 1})
+            return self._poll_client
         if self._client is None:
-            retries = {"max_attempts": 10, "mode": "standard"}  # backs off on throttling
-            self._client = await self._stack.enter_async_context(
-                get_session().create_client(
-                    "ec2",
-                    region_name=self.region,
-                    endpoint_url=self.endpoint_url,
-                    config=AioConfig(retries=retries, user_agent_extra="dask-secure-cloud"),
-                )
-            )
+            # Ten retries, backing off on throttling.
+            self._client = await self._new_client({"max_attempts": 10})
         return self._client
 
-    async def _call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
-        client = await self._ec2()
+    async def _new_client(self, attempts: dict[str, int]) -> Any:
+        retries: dict[str, Any] = {**attempts, "mode": "standard"}
+        return await self._stack.enter_async_context(
+            get_session().create_client(
+                "ec2",
+                region_name=self.region,
+                endpoint_url=self.endpoint_url,
+                config=AioConfig(retries=retries, user_agent_extra="dask-secure-cloud"),
+            )
+        )
+
+    async def _call(self, operation: str, poll: bool = False, **kwargs: Any) -> dict[str, Any]:
+        client = await self._ec2(poll)
         with _translated(operation):
             return await getattr(client, operation)(**kwargs)
 
@@ -254,6 +326,16 @@ class EC2Driver(Driver):
                 yield page
 
     # -- before the first VM ------------------------------------------------------------
+
+    def interruption_notice(self, role: Role) -> InterruptionNotice | None:
+        """A spot worker polls its interruption notice (IMDSv2: a session token first)."""
+        if role is not Role.WORKER or not self.worker_spot:
+            return None
+        endpoint = self.options.metadata_endpoint.rstrip("/")
+        return InterruptionNotice(
+            f"{endpoint}/latest/meta-data/spot/instance-action",
+            token_url=f"{endpoint}/latest/api/token",
+        )
 
     def where(self) -> str:
         return self.region
@@ -282,10 +364,12 @@ class EC2Driver(Driver):
         )
         # The client's way in is a group of its own that only the scheduler carries, so
         # a worker with a public address accepts nothing from outside the cluster.
+        # "--" ends the cluster id (no id has two hyphens in a row): this name is never
+        # the members' group of a cluster called "<id>-scheduler".
         scheduler = await self._create_group(
             cluster_id,
             vpc_id,
-            "-scheduler",
+            "--scheduler",
             f"dask-secure-cloud cluster {cluster_id}: the client to the scheduler",
         )
         self._group_ids[Role.SCHEDULER] = [members, scheduler]
@@ -507,28 +591,44 @@ class EC2Driver(Driver):
             public_ip=public_ip,
         )
 
-    async def _describe(self, instance_id: str) -> dict[str, Any]:
-        reservations = (await self._call("describe_instances", InstanceIds=[instance_id]))[
-            "Reservations"
-        ]
+    async def _describe(self, instance_id: str, poll: bool = False) -> dict[str, Any]:
+        reservations = (
+            await self._call("describe_instances", poll=poll, InstanceIds=[instance_id])
+        )["Reservations"]
+        if not reservations or not reservations[0]["Instances"]:
+            # EC2 forgets a terminated instance after a while.
+            raise EC2NotFoundError(
+                f"EC2 describe_instances: instance {instance_id} is not listed",
+                "InvalidInstanceID.NotFound",
+            )
         return reservations[0]["Instances"][0]
 
     async def _wait_for_public_ip(self, instance_id: str) -> dict[str, Any]:
-        deadline = time.monotonic() + self.boot_timeout
-        while True:
+        """The instance once EC2 reports its public address (within
+        :attr:`operation_timeout`)."""
+        instance: dict[str, Any] = {}
+
+        async def addressed() -> bool:
+            nonlocal instance
             instance = await self._describe(instance_id)
-            if instance.get("PublicIpAddress") or time.monotonic() > deadline:
-                return instance
-            await asyncio.sleep(2)
+            return bool(instance.get("PublicIpAddress"))
+
+        await self.poll_until(addressed, f"instance {instance_id}: its public address")
+        return instance
 
     async def destroy(self, vm: VM) -> None:
-        await self._call("terminate_instances", InstanceIds=[vm.id])
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if (await self._describe(vm.id))["State"]["Name"] == "terminated":
-                return
-            await asyncio.sleep(2)
-        raise CloudError(f"instance {vm.id} ({vm.name}) did not terminate within 10 minutes")
+        try:
+            await self._call("terminate_instances", InstanceIds=[vm.id])
+        except NotFoundError:
+            return  # already gone
+
+        async def terminated() -> bool:
+            try:
+                return (await self._describe(vm.id))["State"]["Name"] == "terminated"
+            except NotFoundError:
+                return True
+
+        await self.poll_until(terminated, f"terminating instance {vm.id} ({vm.name})")
 
     async def list(self, cluster_id: str) -> list[VM]:
         found: list[VM] = []
@@ -577,9 +677,26 @@ class EC2Driver(Driver):
         ]
         return summarize(found, others)
 
+    async def states(self, cluster_id: str) -> dict[str, str]:
+        """One DescribeInstances for the whole cluster: an instance shutting down or
+        stopped powered itself off."""
+        found: dict[str, str] = {}
+        filters = [{"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster_id]}]
+        async for page in self._paginate("describe_instances", Filters=filters):
+            for reservation in page["Reservations"]:
+                for instance in reservation["Instances"]:
+                    ended = instance["State"]["Name"] in _ENDED_STATES
+                    found[instance["InstanceId"]] = "terminated" if ended else "running"
+        return found
+
     async def state(self, vm: VM) -> str:
-        name = (await self._describe(vm.id))["State"]["Name"]
-        if name in ("shutting-down", "terminated", "stopping", "stopped"):
+        try:
+            name = (await self._describe(vm.id, poll=True))["State"]["Name"]
+        except NotFoundError:
+            return "terminated"
+        except CloudError:  # throttled, refused, unreachable: nothing learnt
+            return "unknown"
+        if name in _ENDED_STATES:
             return "terminated"
         return "running"
 
@@ -600,167 +717,35 @@ class EC2Driver(Driver):
             await self._delete_group(group["GroupId"])
 
     async def _delete_group(self, group_id: str) -> None:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                await self._call("delete_security_group", GroupId=group_id)
-                return
-            except EC2Error as e:
-                # Terminated instances keep their network interface for a while.
-                if e.code != "DependencyViolation" or time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(5)
+        # Terminated instances keep their network interface for a while: until it is
+        # gone, EC2 answers DependencyViolation.
+        await self.delete_when_free(
+            lambda: self._call("delete_security_group", GroupId=group_id),
+            f"deleting security group {group_id}",
+            interval=5,
+        )
 
     async def close(self) -> None:
         await self._stack.aclose()
-        self._client = None
+        self._client = self._poll_client = None
 
 
 class EC2Cluster(VMCluster):
     """A secure Dask cluster on Amazon EC2.
 
-    Every option of :class:`~dask_secure_cloud.cluster.VMCluster` applies, plus:
-
-    Parameters
-    ----------
-    region
-        AWS region, for example ``"eu-west-1"`` (default: ``us-east-1``).
-    scheduler_instance_type, worker_instance_type
-        Instance types; a GPU type gives the workers' containers its GPUs.
-    ami
-        AMI id. Default: the newest official Ubuntu 24.04 LTS image of the region.
-    vpc, subnet_id
-        Where to launch. Default: the region's default VPC and one of its subnets.
-    security_groups
-        Existing security groups to use instead of the per-cluster ones (never deleted);
-        every VM, workers included, then carries all of them.
-    iam_instance_profile
-        Name or ARN of the instance profile the VMs run as.
-    key_name
-        An EC2 key pair for SSH; by default there is no login at all.
-    filesystem_size
-        Root volume size in GiB (encrypted, deleted with the instance).
-    worker_spot
-        Run workers as spot instances; a worker retires gracefully on its interruption
-        notice.
-    tags
-        Extra tags for every resource.
-    use_private_ip
-        The client is inside the VPC and connects to the scheduler's private address.
-        The scheduler still gets a public address, for its outbound traffic only, where
-        the subnet's sole way out is an internet gateway.
-    worker_public_ip
-        ``None`` (default): decided from the subnet's route table. A NAT gateway (or NAT
-        instance, or transit gateway) as its way out: no public address. An internet
-        gateway only, as in a new account's default VPC: a public address that carries
-        the workers' outbound traffic, while no inbound connection from outside the
-        cluster is accepted. Neither: refused before anything is made. ``True``: always
-        a public address. ``False``: never; refused unless the subnet has a NAT.
-    allowed_cidrs
-        Who may reach the scheduler port and dashboard. Default: this machine's public
-        address, looked up at ``public_ip_url``.
-    open_to_world
-        Required with ``allowed_cidrs=["0.0.0.0/0"]``; logs a warning.
-    allow_insecure_public
-        Required with ``security=False`` and a public scheduler address.
-    endpoint_url
-        Another EC2 endpoint (LocalStack, a test stand-in). ``AWS_ENDPOINT_URL_EC2``
-        works too.
+    By default in the region's default VPC, on the newest official Ubuntu 24.04 LTS AMI,
+    with two security groups per cluster: members to members, and the creator's address
+    to the scheduler's port only.
     """
 
     provider = "aws"
+    Options = EC2Options
 
-    def __init__(
-        self,
-        *,
-        region: str | None = None,
-        endpoint_url: str | None = None,
-        scheduler_instance_type: str | None = None,
-        worker_instance_type: str | None = None,
-        ami: str | None = None,
-        vpc: str | None = None,
-        subnet_id: str | None = None,
-        security_groups: Sequence[str] | None = None,
-        iam_instance_profile: str | None = None,
-        key_name: str | None = None,
-        filesystem_size: int | None = None,
-        worker_spot: bool | None = None,
-        tags: Mapping[str, str] | None = None,
-        use_private_ip: bool | None = None,
-        worker_public_ip: bool | None = None,
-        allowed_cidrs: Sequence[str] | None = None,
-        open_to_world: bool | None = None,
-        allow_insecure_public: bool | None = None,
-        public_ip_url: str | None = None,
-        metadata_endpoint: str | None = None,
-        security: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        def opt(name: str, value: Any) -> Any:
-            return config.option(self.provider, name, value)
-
-        region = opt("region", region)
+    @classmethod
+    def make_driver(cls, options: EC2Options, **extra: Any) -> EC2Driver:
         regions = known_regions()
-        if region not in regions:
-            close = difflib.get_close_matches(str(region), sorted(regions), n=1)
+        if options.region not in regions:
+            close = difflib.get_close_matches(options.region, sorted(regions), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise OptionError(f"region {region!r} is not an EC2 region.{hint}")
-        size = opt("filesystem_size", filesystem_size)
-        if isinstance(size, bool) or not isinstance(size, int) or size < 8:
-            raise OptionError(f"filesystem_size must be a whole number of GiB >= 8, got {size!r}")
-        tags = dict(opt("tags", tags) or {})
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
-            raise OptionError(f"tags must map strings to strings, got {tags!r}")
-        if CLUSTER_TAG in tags:
-            raise OptionError(f"tags: {CLUSTER_TAG!r} is set by the cluster itself")
-        network = NetworkPolicy.from_options(
-            opt,
-            security=security,
-            use_private_ip=use_private_ip,
-            worker_public_ip=worker_public_ip,
-            allowed_cidrs=allowed_cidrs,
-            open_to_world=open_to_world,
-            allow_insecure_public=allow_insecure_public,
-            public_ip_url=public_ip_url,
-        )
-        instance_types = {
-            Role.SCHEDULER: opt("scheduler_instance_type", scheduler_instance_type),
-            Role.WORKER: opt("worker_instance_type", worker_instance_type),
-        }
-        for role, value in instance_types.items():
-            if not isinstance(value, str) or "." not in value:
-                raise OptionError(
-                    f"{role.value}_instance_type must look like 'm6i.large', got {value!r}"
-                )
-        self._worker_spot = bool(opt("worker_spot", worker_spot))
-        self._metadata_endpoint = str(opt("metadata_endpoint", metadata_endpoint)).rstrip("/")
-        driver = EC2Driver(
-            region=region,
-            endpoint_url=opt("endpoint_url", endpoint_url),
-            instance_types=instance_types,
-            ami=opt("ami", ami),
-            vpc=opt("vpc", vpc),
-            subnet_id=opt("subnet_id", subnet_id),
-            security_groups=list(opt("security_groups", security_groups) or []),
-            iam_instance_profile=opt("iam_instance_profile", iam_instance_profile),
-            key_name=opt("key_name", key_name),
-            filesystem_size=size,
-            worker_spot=self._worker_spot,
-            tags=tags,
-            network=network,
-            worker_public_ip=network.worker_public_ip,
-        )
-        super().__init__(
-            driver,
-            security=security,
-            **kwargs,
-        )
-
-    def _preloads(self, role: Role) -> dict[str, str]:
-        found = super()._preloads(role)
-        if role is Role.WORKER and self._worker_spot:
-            found["spot.py"] = preloads.spot_interruption(
-                f"{self._metadata_endpoint}/latest/meta-data/spot/instance-action",
-                f"{self._metadata_endpoint}/latest/api/token",
-            )
-        return found
+            raise OptionError(f"region {options.region!r} is not an EC2 region.{hint}")
+        return EC2Driver(options, network=NetworkPolicy.from_options(options))

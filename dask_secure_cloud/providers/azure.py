@@ -22,19 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import difflib
-import ipaddress
 import logging
 import os
-import re
-import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from .. import config, preloads
 from ..cloudinit import LIMITS
 from ..cluster import VMCluster
 from ..credentials import Role
@@ -45,12 +42,18 @@ from ..driver import (
     CloudError,
     ClusterSummary,
     Driver,
+    ForbiddenError,
+    InterruptionNotice,
+    InUseError,
+    NotFoundError,
+    ThrottledError,
     VMRequest,
     summarize,
 )
 from ..egress import Exits, decide_public_addresses
 from ..errors import OptionError
 from ..network import NetworkPolicy
+from ..options import AzureOptions
 
 try:
     from azure.core import AsyncPipelineClient
@@ -59,7 +62,6 @@ try:
         AzureError,
         ClientAuthenticationError,
         HttpResponseError,
-        ResourceNotFoundError,
     )
     from azure.core.pipeline.policies import AsyncRetryPolicy
     from azure.core.rest import HttpRequest
@@ -89,9 +91,6 @@ CLOUDS: dict[str, tuple[str, str]] = {
     ),
     "china": ("https://management.chinacloudapi.cn", AzureAuthorityHosts.AZURE_CHINA),
 }
-_IMAGE = re.compile(r"^[^:\s]+:[^:\s]+:[^:\s]+:[^:\s]+$")
-_LOCATION = re.compile(r"^[a-z0-9]+$")
-_TAG_KEY_FORBIDDEN = set("<>%&\\?/")
 #: Azure Scheduled Events, under the metadata endpoint: where a Spot VM learns it is
 #: about to be evicted.
 _SCHEDULED_EVENTS = "/metadata/scheduledevents?api-version=2020-07-01"
@@ -109,30 +108,79 @@ _APPLIANCES = {
 T = TypeVar("T")
 
 
+#: ARM error codes of a delete refused because another resource still uses the target
+#: (a NIC held by a VM being deleted, an NSG or subnet by such a NIC, an address by a NIC
+#: or NAT gateway). Deleting again a little later succeeds.
+_IN_USE_CODES = frozenset(
+    {
+        "InUseNetworkSecurityGroupCannotBeDeleted",
+        "InUseSubnetCannotBeDeleted",
+        "InUseNatGatewayCannotBeDeleted",
+        "InUseRouteTableCannotBeDeleted",
+        "NicInUse",
+        "NicReservedForAnotherVm",
+        "PublicIPAddressCannotBeDeleted",
+        "PublicIPAddressInUse",
+    }
+)
+#: ARM's codes for "the identity may not do this".
+_FORBIDDEN_CODES = frozenset({"AuthorizationFailed", "LinkedAuthorizationFailed"})
+#: ARM's codes for an exhausted quota (a VM create answers ``OperationNotAllowed`` too,
+#: which is not always a quota: the advice below says both).
+_QUOTA_CODES = frozenset({"QuotaExceeded", "ResourceQuotaExceeded"})
+
+
+def _error_code(error: HttpResponseError) -> str:
+    return getattr(error.error, "code", None) or str(error.status_code or "")
+
+
 def _explain(what: str, error: HttpResponseError, resource_group: str) -> str:
-    """Turn an ARM error into a sentence that names the option to change."""
-    code = getattr(error.error, "code", None) or str(error.status_code or "")
+    """Turn an ARM error into a sentence that names the option to change, from its code
+    and target (never its message text, which is only quoted)."""
+    code = _error_code(error)
     message = getattr(error.error, "message", None) or str(error.message or error)
+    target = getattr(error.error, "target", None)
     if code == "ResourceGroupNotFound":
         return (
             f"{what}: resource group {resource_group!r} does not exist ({message}). "
             "Create it first (az group create) or set resource_group to an existing one"
         )
-    if code in ("AuthorizationFailed", "LinkedAuthorizationFailed"):
+    if code in _FORBIDDEN_CODES:
         return (
             f"{what}: the Azure identity may not do this ({message}). Give it the role "
             "described in the AzureVMCluster documentation on the resource group"
         )
-    if code == "OperationNotAllowed" and "quota" in message.lower():
+    if code in _QUOTA_CODES:
         return (
-            f"{what}: the subscription's core quota is exhausted ({message}). Ask for a "
+            f"{what}: the subscription's quota is exhausted ({code}: {message}). Ask for a "
             "quota increase, or use fewer workers or a smaller worker_vm_size"
         )
-    if code in ("SkuNotAvailable", "InvalidTemplateDeployment") or "vmSize" in message:
+    if code == "OperationNotAllowed":
+        return (
+            f"{what}: Azure does not allow this ({code}: {message}). Where it names a "
+            "quota: ask for a quota increase, or use fewer workers or a smaller "
+            "worker_vm_size"
+        )
+    if code in ("SkuNotAvailable", "InvalidTemplateDeployment") or target == "vmSize":
         return (
             f"{what}: {code}: {message}. Choose another VM size (scheduler_vm_size, worker_vm_size)"
         )
     return f"{what} failed: {code}: {message}"
+
+
+def _arm_error(what: str, error: HttpResponseError, resource_group: str) -> CloudError:
+    """An ARM error as the shared kind its status code or error code says."""
+    message = _explain(what, error, resource_group)
+    code = _error_code(error)
+    if error.status_code == 429:
+        return ThrottledError(message)
+    if code in _IN_USE_CODES:
+        return InUseError(message)
+    if error.status_code == 404:
+        return NotFoundError(message)
+    if error.status_code == 403 or code in _FORBIDDEN_CODES:
+        return ForbiddenError(message)
+    return CloudError(message)
 
 
 def _name(cluster_id: str, part: str) -> str:
@@ -148,6 +196,10 @@ def throwaway_ssh_key() -> str:
     ).decode()
 
 
+#: Power states of a VM whose OS shut down (or that was deallocated).
+_STOPPED = frozenset({"PowerState/stopped", "PowerState/deallocated", "PowerState/deallocating"})
+
+
 class AzureDriver(Driver):
     """VMs, NICs, public addresses, an NSG and (unless given) a vnet in one resource group,
     each carrying the cluster tag."""
@@ -158,53 +210,45 @@ class AzureDriver(Driver):
 
     def __init__(
         self,
+        options: AzureOptions,
         *,
-        credential: AsyncTokenCredential | None,
-        cloud: str,
-        resource_manager_url: str,
-        ca_bundle: str | None,
-        subscription_id: str | None,
-        resource_group: str,
-        location: str | None,
-        vm_sizes: Mapping[Role, str],
-        image: str,
-        disk_size: int,
-        disk_type: str,
-        worker_spot: bool,
-        spot_max_price: float,
-        tags: Mapping[str, str],
-        vnet: str | None,
-        subnet: str | None,
-        network_security_group: str | None,
-        address_prefix: str,
-        ssh_public_key: str | None,
-        user_assigned_identity: str | None,
         network: NetworkPolicy,
-        worker_public_ip: bool | None = None,
+        credential: AsyncTokenCredential | None = None,
         polling_interval: float = 2.0,
     ) -> None:
+        if not options.resource_group:
+            raise OptionError(
+                "resource_group is required: the name of an existing Azure resource group "
+                "(set secure-cloud.azure.resource-group in the dask config or pass it)"
+            )
+        self.options = options
         self._given_credential = credential
-        self.cloud = cloud
-        self.resource_manager_url = resource_manager_url.rstrip("/")
-        self.ca_bundle = ca_bundle
-        self.subscription_id = subscription_id
-        self.resource_group = resource_group
-        self.location = location
-        self.vm_sizes = dict(vm_sizes)
-        self.image = image
-        self.disk_size = disk_size
-        self.disk_type = disk_type
-        self.worker_spot = worker_spot
-        self.spot_max_price = spot_max_price
-        self.tags = dict(tags)
-        self.vnet = vnet
-        self.subnet = subnet
-        self.network_security_group = network_security_group
-        self.address_prefix = address_prefix
-        self.ssh_public_key = ssh_public_key
-        self.user_assigned_identity = user_assigned_identity
+        self.cloud = options.cloud
+        self.resource_manager_url = (
+            options.resource_manager_url or CLOUDS[options.cloud][0]
+        ).rstrip("/")
+        self.ca_bundle = options.ca_bundle
+        self.subscription_id = options.subscription_id or os.environ.get("AZURE_SUBSCRIPTION_ID")
+        self.resource_group = options.resource_group
+        self.location = options.location
+        self.vm_sizes = {
+            Role.SCHEDULER: options.scheduler_vm_size,
+            Role.WORKER: options.worker_vm_size,
+        }
+        self.image = options.image
+        self.disk_size = options.disk_size
+        self.disk_type = options.disk_type
+        self.worker_spot = options.worker_spot
+        self.spot_max_price = options.spot_max_price
+        self.tags = dict(options.tags)
+        self.vnet = options.vnet
+        self.subnet = options.subnet
+        self.network_security_group = options.network_security_group
+        self.address_prefix = options.address_prefix
+        self.ssh_public_key = options.ssh_public_key
+        self.user_assigned_identity = options.user_assigned_identity
         self.network = network
-        self.worker_public_ip = worker_public_ip
+        self.worker_public_ip = network.worker_public_ip
         self.polling_interval = polling_interval
         self._credential: AsyncTokenCredential | None = credential
         self._compute: ComputeManagementClient | None = None
@@ -262,15 +306,15 @@ class AzureDriver(Driver):
         try:
             return await call
         except ClientAuthenticationError as e:
-            raise CloudError(
+            raise ForbiddenError(
                 f"{what}: Azure sign-in failed ({e.message}). Sign in through one of "
                 "DefaultAzureCredential's sources (AZURE_CLIENT_ID/AZURE_TENANT_ID/"
                 "AZURE_CLIENT_SECRET, workload or managed identity, az login) or pass "
                 "credential="
             ) from e
         except HttpResponseError as e:
-            raise CloudError(_explain(what, e, self.resource_group)) from e
-        except AzureError as e:
+            raise _arm_error(what, e, self.resource_group) from e
+        except AzureError as e:  # no answer: a network error, a timeout
             raise CloudError(f"{what} failed: {e}") from e
 
     async def _lro(self, what: str, begin: Callable[..., Awaitable[Any]], *args: Any) -> Any:
@@ -280,15 +324,15 @@ class AzureDriver(Driver):
             poller = await begin(*args)
             return await poller.result()
 
-        return await self._arm(what, run())
+        try:
+            return await asyncio.wait_for(self._arm(what, run()), self.operation_timeout)
+        except asyncio.TimeoutError as e:
+            raise CloudError(f"{what}: not done within {self.operation_timeout:.0f}s") from e
 
     async def _gone(self, what: str, begin: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Delete; a resource that is already gone counts as deleted."""
-        try:
+        with contextlib.suppress(NotFoundError):
             await self._lro(what, begin, *args)
-        except CloudError as e:
-            if not isinstance(e.__cause__, ResourceNotFoundError):
-                raise
 
     async def _plain_get(self, path: str, api_version: str) -> dict[str, Any]:
         """A GET outside the two management SDKs (subscriptions, resource groups)."""
@@ -319,16 +363,20 @@ class AzureDriver(Driver):
         if code == "ResourceGroupNotFound" or (
             response.status_code == 404 and "/resourcegroups/" in path.lower()
         ):
-            return CloudError(
+            return NotFoundError(
                 f"resource group {self.resource_group!r} does not exist in subscription "
                 f"{self.subscription_id} ({message}). Create it first (az group create) or "
                 "set resource_group to an existing one"
             )
         if response.status_code in (401, 403):
-            return CloudError(
+            return ForbiddenError(
                 f"Azure refused the request for {path} ({code}: {message}); check the "
                 "identity's role on the subscription and resource group"
             )
+        if response.status_code == 404:
+            return NotFoundError(f"GET {path}: not found ({code}: {message})")
+        if response.status_code == 429:
+            return ThrottledError(f"GET {path}: throttled ({code}: {message})")
         return CloudError(f"GET {path} failed: {code}: {message}")
 
     # -- before the first VM ------------------------------------------------------------
@@ -356,6 +404,16 @@ class AzureDriver(Driver):
 
     def gpus(self, role: Role) -> bool:
         return self.vm_sizes[role].lower() in self._gpu_sizes
+
+    def interruption_notice(self, role: Role) -> InterruptionNotice | None:
+        """A Spot worker polls Scheduled Events for a ``Preempt`` event of its VM."""
+        if role is not Role.WORKER or not self.worker_spot:
+            return None
+        return InterruptionNotice(
+            self.options.metadata_endpoint.rstrip("/") + _SCHEDULED_EVENTS,
+            headers={"Metadata": "true"},
+            must_contain='"Preempt"',
+        )
 
     def where(self) -> str:
         return self.location or ""
@@ -954,21 +1012,40 @@ class AzureDriver(Driver):
             ((v.tags[CLUSTER_TAG], v.time_created, v.tags.get(CREATOR_TAG)) for v in vms), others
         )
 
+    async def states(self, cluster_id: str) -> dict[str, str]:
+        """One listing of the resource group's VMs with their instance views: a VM whose
+        OS shut down is Stopped, still allocated."""
+        if self.subscription_id is None:
+            return {}
+        compute, _ = self._clients()
+        vms = await self._tagged(
+            "listing VMs",
+            compute.virtual_machines.list(self.resource_group, expand="instanceView"),
+            cluster_id,
+        )
+        found = {}
+        for vm in vms:
+            codes = {s.code for s in (vm.instance_view.statuses if vm.instance_view else [])}
+            found[vm.id] = "terminated" if codes & _STOPPED else "running"
+        return found
+
     async def state(self, vm: VM) -> str:
         compute, _ = self._clients()
         try:
             view = await self._arm(
                 "reading a VM",
                 compute.virtual_machines.instance_view(
-                    self.resource_group, _name(vm.cluster_id, vm.name)
+                    self.resource_group,
+                    _name(vm.cluster_id, vm.name),
+                    retry_total=0,  # a poll: its caller polls again
                 ),
             )
-        except CloudError as e:
-            if isinstance(e.__cause__, ResourceNotFoundError):
-                return "terminated"
-            raise
+        except NotFoundError:
+            return "terminated"  # deleted: evicted as a Spot VM, or by us
+        except CloudError:  # throttled, refused, unreachable: nothing learnt
+            return "unknown"
         codes = {s.code for s in view.statuses or []}
-        if codes & {"PowerState/stopped", "PowerState/deallocated", "PowerState/deallocating"}:
+        if codes & _STOPPED:
             return "terminated"
         return "running"
 
@@ -1046,16 +1123,11 @@ class AzureDriver(Driver):
     async def _in_use_retry(
         self, what: str, begin: Callable[..., Awaitable[Any]], *args: Any
     ) -> None:
-        """Delete; ARM refuses while a just-deleted NIC still holds a reference (InUse...)."""
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                await self._gone(what, begin, *args)
-                return
-            except CloudError as e:
-                if "InUse" not in str(e) or time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(self.polling_interval)
+        """Delete; ARM refuses (an in-use error code, see ``_IN_USE_CODES``) while a
+        just-deleted NIC still holds a reference."""
+        await self.delete_when_free(
+            lambda: self._gone(what, begin, *args), what, interval=self.polling_interval
+        )
 
     async def close(self) -> None:
         for client in (self._compute, self._net):
@@ -1070,222 +1142,22 @@ class AzureDriver(Driver):
 class AzureVMCluster(VMCluster):
     """A secure Dask cluster on Azure virtual machines.
 
-    Every option of :class:`~dask_secure_cloud.cluster.VMCluster` applies, plus:
-
-    Parameters
-    ----------
-    resource_group
-        An existing resource group; every resource of the cluster is made in it.
-    location
-        Region, for example ``"westeurope"``. Default: the resource group's.
-    subscription_id
-        Default: dask config, then ``AZURE_SUBSCRIPTION_ID``, then the one subscription
-        the credential sees.
-    credential
-        An ``azure.core.credentials_async.AsyncTokenCredential``. Default:
-        ``azure.identity.aio.DefaultAzureCredential`` (environment, workload identity,
-        managed identity, Azure CLI sign-in). It never reaches a VM.
-    cloud
-        ``"public"``, ``"usgovernment"`` or ``"china"``: picks the resource-manager
-        endpoint and sign-in authority.
-    resource_manager_url
-        Another resource-manager endpoint (Azure Stack, a test stand-in).
-    ca_bundle
-        A CA bundle to verify the endpoint's TLS certificate with.
-    scheduler_vm_size, worker_vm_size
-        VM sizes, for example ``"Standard_D4s_v5"``; a GPU size gives the workers'
-        containers its GPUs.
-    image
-        ``publisher:offer:sku:version``. Default: Ubuntu 24.04 LTS.
-    disk_size, disk_type
-        OS disk size in GiB and storage type; the disk is deleted with the VM.
-    worker_spot, spot_max_price
-        Run workers as Spot VMs (evicted VMs are deleted); ``-1`` pays up to the
-        on-demand price. A worker retires gracefully on its eviction notice.
-    tags
-        Extra tags for every resource.
-    vnet, subnet
-        An existing virtual network (name in the resource group, or resource id) and
-        subnet; never modified or deleted. Default: a vnet made for the cluster.
-    network_security_group
-        An existing NSG (name or id) to attach instead of the per-cluster one; it is used
-        as it is, never modified or deleted.
-    address_prefix
-        Address range of the vnet made for the cluster.
-    ssh_public_key
-        An OpenSSH public key for the ``dask`` user. Default: no login at all.
-    user_assigned_identity
-        Resource id of a user-assigned managed identity the VMs run as.
-    use_private_ip
-        Default ``True``: the client must run inside the virtual network, and reaches
-        the scheduler at its private address. ``False`` gives the scheduler a public
-        address, reachable from ``allowed_cidrs`` (default: this machine's address) only.
-    worker_public_ip
-        Default ``None``: workers get a Standard public address only when their subnet
-        has no other way out (no NAT gateway, no route to a firewall, no default
-        outbound access), so they can reach a registry; the workers' network security
-        group admits nothing from outside the subnet to it. ``True``: always one;
-        ``False``: never, and a subnet with no other way out is refused before anything
-        is made. The same rule gives a private scheduler a public address, for its
-        traffic out only.
-    allowed_cidrs, open_to_world, allow_insecure_public, public_ip_url
-        Who may reach the scheduler, as for ``EC2Cluster``.
-    metadata_endpoint
-        The instance metadata service Spot workers ask for eviction notices.
+    Every resource is made in an existing resource group (``resource_group`` is
+    required). By default the client runs inside the virtual network
+    (``use_private_ip=True``) and no VM has a public address. ``credential=`` takes an
+    ``azure.core.credentials_async.AsyncTokenCredential``; by default
+    ``azure.identity.aio.DefaultAzureCredential`` (environment, workload identity, managed
+    identity, Azure CLI sign-in). It never reaches a VM.
     """
 
     provider = "azure"
+    Options = AzureOptions
+    extra_keywords = ("credential",)
 
-    def __init__(
-        self,
-        *,
-        resource_group: str | None = None,
-        location: str | None = None,
-        subscription_id: str | None = None,
-        credential: AsyncTokenCredential | None = None,
-        cloud: str | None = None,
-        resource_manager_url: str | None = None,
-        ca_bundle: str | None = None,
-        scheduler_vm_size: str | None = None,
-        worker_vm_size: str | None = None,
-        image: str | None = None,
-        disk_size: int | None = None,
-        disk_type: str | None = None,
-        worker_spot: bool | None = None,
-        spot_max_price: float | None = None,
-        tags: Mapping[str, str] | None = None,
-        vnet: str | None = None,
-        subnet: str | None = None,
-        network_security_group: str | None = None,
-        address_prefix: str | None = None,
-        ssh_public_key: str | None = None,
-        user_assigned_identity: str | None = None,
-        use_private_ip: bool | None = None,
-        worker_public_ip: bool | None = None,
-        allowed_cidrs: Sequence[str] | None = None,
-        open_to_world: bool | None = None,
-        allow_insecure_public: bool | None = None,
-        public_ip_url: str | None = None,
-        metadata_endpoint: str | None = None,
-        security: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        def opt(name: str, value: Any) -> Any:
-            return config.option(self.provider, name, value)
-
-        resource_group = opt("resource_group", resource_group)
-        if not resource_group or not isinstance(resource_group, str):
-            raise OptionError(
-                "resource_group is required: the name of an existing Azure resource group "
-                "(set secure-cloud.azure.resource-group in the dask config or pass it)"
-            )
-        location = opt("location", location)
-        if location is not None and not _LOCATION.match(str(location)):
-            raise OptionError(
-                f"location must be a region name such as 'westeurope', got {location!r}"
-            )
-        cloud = opt("cloud", cloud)
-        if cloud not in CLOUDS:
-            close = difflib.get_close_matches(str(cloud), sorted(CLOUDS), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise OptionError(f"cloud must be one of {sorted(CLOUDS)}, got {cloud!r}.{hint}")
-        image = opt("image", image)
-        if not isinstance(image, str) or not _IMAGE.match(image):
-            raise OptionError(
-                "image must be 'publisher:offer:sku:version', for example "
-                f"'Canonical:ubuntu-24_04-lts:server:latest'; got {image!r}"
-            )
-        disk_size = opt("disk_size", disk_size)
-        if isinstance(disk_size, bool) or not isinstance(disk_size, int) or disk_size < 30:
-            raise OptionError(f"disk_size must be a whole number of GiB >= 30, got {disk_size!r}")
-        tags = dict(opt("tags", tags) or {})
-        for key, value in tags.items():
-            if not isinstance(key, str) or not isinstance(value, str):
-                raise OptionError(f"tags must map strings to strings, got {tags!r}")
-            if len(key) > 512 or len(value) > 256 or _TAG_KEY_FORBIDDEN & set(key):
-                raise OptionError(
-                    f"tags: {key!r} is not an Azure tag (names up to 512 characters without "
-                    "< > % & \\ ? /, values up to 256)"
-                )
-        if CLUSTER_TAG in tags:
-            raise OptionError(f"tags: {CLUSTER_TAG!r} is set by the cluster itself")
-        if len(tags) > 48:
-            raise OptionError("tags: Azure allows 50 tags per resource, the cluster uses 2")
-        vm_sizes = {
-            Role.SCHEDULER: opt("scheduler_vm_size", scheduler_vm_size),
-            Role.WORKER: opt("worker_vm_size", worker_vm_size),
-        }
-        for role, size in vm_sizes.items():
-            if not isinstance(size, str) or not size.startswith(("Standard_", "Basic_")):
-                raise OptionError(
-                    f"{role.value}_vm_size must be an Azure VM size such as "
-                    f"'Standard_D4s_v5', got {size!r}"
-                )
-        spot_max_price = opt("spot_max_price", spot_max_price)
-        if isinstance(spot_max_price, bool) or not isinstance(spot_max_price, int | float):
-            raise OptionError(
-                f"spot_max_price must be a number (-1: on-demand price), got {spot_max_price!r}"
-            )
-        network = NetworkPolicy.from_options(
-            opt,
-            security=security,
-            worker_public_ip=worker_public_ip,
-            use_private_ip=use_private_ip,
-            allowed_cidrs=allowed_cidrs,
-            open_to_world=open_to_world,
-            allow_insecure_public=allow_insecure_public,
-            public_ip_url=public_ip_url,
+    @classmethod
+    def make_driver(cls, options: AzureOptions, **extra: Any) -> AzureDriver:
+        return AzureDriver(
+            options,
+            network=NetworkPolicy.from_options(options),
+            credential=extra.get("credential"),
         )
-        self._worker_spot = bool(opt("worker_spot", worker_spot))
-        self._metadata_endpoint = str(opt("metadata_endpoint", metadata_endpoint)).rstrip("/")
-        driver = AzureDriver(
-            credential=credential,
-            cloud=cloud,
-            resource_manager_url=opt("resource_manager_url", resource_manager_url)
-            or CLOUDS[cloud][0],
-            ca_bundle=opt("ca_bundle", ca_bundle),
-            subscription_id=opt("subscription_id", subscription_id)
-            or os.environ.get("AZURE_SUBSCRIPTION_ID"),
-            resource_group=resource_group,
-            location=location,
-            vm_sizes=vm_sizes,
-            image=image,
-            disk_size=disk_size,
-            disk_type=opt("disk_type", disk_type),
-            worker_spot=self._worker_spot,
-            spot_max_price=float(spot_max_price),
-            tags=tags,
-            vnet=opt("vnet", vnet),
-            subnet=opt("subnet", subnet),
-            network_security_group=opt("network_security_group", network_security_group),
-            address_prefix=_prefix(opt("address_prefix", address_prefix)),
-            ssh_public_key=opt("ssh_public_key", ssh_public_key),
-            user_assigned_identity=opt("user_assigned_identity", user_assigned_identity),
-            network=network,
-            worker_public_ip=network.worker_public_ip,
-        )
-        super().__init__(
-            driver,
-            security=security,
-            **kwargs,
-        )
-
-    def _preloads(self, role: Role) -> dict[str, str]:
-        found = super()._preloads(role)
-        if role is Role.WORKER and self._worker_spot:
-            found["spot.py"] = preloads.spot_interruption(
-                self._metadata_endpoint + _SCHEDULED_EVENTS,
-                None,
-                headers={"Metadata": "true"},
-                must_contain='"Preempt"',
-            )
-        return found
-
-
-def _prefix(value: Any) -> str:
-    try:
-        return str(ipaddress.ip_network(value))
-    except (TypeError, ValueError) as e:
-        raise OptionError(
-            f"address_prefix must be a network such as '10.77.0.0/16', got {value!r}"
-        ) from e

@@ -26,14 +26,26 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .. import config
 from ..cloudinit import LIMITS
 from ..cluster import VMCluster
 from ..credentials import Role
-from ..driver import CREATOR_TAG, VM, CloudError, ClusterSummary, Driver, VMRequest, summarize
+from ..driver import (
+    CREATOR_TAG,
+    VM,
+    CloudError,
+    ClusterSummary,
+    Driver,
+    ForbiddenError,
+    InUseError,
+    NotFoundError,
+    ThrottledError,
+    VMRequest,
+    summarize,
+)
 from ..egress import Exits, decide_public_addresses
 from ..errors import OptionError
 from ..network import NetworkPolicy
+from ..options import DropletOptions
 
 try:
     from azure.core.exceptions import AzureError, HttpResponseError
@@ -45,23 +57,40 @@ except ImportError as e:  # pragma: no cover - depends on the extra
 
 __all__ = ["DropletCluster", "DropletDriver"]
 
-_TAG = re.compile(r"^[a-zA-Z0-9_\-:]{1,255}$")
 _RETRIES = 6
 logger = logging.getLogger(__name__)
 
 
-class _Forbidden(CloudError):
-    """The token's scopes do not allow the call (403)."""
+#: The tags of a cluster carry its id verbatim after a ``:``, which no cluster id and no
+#: other tag of ours (``dask-secure-cloud-scheduler``, ``dask-secure-cloud-worker``: a
+#: droplet's role) has: whatever a cluster is called, its tags are its own.
+_CLUSTER_PREFIX = "dask-secure-cloud:"
+_SCHEDULER_PREFIX = "dask-secure-cloud-scheduler:"
 
 
 def cluster_tag(cluster_id: str) -> str:
-    return f"dask-secure-cloud-{cluster_id}"
+    """The tag every droplet of the cluster carries, and its firewalls apply to."""
+    return f"{_CLUSTER_PREFIX}{cluster_id}"
 
 
 def scheduler_tag(cluster_id: str) -> str:
     """The tag only this cluster's scheduler carries: its firewall opens the scheduler's
     ports to the creator, so those ports are closed on every worker."""
-    return f"{cluster_tag(cluster_id)}-scheduler"
+    return f"{_SCHEDULER_PREFIX}{cluster_id}"
+
+
+def made_name(tag: str) -> str:
+    """The name of a firewall or VPC made for ``tag``: names allow ``.``, not ``:``."""
+    return tag.replace(":", ".")
+
+
+def _cluster_of(tags: Sequence[str]) -> str | None:
+    """The cluster id a droplet's or firewall's tags carry, if any."""
+    for tag in tags:
+        for prefix in (_CLUSTER_PREFIX, _SCHEDULER_PREFIX):
+            if tag.startswith(prefix):
+                return tag.removeprefix(prefix)
+    return None
 
 
 class DropletDriver(Driver):
@@ -70,31 +99,18 @@ class DropletDriver(Driver):
     provider = "digitalocean"
     user_data_limit = LIMITS["digitalocean"]
 
-    def __init__(
-        self,
-        *,
-        token: str,
-        api_url: str | None,
-        ca_bundle: str | None,
-        region: str,
-        sizes: Mapping[Role, str],
-        image: str,
-        vpc_uuid: str | None,
-        tags: Sequence[str],
-        ssh_keys: Sequence[str | int],
-        monitoring: bool,
-        network: NetworkPolicy,
-    ) -> None:
+    def __init__(self, options: DropletOptions, *, token: str, network: NetworkPolicy) -> None:
+        self.options = options
         self._token = token
-        self.api_url = api_url
-        self.ca_bundle = ca_bundle
-        self.region = region
-        self.sizes = dict(sizes)
-        self.image = image
-        self.vpc_uuid = vpc_uuid
-        self.tags = list(tags)
-        self.ssh_keys = list(ssh_keys)
-        self.monitoring = monitoring
+        self.api_url = options.api_url
+        self.ca_bundle = options.ca_bundle
+        self.region = options.region
+        self.sizes = {Role.SCHEDULER: options.scheduler_size, Role.WORKER: options.worker_size}
+        self.image = options.image
+        self.vpc_uuid = options.vpc_uuid
+        self.tags = list(options.tags)
+        self.ssh_keys = list(options.ssh_keys)
+        self.monitoring = options.monitoring
         self.network = network
         self._client: Client | None = None
 
@@ -113,17 +129,33 @@ class DropletDriver(Driver):
             self._client = Client(token=self._token, **kwargs)
         return self._client
 
-    async def _call(self, what: str, group: str, method: str, **kwargs: Any) -> Any:
-        """One API call; rate limits are waited out as ``ratelimit-reset`` says.
+    async def _call(
+        self,
+        what: str,
+        group: str,
+        method: str,
+        *,
+        poll: bool = False,
+        in_use: frozenset[int] = frozenset({409}),
+        **kwargs: Any,
+    ) -> Any:
+        """One API call; rate limits are waited out as ``ratelimit-reset`` says. Errors
+        are the shared kinds, by status code: 404 not found, 401 and 403 forbidden, 429
+        throttled, ``in_use`` (409 by default) in use.
 
         pydo returns some documented error answers (401, 404, 429, 5xx) as bodies rather
         than raising, so every answer is read with its status code and headers.
+        ``poll``: one attempt, not retried by pydo either, for :meth:`state`, whose
+        caller polls again anyway.
         """
 
         def raw(pipeline_response: Any, body: Any, headers: Any) -> tuple[int, Any, Any]:
             return pipeline_response.http_response.status_code, body, headers
 
-        for attempt in range(_RETRIES):
+        attempts = 1 if poll else _RETRIES
+        if poll:
+            kwargs["retry_total"] = 0
+        for attempt in range(attempts):
             try:
                 status, body, headers = await getattr(getattr(self._api(), group), method)(
                     cls=raw, **kwargs
@@ -131,23 +163,27 @@ class DropletDriver(Driver):
             except HttpResponseError as e:
                 status, headers = e.status_code or 0, e.response.headers if e.response else {}
                 body = _json(e)
-            except AzureError as e:
+            except AzureError as e:  # no answer: a network error, a timeout
                 raise CloudError(f"{what} failed: {e}") from e
             if status < 400:
                 return body
-            if status == 429 and attempt < _RETRIES - 1:
+            if status == 429 and attempt < attempts - 1:
                 await asyncio.sleep(_reset_delay(headers, attempt))
                 continue
             detail = f"{body.get('id', status)}: {body.get('message', '')}" if body else str(status)
             if status == 404:
-                raise CloudError(f"{what}: not found ({detail})")
+                raise NotFoundError(f"{what}: not found ({detail})")
+            if status in in_use:
+                raise InUseError(f"{what}: still in use ({detail})")
             if status == 403:
-                raise _Forbidden(f"{what}: the token's scopes do not allow this ({detail})")
+                raise ForbiddenError(f"{what}: the token's scopes do not allow this ({detail})")
             if status == 401:
-                raise CloudError(
+                raise ForbiddenError(
                     "DigitalOcean refused the API token: check DIGITALOCEAN_TOKEN or the "
                     "token option (it needs read and write scope)"
                 )
+            if status == 429:
+                raise ThrottledError(f"{what}: rate limited ({detail})")
             raise CloudError(f"{what} failed: {detail}")
         raise AssertionError("unreachable")
 
@@ -172,7 +208,7 @@ class DropletDriver(Driver):
         with DigitalOcean's own limit error, and what was made is deleted."""
         try:
             account = await self._call("reading the droplet limit", "account", "get")
-        except _Forbidden as e:
+        except ForbiddenError as e:
             logger.info("Not checking the droplet limit: %s", e)
             return
         limit = (account.get("account") or {}).get("droplet_limit")
@@ -214,7 +250,7 @@ class DropletDriver(Driver):
                 "vpcs",
                 "create",
                 body={
-                    "name": tag,
+                    "name": made_name(tag),
                     "region": self.region,
                     "description": f"dask-secure-cloud cluster {cluster_id}",
                 },
@@ -254,7 +290,7 @@ class DropletDriver(Driver):
     async def create(self, request: VMRequest) -> VM:
         tag = cluster_tag(request.cluster_id)
         body: dict[str, Any] = {
-            "name": f"{tag}-{request.name}",
+            "name": _droplet_name(request.cluster_id, request.name),
             "region": self.region,
             "size": self.sizes[request.role],
             "image": self.image,
@@ -277,25 +313,23 @@ class DropletDriver(Driver):
             f"creating droplet {body['name']}", "droplets", "create", body=body
         )
         droplet_id = answer["droplet"]["id"]
-        deadline = time.monotonic() + self.boot_timeout
-        while True:
+        droplet: dict[str, Any] = {}
+
+        async def active() -> bool:
+            nonlocal droplet
             droplet = (
                 await self._call("reading a droplet", "droplets", "get", droplet_id=droplet_id)
             )["droplet"]
-            private, public = _addresses(droplet)
-            if droplet["status"] == "active" and private:
-                break
-            if time.monotonic() > deadline:
-                raise CloudError(
-                    f"droplet {body['name']} not active after {self.boot_timeout:.0f}s"
-                )
-            await asyncio.sleep(1)
+            return droplet["status"] == "active" and bool(_addresses(droplet)[0])
+
+        await self.poll_until(active, f"droplet {body['name']} to be active", interval=1)
+        private, public = _addresses(droplet)
         return VM(
             id=str(droplet_id),
             name=request.name,
             role=request.role,
             cluster_id=request.cluster_id,
-            private_ip=private,
+            private_ip=private or "",  # active() saw one
             public_ip=None if self.network.use_private_ip else public,
         )
 
@@ -304,19 +338,17 @@ class DropletDriver(Driver):
             await self._call(
                 f"deleting droplet {vm.name}", "droplets", "destroy", droplet_id=int(vm.id)
             )
-        except CloudError as e:
-            if "not found" not in str(e):
-                raise
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
+        except NotFoundError:
+            return  # already gone
+
+        async def gone() -> bool:
             try:
                 await self._call("reading a droplet", "droplets", "get", droplet_id=int(vm.id))
-            except CloudError as e:
-                if "not found" in str(e):
-                    return
-                raise
-            await asyncio.sleep(1)
-        raise CloudError(f"droplet {vm.name} ({vm.id}) still exists after 5 minutes")
+            except NotFoundError:
+                return True
+            return False
+
+        await self.poll_until(gone, f"deleting droplet {vm.name} ({vm.id})", interval=1)
 
     async def list(self, cluster_id: str) -> list[VM]:
         tag = cluster_tag(cluster_id)
@@ -324,7 +356,7 @@ class DropletDriver(Driver):
         found = []
         for droplet in droplets:
             private, public = _addresses(droplet)
-            name = droplet["name"].removeprefix(f"{tag}-")
+            name = droplet["name"].removeprefix(_droplet_name(cluster_id, ""))
             found.append(
                 VM(
                     id=str(droplet["id"]),
@@ -344,10 +376,7 @@ class DropletDriver(Driver):
                 "listing droplets", "droplets", "droplets", tag_name=f"dask-secure-cloud-{role}"
             ):
                 tags = droplet.get("tags") or []
-                cluster = next(
-                    (t.removeprefix("dask-secure-cloud-") for t in tags if _CLUSTER.match(t)),
-                    None,
-                )
+                cluster = _cluster_of(tags)
                 if cluster is None:
                     continue
                 creator = next(
@@ -363,49 +392,77 @@ class DropletDriver(Driver):
                         creator,
                     )
                 )
+        # A firewall carries the tag it applies to, so its cluster's id verbatim; a VPC
+        # has no tags, and its name is the cluster's tag with "." for ":".
+        firewalls = await self._all("listing firewalls", "firewalls", "firewalls")
+        vpcs = await self._all("listing VPCs", "vpcs", "vpcs")
+        vpc_prefix = made_name(_CLUSTER_PREFIX)
         others = [
-            m.group(1)
-            for group, key in (("firewalls", "firewalls"), ("vpcs", "vpcs"))
-            for item in await self._all(f"listing {group}", group, key)
-            if (m := _MADE.match(item.get("name", "")))
+            cluster
+            for rule in firewalls
+            if (cluster := _cluster_of(rule.get("tags") or [])) is not None
+        ] + [
+            vpc["name"].removeprefix(vpc_prefix)
+            for vpc in vpcs
+            if vpc.get("name", "").startswith(vpc_prefix)
         ]
         return summarize(found, others)
+
+    async def states(self, cluster_id: str) -> dict[str, str]:
+        """One droplet listing by the cluster's tag: a droplet that powered off is "off"."""
+        droplets = await self._all(
+            "listing droplets", "droplets", "droplets", tag_name=cluster_tag(cluster_id)
+        )
+        return {
+            str(d["id"]): "terminated" if d["status"] in ("off", "archive") else "running"
+            for d in droplets
+        }
 
     async def state(self, vm: VM) -> str:
         try:
             droplet = (
-                await self._call("reading a droplet", "droplets", "get", droplet_id=int(vm.id))
+                await self._call(
+                    "reading a droplet", "droplets", "get", poll=True, droplet_id=int(vm.id)
+                )
             )["droplet"]
-        except CloudError:
-            return "terminated"
+        except NotFoundError:
+            return "terminated"  # deleted
+        except CloudError:  # throttled, refused, unreachable: nothing learnt
+            return "unknown"
         return "terminated" if droplet["status"] in ("off", "archive") else "running"
 
     async def release(self, cluster_id: str) -> None:
-        """Delete the firewalls, the VPC the cluster made, and its tags; droplets first."""
-        tag = cluster_tag(cluster_id)
-        names = {tag, scheduler_tag(cluster_id)}
+        """Delete the firewalls, the VPC the cluster made, and its tags; droplets first.
+        Each is found by its exact name, so nothing of another cluster is touched."""
+        tags = (cluster_tag(cluster_id), scheduler_tag(cluster_id))
+        names = {made_name(tag) for tag in tags}
         for rule in await self._all("listing firewalls", "firewalls", "firewalls"):
             if rule["name"] in names:
-                await self._call(
-                    "deleting the firewall", "firewalls", "delete", firewall_id=rule["id"]
+                await self.delete_when_free(
+                    lambda rule_id=rule["id"]: self._call(
+                        "deleting the firewall", "firewalls", "delete", firewall_id=rule_id
+                    ),
+                    f"deleting firewall {rule['name']}",
                 )
         for vpc in await self._all("listing VPCs", "vpcs", "vpcs"):
-            if vpc["name"] == tag:
-                deadline = time.monotonic() + 120
-                while True:  # the API refuses while the droplets' addresses are released
-                    try:
-                        await self._call("deleting the VPC", "vpcs", "delete", vpc_id=vpc["id"])
-                        break
-                    except CloudError:
-                        if time.monotonic() > deadline:
-                            raise
-                        await asyncio.sleep(2)
-        for name in sorted(names):
-            try:
-                await self._call(f"deleting tag {name}", "tags", "delete", tag_id=name)
-            except CloudError as e:
-                if "not found" not in str(e):
-                    raise
+            if vpc["name"] == made_name(cluster_tag(cluster_id)):
+                # The API refuses while the droplets' addresses are released: 409, or 403
+                # as its reference documents for "a VPC that still has members".
+                await self.delete_when_free(
+                    lambda vpc_id=vpc["id"]: self._call(
+                        "deleting the VPC",
+                        "vpcs",
+                        "delete",
+                        in_use=frozenset({403, 409}),
+                        vpc_id=vpc_id,
+                    ),
+                    f"deleting VPC {vpc['name']}",
+                )
+        for tag in tags:
+            await self.delete_when_free(
+                lambda tag=tag: self._call(f"deleting tag {tag}", "tags", "delete", tag_id=tag),
+                f"deleting tag {tag}",
+            )
 
     async def close(self) -> None:
         if self._client is not None:
@@ -413,10 +470,9 @@ class DropletDriver(Driver):
             self._client = None
 
 
-_CLUSTER = re.compile(r"^dask-secure-cloud-(dsc-[0-9a-f]+)$")
-#: The names of what ``prepare`` makes: the VPC and firewall named by the cluster's tag,
-#: and the scheduler's firewall named by the scheduler's tag.
-_MADE = re.compile(r"^dask-secure-cloud-(dsc-[0-9a-f]+)(?:-scheduler)?$")
+def _droplet_name(cluster_id: str, name: str) -> str:
+    """A droplet's name (its hostname): letters, digits, ``-`` and ``.`` only."""
+    return f"dask-secure-cloud-{cluster_id}-{name}"
 
 
 def _firewalls(
@@ -429,7 +485,7 @@ def _firewalls(
     everywhere = {"addresses": ["0.0.0.0/0", "::/0"]}
     return [
         {
-            "name": tag,
+            "name": made_name(tag),
             "tags": [tag],
             "inbound_rules": [
                 {"protocol": "tcp", "ports": "all", "sources": {"tags": [tag]}},
@@ -442,7 +498,7 @@ def _firewalls(
             ],
         },
         {
-            "name": scheduler_tag(cluster_id),
+            "name": made_name(scheduler_tag(cluster_id)),
             "tags": [scheduler_tag(cluster_id)],
             "inbound_rules": [
                 {"protocol": "tcp", "ports": str(port), "sources": {"addresses": list(sources)}}
@@ -488,104 +544,21 @@ def _reset_delay(headers: Mapping[str, str], attempt: int) -> float:
 class DropletCluster(VMCluster):
     """A secure Dask cluster on DigitalOcean droplets.
 
-    Every option of :class:`~dask_secure_cloud.cluster.VMCluster` applies, plus:
-
-    Parameters
-    ----------
-    token
-        API token. Default: dask config ``secure-cloud.digitalocean.token``, then
-        ``DIGITALOCEAN_TOKEN``. It never reaches a droplet.
-    region
-        Region slug, for example ``"ams3"``.
-    scheduler_size, worker_size
-        Droplet size slugs, for example ``"s-2vcpu-4gb"``.
-    image
-        Image slug or id. Default: Ubuntu 24.04 LTS.
-    vpc_uuid
-        An existing VPC (never deleted). Default: a VPC made for the cluster.
-    tags
-        Extra tags for every droplet.
-    ssh_keys
-        SSH key ids or fingerprints; by default no key is installed.
-    monitoring
-        Install DigitalOcean's monitoring agent.
-    use_private_ip
-        The client runs inside the VPC and connects to the private address.
-    allowed_cidrs, open_to_world, allow_insecure_public, public_ip_url
-        Who may reach the scheduler, as for ``EC2Cluster``.
-    api_url
-        Another API base URL (a proxy, a test stand-in).
-    ca_bundle
-        A CA bundle to verify the API's TLS certificate with (a TLS-inspecting proxy).
+    Every droplet has a public address; the cluster's firewalls admit nothing from
+    outside the cluster but the creator's address to the scheduler's port.
     """
 
     provider = "digitalocean"
+    Options = DropletOptions
 
-    def __init__(
-        self,
-        *,
-        token: str | None = None,
-        api_url: str | None = None,
-        ca_bundle: str | None = None,
-        region: str | None = None,
-        scheduler_size: str | None = None,
-        worker_size: str | None = None,
-        image: str | None = None,
-        vpc_uuid: str | None = None,
-        tags: Sequence[str] | None = None,
-        ssh_keys: Sequence[str | int] | None = None,
-        monitoring: bool | None = None,
-        use_private_ip: bool | None = None,
-        allowed_cidrs: Sequence[str] | None = None,
-        open_to_world: bool | None = None,
-        allow_insecure_public: bool | None = None,
-        public_ip_url: str | None = None,
-        security: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        def opt(name: str, value: Any) -> Any:
-            return config.option(self.provider, name, value)
-
-        token = opt("token", token) or os.environ.get("DIGITALOCEAN_TOKEN")
+    @classmethod
+    def make_driver(cls, options: DropletOptions, **extra: Any) -> DropletDriver:
+        token = options.token or os.environ.get("DIGITALOCEAN_TOKEN")
         if not token:
             raise OptionError(
                 "No DigitalOcean API token: set DIGITALOCEAN_TOKEN, the dask config key "
                 "secure-cloud.digitalocean.token, or pass token="
             )
-        tags = list(opt("tags", tags) or [])
-        for tag in tags:
-            if not isinstance(tag, str) or not _TAG.match(tag):
-                raise OptionError(
-                    f"tags: {tag!r} is not a DigitalOcean tag (letters, digits, '-', '_', ':')"
-                )
-        network = NetworkPolicy.from_options(
-            opt,
-            security=security,
-            use_private_ip=use_private_ip,
-            allowed_cidrs=allowed_cidrs,
-            open_to_world=open_to_world,
-            allow_insecure_public=allow_insecure_public,
-            public_ip_url=public_ip_url,
-            always_public=True,  # every droplet has a public address
-        )
-        driver = DropletDriver(
-            token=token,
-            api_url=opt("api_url", api_url),
-            ca_bundle=opt("ca_bundle", ca_bundle),
-            region=opt("region", region),
-            sizes={
-                Role.SCHEDULER: opt("scheduler_size", scheduler_size),
-                Role.WORKER: opt("worker_size", worker_size),
-            },
-            image=opt("image", image),
-            vpc_uuid=opt("vpc_uuid", vpc_uuid),
-            tags=tags,
-            ssh_keys=list(opt("ssh_keys", ssh_keys) or []),
-            monitoring=bool(opt("monitoring", monitoring)),
-            network=network,
-        )
-        super().__init__(
-            driver,
-            security=security,
-            **kwargs,
-        )
+        # Every droplet has a public address.
+        network = NetworkPolicy.from_options(options, always_public=True)
+        return DropletDriver(options, token=token, network=network)

@@ -26,11 +26,9 @@ import asyncio
 import datetime
 import logging
 import re
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from .. import config
 from ..cloudinit import LIMITS
 from ..cluster import VMCluster
 from ..credentials import Role
@@ -41,15 +39,22 @@ from ..driver import (
     CloudError,
     ClusterSummary,
     Driver,
+    ForbiddenError,
+    InterruptionNotice,
+    InUseError,
+    NotFoundError,
+    ThrottledError,
     VMRequest,
     summarize,
 )
 from ..egress import Exits, decide_public_addresses
-from ..errors import OptionError
 from ..network import NetworkPolicy
+from ..options import GCPOptions
 
 try:
     import google.auth
+    import google.auth.exceptions
+    import requests
     from google.api_core import exceptions as gexc
     from google.api_core import retry
     from google.api_core.client_options import ClientOptions
@@ -61,15 +66,43 @@ __all__ = ["GCPCluster", "GCPDriver"]
 
 logger = logging.getLogger(__name__)
 
-_LABEL = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+#: The ``reason`` of Compute Engine's errors (in ``error.errors[]``) that say what
+#: happened, whatever the HTTP status: Compute Engine answers its per-project rate
+#: limits with 403 ``rateLimitExceeded``, and a delete of a resource another one still
+#: uses with 400 ``resourceInUseByAnotherResource``.
+_RATE_LIMITED = frozenset({"rateLimitExceeded", "userRateLimitExceeded"})
+_IN_USE = frozenset({"resourceInUseByAnotherResource"})
+_QUOTA = frozenset({"quotaExceeded", "limitExceeded"})
+#: The same cases, as an operation's error codes (``Operation.error.errors[].code``).
+_OPERATION_IN_USE = frozenset({"RESOURCE_IN_USE_BY_ANOTHER_RESOURCE"})
+_OPERATION_NOT_FOUND = frozenset({"RESOURCE_NOT_FOUND"})
+#: The firewall rules of a cluster, by the suffix after its network tag.
+#: An instance in these states has stopped: its OS powered off, or it was preempted.
+_ENDED_STATUSES = frozenset({"STOPPING", "TERMINATED", "SUSPENDED"})
+_RULES = ("deny", "client", "internal")
+_RULE_NAME = re.compile(rf"^dask-secure-cloud-(?P<id>[a-z][a-z0-9-]*)-(?:{'|'.join(_RULES)})$")
+
+
+def _reasons(error: BaseException) -> set[str]:
+    """The machine-readable reasons of a Google API error (never its message text)."""
+    if not isinstance(error, gexc.GoogleAPICallError):
+        return set()
+    found = {str(e.get("reason")) for e in error.errors or () if isinstance(e, dict)}
+    if error.reason:
+        found.add(error.reason)
+    return found
+
+
+def _retryable(error: BaseException) -> bool:
+    """Rate limits and "try again" answers, as the API asks to back off on them."""
+    return isinstance(error, (gexc.TooManyRequests, gexc.ServiceUnavailable)) or bool(
+        _reasons(error) & _RATE_LIMITED
+    )
+
+
 #: Compute Engine's REST methods have no default retry: back off on rate limits and
 #: "try again" answers, as the API asks, for up to two minutes.
-_THROTTLED = retry.Retry(
-    predicate=retry.if_exception_type(gexc.TooManyRequests, gexc.ServiceUnavailable),
-    initial=0.5,
-    maximum=10.0,
-    timeout=120.0,
-)
+_THROTTLED = retry.Retry(predicate=_retryable, initial=0.5, maximum=10.0, timeout=120.0)
 #: The cluster's allow rules: above its own deny rule (lower number wins).
 ALLOW_PRIORITY = 100
 #: The cluster's "deny all ingress from 0.0.0.0/0" rule: beats a fresh project's
@@ -80,12 +113,28 @@ _NAT_ALL_SUBNETWORKS = ("ALL_SUBNETWORKS_ALL_IP_RANGES", "ALL_SUBNETWORKS_ALL_PR
 _INTERNET_GATEWAY = "/global/gateways/default-internet-gateway"
 
 
-def _message(error: Exception) -> str:
+def _message(error: BaseException) -> str:
     return getattr(error, "message", None) or str(error)
 
 
-class _NotFoundError(CloudError):
-    """The resource does not exist (HTTP 404), told apart by type, not by its text."""
+def _translate(what: str, error: BaseException) -> CloudError:
+    """A Google API error as the shared kind its type (HTTP status) or reason says."""
+    reasons = _reasons(error)
+    text = _message(error)
+    if isinstance(error, gexc.TooManyRequests) or reasons & _RATE_LIMITED:
+        return ThrottledError(f"{what}: Compute Engine's rate limit was hit ({text})")
+    if isinstance(error, gexc.NotFound):
+        return NotFoundError(f"{what} not found: {text}")
+    if reasons & _IN_USE:
+        return InUseError(f"{what}: still in use ({text})")
+    if reasons & _QUOTA:
+        return CloudError(f"{what}: a quota is exhausted ({text})")
+    if isinstance(error, (gexc.Forbidden, gexc.Unauthorized)):
+        return ForbiddenError(
+            f"{what}: permission denied ({text}); give these credentials the roles listed "
+            "in the docs"
+        )
+    return CloudError(f"{what} failed: {text}")
 
 
 class GCPDriver(Driver):
@@ -95,50 +144,34 @@ class GCPDriver(Driver):
     user_data_limit = LIMITS["gcp"]
 
     def __init__(
-        self,
-        *,
-        project: str | None,
-        zone: str,
-        network: str,
-        subnetwork: str | None,
-        machine_types: Mapping[Role, str],
-        source_image: str,
-        disk_size: int,
-        disk_type: str,
-        gpu_type: str | None,
-        gpu_count: int,
-        worker_spot: bool,
-        labels: Mapping[str, str],
-        network_tags: Sequence[str],
-        service_account: str | None,
-        scopes: Sequence[str],
-        network_policy: NetworkPolicy,
-        max_run_duration: float | None,
-        api_endpoint: str | None,
-        credentials: Any,
-        worker_public_ip: bool | None = None,
+        self, options: GCPOptions, *, network_policy: NetworkPolicy, credentials: Any = None
     ) -> None:
-        self.project = project
-        self.zone = zone
-        self.network = network
-        self.subnetwork = subnetwork
-        self.machine_types = dict(machine_types)
-        self.source_image = source_image
-        self.disk_size = disk_size
-        self.disk_type = disk_type
-        self.gpu_type = gpu_type
-        self.gpu_count = gpu_count
-        self.worker_spot = worker_spot
-        self.labels = dict(labels)
-        self.network_tags = list(network_tags)
-        self.service_account = service_account
-        self.scopes = list(scopes)
+        self.options = options
+        self.project = options.project
+        self.zone = options.zone
+        self.network = options.network
+        self.subnetwork = options.subnetwork
+        self.machine_types = {
+            Role.SCHEDULER: options.scheduler_machine_type,
+            Role.WORKER: options.worker_machine_type,
+        }
+        self.source_image = options.source_image
+        self.disk_size = options.disk_size
+        self.disk_type = options.disk_type
+        self.gpu_type = options.gpu_type
+        self.gpu_count = options.gpu_count
+        self.worker_spot = options.worker_spot
+        self.labels = dict(options.labels)
+        self.network_tags = list(options.network_tags)
+        self.service_account = options.service_account
+        self.scopes = list(options.scopes)
         self.network_policy = network_policy
-        self.max_run_duration = max_run_duration
-        self.api_endpoint = api_endpoint
+        run = options.max_run_duration
+        self.max_run_duration = run.total_seconds() if run is not None else None
+        self.api_endpoint = options.api_endpoint
         self.credentials = credentials
         #: True, False, or None to decide from the subnetwork's ways out.
-        self.worker_public_ip = worker_public_ip
+        self.worker_public_ip = network_policy.worker_public_ip
         self._clients: dict[str, Any] = {}
         self._image_link: str | None = None
         self._subnets: list[Any] | None = None
@@ -171,27 +204,35 @@ class GCPDriver(Driver):
             )
         return self._clients[name]
 
-    async def _call(self, service: str, method: str, what: str, **kwargs: Any) -> Any:
+    async def _call(
+        self, service: str, method: str, what: str, *, poll: bool = False, **kwargs: Any
+    ) -> Any:
+        """One API call, its errors as the shared kinds. ``poll``: not retried, for
+        :meth:`state`, whose caller polls again anyway."""
+
         def call() -> Any:
-            return getattr(self._client(service), method)(retry=_THROTTLED, **kwargs)
+            policy = None if poll else _THROTTLED
+            return getattr(self._client(service), method)(retry=policy, **kwargs)
 
         try:
             return await asyncio.to_thread(call)
-        except gexc.NotFound as e:
-            raise _NotFoundError(f"{what} not found: {_message(e)}") from e
-        except gexc.Forbidden as e:
-            raise CloudError(
-                f"{what}: permission denied ({_message(e)}); give these credentials the "
-                "roles listed in the docs"
-            ) from e
+        except gexc.RetryError as e:  # the retries' time ran out: the last answer tells
+            cause = e.cause if isinstance(e.cause, gexc.GoogleAPIError) else e
+            raise _translate(what, cause) from e
         except gexc.GoogleAPIError as e:
-            raise CloudError(f"{what} failed: {_message(e)}") from e
+            raise _translate(what, e) from e
+        except (requests.RequestException, google.auth.exceptions.TransportError) as e:
+            raise CloudError(f"{what} failed: {e}") from e
 
     async def _wait(self, operation: Any, what: str, zonal: bool = True) -> None:
-        """Wait on an operation with our own operations client, bounded."""
+        """Wait on an operation with our own operations client, for at most
+        :attr:`operation_timeout`. Each ``wait`` call returns when the operation is done
+        or after about two minutes, so it is called again at once."""
         name = operation.name
-        deadline = time.monotonic() + self.boot_timeout
-        while True:
+        current: Any = None
+
+        async def done() -> bool:
+            nonlocal current
             if zonal:
                 current = await self._call(
                     "ZoneOperationsClient",
@@ -205,17 +246,31 @@ class GCPDriver(Driver):
                 current = await self._call(
                     "GlobalOperationsClient", "wait", what, project=self.project, operation=name
                 )
-            if current.status == compute_v1.Operation.Status.DONE:
-                if current.error and current.error.errors:
-                    first = current.error.errors[0]
-                    raise CloudError(f"{what} failed: {first.code}: {first.message}")
-                return
-            if time.monotonic() > deadline:
-                raise CloudError(
-                    f"{what}: operation {name} not done after {self.boot_timeout:.0f}s"
-                )
+            return bool(current.status == compute_v1.Operation.Status.DONE)
+
+        await self.poll_until(done, f"{what}: operation {name}", interval=0)
+        if current.error and current.error.errors:
+            first = current.error.errors[0]
+            message = f"{what} failed: {first.code}: {first.message}"
+            if first.code in _OPERATION_IN_USE:
+                raise InUseError(message)
+            if first.code in _OPERATION_NOT_FOUND:
+                raise NotFoundError(message)
+            raise CloudError(message)
 
     # -- before the first VM ------------------------------------------------------------
+
+    def interruption_notice(self, role: Role) -> InterruptionNotice | None:
+        """A Spot worker asks the metadata server whether its VM is being preempted: it
+        answers ``TRUE`` from the moment Compute Engine gives the 30-second notice."""
+        if role is not Role.WORKER or not self.worker_spot:
+            return None
+        endpoint = self.options.metadata_endpoint.rstrip("/")
+        return InterruptionNotice(
+            f"{endpoint}/computeMetadata/v1/instance/preempted",
+            headers={"Metadata-Flavor": "Google"},
+            must_contain="TRUE",
+        )
 
     def where(self) -> str:
         return self.zone
@@ -587,9 +642,12 @@ class GCPDriver(Driver):
                 zone=self.zone,
                 instance=vm.id,
             )
-        except _NotFoundError:
+        except NotFoundError:
             return  # already gone (a lease or spot deletion)
-        await self._wait(operation, what)
+        try:
+            await self._wait(operation, what)
+        except NotFoundError:
+            return  # deleted meanwhile by its lease, or as a spot VM
 
     async def list(self, cluster_id: str) -> list[VM]:
         pages = await self._call(
@@ -616,18 +674,20 @@ class GCPDriver(Driver):
             ),
         )
         instances = await asyncio.to_thread(list, pages)
+        # Firewall rules carry no labels: the cluster id is read from their names,
+        # ``dask-secure-cloud-<id>-<deny|client|internal>``, whatever the id is.
         rules = await self._call(
             "FirewallsClient",
             "list",
             "listing firewall rules",
             request=compute_v1.ListFirewallsRequest(
-                project=self.project, filter='name eq "dask-secure-cloud-dsc-.*"'
+                project=self.project, filter='name eq "dask-secure-cloud-.*"'
             ),
         )
         others = [
-            m.group(1)
+            m.group("id")
             for rule in await asyncio.to_thread(list, rules)
-            if (m := re.match(r"^dask-secure-cloud-(dsc-[0-9a-f]+)-", rule.name))
+            if (m := _RULE_NAME.match(rule.name))
         ]
         found = [
             (
@@ -642,21 +702,40 @@ class GCPDriver(Driver):
         ]
         return summarize(found, others)
 
+    async def states(self, cluster_id: str) -> dict[str, str]:
+        """One instances.list for the whole cluster: a stopped instance still exists."""
+        pages = await self._call(
+            "InstancesClient",
+            "list",
+            "listing instances",
+            poll=True,
+            request=compute_v1.ListInstancesRequest(
+                project=self.project,
+                zone=self.zone,
+                filter=f'labels.{CLUSTER_TAG} = "{cluster_id}"',
+            ),
+        )
+        instances = await asyncio.to_thread(list, pages)
+        return {
+            i.name: "terminated" if i.status in _ENDED_STATUSES else "running" for i in instances
+        }
+
     async def state(self, vm: VM) -> str:
         try:
             found = await self._call(
                 "InstancesClient",
                 "get",
                 f"instance {vm.id}",
+                poll=True,
                 project=self.project,
                 zone=self.zone,
                 instance=vm.id,
             )
-        except CloudError:
-            return "terminated"
-        return (
-            "terminated" if found.status in ("STOPPING", "TERMINATED", "SUSPENDED") else "running"
-        )
+        except NotFoundError:
+            return "terminated"  # deleted: by its lease, as a spot VM, or by us
+        except CloudError:  # throttled, refused, unreachable: nothing learnt
+            return "unknown"
+        return "terminated" if found.status in _ENDED_STATUSES else "running"
 
     async def console_output(self, vm: VM) -> str:
         try:
@@ -673,7 +752,11 @@ class GCPDriver(Driver):
         return output.contents
 
     async def release(self, cluster_id: str) -> None:
+        """Delete the cluster's firewall rules: exactly its own names, so the rules of a
+        cluster whose id merely starts with this one (``nightly`` and ``nightly-etl``)
+        stay."""
         tag = _network_tag(cluster_id)
+        names = {f"{tag}-{rule}" for rule in _RULES}
         pages = await self._call(
             "FirewallsClient",
             "list",
@@ -683,13 +766,17 @@ class GCPDriver(Driver):
             ),
         )
         for rule in await asyncio.to_thread(list, pages):
-            if not rule.name.startswith(f"{tag}-"):
+            if rule.name not in names:
                 continue
             what = f"deleting firewall {rule.name}"
-            operation = await self._call(
-                "FirewallsClient", "delete", what, project=self.project, firewall=rule.name
-            )
-            await self._wait(operation, what, zonal=False)
+
+            async def delete(name: str = rule.name, what: str = what) -> None:
+                operation = await self._call(
+                    "FirewallsClient", "delete", what, project=self.project, firewall=name
+                )
+                await self._wait(operation, what, zonal=False)
+
+            await self.delete_when_free(delete, what)
 
     async def close(self) -> None:
         for client in self._clients.values():
@@ -705,8 +792,12 @@ def _network_tag(cluster_id: str) -> str:
 
 
 def _scheduler_tag(cluster_id: str) -> str:
-    """The network tag of the scheduler alone: the creator's CIDRs reach only it."""
-    return f"{_network_tag(cluster_id)}-scheduler"
+    """The network tag of the scheduler alone: the creator's CIDRs reach only it.
+
+    ``--`` ends the cluster id (no id has two hyphens in a row, see
+    :mod:`dask_secure_cloud.names`): with a single hyphen this would be the tag every VM
+    of a cluster called ``<id>-scheduler`` carries, and its rules would reach them."""
+    return f"{_network_tag(cluster_id)}--scheduler"
 
 
 def _covering_nat(routers: Sequence[Any], network: str, subnet: Any) -> str | None:
@@ -762,147 +853,19 @@ def _label_value(text: str) -> str:
 class GCPCluster(VMCluster):
     """A secure Dask cluster on Google Compute Engine.
 
-    Every option of :class:`~dask_secure_cloud.cluster.VMCluster` applies, plus:
-
-    Parameters
-    ----------
-    project
-        Project id. Default: the one of the application default credentials.
-    zone
-        Zone, for example ``"europe-west4-a"``.
-    network, subnetwork
-        The VPC network (default ``"default"``) and, separately, a subnetwork of it in
-        the zone's region.
-    scheduler_machine_type, worker_machine_type
-        Machine types, for example ``"e2-standard-4"``.
-    source_image
-        ``projects/P/global/images/NAME`` or ``projects/P/global/images/family/F``.
-        Default: the Ubuntu 24.04 LTS family.
-    disk_size, disk_type
-        Boot disk size in GB (deleted with the VM) and type.
-    gpu_type, gpu_count
-        Accelerators for workers, for example ``"nvidia-tesla-t4"`` and 1.
-    worker_spot
-        Run workers as Spot VMs, deleted when preempted.
-    labels, network_tags
-        Extra labels and network tags for every VM.
-    service_account, scopes
-        The identity the VMs run as. Default: none, so a VM holds no Google token.
-    use_private_ip
-        The client runs inside the network and reaches the scheduler on its internal
-        address; the scheduler's port and dashboard are opened to the subnetworks'
-        ranges. Default False: the scheduler gets an external address.
-    worker_public_ip
-        ``None`` (default): workers get an ephemeral external address only where their
-        subnetwork has no Cloud NAT, so they can reach a registry, while the cluster's
-        firewall denies every connection from outside the cluster. ``False``: never
-        (the subnetwork needs Cloud NAT, or ``offline_image=True``). ``True``: always.
-    max_run_duration
-        Compute Engine deletes each VM after this long, whatever happens to the client.
-    allowed_cidrs, open_to_world, allow_insecure_public, public_ip_url
-        Who may reach the scheduler, as for ``EC2Cluster``.
-    api_endpoint
-        Another Compute Engine endpoint; every client the cluster builds uses it.
-    credentials
-        A ``google.auth`` credentials object, instead of application default credentials.
+    By default on the project's ``default`` network, on the Ubuntu 24.04 LTS image
+    family, with VMs that hold no Google credentials. ``credentials=`` takes a
+    ``google.auth`` credentials object instead of the application default credentials.
     """
 
     provider = "gcp"
+    Options = GCPOptions
+    extra_keywords = ("credentials",)
 
-    def __init__(
-        self,
-        *,
-        project: str | None = None,
-        zone: str | None = None,
-        network: str | None = None,
-        subnetwork: str | None = None,
-        scheduler_machine_type: str | None = None,
-        worker_machine_type: str | None = None,
-        source_image: str | None = None,
-        disk_size: int | None = None,
-        disk_type: str | None = None,
-        gpu_type: str | None = None,
-        gpu_count: int | None = None,
-        worker_spot: bool | None = None,
-        labels: Mapping[str, str] | None = None,
-        network_tags: Sequence[str] | None = None,
-        service_account: str | None = None,
-        scopes: Sequence[str] | None = None,
-        use_private_ip: bool | None = None,
-        worker_public_ip: bool | None = None,
-        max_run_duration: str | float | None = None,
-        allowed_cidrs: Sequence[str] | None = None,
-        open_to_world: bool | None = None,
-        allow_insecure_public: bool | None = None,
-        public_ip_url: str | None = None,
-        api_endpoint: str | None = None,
-        credentials: Any = None,
-        security: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        def opt(name: str, value: Any) -> Any:
-            return config.option(self.provider, name, value)
-
-        zone = opt("zone", zone)
-        if not isinstance(zone, str) or not re.fullmatch(r"[a-z]+-[a-z]+\d+-[a-z]", zone):
-            raise OptionError(f"zone must look like 'us-central1-a', got {zone!r}")
-        labels = dict(opt("labels", labels) or {})
-        for key, value in labels.items():
-            if not _LABEL.match(str(key)) or not re.fullmatch(r"[a-z0-9_-]{0,63}", str(value)):
-                raise OptionError(
-                    f"labels: {key!r}: {value!r} is not a valid label (lowercase letters, "
-                    "digits, '-' and '_', at most 63 characters)"
-                )
-        if CLUSTER_TAG in labels:
-            raise OptionError(f"labels: {CLUSTER_TAG!r} is set by the cluster itself")
-        disk_size = opt("disk_size", disk_size)
-        if isinstance(disk_size, bool) or not isinstance(disk_size, int) or disk_size < 10:
-            raise OptionError(f"disk_size must be a whole number of GB >= 10, got {disk_size!r}")
-        gpu_count = int(opt("gpu_count", gpu_count) or 0)
-        gpu_type = opt("gpu_type", gpu_type)
-        if gpu_count and not gpu_type:
-            raise OptionError("gpu_count needs gpu_type, for example gpu_type='nvidia-tesla-t4'")
-        network_policy = NetworkPolicy.from_options(
-            opt,
-            security=security,
-            use_private_ip=use_private_ip,
-            worker_public_ip=worker_public_ip,
-            allowed_cidrs=allowed_cidrs,
-            open_to_world=open_to_world,
-            allow_insecure_public=allow_insecure_public,
-            public_ip_url=public_ip_url,
-        )
-        machine_types = {
-            Role.SCHEDULER: opt("scheduler_machine_type", scheduler_machine_type),
-            Role.WORKER: opt("worker_machine_type", worker_machine_type),
-        }
-        run = opt("max_run_duration", max_run_duration)
-        driver = GCPDriver(
-            project=opt("project", project),
-            zone=zone,
-            network=opt("network", network),
-            subnetwork=opt("subnetwork", subnetwork),
-            machine_types=machine_types,
-            source_image=opt("source_image", source_image),
-            disk_size=disk_size,
-            disk_type=opt("disk_type", disk_type),
-            gpu_type=gpu_type,
-            gpu_count=gpu_count,
-            worker_spot=bool(opt("worker_spot", worker_spot)),
-            labels=labels,
-            network_tags=list(opt("network_tags", network_tags) or []),
-            service_account=opt("service_account", service_account),
-            scopes=list(opt("scopes", scopes) or []),
-            network_policy=network_policy,
-            max_run_duration=(
-                config.parse_duration(run, "max_run_duration").total_seconds() if run else None
-            ),
-            api_endpoint=opt("api_endpoint", api_endpoint),
-            credentials=credentials,
-            worker_public_ip=network_policy.worker_public_ip,
-        )
-        super().__init__(
-            driver,
-            security=security,
-            **kwargs,
+    @classmethod
+    def make_driver(cls, options: GCPOptions, **extra: Any) -> GCPDriver:
+        return GCPDriver(
+            options,
+            network_policy=NetworkPolicy.from_options(options),
+            credentials=extra.get("credentials"),
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import ipaddress
 import os
@@ -24,11 +25,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .. import audit, config
+from .. import audit
 from ..cloudinit import LIMITS
 from ..cluster import VMCluster
 from ..credentials import Role
 from ..driver import VM, ClusterSummary, Driver, VMRequest, summarize
+from ..options import ClusterOptions, LocalOptions
 from ..vmrunner import LocalVM, boot, find_vms
 
 __all__ = ["LocalDriver", "LocalVMCluster", "loopback_subnet"]
@@ -70,6 +72,8 @@ class LocalDriver(Driver):
 
     provider = "local"
     user_data_limit = LIMITS["local"]
+    # Listing is a directory scan here: a failed boot is reported within a second.
+    watch_interval = 1.0
 
     def __init__(
         self,
@@ -144,11 +148,29 @@ class LocalDriver(Driver):
         vms = await asyncio.to_thread(find_vms, self.directory, cluster_id)
         return [self._record(vm) for vm in vms]
 
+    async def states(self, cluster_id: str) -> dict[str, str]:
+        def scan() -> dict[str, str]:
+            found = {}
+            for local in find_vms(self.directory, cluster_id):
+                try:
+                    found[self._record(local).id] = (
+                        "running" if local.is_running() else "terminated"
+                    )
+                except OSError:  # /proc could not be read: nothing learnt
+                    continue
+            return found
+
+        return await asyncio.to_thread(scan)
+
     async def state(self, vm: VM) -> str:
         local = self._local(vm)
         if local is None:
-            return "terminated"
-        return "running" if await asyncio.to_thread(local.is_running) else "terminated"
+            return "terminated"  # its directory is gone: deleted
+        try:
+            running = await asyncio.to_thread(local.is_running)
+        except OSError:  # /proc could not be read: nothing learnt
+            return "unknown"
+        return "running" if running else "terminated"
 
     async def console_output(self, vm: VM) -> str:
         local = self._local(vm)
@@ -187,14 +209,8 @@ def default_directory() -> Path:
 class LocalVMCluster(VMCluster):
     """A secure Dask cluster of local "VMs", booted exactly as cloud VMs are.
 
-    Every option of :class:`~dask_secure_cloud.cluster.VMCluster` applies; by default
-    the VMs run the client's own Python (``runtime="native"``) rather than a container.
-
-    Parameters
-    ----------
-    directory
-        Where the VMs' directories go (default: a private directory in the system's
-        temporary directory). Each is deleted when its VM is.
+    By default the VMs run the client's own Python (``runtime="native"``) rather than a
+    container, and split this machine's cores between the workers.
 
     Examples
     --------
@@ -205,49 +221,30 @@ class LocalVMCluster(VMCluster):
     """
 
     provider = "local"
-
-    def _default_python(self, configured: str | None) -> str:
-        # The client's own interpreter, whatever PATH says: a virtualenv used by path
-        # (a Jupyter kernel, an IDE) is not on PATH, and its packages are the ones wanted.
-        return configured or sys.executable
-
+    Options = LocalOptions
     # Every "VM" shares this machine's cores: booting them all at once only adds
     # contention (measured: 6.4 s against 4.6 s to ready on two cores).
     overlap_boot = False
 
-    def __init__(
-        self,
-        *,
-        directory: str | os.PathLike[str] | None = None,
-        python: str | None = None,
-        scheduler_port: int | None = None,
-        dashboard_port: int | None = None,
-        worker_options: dict[str, Any] | None = None,
-        n_workers: int | None = None,
-        **kwargs: Any,
-    ) -> None:
-        directory = config.option(self.provider, "directory", directory) or default_directory()
-        scheduler_port = config.port(
-            config.option(self.provider, "scheduler_port", scheduler_port), "scheduler_port"
-        )
-        dashboard_port = config.port(
-            config.option(self.provider, "dashboard_port", dashboard_port), "dashboard_port"
-        )
-        subnet = loopback_subnet((scheduler_port, dashboard_port))
+    @classmethod
+    def native_python(cls, options: ClusterOptions) -> str:
+        # The client's own interpreter, whatever PATH says: a virtualenv used by path
+        # (a Jupyter kernel, an IDE) is not on PATH, and its packages are the ones wanted.
+        return sys.executable
+
+    @classmethod
+    def setup(
+        cls, options: LocalOptions, driver: Driver | None = None, **extra: Any
+    ) -> tuple[LocalOptions, Driver]:
+        changes: dict[str, Any] = {}
+        subnet = loopback_subnet((options.scheduler_port, options.dashboard_port))
         if subnet is None:
             # One shared address: the scheduler's ports must be free ones.
-            scheduler_port, dashboard_port = _free_port(), _free_port()
-        n_workers = config.option(self.provider, "n_workers", n_workers)
-        worker_options = dict(config.option(self.provider, "worker_options", worker_options) or {})
-        if isinstance(n_workers, int) and n_workers > 0:
+            changes.update(scheduler_port=_free_port(), dashboard_port=_free_port())
+        if options.n_workers > 0 and "nthreads" not in options.worker_options:
             # The "VMs" share this machine's cores: split them, as LocalCluster does.
-            worker_options.setdefault("nthreads", max(1, (os.cpu_count() or 1) // n_workers))
-        super().__init__(
-            LocalDriver(directory, subnet),
-            python=python,
-            scheduler_port=scheduler_port,
-            dashboard_port=dashboard_port,
-            worker_options=worker_options,
-            n_workers=n_workers,
-            **kwargs,
-        )
+            nthreads = max(1, (os.cpu_count() or 1) // options.n_workers)
+            changes["worker_options"] = {**options.worker_options, "nthreads": nthreads}
+        options = dataclasses.replace(options, **changes)
+        directory = options.directory or default_directory()
+        return options, driver or LocalDriver(directory, subnet)

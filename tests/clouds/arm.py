@@ -289,18 +289,20 @@ class AzureStandIn(HTTPSStandIn):
         *,
         occurrence: int = 1,
         in_operation: bool = False,
+        message: str | None = None,
     ) -> None:
         """Fail the ``occurrence``-th next ``call`` (``"PUT virtualMachines"``), either at
-        once or, ``in_operation``, in the long-running operation it starts."""
+        once or, ``in_operation``, in the long-running operation it starts; ``message``
+        as ARM words it (default: ``injected <code>``)."""
         with self._lock:
             self._faults[(call, self._counts[call] + occurrence)] = (
-                ARMError(status, code, f"injected {code}"),
+                ARMError(status, code, message or f"injected {code}"),
                 in_operation,
             )
 
-    def throttle(self, call: str) -> None:
+    def throttle(self, call: str, occurrence: int = 1) -> None:
         with self._lock:
-            self._faults[(call, self._counts[call] + 1)] = (
+            self._faults[(call, self._counts[call] + occurrence)] = (
                 ARMError(
                     429,
                     "TooManyRequests",
@@ -556,6 +558,13 @@ class AzureStandIn(HTTPSStandIn):
     def _public(self, resource: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in resource.items() if not k.startswith("_")}
 
+    def _instance_view(self, vm: dict[str, Any]) -> dict[str, Any]:
+        # A VM whose OS shut itself down is Stopped (still allocated, still billed).
+        booted = self.booter.vms.get(vm.get("_vm", ""))
+        stopped = booted is not None and not booted.is_running()
+        power = {"code": "PowerState/stopped"} if stopped else vm["_power"]
+        return {"statuses": [{"code": "ProvisioningState/succeeded"}, power]}
+
     def _resource(
         self,
         method: str,
@@ -569,20 +578,20 @@ class AzureStandIn(HTTPSStandIn):
             if method != "GET":
                 raise ARMError(405, "MethodNotAllowed", f"{method} on a collection")
             prefix = self._id(match).rsplit("/", 1)[0].lower() + "/"
-            items = [
-                self._public(r)
+            found = [
+                r
                 for key, r in self.resources.items()
                 if key.startswith(prefix) and key.count("/") == prefix.count("/")
             ]
+            items = [self._public(r) for r in found]
+            if kind == "virtualmachines" and query.get("$expand") == "instanceView":
+                # The list's instanceView expansion: each VM's statuses in one answer.
+                for item, vm in zip(items, found, strict=True):
+                    item.setdefault("properties", {})["instanceView"] = self._instance_view(vm)
             return 200, {"value": items}
         resource_id = self._id(match)
         if action == "instanceView" and method == "GET":
-            vm = self._get(resource_id)
-            # A VM whose OS shut itself down is Stopped (still allocated, still billed).
-            booted = self.booter.vms.get(vm.get("_vm", ""))
-            stopped = booted is not None and not booted.is_running()
-            power = {"code": "PowerState/stopped"} if stopped else vm["_power"]
-            return 200, {"statuses": [{"code": "ProvisioningState/succeeded"}, power]}
+            return 200, self._instance_view(self._get(resource_id))
         if action == "retrieveBootDiagnosticsData" and method == "POST":
             self._get(resource_id)
             return 200, {

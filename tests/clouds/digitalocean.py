@@ -27,6 +27,7 @@ import random
 import re
 import threading
 import time
+import urllib.parse
 import uuid
 from collections import Counter
 from typing import Any
@@ -282,11 +283,12 @@ class DigitalOceanStandIn(HTTPSStandIn):
         ]
         droplet_id = next(self._ids)
         tags = [t for t in body.get("tags") or []]
+        # The cluster's tag carries its id verbatim: "dask-secure-cloud:<id>".
         cluster = next(
             (
-                t.removeprefix("dask-secure-cloud-")
+                t.removeprefix("dask-secure-cloud:")
                 for t in tags
-                if t.startswith("dask-secure-cloud-dsc-") and not t.endswith("-scheduler")
+                if t.startswith("dask-secure-cloud:")
             ),
             "untagged",
         )
@@ -398,7 +400,8 @@ class DigitalOceanStandIn(HTTPSStandIn):
         for verb, pattern, name in routes:
             match = re.match(pattern, path)
             if verb == method and match:
-                call, args = name, list(match.groups())
+                # A path segment arrives percent-encoded (a tag's ":" as "%3A").
+                call, args = name, [urllib.parse.unquote(g) for g in match.groups()]
                 break
         else:
             raise APIError(404, "not_found", f"stand-in has no {method} {path}")

@@ -871,3 +871,46 @@ def _matches(record: dict[str, Any], expression: str) -> bool:
     if match:
         return re.fullmatch(match[2], str(record.get(match[1], ""))) is not None
     raise APIError(400, "invalid", f"Invalid list filter expression '{expression}'")
+
+
+class PreemptionNotice:
+    """Just enough of Compute Engine's metadata server for a Spot VM's preemption notice:
+    ``GET /computeMetadata/v1/instance/preempted`` answers ``FALSE`` until :meth:`preempt`,
+    then ``TRUE``, and refuses a request without ``Metadata-Flavor: Google`` (403), as the
+    real server does. ``address`` is where the VMs reach it."""
+
+    PATH = "/computeMetadata/v1/instance/preempted"
+
+    def __init__(self, address: str = "127.0.0.1") -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        preempting = self.preempting = threading.Event()
+        path = self.PATH
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.headers.get("Metadata-Flavor") != "Google":
+                    status, body = 403, b"Missing Metadata-Flavor:Google header.\n"
+                elif self.path.split("?")[0] != path:
+                    status, body = 404, b"Not found\n"
+                else:
+                    status, body = 200, b"TRUE" if preempting.is_set() else b"FALSE"
+                self.send_response(status)
+                self.send_header("Metadata-Flavor", "Google")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer((address, 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"http://{address}:{self._server.server_address[1]}"
+
+    def preempt(self) -> None:
+        self.preempting.set()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -101,6 +101,13 @@ class GuestDriver(Driver):
     async def list(self, cluster_id: str) -> list[VM]:
         return [self._record(g) for g in self.booter.vms.values() if g.cluster_id == cluster_id]
 
+    async def states(self, cluster_id: str) -> dict[str, str]:
+        return {
+            g.vm_id: "running" if g.is_running() else "terminated"
+            for g in list(self.booter.vms.values())
+            if g.cluster_id == cluster_id
+        }
+
     async def state(self, vm: VM) -> str:
         guest = self.booter.vms.get(vm.id)
         return "running" if guest is not None and guest.is_running() else "terminated"

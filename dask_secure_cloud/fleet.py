@@ -1,0 +1,323 @@
+"""The fleet: every driver call a cluster makes, in one place.
+
+Bounded creation (at most ``driver.max_concurrent_creates`` in flight), workers launched
+while the scheduler still boots, waiting for the scheduler's handshake, one watcher for
+the whole cluster, and the sweep that ends every start and every close.
+
+The watcher lists the cluster's VMs once every ``driver.watch_interval`` seconds while any VM
+is booting, however many there are: 200 booting workers cost one listing per interval,
+not 200 state calls a second. A VM that the listing showed and no longer shows, or that
+it reports ended, has terminated (it powered itself off: a failed boot). A listing that
+fails or is throttled teaches nothing, and a VM never listed yet is not presumed gone
+(clouds list new VMs with a delay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+from distributed.comm import connect
+
+from . import audit
+from .bootscript import STEP_PREFIX
+from .credentials import Role
+from .driver import CLUSTER_TAG, CREATOR_TAG, VM, CloudError, Driver, VMRequest
+from .errors import ClusterStartError, ResourcesLeftError, VMBootError
+from .plan import BootPlanner
+
+__all__ = ["Fleet", "delete_cluster"]
+
+logger = logging.getLogger(__name__)
+
+
+async def delete_cluster(driver: Driver, cluster_id: str) -> list[str]:
+    """Delete every VM that carries ``cluster_id``, confirm none is left, then release the
+    cluster's network. Returns the names of the VMs deleted. Used by ``close()`` and by
+    ``dask secure-cloud cleanup`` alike."""
+    left = await driver.list(cluster_id)
+    deleted = [vm.name for vm in left]
+    if left:
+        await asyncio.gather(*(driver.destroy(vm) for vm in left))
+        left = await driver.list(cluster_id)
+    if left:
+        raise ResourcesLeftError(
+            f"cluster {cluster_id}: could not delete "
+            + ", ".join(f"{vm.name} ({vm.id})" for vm in left)
+        )
+    await driver.release(cluster_id)
+    return deleted
+
+
+class Fleet:
+    """The VMs of one cluster, as the cloud sees them."""
+
+    def __init__(
+        self,
+        driver: Driver,
+        planner: BootPlanner,
+        *,
+        log: Callable[[str], None],
+    ) -> None:
+        self.driver = driver
+        self.planner = planner
+        self.cluster_id = planner.cluster_id
+        self.boot_timeout = planner.options.boot_timeout.total_seconds()
+        self._log = log
+        self.watch_interval = driver.watch_interval
+        #: Set by the sweep: nothing new is made once the cluster is going away.
+        self.closing = False
+        self._inflight: set[asyncio.Future[VM]] = set()
+        self._prelaunched: dict[str, asyncio.Future[VM]] = {}
+        self._slots: asyncio.Semaphore | None = None
+        self._sweep_task: asyncio.Future[None] | None = None
+        # The watcher: each VM's last known state by id, and which ids a listing showed.
+        self._states: dict[str, str] = {}
+        self._seen: set[str] = set()
+        self._booting = 0
+        self._watcher: asyncio.Task[None] | None = None
+
+    # -- making VMs ---------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        started = time.monotonic()
+        try:
+            await self.driver.prepare(self.cluster_id)
+        except (OSError, RuntimeError, ValueError) as e:  # cloud, network, policy
+            raise ClusterStartError(f"preparing the network failed: {e}") from e
+        self._log(f"Network ready in {time.monotonic() - started:.1f}s")
+
+    async def create(self, role: Role, name: str, scheduler_address: str | None) -> VM:
+        """Make one VM (or adopt the one :meth:`prelaunch` made for ``name``)."""
+        early = self._prelaunched.pop(name, None)
+        if early is not None:
+            return await early
+        return await self._make(role, name, scheduler_address)
+
+    async def _make(self, role: Role, name: str, scheduler_address: str | None) -> VM:
+        if self.closing:
+            raise ClusterStartError(f"not creating {name}: the cluster is closing")
+        plan = self.planner.plan(role, name, scheduler_address)
+        request = VMRequest(
+            cluster_id=self.cluster_id,
+            name=name,
+            role=role,
+            user_data=self.planner.render(plan),
+            tags={CLUSTER_TAG: self.cluster_id, CREATOR_TAG: self.driver.creator},
+        )
+        started = time.monotonic()
+        task = asyncio.ensure_future(self._bounded(self.driver.create(request)))
+        self._inflight.add(task)
+        try:
+            vm = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The cloud may still be making it: wait, so the sweep can find and delete it.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+            raise
+        except (OSError, RuntimeError, ValueError) as e:  # what drivers raise
+            raise ClusterStartError(f"creating {role.value} VM {name} failed: {e}") from e
+        finally:
+            self._inflight.discard(task)
+        elapsed = time.monotonic() - started
+        self._log(f"{role.value} VM {name} created at {vm.private_ip} in {elapsed:.1f}s")
+        await audit.record_async(
+            "vm_launched",
+            self.cluster_id,
+            name=name,
+            role=role.value,
+            vm_id=vm.id,
+            private_ip=vm.private_ip,
+            public_ip=vm.public_ip,
+            certificate_fingerprint=plan.tls.fingerprint if plan.tls else None,
+        )
+        return vm
+
+    async def _bounded(self, creation: Awaitable[VM]) -> VM:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.driver.max_concurrent_creates)
+        async with self._slots:
+            return await creation
+
+    def prelaunch(self, names: list[str], scheduler_address: str) -> None:
+        """Create workers' VMs while the scheduler's VM is still booting.
+
+        A worker keeps trying to reach its scheduler, so the two boots overlap instead
+        of adding up; on a cloud that saves a whole VM boot. :meth:`create` adopts the VM
+        made here; a failure surfaces there, and the sweep finds any VM made.
+        """
+        for name in names:
+            if name not in self._prelaunched:
+                self._prelaunched[name] = asyncio.ensure_future(
+                    self._make(Role.WORKER, name, scheduler_address)
+                )
+
+    async def destroy(self, vm: VM) -> None:
+        await self.driver.destroy(vm)
+        await audit.record_async("vm_deleted", self.cluster_id, name=vm.name, vm_id=vm.id)
+
+    # -- watching boots -----------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _watching(self) -> AsyncIterator[None]:
+        self._booting += 1
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch())
+        try:
+            yield
+        finally:
+            self._booting -= 1
+
+    async def _watch(self) -> None:
+        """One listing per interval while anything boots; nothing when nothing does."""
+        while self._booting > 0 and not self.closing:
+            try:
+                states = await self.driver.states(self.cluster_id)
+            except (CloudError, OSError) as e:  # throttled or failed: nothing learnt
+                logger.debug("Cluster %s: listing its VMs failed: %s", self.cluster_id, e)
+            else:
+                gone = self._seen - set(states)
+                self._seen |= set(states)
+                self._states = {**dict(states), **dict.fromkeys(gone, "terminated")}
+            await asyncio.sleep(self.watch_interval)
+
+    def state(self, vm: VM) -> str:
+        """What the watcher last learnt of ``vm``: ``"running"``, ``"terminated"`` or
+        ``"unknown"``."""
+        return self._states.get(vm.id, "unknown")
+
+    async def wait_reachable(
+        self, vm: VM, address: str, connection_args: Mapping[str, Any]
+    ) -> None:
+        """Wait until the scheduler completes a (TLS) handshake, or report its console."""
+        deadline = time.monotonic() + self.boot_timeout
+        async with self._watching():
+            while True:
+                if self.closing:
+                    raise ClusterStartError("start interrupted")
+                try:
+                    comm = await connect(address, timeout=1, **connection_args)
+                except OSError:
+                    pass
+                else:
+                    await comm.close()
+                    return
+                state = self.state(vm)
+                if state == "terminated" or time.monotonic() > deadline:
+                    why = (
+                        "stopped"
+                        if state == "terminated"
+                        else f"was not reachable at {address} within "
+                        f"{self.boot_timeout:.0f}s (boot_timeout)"
+                    )
+                    console = await self.console_output(vm)
+                    raise VMBootError(
+                        f"scheduler VM {vm.name} {why}. Console output:\n{tail(console)}"
+                    )
+                await asyncio.sleep(0.2)
+
+    async def watch_worker_boot(
+        self, vm: VM, joined: Callable[[], bool], closing: Callable[[], bool]
+    ) -> None:
+        """Report a worker VM that has not joined within ``boot_timeout``."""
+        deadline = time.monotonic() + self.boot_timeout
+        async with self._watching():
+            while time.monotonic() < deadline:
+                if joined():
+                    return
+                if self.state(vm) == "terminated":
+                    break
+                await asyncio.sleep(1)
+        if closing() or self.closing:
+            return  # closing: the VM ended because we asked it to
+        console = await self.console_output(vm)
+        logger.error(
+            "Worker VM %s did not join the scheduler within %.0fs (boot_timeout). "
+            "Console output:\n%s",
+            vm.name,
+            self.boot_timeout,
+            tail(console),
+        )
+
+    async def console_output(self, vm: VM) -> str:
+        try:
+            return await self.driver.console_output(vm)
+        except (CloudError, OSError) as e:
+            return f"(the console could not be read: {e})"
+
+    async def consoles(self) -> dict[str, str]:
+        """Each VM's console, for ``get_logs``."""
+        found = {}
+        for vm in await self.driver.list(self.cluster_id):
+            text = await self.console_output(vm)
+            if text:
+                found[vm.name] = text
+        return found
+
+    # -- the sweep ----------------------------------------------------------------------
+
+    async def sweep(self) -> None:
+        """Destroy every VM carrying the cluster id, then confirm none is left.
+
+        Runs once; a second caller (an interrupted start and the close that follows it)
+        waits for the same sweep instead of returning before it is done.
+        """
+        if self._sweep_task is None:
+            self._sweep_task = asyncio.ensure_future(self._sweep_with_retries())
+        await asyncio.shield(self._sweep_task)
+
+    async def _sweep_with_retries(self, attempts: int = 3) -> None:
+        """Clouds fail now and then (eventual consistency, a dropped call): try again."""
+        try:
+            for attempt in range(1, attempts + 1):
+                try:
+                    await self._sweep_once()
+                    return
+                except (OSError, RuntimeError) as e:
+                    if attempt == attempts:
+                        await audit.record_async("cleanup_failed", self.cluster_id, error=str(e))
+                        raise ResourcesLeftError(
+                            f"cluster {self.cluster_id}: cleanup failed ({e}); its resources "
+                            f"carry the tag {CLUSTER_TAG}={self.cluster_id}: delete them, or "
+                            "close() again"
+                        ) from e
+                    logger.warning(
+                        "Cluster %s: cleanup attempt %d failed (%s); trying again",
+                        self.cluster_id,
+                        attempt,
+                        e,
+                    )
+                    await asyncio.sleep(attempt)
+        except BaseException:
+            self._sweep_task = None  # a later close() tries again
+            raise
+        finally:
+            await self.driver.close()
+
+    async def _sweep_once(self) -> None:
+        self.closing = True
+        pending = [*self._inflight, *self._prelaunched.values()]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        self._prelaunched.clear()
+        deleted = await delete_cluster(self.driver, self.cluster_id)
+        self._log(f"Cluster {self.cluster_id}: every VM deleted")
+        await audit.record_async("closed", self.cluster_id, swept=deleted, confirmed_none_left=True)
+
+
+def tail(text: str, lines: int = 60) -> str:
+    """What a failed VM's console says: the boot script's own lines (each step, how long
+    it took, why it failed), then the console's last lines. Shutdown noise after a
+    failure would otherwise push the failing step out of the report."""
+    console = text.splitlines()
+    steps = [line[line.index(STEP_PREFIX) :] for line in console if STEP_PREFIX in line]
+    kept = console[-(lines // 3 if steps else lines) :]
+    if not kept:
+        return "(no console output)"
+    if not steps:
+        return "\n".join(kept)
+    return "\n".join(["Boot script:", *steps[-lines:], "Last console lines:", *kept])

@@ -1,0 +1,178 @@
+"""``AzureVMCluster``'s options."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from ..errors import OptionError
+from .base import (
+    _choice,
+    _matching,
+    _network,
+    _number,
+    _strings_to_strings,
+    _text,
+    _whole,
+    option,
+)
+from .shared import VPCOptions
+
+_AZURE_TAG_FORBIDDEN = set("<>%&\\?/")
+
+
+def _azure_tags(value: Any, name: str) -> dict[str, str]:
+    tags = _strings_to_strings(value, name)
+    for key, text in tags.items():
+        if len(key) > 512 or len(text) > 256 or _AZURE_TAG_FORBIDDEN & set(key):
+            raise OptionError(
+                f"{name}: {key!r} is not an Azure tag (names up to 512 characters without "
+                "< > % & \\ ? /, values up to 256)"
+            )
+    if len(tags) > 48:
+        raise OptionError(f"{name}: Azure allows 50 tags per resource, the cluster uses 2")
+    return tags
+
+
+def _vm_size(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value.startswith(("Standard_", "Basic_")):
+        raise OptionError(
+            f"{name} must be an Azure VM size such as 'Standard_D4s_v5', got {value!r}"
+        )
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class AzureOptions(VPCOptions):
+    provider: ClassVar[str] = "azure"
+    changed_defaults: ClassVar[Mapping[str, Any]] = {"use_private_ip": True}
+
+    resource_group: str | None = option(
+        None,
+        "An existing resource group; every resource of the cluster is made in it. Required.",
+        types=("string", "null"),
+        check=_text,
+        note="required: an existing resource group",
+    )
+    location: str | None = option(
+        None,
+        "Region, for example ``'westeurope'``. Default: the resource group's.",
+        types=("string", "null"),
+        check=_matching(r"[a-z0-9]+", "westeurope"),
+        note="null: the resource group's location",
+    )
+    subscription_id: str | None = option(
+        None,
+        """
+        Default: ``AZURE_SUBSCRIPTION_ID``, then the one subscription the credential sees.
+        """,
+        types=("string", "null"),
+        check=_text,
+        note="null: AZURE_SUBSCRIPTION_ID, then the credential's only one",
+    )
+    cloud: str = option(
+        "public",
+        """
+        ``"public"``, ``"usgovernment"`` or ``"china"``: picks the resource-manager
+        endpoint and sign-in authority.
+        """,
+        types="string",
+        check=_choice("public", "usgovernment", "china"),
+        enum=("public", "usgovernment", "china"),
+    )
+    resource_manager_url: str | None = option(
+        None,
+        "Another resource-manager endpoint (Azure Stack, a test stand-in).",
+        types=("string", "null"),
+        check=_text,
+        note="null: the cloud's endpoint",
+    )
+    ca_bundle: str | None = option(
+        None,
+        "A CA bundle to verify the endpoint's TLS certificate with (a TLS-inspecting proxy).",
+        types=("string", "null"),
+        check=_text,
+    )
+    scheduler_vm_size: str = option(
+        "Standard_D2s_v5", "VM size of the scheduler.", types="string", check=_vm_size
+    )
+    worker_vm_size: str = option(
+        "Standard_D4s_v5",
+        "VM size of the workers; a GPU size gives the workers' containers its GPUs.",
+        types="string",
+        check=_vm_size,
+    )
+    image: str = option(
+        "Canonical:ubuntu-24_04-lts:server:latest",
+        "``publisher:offer:sku:version``. Default: Ubuntu 24.04 LTS.",
+        types="string",
+        check=_matching(
+            r"[^:\s]+:[^:\s]+:[^:\s]+:[^:\s]+",
+            "Canonical:ubuntu-24_04-lts:server:latest",
+            "'publisher:offer:sku:version'",
+        ),
+    )
+    disk_size: int = option(
+        64,
+        "OS disk size in GiB, deleted with the VM.",
+        types="integer",
+        check=_whole(30, " of GiB"),
+        note="GiB, deleted with the VM",
+    )
+    disk_type: str = option("Premium_LRS", "OS disk storage type.", types="string", check=_text)
+    spot_max_price: float = option(
+        -1,
+        "Highest hourly price for Spot workers; ``-1`` pays up to the on-demand price.",
+        types="number",
+        check=_number,
+        note="-1: up to the on-demand price",
+    )
+    tags: dict[str, str] = option(
+        {}, "Extra tags for every resource.", types="object", check=_azure_tags
+    )
+    vnet: str | None = option(
+        None,
+        """
+        An existing virtual network (name in the resource group, or resource id); never
+        modified or deleted. Default: a vnet made for (and deleted with) the cluster.
+        """,
+        types=("string", "null"),
+        check=_text,
+        note="null: a vnet made for (and deleted with) the cluster",
+    )
+    subnet: str | None = option(
+        None,
+        "A subnet of ``vnet``. Default: its first.",
+        types=("string", "null"),
+        check=_text,
+    )
+    network_security_group: str | None = option(
+        None,
+        """
+        An existing NSG (name or id) to attach instead of the per-cluster ones; used as it
+        is, never modified or deleted.
+        """,
+        types=("string", "null"),
+        check=_text,
+        note="null: NSGs made for (and deleted with) the cluster",
+    )
+    address_prefix: str = option(
+        "10.77.0.0/16",
+        "Address range of the vnet made for the cluster.",
+        types="string",
+        check=_network,
+    )
+    ssh_public_key: str | None = option(
+        None,
+        "An OpenSSH public key for the ``dask`` user. Default: no login at all.",
+        types=("string", "null"),
+        check=_text,
+        note="null: no login at all",
+    )
+    user_assigned_identity: str | None = option(
+        None,
+        "Resource id of a user-assigned managed identity the VMs run as.",
+        types=("string", "null"),
+        check=_text,
+    )

@@ -1,0 +1,282 @@
+"""How an option is declared, checked and resolved; no option is declared here."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import difflib
+import inspect
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+import dask.config
+import dask.utils
+
+from ..errors import OptionError, UnknownOptionError
+
+Check = Callable[[Any, str], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """What a field knows beyond its name and type."""
+
+    default: Any
+    doc: str
+    types: tuple[str, ...]
+    check: Check | None
+    enum: tuple[Any, ...] | None
+    note: str | None
+
+
+def option(
+    default: Any,
+    doc: str,
+    *,
+    types: str | tuple[str, ...],
+    check: Check | None = None,
+    enum: tuple[Any, ...] | None = None,
+    note: str | None = None,
+) -> Any:
+    """Declare one option. ``default`` is the value as written in the dask config
+    (``"24h"``, a list); ``types`` are its JSON schema types (``"null"`` among them makes
+    it optional); ``check`` turns a given value into the field's type or raises
+    :class:`OptionError`; ``note`` is the short comment ``secure-cloud.yaml`` shows."""
+    spec = _Spec(
+        default,
+        inspect.cleandoc(doc),
+        (types,) if isinstance(types, str) else types,
+        check,
+        enum,
+        note,
+    )
+    return dataclasses.field(metadata={"option": spec})
+
+
+# -- checks: (value, what to call it in an error) -> the value as the field holds it --------
+
+
+def _boolean(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise OptionError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise OptionError(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _path(value: Any, name: str) -> str:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    return _text(value, name)
+
+
+def _whole(minimum: int, unit: str = "") -> Check:
+    def check(value: Any, name: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise OptionError(f"{name} must be a whole number{unit} >= {minimum}, got {value!r}")
+        return value
+
+    return check
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise OptionError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def duration(value: Any, name: str) -> datetime.timedelta:
+    if isinstance(value, datetime.timedelta):
+        delta = value
+    else:
+        try:
+            delta = datetime.timedelta(seconds=dask.utils.parse_timedelta(value, default="s"))
+        except (TypeError, ValueError, KeyError) as e:
+            raise OptionError(
+                f"{name} must be a duration such as '12h' or '30m', got {value!r}"
+            ) from e
+    if delta <= datetime.timedelta(0):
+        raise OptionError(f"{name} must be positive, got {value!r}")
+    return delta
+
+
+def port(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise OptionError(f"{name} must be a TCP port from 1 to 65535, got {value!r}")
+    return value
+
+
+def _texts(what: str) -> Check:
+    """A list of strings, held as a tuple; a bare string is refused, not split."""
+
+    def check(value: Any, name: str) -> tuple[str, ...]:
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            raise OptionError(
+                f"{name} must be a list of {what}, got {value!r}; wrap a single one in a list"
+            )
+        if not all(isinstance(item, str) for item in value):
+            raise OptionError(f"{name} must be a list of {what}, got {value!r}")
+        return tuple(value)
+
+    return check
+
+
+def _mapping(value: Any, name: str) -> dict[str, Any]:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise OptionError(f"{name} must be a mapping with string keys, got {value!r}")
+    return dict(value)
+
+
+def _strings_to_strings(value: Any, name: str) -> dict[str, str]:
+    found = _mapping(value, name)
+    if not all(isinstance(v, str) for v in found.values()):
+        raise OptionError(f"{name} must map strings to strings, got {value!r}")
+    if CLUSTER_TAG in found:
+        raise OptionError(f"{name}: {CLUSTER_TAG!r} is set by the cluster itself")
+    return found
+
+
+def _matching(pattern: str, example: str, form: str = "") -> Check:
+    """A string matching ``pattern``; the error shows ``form`` (if any) and ``example``."""
+    compiled = re.compile(pattern)
+
+    def check(value: Any, name: str) -> str:
+        if not isinstance(value, str) or not compiled.fullmatch(value):
+            shape = f"be {form}, for example {example!r}" if form else f"look like {example!r}"
+            raise OptionError(f"{name} must {shape}; got {value!r}")
+        return value
+
+    return check
+
+
+def _tristate(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise OptionError(
+            f"{name} must be True, False or None (None: decided from the network's ways "
+            f"out), got {value!r}"
+        )
+    return value
+
+
+def _security(value: Any, name: str) -> Any:
+    from distributed.security import Security
+
+    if isinstance(value, bool | Security):
+        return value
+    raise OptionError(
+        f"{name} must be True (generate credentials), False (plain tcp, trusted networks "
+        f"only) or a distributed.Security; got {value!r}"
+    )
+
+
+def _cidrs(value: Any, name: str) -> tuple[str, ...]:
+    from ..network import NetworkPolicyError
+
+    cidrs = []
+    for item in _texts("CIDRs")(value, name):
+        try:
+            cidrs.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError as e:
+            raise NetworkPolicyError(
+                f"{name}: {item!r} is not an address or CIDR such as '203.0.113.7/32'"
+            ) from e
+    return tuple(cidrs)
+
+
+def _network(value: Any, name: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value))
+    except (TypeError, ValueError) as e:
+        raise OptionError(f"{name} must be a network such as '10.77.0.0/16', got {value!r}") from e
+
+
+#: The tag (or label) key every resource of a cluster carries (``driver.CLUSTER_TAG``).
+CLUSTER_TAG = "dask-secure-cloud-cluster"
+
+
+def _choice(*values: str) -> Check:
+    def check(value: Any, name: str) -> str:
+        if value not in values:
+            close = difflib.get_close_matches(str(value), values, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise OptionError(f"{name} must be one of {', '.join(values)}; got {value!r}.{hint}")
+        return value
+
+    return check
+
+
+DURATION = ("string", "number")
+
+
+def specs(cls: type) -> Iterator[tuple[str, _Spec]]:
+    """``(name, spec)`` of each option of an options class, in declaration order."""
+    for field in dataclasses.fields(cls):
+        yield field.name, field.metadata["option"]
+
+
+def default(cls: type, name: str) -> Any:
+    """The default of option ``name`` for ``cls``, as the dask config writes it."""
+    for klass in cls.__mro__:
+        changed = klass.__dict__.get("changed_defaults", {})
+        if name in changed:
+            return changed[name]
+    return dict(specs(cls))[name].default
+
+
+_T = TypeVar("_T")
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _from_config(provider: str, name: str) -> tuple[Any, str | None]:
+    """The dask config's value and key: the provider's section, then the shared one."""
+    keys = [f"secure-cloud.{_key(name)}"]
+    if provider:
+        keys.insert(0, f"secure-cloud.{provider}.{_key(name)}")
+    for key in keys:
+        value = dask.config.get(key, default=None)
+        if value is not None:
+            return value, key
+    return None, None
+
+
+def resolve(cls: type[_T], keywords: Mapping[str, Any], *, owner: str = "") -> _T:
+    """The options of ``cls``: each keyword (``None``: not given) beats the dask config,
+    which beats the default; each value is then checked, wherever it came from, and an
+    error names the keyword or the config key to fix. Unknown keywords and misspelled
+    config keys are refused with the closest real name."""
+    from .. import config
+
+    names = [name for name, _ in specs(cls)]
+    owner = owner or cls.__name__
+    for given in keywords:
+        if given not in names:
+            close = difflib.get_close_matches(given, names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UnknownOptionError(f"{owner} has no option {given!r}.{hint}")
+    config.check_provider_keys(cls.provider, names)
+    values: dict[str, Any] = {}
+    for name, spec in specs(cls):
+        value, label = keywords.get(name), name
+        if value is None:
+            value, key = _from_config(cls.provider, name)
+            if key is not None:
+                label = f"{name} (dask config {key})"
+        if value is None:
+            value = default(cls, name)
+        if value is None:
+            if "null" not in spec.types:
+                raise OptionError(f"{owner}: {name} is required")
+        elif spec.check is not None:
+            value = spec.check(value, label)
+        values[name] = value
+    return cls(**values)

@@ -1,0 +1,308 @@
+"""The options every cluster shares, and those every cloud shares."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..errors import OptionError
+from .base import (
+    DURATION,
+    _boolean,
+    _choice,
+    _cidrs,
+    _mapping,
+    _security,
+    _text,
+    _texts,
+    _tristate,
+    _whole,
+    duration,
+    option,
+    port,
+)
+
+if TYPE_CHECKING:
+    from distributed.security import Security
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterOptions:
+    """The options every cluster class has, ``LocalVMCluster`` included."""
+
+    #: The dask config section of the provider (``secure-cloud.<provider>``).
+    provider: ClassVar[str] = ""
+    #: Shared defaults this provider changes (config value form).
+    changed_defaults: ClassVar[Mapping[str, Any]] = {}
+
+    n_workers: int = option(
+        0,
+        "Worker VMs to start with. Scale later with ``scale`` or ``adapt``.",
+        types="integer",
+        check=_whole(0),
+    )
+    security: bool | Security = option(
+        True,
+        """
+        ``True`` (default): the cluster makes its own CA and a certificate per VM, and
+        the client's key never leaves this process. ``False``: plain ``tcp://`` with no
+        certificates, for trusted private networks only. A ``distributed.Security`` with
+        scheduler and worker certificates: used as given, and shipped to the VMs.
+        """,
+        types="boolean",
+        check=_security,
+        note="false: plain tcp://, only for trusted private networks",
+    )
+    certificate_lifetime: datetime.timedelta = option(
+        "24h",
+        "How long the cluster's certificates stay valid, for example ``'12h'``.",
+        types=DURATION,
+        check=duration,
+    )
+    certificate_warning: datetime.timedelta = option(
+        "1h",
+        "Warn this long before the certificates expire.",
+        types=DURATION,
+        check=duration,
+    )
+    runtime: str = option(
+        "docker",
+        """
+        ``"docker"`` runs Dask in ``docker_image``; Docker is installed at boot when the
+        VM's image lacks it. ``"native"`` runs ``python`` on the image, installing this
+        client's dask and distributed at boot when it lacks them. See "What a VM does at
+        boot" in the docs.
+        """,
+        types="string",
+        check=_choice("docker", "native"),
+        enum=("docker", "native"),
+        note="docker (image pinned to your dask and Python) or native",
+    )
+    docker_image: str | None = option(
+        None,
+        """
+        The container image of ``runtime="docker"``. Default: the image of this client's
+        dask and Python versions (``ghcr.io/dask/dask:<dask>-py<python>``, never
+        ``:latest``); a tag that does not exist is refused before any VM is made.
+        """,
+        types=("string", "null"),
+        check=_text,
+        note="null: ghcr.io/dask/dask:<your dask>-py<your python>",
+    )
+    python: str | None = option(
+        None,
+        """
+        The VMs' interpreter for ``runtime="native"``. Default: ``python3`` on a cloud VM,
+        the client's own interpreter on ``LocalVMCluster``.
+        """,
+        types=("string", "null"),
+        check=_text,
+        note="runtime native: null = python3 on clouds, the client's on local",
+    )
+    pip_packages: tuple[str, ...] = option(
+        [],
+        """
+        ``runtime="native"``: requirements installed on each VM at boot, next to this
+        client's dask and distributed. With ``runtime="docker"``, build them into
+        ``docker_image`` instead.
+        """,
+        types="array",
+        check=_texts("requirements"),
+        note="runtime native: installed on each VM at boot, with dask",
+    )
+    env_vars: dict[str, str] = option(
+        {},
+        "Environment of the Dask process, written to a 0600 file (not the command line).",
+        types="object",
+        check=_mapping,
+    )
+    extra_bootstrap: tuple[str, ...] = option(
+        [],
+        "Shell lines run on each VM before Dask starts.",
+        types="array",
+        check=_texts("shell lines"),
+    )
+    worker_options: dict[str, Any] = option(
+        {},
+        "Options of ``dask worker``, checked against the command before any VM starts.",
+        types="object",
+        check=_mapping,
+    )
+    scheduler_options: dict[str, Any] = option(
+        {},
+        "Options of ``dask scheduler``, checked against the command before any VM starts.",
+        types="object",
+        check=_mapping,
+    )
+    scheduler_port: int = option(8786, "The scheduler's TCP port.", types="integer", check=port)
+    dashboard_port: int = option(
+        8787, "The scheduler dashboard's TCP port.", types="integer", check=port
+    )
+    boot_timeout: datetime.timedelta = option(
+        "10m",
+        """
+        How long a VM may take to come up before it is reported, with its console output,
+        and the start fails.
+        """,
+        types=DURATION,
+        check=duration,
+        note="a VM that is not up by then is reported with its console",
+    )
+    worker_death_timeout: datetime.timedelta = option(
+        "10m",
+        "A worker that has lost its scheduler this long ends, and its VM powers off.",
+        types=DURATION,
+        check=duration,
+    )
+    lease_timeout: datetime.timedelta = option(
+        "20m",
+        """
+        The scheduler ends itself when this client has not renewed its lease for this long
+        (the client was killed, the laptop closed); its workers follow after
+        ``worker_death_timeout`` and every VM powers itself off.
+        """,
+        types=DURATION,
+        check=duration,
+        note="a scheduler whose client is gone this long ends its VM",
+    )
+    ship_config: tuple[str, ...] = option(
+        [
+            "distributed.scheduler",
+            "distributed.worker",
+            "distributed.nanny",
+            "distributed.comm.timeouts",
+            "distributed.comm.retry",
+            "distributed.logging",
+            "distributed.admin",
+            "distributed.p2p",
+            "array",
+            "dataframe",
+            "optimization",
+        ],
+        """
+        Dask config prefixes the VMs receive, where this client's values differ from the
+        defaults; nothing else is shipped (tokens and credentials live in the config too).
+        """,
+        types="array",
+        check=_texts("dask config prefixes"),
+        note="dask config prefixes a VM receives, nothing else",
+    )
+    offline_image: bool = option(
+        False,
+        """
+        The VM image already holds everything the boot needs (Docker and the pulled image,
+        or this client's dask for ``runtime="native"``), so VMs may boot on a network with
+        no route out. By default such a network is refused before anything is made.
+        """,
+        types="boolean",
+        check=_boolean,
+        note="true: the image holds all the boot needs; no route out needed",
+    )
+
+    def __post_init__(self) -> None:
+        if self.runtime == "docker" and self.pip_packages:
+            raise OptionError(
+                "pip_packages applies to runtime='native' (installed on the VM at boot); "
+                "with runtime='docker', build them into docker_image instead"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class CloudOptions(ClusterOptions):
+    """Who may reach a cloud cluster's scheduler, and which VMs are public."""
+
+    use_private_ip: bool = option(
+        False,
+        """
+        The client runs inside the cloud network and connects to the scheduler's private
+        address. The scheduler still gets a public address for its outbound traffic only
+        where the network's sole way out needs one.
+        """,
+        types="boolean",
+        check=_boolean,
+        note="true: the client is inside the cloud network",
+    )
+    allowed_cidrs: tuple[str, ...] | None = option(
+        None,
+        """
+        Who may reach the scheduler's port. Default: this machine's public address, looked
+        up at ``public_ip_url``.
+        """,
+        types=("array", "null"),
+        check=_cidrs,
+        note="null: this machine's public address",
+    )
+    open_to_world: bool = option(
+        False,
+        "Required with ``allowed_cidrs=['0.0.0.0/0']``; logs a warning.",
+        types="boolean",
+        check=_boolean,
+    )
+    allow_insecure_public: bool = option(
+        False,
+        "Required with ``security=False`` and a public scheduler address.",
+        types="boolean",
+        check=_boolean,
+    )
+    public_ip_url: str = option(
+        "https://checkip.amazonaws.com",
+        "Where this machine's public address is looked up, for ``allowed_cidrs``' default.",
+        types="string",
+        check=_text,
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (
+            self.allowed_cidrs
+            and {"0.0.0.0/0", "::/0"} & set(self.allowed_cidrs)
+            and not self.open_to_world
+        ):
+            from ..network import NetworkPolicyError
+
+            raise NetworkPolicyError(
+                "allowed_cidrs opens the scheduler to the whole internet; if you really "
+                "mean it, also pass open_to_world=True"
+            )
+
+
+WORKER_PUBLIC_IP = """
+    ``None`` (default): decided from the network's ways out, before anything is made. A
+    NAT (or equivalent) as the way out: no public address. Only a way out for public
+    addresses (an internet gateway, a default internet route), as on a new account: a
+    public address that carries the workers' outbound traffic, while the cluster's
+    firewall admits nothing from outside the cluster. No way out: refused, unless
+    ``offline_image=True``. ``True``: always a public address. ``False``: never.
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class VPCOptions(CloudOptions):
+    """Options of the clouds where a VM may have no public address and a spot VM hears
+    that it is about to be reclaimed: EC2, Compute Engine and Azure."""
+
+    worker_spot: bool = option(
+        False,
+        """
+        Run workers as spot VMs, which the cloud may reclaim at any time (they are
+        deleted then); a worker retires gracefully on the cloud's notice, so the scheduler
+        moves its data elsewhere first.
+        """,
+        types="boolean",
+        check=_boolean,
+    )
+    worker_public_ip: bool | None = option(
+        None,
+        WORKER_PUBLIC_IP,
+        types=("boolean", "null"),
+        check=_tristate,
+        note="null: only where the subnet has no other way out (inbound stays closed)",
+    )
+    metadata_endpoint: str = option(
+        "http://169.254.169.254",
+        "The instance metadata service spot workers ask whether they are being reclaimed.",
+        types="string",
+        check=_text,
+    )
