@@ -217,10 +217,12 @@ async def test_spot_gpu_workers_retire_on_the_preemption_notice(gce):
             gpu_count=1,
             runtime="native",
             metadata_endpoint=notice.url,
+            min_cpu_platform="Intel Ice Lake",
             asynchronous=True,
             **options,
         ) as cluster:
             worker = [b for c, b in stand_in.requests if c == "instances.insert"][-1]
+            assert worker["minCpuPlatform"] == "Intel Ice Lake"
             assert worker["scheduling"]["provisioningModel"] == "SPOT"
             assert worker["scheduling"]["onHostMaintenance"] == "TERMINATE"
             assert worker["guestAccelerators"][0]["acceleratorCount"] == 1

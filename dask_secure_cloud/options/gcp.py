@@ -93,6 +93,13 @@ class GCPOptions(VPCOptions):
         note="for workers, e.g. nvidia-tesla-t4",
     )
     gpu_count: int = option(0, "Accelerators per worker.", types="integer", check=_whole(0))
+    min_cpu_platform: str | None = option(
+        None,
+        "The oldest CPU platform the VMs may run on, for example ``'Intel Ice Lake'``.",
+        types=("string", "null"),
+        check=_text,
+        note="null: any the machine type offers",
+    )
     labels: dict[str, str] = option(
         {}, "Extra labels for every resource.", types="object", check=_gcp_labels
     )

@@ -566,6 +566,7 @@ class GCPDriver(Driver):
             ],
             network_interfaces=[interface],
             scheduling=scheduling,
+            min_cpu_platform=self.options.min_cpu_platform,
         )
         if worker and self.gpus(Role.WORKER):
             instance.guest_accelerators = [
