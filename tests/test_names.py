@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from dask_secure_cloud.driver import CREATOR_TAG
 from dask_secure_cloud.errors import OptionError
 from dask_secure_cloud.names import MAX_LENGTH, check_cluster_id
 from dask_secure_cloud.providers import digitalocean, gcp
@@ -118,6 +119,6 @@ def test_each_cluster_id_is_read_back_from_what_carries_it():
             match = gcp._RULE_NAME.match(name)
             assert match and match["id"] == cluster_id, name
         for tag in (digitalocean.cluster_tag(cluster_id), digitalocean.scheduler_tag(cluster_id)):
-            creator = f"{digitalocean.CREATOR_TAG}:someone_host"
+            creator = f"{CREATOR_TAG}:someone_host"
             tags = [creator, "dask-secure-cloud-worker", tag, "team:ml"]
             assert digitalocean._cluster_of(tags) == cluster_id

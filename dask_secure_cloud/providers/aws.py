@@ -27,24 +27,10 @@ import logging
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
+from .. import driver
 from ..cloudinit import LIMITS
 from ..cluster import VMCluster
 from ..credentials import Role
-from ..driver import (
-    CLUSTER_TAG,
-    CREATOR_TAG,
-    VM,
-    CloudError,
-    ClusterSummary,
-    Driver,
-    ForbiddenError,
-    InterruptionNotice,
-    InUseError,
-    NotFoundError,
-    ThrottledError,
-    VMRequest,
-    summarize,
-)
 from ..egress import Exits, decide_public_addresses
 from ..errors import OptionError
 from ..network import NetworkPolicy
@@ -96,7 +82,7 @@ def known_regions() -> set[str]:
     }
 
 
-class EC2Error(CloudError):
+class EC2Error(driver.CloudError):
     """An EC2 error, with the API's error code to decide on (never its message text).
 
     Where the code tells the case, the error is also one of the shared kinds:
@@ -108,21 +94,21 @@ class EC2Error(CloudError):
         self.code = code
 
 
-class EC2NotFoundError(EC2Error, NotFoundError):
+class EC2NotFoundError(EC2Error, driver.NotFoundError):
     """``*.NotFound``: the instance, group, subnet... does not exist (any more)."""
 
 
-class EC2InUseError(EC2Error, InUseError):
+class EC2InUseError(EC2Error, driver.InUseError):
     """``DependencyViolation``, ``*.InUse``: still referenced (a security group by the
     network interface of an instance that is terminating)."""
 
 
-class EC2ForbiddenError(EC2Error, ForbiddenError):
+class EC2ForbiddenError(EC2Error, driver.ForbiddenError):
     """``UnauthorizedOperation``, ``AuthFailure``, ``OptInRequired``...: the credentials
     or the account may not do this."""
 
 
-class EC2ThrottledError(EC2Error, ThrottledError):
+class EC2ThrottledError(EC2Error, driver.ThrottledError):
     """``RequestLimitExceeded`` and the other throttling codes, after botocore's retries."""
 
 
@@ -175,7 +161,7 @@ def _translated(operation: str) -> Iterator[None]:
     try:
         yield
     except NoCredentialsError as e:
-        raise CloudError(
+        raise driver.CloudError(
             "No AWS credentials found. Configure them as for the AWS CLI: "
             "AWS_PROFILE or ~/.aws/credentials, AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY, SSO, or an instance role"
@@ -187,9 +173,9 @@ def _translated(operation: str) -> Iterator[None]:
         hint = f" ({advice})" if advice else ""
         raise ec2_error(f"EC2 {operation} failed: {code}: {message}{hint}", code) from e
     except BotoCoreError as e:  # no answer: a network error, a timeout
-        raise CloudError(f"EC2 {operation} failed: {e}") from e
+        raise driver.CloudError(f"EC2 {operation} failed: {e}") from e
     except ResponseParserError as e:  # an answer not from EC2 (a proxy's error page)
-        raise CloudError(f"EC2 {operation} failed: the answer was not EC2's ({e})") from e
+        raise driver.CloudError(f"EC2 {operation} failed: the answer was not EC2's ({e})") from e
 
 
 def subnet_route_table(tables: Sequence[Mapping[str, Any]], subnet_id: str) -> Mapping[str, Any]:
@@ -205,7 +191,7 @@ def subnet_route_table(tables: Sequence[Mapping[str, Any]], subnet_id: str) -> M
             if association.get("Main"):
                 main = table
     if main is None:
-        raise CloudError(f"subnet {subnet_id}: its VPC reports no main route table")
+        raise driver.CloudError(f"subnet {subnet_id}: its VPC reports no main route table")
     return main
 
 
@@ -252,7 +238,7 @@ def _fixes(role: Role, exits: Exits, table_id: str, vpc_id: str) -> list[str]:
     return fixes
 
 
-class EC2Driver(Driver):
+class EC2Driver(driver.Driver):
     """Instances, volumes and two security groups per cluster, found by the cluster tag."""
 
     provider = "aws"
@@ -260,20 +246,13 @@ class EC2Driver(Driver):
 
     def __init__(self, options: EC2Options, *, network: NetworkPolicy) -> None:
         self.options = options
-        self.region = options.region
-        self.endpoint_url = options.endpoint_url
         self.instance_types = {
             Role.SCHEDULER: options.scheduler_instance_type,
             Role.WORKER: options.worker_instance_type,
         }
         self.ami = options.ami
-        self.vpc = options.vpc
         self.subnet_id = options.subnet_id
         self.security_groups = list(options.security_groups)
-        self.iam_instance_profile = options.iam_instance_profile
-        self.key_name = options.key_name
-        self.filesystem_size = options.filesystem_size
-        self.worker_spot = options.worker_spot
         self.tags = dict(options.tags)
         self.network = network
         #: The user's ``worker_public_ip``: True, False, or None to decide from the subnet.
@@ -308,8 +287,8 @@ class EC2Driver(Driver):
         return await self._stack.enter_async_context(
             get_session().create_client(
                 "ec2",
-                region_name=self.region,
-                endpoint_url=self.endpoint_url,
+                region_name=self.options.region,
+                endpoint_url=self.options.endpoint_url,
                 config=AioConfig(retries=retries, user_agent_extra="dask-secure-cloud"),
             )
         )
@@ -327,18 +306,18 @@ class EC2Driver(Driver):
 
     # -- before the first VM ------------------------------------------------------------
 
-    def interruption_notice(self, role: Role) -> InterruptionNotice | None:
+    def interruption_notice(self, role: Role) -> driver.InterruptionNotice | None:
         """A spot worker polls its interruption notice (IMDSv2: a session token first)."""
-        if role is not Role.WORKER or not self.worker_spot:
+        if role is not Role.WORKER or not self.options.worker_spot:
             return None
         endpoint = self.options.metadata_endpoint.rstrip("/")
-        return InterruptionNotice(
+        return driver.InterruptionNotice(
             f"{endpoint}/latest/meta-data/spot/instance-action",
             token_url=f"{endpoint}/latest/api/token",
         )
 
     def where(self) -> str:
-        return self.region
+        return self.options.region
 
     async def prepare(self, cluster_id: str) -> None:
         vpc_id, vpc_cidr = await self._resolve_network()
@@ -437,22 +416,22 @@ class EC2Driver(Driver):
             subnet = (await self._call("describe_subnets", SubnetIds=[self.subnet_id]))["Subnets"][
                 0
             ]
-            if self.vpc and subnet["VpcId"] != self.vpc:
-                raise CloudError(
+            if self.options.vpc and subnet["VpcId"] != self.options.vpc:
+                raise driver.CloudError(
                     f"subnet_id {self.subnet_id} is in {subnet['VpcId']}, not in vpc "
-                    f"{self.vpc}: pass a subnet of {self.vpc}, or drop vpc"
+                    f"{self.options.vpc}: pass a subnet of {self.options.vpc}, or drop vpc"
                 )
             vpc_id = subnet["VpcId"]
         else:
-            if self.vpc:
-                vpc_id = self.vpc
+            if self.options.vpc:
+                vpc_id = self.options.vpc
             else:
                 vpcs = await self._call(
                     "describe_vpcs", Filters=[{"Name": "isDefault", "Values": ["true"]}]
                 )
                 if not vpcs["Vpcs"]:
-                    raise CloudError(
-                        f"region {self.region} has no default VPC: pass vpc= and subnet_id="
+                    raise driver.CloudError(
+                        f"region {self.options.region} has no default VPC: pass vpc= and subnet_id="
                     )
                 vpc_id = vpcs["Vpcs"][0]["VpcId"]
             subnets = (
@@ -461,7 +440,7 @@ class EC2Driver(Driver):
                 )
             )["Subnets"]
             if not subnets:
-                raise CloudError(f"vpc {vpc_id} has no subnet: pass subnet_id=")
+                raise driver.CloudError(f"vpc {vpc_id} has no subnet: pass subnet_id=")
             subnets.sort(key=lambda s: (not s.get("DefaultForAz", False), s["SubnetId"]))
             self.subnet_id = subnets[0]["SubnetId"]
         vpc = (await self._call("describe_vpcs", VpcIds=[vpc_id]))["Vpcs"][0]
@@ -472,8 +451,10 @@ class EC2Driver(Driver):
             option = f"{role.value}_instance_type"
             try:
                 info = await self._call("describe_instance_types", InstanceTypes=[instance_type])
-            except CloudError as e:
-                raise CloudError(f"{option}={instance_type!r} is not offered here: {e}") from e
+            except driver.CloudError as e:
+                raise driver.CloudError(
+                    f"{option}={instance_type!r} is not offered here: {e}"
+                ) from e
             types = info.get("InstanceTypes") or [{}]
             self._gpus[role] = bool(types[0].get("GpuInfo"))
             archs = types[0].get("ProcessorInfo", {}).get("SupportedArchitectures", [])
@@ -483,7 +464,7 @@ class EC2Driver(Driver):
         if self.ami:
             images = (await self._call("describe_images", ImageIds=[self.ami]))["Images"]
             if not images:
-                raise CloudError(f"ami {self.ami} was not found in {self.region}")
+                raise driver.CloudError(f"ami {self.ami} was not found in {self.options.region}")
         else:
             arch = self._arch.get(Role.WORKER, "amd64")
             images = (
@@ -497,8 +478,8 @@ class EC2Driver(Driver):
                 )
             )["Images"]
             if not images:
-                raise CloudError(
-                    f"no Ubuntu 24.04 LTS ({arch}) AMI found in {self.region}: pass ami="
+                raise driver.CloudError(
+                    f"no Ubuntu 24.04 LTS ({arch}) AMI found in {self.options.region}: pass ami="
                 )
             images.sort(key=lambda image: image.get("CreationDate", ""))
             self.ami = images[-1]["ImageId"]
@@ -513,12 +494,12 @@ class EC2Driver(Driver):
         tags = {
             **self.tags,
             "Name": f"dask-secure-cloud-{cluster_id}-{name}",
-            CLUSTER_TAG: cluster_id,
-            CREATOR_TAG: self.creator,
+            driver.CLUSTER_TAG: cluster_id,
+            driver.CREATOR_TAG: self.creator,
         }
         return [{"Key": k, "Value": v} for k, v in tags.items()]
 
-    async def create(self, request: VMRequest) -> VM:
+    async def create(self, request: driver.VMRequest) -> driver.VM:
         worker = request.role is Role.WORKER
         public = self._public.get(request.role, self.network.public_address(worker))
         # The client connects to the scheduler's public address unless it is inside the
@@ -549,7 +530,7 @@ class EC2Driver(Driver):
                 {
                     "DeviceName": self._root_device,
                     "Ebs": {
-                        "VolumeSize": self.filesystem_size,
+                        "VolumeSize": self.options.filesystem_size,
                         "VolumeType": "gp3",
                         "Encrypted": True,
                         "DeleteOnTermination": True,
@@ -562,12 +543,12 @@ class EC2Driver(Driver):
                 {"ResourceType": "volume", "Tags": tags},
             ],
         }
-        if self.iam_instance_profile:
-            key = "Arn" if self.iam_instance_profile.startswith("arn:") else "Name"
-            params["IamInstanceProfile"] = {key: self.iam_instance_profile}
-        if self.key_name:
-            params["KeyName"] = self.key_name
-        if worker and self.worker_spot:
+        if self.options.iam_instance_profile:
+            key = "Arn" if self.options.iam_instance_profile.startswith("arn:") else "Name"
+            params["IamInstanceProfile"] = {key: self.options.iam_instance_profile}
+        if self.options.key_name:
+            params["KeyName"] = self.options.key_name
+        if worker and self.options.worker_spot:
             params["InstanceMarketOptions"] = {
                 "MarketType": "spot",
                 "SpotOptions": {
@@ -582,7 +563,7 @@ class EC2Driver(Driver):
             public_ip = instance.get("PublicIpAddress")
         elif worker:
             public_ip = instance.get("PublicIpAddress")  # for the record, if known yet
-        return VM(
+        return driver.VM(
             id=instance["InstanceId"],
             name=request.name,
             role=request.role,
@@ -616,24 +597,24 @@ class EC2Driver(Driver):
         await self.poll_until(addressed, f"instance {instance_id}: its public address")
         return instance
 
-    async def destroy(self, vm: VM) -> None:
+    async def destroy(self, vm: driver.VM) -> None:
         try:
             await self._call("terminate_instances", InstanceIds=[vm.id])
-        except NotFoundError:
+        except driver.NotFoundError:
             return  # already gone
 
         async def terminated() -> bool:
             try:
                 return (await self._describe(vm.id))["State"]["Name"] == "terminated"
-            except NotFoundError:
+            except driver.NotFoundError:
                 return True
 
         await self.poll_until(terminated, f"terminating instance {vm.id} ({vm.name})")
 
-    async def list(self, cluster_id: str) -> list[VM]:
-        found: list[VM] = []
+    async def list(self, cluster_id: str) -> list[driver.VM]:
+        found: list[driver.VM] = []
         filters = [
-            {"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster_id]},
+            {"Name": f"tag:{driver.CLUSTER_TAG}", "Values": [cluster_id]},
             {"Name": "instance-state-name", "Values": _LIVE_STATES},
         ]
         prefix = f"dask-secure-cloud-{cluster_id}-"
@@ -643,7 +624,7 @@ class EC2Driver(Driver):
                     tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
                     name = tags.get("Name", "").removeprefix(prefix)
                     found.append(
-                        VM(
+                        driver.VM(
                             id=instance["InstanceId"],
                             name=name,
                             role=Role.SCHEDULER if name == "scheduler" else Role.WORKER,
@@ -654,9 +635,9 @@ class EC2Driver(Driver):
                     )
         return found
 
-    async def clusters(self) -> list[ClusterSummary]:
+    async def clusters(self) -> list[driver.ClusterSummary]:
         filters = [
-            {"Name": "tag-key", "Values": [CLUSTER_TAG]},
+            {"Name": "tag-key", "Values": [driver.CLUSTER_TAG]},
             {"Name": "instance-state-name", "Values": _LIVE_STATES},
         ]
         found = []
@@ -665,23 +646,29 @@ class EC2Driver(Driver):
                 for instance in reservation["Instances"]:
                     tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
                     found.append(
-                        (tags[CLUSTER_TAG], instance.get("LaunchTime"), tags.get(CREATOR_TAG))
+                        (
+                            tags[driver.CLUSTER_TAG],
+                            instance.get("LaunchTime"),
+                            tags.get(driver.CREATOR_TAG),
+                        )
                     )
         groups = (
             await self._call(
-                "describe_security_groups", Filters=[{"Name": "tag-key", "Values": [CLUSTER_TAG]}]
+                "describe_security_groups",
+                Filters=[{"Name": "tag-key", "Values": [driver.CLUSTER_TAG]}],
             )
         )["SecurityGroups"]
         others = [
-            {t["Key"]: t["Value"] for t in group.get("Tags", [])}[CLUSTER_TAG] for group in groups
+            {t["Key"]: t["Value"] for t in group.get("Tags", [])}[driver.CLUSTER_TAG]
+            for group in groups
         ]
-        return summarize(found, others)
+        return driver.summarize(found, others)
 
     async def states(self, cluster_id: str) -> dict[str, str]:
         """One DescribeInstances for the whole cluster: an instance shutting down or
         stopped powered itself off."""
         found: dict[str, str] = {}
-        filters = [{"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster_id]}]
+        filters = [{"Name": f"tag:{driver.CLUSTER_TAG}", "Values": [cluster_id]}]
         async for page in self._paginate("describe_instances", Filters=filters):
             for reservation in page["Reservations"]:
                 for instance in reservation["Instances"]:
@@ -689,19 +676,19 @@ class EC2Driver(Driver):
                     found[instance["InstanceId"]] = "terminated" if ended else "running"
         return found
 
-    async def state(self, vm: VM) -> str:
+    async def state(self, vm: driver.VM) -> str:
         try:
             name = (await self._describe(vm.id, poll=True))["State"]["Name"]
-        except NotFoundError:
+        except driver.NotFoundError:
             return "terminated"
-        except CloudError:  # throttled, refused, unreachable: nothing learnt
+        except driver.CloudError:  # throttled, refused, unreachable: nothing learnt
             return "unknown"
         if name in _ENDED_STATES:
             return "terminated"
         return "running"
 
-    async def console_output(self, vm: VM) -> str:
-        with contextlib.suppress(CloudError):
+    async def console_output(self, vm: driver.VM) -> str:
+        with contextlib.suppress(driver.CloudError):
             return (await self._call("get_console_output", InstanceId=vm.id)).get("Output", "")
         return ""
 
@@ -710,7 +697,7 @@ class EC2Driver(Driver):
         groups = (
             await self._call(
                 "describe_security_groups",
-                Filters=[{"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster_id]}],
+                Filters=[{"Name": f"tag:{driver.CLUSTER_TAG}", "Values": [cluster_id]}],
             )
         )["SecurityGroups"]
         for group in groups:

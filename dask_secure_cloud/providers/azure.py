@@ -32,24 +32,10 @@ from typing import Any, TypeVar
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from .. import driver
 from ..cloudinit import LIMITS
 from ..cluster import VMCluster
 from ..credentials import Role
-from ..driver import (
-    CLUSTER_TAG,
-    CREATOR_TAG,
-    VM,
-    CloudError,
-    ClusterSummary,
-    Driver,
-    ForbiddenError,
-    InterruptionNotice,
-    InUseError,
-    NotFoundError,
-    ThrottledError,
-    VMRequest,
-    summarize,
-)
 from ..egress import Exits, decide_public_addresses
 from ..errors import OptionError
 from ..network import NetworkPolicy
@@ -168,19 +154,19 @@ def _explain(what: str, error: HttpResponseError, resource_group: str) -> str:
     return f"{what} failed: {code}: {message}"
 
 
-def _arm_error(what: str, error: HttpResponseError, resource_group: str) -> CloudError:
+def _arm_error(what: str, error: HttpResponseError, resource_group: str) -> driver.CloudError:
     """An ARM error as the shared kind its status code or error code says."""
     message = _explain(what, error, resource_group)
     code = _error_code(error)
     if error.status_code == 429:
-        return ThrottledError(message)
+        return driver.ThrottledError(message)
     if code in _IN_USE_CODES:
-        return InUseError(message)
+        return driver.InUseError(message)
     if error.status_code == 404:
-        return NotFoundError(message)
+        return driver.NotFoundError(message)
     if error.status_code == 403 or code in _FORBIDDEN_CODES:
-        return ForbiddenError(message)
-    return CloudError(message)
+        return driver.ForbiddenError(message)
+    return driver.CloudError(message)
 
 
 def _name(cluster_id: str, part: str) -> str:
@@ -200,7 +186,7 @@ def throwaway_ssh_key() -> str:
 _STOPPED = frozenset({"PowerState/stopped", "PowerState/deallocated", "PowerState/deallocating"})
 
 
-class AzureDriver(Driver):
+class AzureDriver(driver.Driver):
     """VMs, NICs, public addresses, an NSG and (unless given) a vnet in one resource group,
     each carrying the cluster tag."""
 
@@ -223,30 +209,16 @@ class AzureDriver(Driver):
             )
         self.options = options
         self._given_credential = credential
-        self.cloud = options.cloud
         self.resource_manager_url = (
             options.resource_manager_url or CLOUDS[options.cloud][0]
         ).rstrip("/")
-        self.ca_bundle = options.ca_bundle
         self.subscription_id = options.subscription_id or os.environ.get("AZURE_SUBSCRIPTION_ID")
-        self.resource_group = options.resource_group
         self.location = options.location
         self.vm_sizes = {
             Role.SCHEDULER: options.scheduler_vm_size,
             Role.WORKER: options.worker_vm_size,
         }
-        self.image = options.image
-        self.disk_size = options.disk_size
-        self.disk_type = options.disk_type
-        self.worker_spot = options.worker_spot
-        self.spot_max_price = options.spot_max_price
         self.tags = dict(options.tags)
-        self.vnet = options.vnet
-        self.subnet = options.subnet
-        self.network_security_group = options.network_security_group
-        self.address_prefix = options.address_prefix
-        self.ssh_public_key = options.ssh_public_key
-        self.user_assigned_identity = options.user_assigned_identity
         self.network = network
         self.worker_public_ip = network.worker_public_ip
         self.polling_interval = polling_interval
@@ -265,12 +237,12 @@ class AzureDriver(Driver):
         self._login_key: str | None = None
 
     def __repr__(self) -> str:
-        return f"<AzureDriver {self.resource_group} in {self.location or '?'}>"
+        return f"<AzureDriver {self.options.resource_group} in {self.location or '?'}>"
 
     # -- the SDK ------------------------------------------------------------------------
 
     def _transport_options(self) -> dict[str, Any]:
-        return {"connection_verify": self.ca_bundle} if self.ca_bundle else {}
+        return {"connection_verify": self.options.ca_bundle} if self.options.ca_bundle else {}
 
     def _scope(self) -> str:
         return f"{self.resource_manager_url}/.default"
@@ -278,7 +250,7 @@ class AzureDriver(Driver):
     def _get_credential(self) -> AsyncTokenCredential:
         if self._credential is None:
             self._credential = DefaultAzureCredential(
-                authority=os.environ.get("AZURE_AUTHORITY_HOST") or CLOUDS[self.cloud][1],
+                authority=os.environ.get("AZURE_AUTHORITY_HOST") or CLOUDS[self.options.cloud][1],
                 **self._transport_options(),
             )
         return self._credential
@@ -306,16 +278,16 @@ class AzureDriver(Driver):
         try:
             return await call
         except ClientAuthenticationError as e:
-            raise ForbiddenError(
+            raise driver.ForbiddenError(
                 f"{what}: Azure sign-in failed ({e.message}). Sign in through one of "
                 "DefaultAzureCredential's sources (AZURE_CLIENT_ID/AZURE_TENANT_ID/"
                 "AZURE_CLIENT_SECRET, workload or managed identity, az login) or pass "
                 "credential="
             ) from e
         except HttpResponseError as e:
-            raise _arm_error(what, e, self.resource_group) from e
+            raise _arm_error(what, e, self.options.resource_group) from e
         except AzureError as e:  # no answer: a network error, a timeout
-            raise CloudError(f"{what} failed: {e}") from e
+            raise driver.CloudError(f"{what} failed: {e}") from e
 
     async def _lro(self, what: str, begin: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """Start a long-running operation and wait for its end, as ARM's protocol says."""
@@ -327,11 +299,11 @@ class AzureDriver(Driver):
         try:
             return await asyncio.wait_for(self._arm(what, run()), self.operation_timeout)
         except asyncio.TimeoutError as e:
-            raise CloudError(f"{what}: not done within {self.operation_timeout:.0f}s") from e
+            raise driver.CloudError(f"{what}: not done within {self.operation_timeout:.0f}s") from e
 
     async def _gone(self, what: str, begin: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Delete; a resource that is already gone counts as deleted."""
-        with contextlib.suppress(NotFoundError):
+        with contextlib.suppress(driver.NotFoundError):
             await self._lro(what, begin, *args)
 
     async def _plain_get(self, path: str, api_version: str) -> dict[str, Any]:
@@ -354,7 +326,7 @@ class AzureDriver(Driver):
                 raise self._http_error(path, response)
             return response.json()
 
-    def _http_error(self, path: str, response: Any) -> CloudError:
+    def _http_error(self, path: str, response: Any) -> driver.CloudError:
         try:
             error = response.json().get("error") or {}
         except ValueError:
@@ -363,21 +335,21 @@ class AzureDriver(Driver):
         if code == "ResourceGroupNotFound" or (
             response.status_code == 404 and "/resourcegroups/" in path.lower()
         ):
-            return NotFoundError(
-                f"resource group {self.resource_group!r} does not exist in subscription "
+            return driver.NotFoundError(
+                f"resource group {self.options.resource_group!r} does not exist in subscription "
                 f"{self.subscription_id} ({message}). Create it first (az group create) or "
                 "set resource_group to an existing one"
             )
         if response.status_code in (401, 403):
-            return ForbiddenError(
+            return driver.ForbiddenError(
                 f"Azure refused the request for {path} ({code}: {message}); check the "
                 "identity's role on the subscription and resource group"
             )
         if response.status_code == 404:
-            return NotFoundError(f"GET {path}: not found ({code}: {message})")
+            return driver.NotFoundError(f"GET {path}: not found ({code}: {message})")
         if response.status_code == 429:
-            return ThrottledError(f"GET {path}: throttled ({code}: {message})")
-        return CloudError(f"GET {path} failed: {code}: {message}")
+            return driver.ThrottledError(f"GET {path}: throttled ({code}: {message})")
+        return driver.CloudError(f"GET {path} failed: {code}: {message}")
 
     # -- before the first VM ------------------------------------------------------------
 
@@ -388,7 +360,7 @@ class AzureDriver(Driver):
         enabled = [s for s in answer.get("value", []) if s.get("state") == "Enabled"]
         if len(enabled) != 1:
             names = ", ".join(f"{s['subscriptionId']} ({s.get('displayName')})" for s in enabled)
-            raise CloudError(
+            raise driver.CloudError(
                 "Which Azure subscription? The credential sees "
                 f"{len(enabled)} enabled subscriptions{': ' + names if names else ''}. "
                 "Set subscription_id (or AZURE_SUBSCRIPTION_ID)"
@@ -397,7 +369,7 @@ class AzureDriver(Driver):
         return self.subscription_id
 
     def _cluster_tags(self, cluster_id: str, role: str | None = None) -> dict[str, str]:
-        tags = {**self.tags, CLUSTER_TAG: cluster_id}
+        tags = {**self.tags, driver.CLUSTER_TAG: cluster_id}
         if role:
             tags["dask-secure-cloud-role"] = role
         return tags
@@ -405,11 +377,11 @@ class AzureDriver(Driver):
     def gpus(self, role: Role) -> bool:
         return self.vm_sizes[role].lower() in self._gpu_sizes
 
-    def interruption_notice(self, role: Role) -> InterruptionNotice | None:
+    def interruption_notice(self, role: Role) -> driver.InterruptionNotice | None:
         """A Spot worker polls Scheduled Events for a ``Preempt`` event of its VM."""
-        if role is not Role.WORKER or not self.worker_spot:
+        if role is not Role.WORKER or not self.options.worker_spot:
             return None
-        return InterruptionNotice(
+        return driver.InterruptionNotice(
             self.options.metadata_endpoint.rstrip("/") + _SCHEDULED_EVENTS,
             headers={"Metadata": "true"},
             must_contain='"Preempt"',
@@ -421,14 +393,14 @@ class AzureDriver(Driver):
     async def prepare(self, cluster_id: str) -> None:
         await self._resolve_subscription()
         group = await self._plain_get(
-            f"/subscriptions/{self.subscription_id}/resourcegroups/{self.resource_group}",
+            f"/subscriptions/{self.subscription_id}/resourcegroups/{self.options.resource_group}",
             "2021-04-01",
         )
         self.location = self.location or group["location"]
         await self._check_sizes()
         await self._check_quota()
         # Read-only until every check has passed: a refusal leaves nothing behind.
-        if self.vnet:
+        if self.options.vnet:
             exits = await self._use_given_network()
         else:
             exits = Exits(
@@ -436,13 +408,13 @@ class AzureDriver(Driver):
                 private="default outbound access",
                 public=_PUBLIC_EXIT,
             )
-        if self.network_security_group:
+        if self.options.network_security_group:
             await self._read_given_nsg()
         self._decide_public(exits)
 
-        if not self.vnet:
+        if not self.options.vnet:
             await self._make_network(cluster_id)
-        if not self.network_security_group:
+        if not self.options.network_security_group:
             await self._make_nsgs(cluster_id)
 
     async def _make_network(self, cluster_id: str) -> None:
@@ -450,16 +422,16 @@ class AzureDriver(Driver):
         vnet = await self._lro(
             "creating the cluster's virtual network",
             net.virtual_networks.begin_create_or_update,
-            self.resource_group,
+            self.options.resource_group,
             _name(cluster_id, "vnet"),
             nm.VirtualNetwork(
                 location=self.location,
                 tags=self._cluster_tags(cluster_id),
-                address_space=nm.AddressSpace(address_prefixes=[self.address_prefix]),
+                address_space=nm.AddressSpace(address_prefixes=[self.options.address_prefix]),
                 subnets=[
                     nm.Subnet(
                         name="dask",
-                        address_prefix=self.address_prefix,
+                        address_prefix=self.options.address_prefix,
                         # Since API version 2025-07-01 a new subnet is private unless
                         # told otherwise: this one keeps Azure's free way out, so VMs
                         # without public addresses still pull their image. A NAT
@@ -470,13 +442,13 @@ class AzureDriver(Driver):
             ),
         )
         self._subnet_id = vnet.subnets[0].id
-        self._subnet_prefixes = [self.address_prefix]
+        self._subnet_prefixes = [self.options.address_prefix]
 
     async def _read_given_nsg(self) -> None:
         _, net = self._clients()
-        assert self.network_security_group is not None
+        assert self.options.network_security_group is not None
         nsg_id = self._resource_id(
-            "Microsoft.Network/networkSecurityGroups", self.network_security_group
+            "Microsoft.Network/networkSecurityGroups", self.options.network_security_group
         )
         await self._arm(
             "reading network_security_group",
@@ -499,7 +471,7 @@ class AzureDriver(Driver):
 
     def _fixes(self, exits: Exits) -> list[str]:
         """Azure's own remedies for a subnet with no way out, as options to paste."""
-        where = f"of vnet {self.vnet!r} " if self.vnet else ""
+        where = f"of vnet {self.options.vnet!r} " if self.options.vnet else ""
         fixes = [
             f"subnet=<a subnet {where}with a NAT gateway (natGateway), or whose route table "
             "sends 0.0.0.0/0 to a firewall>",
@@ -537,7 +509,7 @@ class AzureDriver(Driver):
             nsg = await self._lro(
                 f"creating the cluster's network security group for the {role.value}s",
                 net.network_security_groups.begin_create_or_update,
-                self.resource_group,
+                self.options.resource_group,
                 _name(cluster_id, f"{role.value}-nsg"),
                 nm.NetworkSecurityGroup(
                     location=self.location,
@@ -580,7 +552,7 @@ class AzureDriver(Driver):
         if is_valid_resource_id(name_or_id):
             return name_or_id
         return (
-            f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
+            f"/subscriptions/{self.subscription_id}/resourceGroups/{self.options.resource_group}"
             f"/providers/{kind}/{name_or_id}"
         )
 
@@ -592,16 +564,16 @@ class AzureDriver(Driver):
     async def _use_given_network(self) -> Exits:
         """Find the given subnet and read its ways out (GETs only)."""
         _, net = self._clients()
-        assert self.vnet is not None
-        vnet_id = self._resource_id("Microsoft.Network/virtualNetworks", self.vnet)
+        assert self.options.vnet is not None
+        vnet_id = self._resource_id("Microsoft.Network/virtualNetworks", self.options.vnet)
         group, name = self._group_and_name(vnet_id)
         vnet = await self._arm("reading vnet", net.virtual_networks.get(group, name))
         subnets = {s.name: s for s in vnet.subnets or []}
-        wanted = self.subnet or next(iter(subnets), None)
+        wanted = self.options.subnet or next(iter(subnets), None)
         if wanted not in subnets:
             close = difflib.get_close_matches(str(wanted), sorted(subnets), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else f" It has: {sorted(subnets)}"
-            raise CloudError(f"subnet {wanted!r} is not a subnet of vnet {name!r}.{hint}")
+            raise driver.CloudError(f"subnet {wanted!r} is not a subnet of vnet {name!r}.{hint}")
         subnet = subnets[wanted]
         self._subnet_id = subnet.id
         self._subnet_prefixes = list(subnet.address_prefixes or [subnet.address_prefix])
@@ -674,7 +646,7 @@ class AzureDriver(Driver):
 
         await self._arm(f"listing the VM sizes of {self.location}", collect())
         if not offered:
-            raise CloudError(
+            raise driver.CloudError(
                 f"location {self.location!r} offers no VM sizes to this subscription; "
                 "check location (for example 'westeurope')"
             )
@@ -684,11 +656,11 @@ class AzureDriver(Driver):
                 names = sorted(s.name for s in offered.values())
                 close = difflib.get_close_matches(size, names, n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise CloudError(
+                raise driver.CloudError(
                     f"{role.value}_vm_size {size!r} is not offered in {self.location}.{hint}"
                 )
             if any(r.reason_code == "NotAvailableForSubscription" for r in sku.restrictions or []):
-                raise CloudError(
+                raise driver.CloudError(
                     f"{role.value}_vm_size {size!r} is restricted for this subscription in "
                     f"{self.location}; choose another size or location"
                 )
@@ -704,7 +676,10 @@ class AzureDriver(Driver):
         total (``cores``) and the size's family, or the regional Spot quota
         (``lowPriorityCores``) for Spot workers."""
         needed: dict[str, int] = {}
-        plan = [(Role.SCHEDULER, 1, False), (Role.WORKER, self.initial_workers, self.worker_spot)]
+        plan = [
+            (Role.SCHEDULER, 1, False),
+            (Role.WORKER, self.initial_workers, self.options.worker_spot),
+        ]
         for role, count, spot in plan:
             if role not in self._size_quota or count == 0:
                 continue
@@ -745,7 +720,7 @@ class AzureDriver(Driver):
             free = usage.limit - usage.current_value
             if vcpus > free:
                 name = usage.name.localized_value or usage.name.value
-                raise CloudError(
+                raise driver.CloudError(
                     f"this cluster needs {vcpus} vCPUs of the {name!r} quota in "
                     f"{self.location}, and {max(free, 0)} are free (limit {usage.limit}, "
                     f"{usage.current_value} in use). Ask for a quota increase (Azure portal, "
@@ -755,7 +730,7 @@ class AzureDriver(Driver):
 
     # -- VMs ----------------------------------------------------------------------------
 
-    async def create(self, request: VMRequest) -> VM:
+    async def create(self, request: driver.VMRequest) -> driver.VM:
         compute, net = self._clients()
         assert self._subnet_id is not None
         role = request.role.value
@@ -767,7 +742,7 @@ class AzureDriver(Driver):
             public_ip = await self._lro(
                 f"creating the public address of {name}",
                 net.public_ip_addresses.begin_create_or_update,
-                self.resource_group,
+                self.options.resource_group,
                 f"{name}-ip",
                 nm.PublicIPAddress(
                     location=self.location,
@@ -780,7 +755,7 @@ class AzureDriver(Driver):
         nic = await self._lro(
             f"creating the network interface of {name}",
             net.network_interfaces.begin_create_or_update,
-            self.resource_group,
+            self.options.resource_group,
             f"{name}-nic",
             nm.NetworkInterface(
                 location=self.location,
@@ -798,7 +773,7 @@ class AzureDriver(Driver):
                 ],
             ),
         )
-        spot = self.worker_spot and request.role is Role.WORKER
+        spot = self.options.worker_spot and request.role is Role.WORKER
         vm = cm.VirtualMachine(
             location=self.location,
             tags=tags,
@@ -808,7 +783,7 @@ class AzureDriver(Driver):
                     **dict(
                         zip(
                             ("publisher", "offer", "sku", "version"),
-                            self.image.split(":"),
+                            self.options.image.split(":"),
                             strict=True,
                         )
                     )
@@ -817,8 +792,10 @@ class AzureDriver(Driver):
                     name=f"{name}-osdisk",
                     create_option="FromImage",
                     delete_option="Delete",
-                    disk_size_gb=self.disk_size,
-                    managed_disk=cm.ManagedDiskParameters(storage_account_type=self.disk_type),
+                    disk_size_gb=self.options.disk_size,
+                    managed_disk=cm.ManagedDiskParameters(
+                        storage_account_type=self.options.disk_type
+                    ),
                 ),
             ),
             os_profile=cm.OSProfile(
@@ -850,7 +827,7 @@ class AzureDriver(Driver):
                 {
                     "priority": "Spot",
                     "eviction_policy": "Delete",
-                    "billing_profile": cm.BillingProfile(max_price=self.spot_max_price),
+                    "billing_profile": cm.BillingProfile(max_price=self.options.spot_max_price),
                 }
                 if spot
                 else {}
@@ -860,18 +837,18 @@ class AzureDriver(Driver):
                     "identity": cm.VirtualMachineIdentity(
                         type="UserAssigned",
                         user_assigned_identities={
-                            self.user_assigned_identity: cm.UserAssignedIdentitiesValue()
+                            self.options.user_assigned_identity: cm.UserAssignedIdentitiesValue()
                         },
                     )
                 }
-                if self.user_assigned_identity
+                if self.options.user_assigned_identity
                 else {}
             ),
         )
         made = await self._lro(
             f"creating VM {name}",
             compute.virtual_machines.begin_create_or_update,
-            self.resource_group,
+            self.options.resource_group,
             name,
             vm,
         )
@@ -879,7 +856,7 @@ class AzureDriver(Driver):
         await self._lro(
             f"tagging the OS disk of {name}",
             compute.disks.begin_update,
-            self.resource_group,
+            self.options.resource_group,
             f"{name}-osdisk",
             cm.DiskUpdate(tags=tags),
         )
@@ -888,10 +865,10 @@ class AzureDriver(Driver):
             address = (
                 await self._arm(
                     "reading a public address",
-                    net.public_ip_addresses.get(self.resource_group, f"{name}-ip"),
+                    net.public_ip_addresses.get(self.options.resource_group, f"{name}-ip"),
                 )
             ).ip_address
-        return VM(
+        return driver.VM(
             id=made.id,
             name=request.name,
             role=request.role,
@@ -908,16 +885,16 @@ class AzureDriver(Driver):
 
     def _login(self) -> str:
         if self._login_key is None:
-            self._login_key = self.ssh_public_key or throwaway_ssh_key()
+            self._login_key = self.options.ssh_public_key or throwaway_ssh_key()
         return self._login_key
 
-    async def destroy(self, vm: VM) -> None:
+    async def destroy(self, vm: driver.VM) -> None:
         compute, net = self._clients()
         name = _name(vm.cluster_id, vm.name)
         await self._gone(
             f"deleting VM {name}",
             compute.virtual_machines.begin_delete,
-            self.resource_group,
+            self.options.resource_group,
             name,
         )
         # deleteOption=Delete removes these with the VM; make sure of it, by their names,
@@ -925,40 +902,40 @@ class AzureDriver(Driver):
         await self._gone(
             f"deleting {name}-nic",
             net.network_interfaces.begin_delete,
-            self.resource_group,
+            self.options.resource_group,
             f"{name}-nic",
         )
         await self._gone(
             f"deleting {name}-ip",
             net.public_ip_addresses.begin_delete,
-            self.resource_group,
+            self.options.resource_group,
             f"{name}-ip",
         )
         await self._gone(
             f"deleting {name}-osdisk",
             compute.disks.begin_delete,
-            self.resource_group,
+            self.options.resource_group,
             f"{name}-osdisk",
         )
 
     async def _tagged(self, what: str, pager: Any, cluster_id: str) -> list[Any]:
         async def collect() -> list[Any]:
-            return [r async for r in pager if (r.tags or {}).get(CLUSTER_TAG) == cluster_id]
+            return [r async for r in pager if (r.tags or {}).get(driver.CLUSTER_TAG) == cluster_id]
 
         return await self._arm(what, collect())
 
-    async def list(self, cluster_id: str) -> list[VM]:
+    async def list(self, cluster_id: str) -> list[driver.VM]:
         if self.subscription_id is None:
             return []  # prepare stopped before the subscription was known: nothing made
         compute, net = self._clients()
         vms = await self._tagged(
-            "listing VMs", compute.virtual_machines.list(self.resource_group), cluster_id
+            "listing VMs", compute.virtual_machines.list(self.options.resource_group), cluster_id
         )
         if not vms:
             return []
         nics = await self._tagged(
             "listing network interfaces",
-            net.network_interfaces.list(self.resource_group),
+            net.network_interfaces.list(self.options.resource_group),
             cluster_id,
         )
         addresses = {
@@ -968,7 +945,7 @@ class AzureDriver(Driver):
         }
         prefix = f"{cluster_id}-"
         return [
-            VM(
+            driver.VM(
                 id=v.id,
                 name=v.name.removeprefix(prefix),
                 role=Role.SCHEDULER
@@ -980,20 +957,20 @@ class AzureDriver(Driver):
             for v in vms
         ]
 
-    async def clusters(self) -> list[ClusterSummary]:
+    async def clusters(self) -> list[driver.ClusterSummary]:
         await self._resolve_subscription()
         compute, _ = self._clients()
 
         async def collect() -> list[Any]:
             return [
                 v
-                async for v in compute.virtual_machines.list(self.resource_group)
-                if CLUSTER_TAG in (v.tags or {})
+                async for v in compute.virtual_machines.list(self.options.resource_group)
+                if driver.CLUSTER_TAG in (v.tags or {})
             ]
 
         vms = await self._arm("listing VMs", collect())
         _, net = self._clients()
-        group = self.resource_group
+        group = self.options.resource_group
 
         async def tagged_others() -> list[str]:
             found = []
@@ -1004,12 +981,20 @@ class AzureDriver(Driver):
                 net.network_security_groups.list(group),
                 net.virtual_networks.list(group),
             ):
-                found += [r.tags[CLUSTER_TAG] async for r in pager if CLUSTER_TAG in (r.tags or {})]
+                found += [
+                    r.tags[driver.CLUSTER_TAG]
+                    async for r in pager
+                    if driver.CLUSTER_TAG in (r.tags or {})
+                ]
             return found
 
         others = await self._arm("listing the cluster's resources", tagged_others())
-        return summarize(
-            ((v.tags[CLUSTER_TAG], v.time_created, v.tags.get(CREATOR_TAG)) for v in vms), others
+        return driver.summarize(
+            (
+                (v.tags[driver.CLUSTER_TAG], v.time_created, v.tags.get(driver.CREATOR_TAG))
+                for v in vms
+            ),
+            others,
         )
 
     async def states(self, cluster_id: str) -> dict[str, str]:
@@ -1020,7 +1005,7 @@ class AzureDriver(Driver):
         compute, _ = self._clients()
         vms = await self._tagged(
             "listing VMs",
-            compute.virtual_machines.list(self.resource_group, expand="instanceView"),
+            compute.virtual_machines.list(self.options.resource_group, expand="instanceView"),
             cluster_id,
         )
         found = {}
@@ -1029,39 +1014,39 @@ class AzureDriver(Driver):
             found[vm.id] = "terminated" if codes & _STOPPED else "running"
         return found
 
-    async def state(self, vm: VM) -> str:
+    async def state(self, vm: driver.VM) -> str:
         compute, _ = self._clients()
         try:
             view = await self._arm(
                 "reading a VM",
                 compute.virtual_machines.instance_view(
-                    self.resource_group,
+                    self.options.resource_group,
                     _name(vm.cluster_id, vm.name),
                     retry_total=0,  # a poll: its caller polls again
                 ),
             )
-        except NotFoundError:
+        except driver.NotFoundError:
             return "terminated"  # deleted: evicted as a Spot VM, or by us
-        except CloudError:  # throttled, refused, unreachable: nothing learnt
+        except driver.CloudError:  # throttled, refused, unreachable: nothing learnt
             return "unknown"
         codes = {s.code for s in view.statuses or []}
         if codes & _STOPPED:
             return "terminated"
         return "running"
 
-    async def console_output(self, vm: VM) -> str:
+    async def console_output(self, vm: driver.VM) -> str:
         """The serial console log, fetched through boot diagnostics' short-lived SAS URI."""
         compute, _ = self._clients()
         try:
             uris = await self._arm(
                 "reading boot diagnostics",
                 compute.virtual_machines.retrieve_boot_diagnostics_data(
-                    self.resource_group,
+                    self.options.resource_group,
                     _name(vm.cluster_id, vm.name),
                     sas_uri_expiration_time_in_minutes=5,
                 ),
             )
-        except CloudError as e:
+        except driver.CloudError as e:
             logger.debug("no boot diagnostics for %s: %s", vm.name, e)
             return ""
         if not uris.serial_console_log_blob_uri:
@@ -1087,7 +1072,7 @@ class AzureDriver(Driver):
         if self.subscription_id is None:
             return
         compute, net = self._clients()
-        group = self.resource_group
+        group = self.options.resource_group
         for nic in await self._tagged(
             "listing network interfaces", net.network_interfaces.list(group), cluster_id
         ):

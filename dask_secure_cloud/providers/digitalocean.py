@@ -26,22 +26,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .. import driver
 from ..cloudinit import LIMITS
 from ..cluster import VMCluster
 from ..credentials import Role
-from ..driver import (
-    CREATOR_TAG,
-    VM,
-    CloudError,
-    ClusterSummary,
-    Driver,
-    ForbiddenError,
-    InUseError,
-    NotFoundError,
-    ThrottledError,
-    VMRequest,
-    summarize,
-)
 from ..egress import Exits, decide_public_addresses
 from ..errors import OptionError
 from ..network import NetworkPolicy
@@ -93,7 +81,7 @@ def _cluster_of(tags: Sequence[str]) -> str | None:
     return None
 
 
-class DropletDriver(Driver):
+class DropletDriver(driver.Driver):
     """Droplets, two cloud firewalls and (unless given) a VPC per cluster, found by its tag."""
 
     provider = "digitalocean"
@@ -102,30 +90,25 @@ class DropletDriver(Driver):
     def __init__(self, options: DropletOptions, *, token: str, network: NetworkPolicy) -> None:
         self.options = options
         self._token = token
-        self.api_url = options.api_url
-        self.ca_bundle = options.ca_bundle
-        self.region = options.region
         self.sizes = {Role.SCHEDULER: options.scheduler_size, Role.WORKER: options.worker_size}
-        self.image = options.image
         self.vpc_uuid = options.vpc_uuid
         self.tags = list(options.tags)
         self.ssh_keys = list(options.ssh_keys)
-        self.monitoring = options.monitoring
         self.network = network
         self._client: Client | None = None
 
     def __repr__(self) -> str:  # never show the token
-        return f"<DropletDriver region={self.region}>"
+        return f"<DropletDriver region={self.options.region}>"
 
     # -- the SDK ------------------------------------------------------------------------
 
     def _api(self) -> Client:
         if self._client is None:
             kwargs: dict[str, Any] = {}
-            if self.api_url:
-                kwargs["endpoint"] = self.api_url
-            if self.ca_bundle:
-                kwargs["connection_verify"] = self.ca_bundle
+            if self.options.api_url:
+                kwargs["endpoint"] = self.options.api_url
+            if self.options.ca_bundle:
+                kwargs["connection_verify"] = self.options.ca_bundle
             self._client = Client(token=self._token, **kwargs)
         return self._client
 
@@ -164,7 +147,7 @@ class DropletDriver(Driver):
                 status, headers = e.status_code or 0, e.response.headers if e.response else {}
                 body = _json(e)
             except AzureError as e:  # no answer: a network error, a timeout
-                raise CloudError(f"{what} failed: {e}") from e
+                raise driver.CloudError(f"{what} failed: {e}") from e
             if status < 400:
                 return body
             if status == 429 and attempt < attempts - 1:
@@ -172,19 +155,21 @@ class DropletDriver(Driver):
                 continue
             detail = f"{body.get('id', status)}: {body.get('message', '')}" if body else str(status)
             if status == 404:
-                raise NotFoundError(f"{what}: not found ({detail})")
+                raise driver.NotFoundError(f"{what}: not found ({detail})")
             if status in in_use:
-                raise InUseError(f"{what}: still in use ({detail})")
+                raise driver.InUseError(f"{what}: still in use ({detail})")
             if status == 403:
-                raise ForbiddenError(f"{what}: the token's scopes do not allow this ({detail})")
+                raise driver.ForbiddenError(
+                    f"{what}: the token's scopes do not allow this ({detail})"
+                )
             if status == 401:
-                raise ForbiddenError(
+                raise driver.ForbiddenError(
                     "DigitalOcean refused the API token: check DIGITALOCEAN_TOKEN or the "
                     "token option (it needs read and write scope)"
                 )
             if status == 429:
-                raise ThrottledError(f"{what}: rate limited ({detail})")
-            raise CloudError(f"{what} failed: {detail}")
+                raise driver.ThrottledError(f"{what}: rate limited ({detail})")
+            raise driver.CloudError(f"{what} failed: {detail}")
         raise AssertionError("unreachable")
 
     async def _all(self, what: str, group: str, key: str, **kwargs: Any) -> list[dict[str, Any]]:
@@ -200,7 +185,7 @@ class DropletDriver(Driver):
     # -- before the first VM ------------------------------------------------------------
 
     def where(self) -> str:
-        return self.region
+        return self.options.region
 
     async def _check_droplet_limit(self) -> None:
         """Refuse a start the account's droplet limit cannot hold, before anything is made.
@@ -208,7 +193,7 @@ class DropletDriver(Driver):
         with DigitalOcean's own limit error, and what was made is deleted."""
         try:
             account = await self._call("reading the droplet limit", "account", "get")
-        except ForbiddenError as e:
+        except driver.ForbiddenError as e:
             logger.info("Not checking the droplet limit: %s", e)
             return
         limit = (account.get("account") or {}).get("droplet_limit")
@@ -219,7 +204,7 @@ class DropletDriver(Driver):
         in_use = int((page.get("meta") or {}).get("total") or 0)
         needed = 1 + self.initial_workers
         if needed > limit - in_use:
-            raise CloudError(
+            raise driver.CloudError(
                 f"this cluster needs {needed} droplets and the account may start "
                 f"{max(limit - in_use, 0)} more (droplet limit {limit}, {in_use} in use). "
                 "Ask DigitalOcean to raise the limit, or start fewer workers (n_workers)"
@@ -227,17 +212,19 @@ class DropletDriver(Driver):
 
     async def prepare(self, cluster_id: str) -> None:
         regions = {r["slug"]: r for r in await self._all("listing regions", "regions", "regions")}
-        if self.region not in regions:
-            close = difflib.get_close_matches(self.region, sorted(regions), n=1)
+        if self.options.region not in regions:
+            close = difflib.get_close_matches(self.options.region, sorted(regions), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise CloudError(f"region {self.region!r} is not a DigitalOcean region.{hint}")
-        offered = set(regions[self.region].get("sizes") or [])
+            raise driver.CloudError(
+                f"region {self.options.region!r} is not a DigitalOcean region.{hint}"
+            )
+        offered = set(regions[self.options.region].get("sizes") or [])
         for role, size in self.sizes.items():
             if size not in offered:
                 close = difflib.get_close_matches(size, sorted(offered), n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise CloudError(
-                    f"{role.value}_size {size!r} is not offered in {self.region}.{hint}"
+                raise driver.CloudError(
+                    f"{role.value}_size {size!r} is not offered in {self.options.region}.{hint}"
                 )
         await self._check_droplet_limit()
         self._check_egress()
@@ -251,7 +238,7 @@ class DropletDriver(Driver):
                 "create",
                 body={
                     "name": made_name(tag),
-                    "region": self.region,
+                    "region": self.options.region,
                     "description": f"dask-secure-cloud cluster {cluster_id}",
                 },
             )
@@ -272,7 +259,7 @@ class DropletDriver(Driver):
         cloud."""
         vpc = f"VPC {self.vpc_uuid}" if self.vpc_uuid else "the cluster's own VPC"
         exits = Exits(
-            place=f"{vpc} in region {self.region}",
+            place=f"{vpc} in region {self.options.region}",
             private=None,
             public="the droplet's public interface",
         )
@@ -287,23 +274,23 @@ class DropletDriver(Driver):
 
     # -- VMs ----------------------------------------------------------------------------
 
-    async def create(self, request: VMRequest) -> VM:
+    async def create(self, request: driver.VMRequest) -> driver.VM:
         tag = cluster_tag(request.cluster_id)
         body: dict[str, Any] = {
             "name": _droplet_name(request.cluster_id, request.name),
-            "region": self.region,
+            "region": self.options.region,
             "size": self.sizes[request.role],
-            "image": self.image,
+            "image": self.options.image,
             "user_data": request.user_data.decode(),
             "vpc_uuid": self.vpc_uuid,
             "tags": [
                 tag,
                 *([scheduler_tag(request.cluster_id)] if request.role is Role.SCHEDULER else []),
                 f"dask-secure-cloud-{request.role.value}",
-                *_creator_tag(request.tags.get(CREATOR_TAG)),
+                *_creator_tag(request.tags.get(driver.CREATOR_TAG)),
                 *self.tags,
             ],
-            "monitoring": self.monitoring,
+            "monitoring": self.options.monitoring,
             "ipv6": False,
             "with_droplet_agent": False,
         }
@@ -324,7 +311,7 @@ class DropletDriver(Driver):
 
         await self.poll_until(active, f"droplet {body['name']} to be active", interval=1)
         private, public = _addresses(droplet)
-        return VM(
+        return driver.VM(
             id=str(droplet_id),
             name=request.name,
             role=request.role,
@@ -333,24 +320,24 @@ class DropletDriver(Driver):
             public_ip=None if self.network.use_private_ip else public,
         )
 
-    async def destroy(self, vm: VM) -> None:
+    async def destroy(self, vm: driver.VM) -> None:
         try:
             await self._call(
                 f"deleting droplet {vm.name}", "droplets", "destroy", droplet_id=int(vm.id)
             )
-        except NotFoundError:
+        except driver.NotFoundError:
             return  # already gone
 
         async def gone() -> bool:
             try:
                 await self._call("reading a droplet", "droplets", "get", droplet_id=int(vm.id))
-            except NotFoundError:
+            except driver.NotFoundError:
                 return True
             return False
 
         await self.poll_until(gone, f"deleting droplet {vm.name} ({vm.id})", interval=1)
 
-    async def list(self, cluster_id: str) -> list[VM]:
+    async def list(self, cluster_id: str) -> list[driver.VM]:
         tag = cluster_tag(cluster_id)
         droplets = await self._all("listing droplets", "droplets", "droplets", tag_name=tag)
         found = []
@@ -358,7 +345,7 @@ class DropletDriver(Driver):
             private, public = _addresses(droplet)
             name = droplet["name"].removeprefix(_droplet_name(cluster_id, ""))
             found.append(
-                VM(
+                driver.VM(
                     id=str(droplet["id"]),
                     name=name,
                     role=Role.SCHEDULER if name == "scheduler" else Role.WORKER,
@@ -369,7 +356,7 @@ class DropletDriver(Driver):
             )
         return found
 
-    async def clusters(self) -> list[ClusterSummary]:
+    async def clusters(self) -> list[driver.ClusterSummary]:
         found = []
         for role in ("scheduler", "worker"):
             for droplet in await self._all(
@@ -380,7 +367,8 @@ class DropletDriver(Driver):
                 if cluster is None:
                     continue
                 creator = next(
-                    (t.split(":", 1)[1] for t in tags if t.startswith(f"{CREATOR_TAG}:")), None
+                    (t.split(":", 1)[1] for t in tags if t.startswith(f"{driver.CREATOR_TAG}:")),
+                    None,
                 )
                 created = droplet.get("created_at")
                 found.append(
@@ -406,7 +394,7 @@ class DropletDriver(Driver):
             for vpc in vpcs
             if vpc.get("name", "").startswith(vpc_prefix)
         ]
-        return summarize(found, others)
+        return driver.summarize(found, others)
 
     async def states(self, cluster_id: str) -> dict[str, str]:
         """One droplet listing by the cluster's tag: a droplet that powered off is "off"."""
@@ -418,16 +406,16 @@ class DropletDriver(Driver):
             for d in droplets
         }
 
-    async def state(self, vm: VM) -> str:
+    async def state(self, vm: driver.VM) -> str:
         try:
             droplet = (
                 await self._call(
                     "reading a droplet", "droplets", "get", poll=True, droplet_id=int(vm.id)
                 )
             )["droplet"]
-        except NotFoundError:
+        except driver.NotFoundError:
             return "terminated"  # deleted
-        except CloudError:  # throttled, refused, unreachable: nothing learnt
+        except driver.CloudError:  # throttled, refused, unreachable: nothing learnt
             return "unknown"
         return "terminated" if droplet["status"] in ("off", "archive") else "running"
 
@@ -512,7 +500,7 @@ def _creator_tag(creator: str | None) -> list[str]:
     """DigitalOcean tags allow letters, digits, '-', '_' and ':' only."""
     if not creator:
         return []
-    return [f"{CREATOR_TAG}:{re.sub(r'[^a-zA-Z0-9_-]', '_', creator)}"[:255]]
+    return [f"{driver.CREATOR_TAG}:{re.sub(r'[^a-zA-Z0-9_-]', '_', creator)}"[:255]]
 
 
 def _addresses(droplet: Mapping[str, Any]) -> tuple[str | None, str | None]:

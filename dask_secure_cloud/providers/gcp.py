@@ -29,24 +29,10 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from .. import driver
 from ..cloudinit import LIMITS
 from ..cluster import VMCluster
 from ..credentials import Role
-from ..driver import (
-    CLUSTER_TAG,
-    CREATOR_TAG,
-    VM,
-    CloudError,
-    ClusterSummary,
-    Driver,
-    ForbiddenError,
-    InterruptionNotice,
-    InUseError,
-    NotFoundError,
-    ThrottledError,
-    VMRequest,
-    summarize,
-)
 from ..egress import Exits, decide_public_addresses
 from ..network import NetworkPolicy
 from ..options import GCPOptions
@@ -117,27 +103,27 @@ def _message(error: BaseException) -> str:
     return getattr(error, "message", None) or str(error)
 
 
-def _translate(what: str, error: BaseException) -> CloudError:
+def _translate(what: str, error: BaseException) -> driver.CloudError:
     """A Google API error as the shared kind its type (HTTP status) or reason says."""
     reasons = _reasons(error)
     text = _message(error)
     if isinstance(error, gexc.TooManyRequests) or reasons & _RATE_LIMITED:
-        return ThrottledError(f"{what}: Compute Engine's rate limit was hit ({text})")
+        return driver.ThrottledError(f"{what}: Compute Engine's rate limit was hit ({text})")
     if isinstance(error, gexc.NotFound):
-        return NotFoundError(f"{what} not found: {text}")
+        return driver.NotFoundError(f"{what} not found: {text}")
     if reasons & _IN_USE:
-        return InUseError(f"{what}: still in use ({text})")
+        return driver.InUseError(f"{what}: still in use ({text})")
     if reasons & _QUOTA:
-        return CloudError(f"{what}: a quota is exhausted ({text})")
+        return driver.CloudError(f"{what}: a quota is exhausted ({text})")
     if isinstance(error, (gexc.Forbidden, gexc.Unauthorized)):
-        return ForbiddenError(
+        return driver.ForbiddenError(
             f"{what}: permission denied ({text}); give these credentials the roles listed "
             "in the docs"
         )
-    return CloudError(f"{what} failed: {text}")
+    return driver.CloudError(f"{what} failed: {text}")
 
 
-class GCPDriver(Driver):
+class GCPDriver(driver.Driver):
     """Instances and firewall rules of one cluster, found by its label and name."""
 
     provider = "gcp"
@@ -148,27 +134,16 @@ class GCPDriver(Driver):
     ) -> None:
         self.options = options
         self.project = options.project
-        self.zone = options.zone
-        self.network = options.network
-        self.subnetwork = options.subnetwork
         self.machine_types = {
             Role.SCHEDULER: options.scheduler_machine_type,
             Role.WORKER: options.worker_machine_type,
         }
-        self.source_image = options.source_image
-        self.disk_size = options.disk_size
-        self.disk_type = options.disk_type
-        self.gpu_type = options.gpu_type
-        self.gpu_count = options.gpu_count
-        self.worker_spot = options.worker_spot
         self.labels = dict(options.labels)
         self.network_tags = list(options.network_tags)
-        self.service_account = options.service_account
         self.scopes = list(options.scopes)
         self.network_policy = network_policy
         run = options.max_run_duration
         self.max_run_duration = run.total_seconds() if run is not None else None
-        self.api_endpoint = options.api_endpoint
         self.credentials = credentials
         #: True, False, or None to decide from the subnetwork's ways out.
         self.worker_public_ip = network_policy.worker_public_ip
@@ -189,15 +164,21 @@ class GCPDriver(Driver):
                         scopes=["https://www.googleapis.com/auth/cloud-platform"]
                     )
                 except google.auth.exceptions.DefaultCredentialsError as e:
-                    raise CloudError(
+                    raise driver.CloudError(
                         "No Google Cloud credentials found: run `gcloud auth "
                         "application-default login`, set GOOGLE_APPLICATION_CREDENTIALS to "
                         "a service-account key file, or pass credentials="
                     ) from e
                 self.project = self.project or found_project
             if not self.project:
-                raise CloudError("project is not set and the credentials name none: pass project=")
-            options = ClientOptions(api_endpoint=self.api_endpoint) if self.api_endpoint else None
+                raise driver.CloudError(
+                    "project is not set and the credentials name none: pass project="
+                )
+            options = (
+                ClientOptions(api_endpoint=self.options.api_endpoint)
+                if self.options.api_endpoint
+                else None
+            )
             cls = getattr(compute_v1, name)
             self._clients[name] = cls(
                 credentials=self.credentials, transport="rest", client_options=options
@@ -222,7 +203,7 @@ class GCPDriver(Driver):
         except gexc.GoogleAPIError as e:
             raise _translate(what, e) from e
         except (requests.RequestException, google.auth.exceptions.TransportError) as e:
-            raise CloudError(f"{what} failed: {e}") from e
+            raise driver.CloudError(f"{what} failed: {e}") from e
 
     async def _wait(self, operation: Any, what: str, zonal: bool = True) -> None:
         """Wait on an operation with our own operations client, for at most
@@ -239,7 +220,7 @@ class GCPDriver(Driver):
                     "wait",
                     what,
                     project=self.project,
-                    zone=self.zone,
+                    zone=self.options.zone,
                     operation=name,
                 )
             else:
@@ -253,48 +234,52 @@ class GCPDriver(Driver):
             first = current.error.errors[0]
             message = f"{what} failed: {first.code}: {first.message}"
             if first.code in _OPERATION_IN_USE:
-                raise InUseError(message)
+                raise driver.InUseError(message)
             if first.code in _OPERATION_NOT_FOUND:
-                raise NotFoundError(message)
-            raise CloudError(message)
+                raise driver.NotFoundError(message)
+            raise driver.CloudError(message)
 
     # -- before the first VM ------------------------------------------------------------
 
-    def interruption_notice(self, role: Role) -> InterruptionNotice | None:
+    def interruption_notice(self, role: Role) -> driver.InterruptionNotice | None:
         """A Spot worker asks the metadata server whether its VM is being preempted: it
         answers ``TRUE`` from the moment Compute Engine gives the 30-second notice."""
-        if role is not Role.WORKER or not self.worker_spot:
+        if role is not Role.WORKER or not self.options.worker_spot:
             return None
         endpoint = self.options.metadata_endpoint.rstrip("/")
-        return InterruptionNotice(
+        return driver.InterruptionNotice(
             f"{endpoint}/computeMetadata/v1/instance/preempted",
             headers={"Metadata-Flavor": "Google"},
             must_contain="TRUE",
         )
 
     def where(self) -> str:
-        return self.zone
+        return self.options.zone
 
     @property
     def region(self) -> str:
-        return self.zone.rsplit("-", 1)[0]
+        return self.options.zone.rsplit("-", 1)[0]
 
     def _network_link(self) -> str:
-        return f"projects/{self.project}/global/networks/{self.network}"
+        return f"projects/{self.project}/global/networks/{self.options.network}"
 
     async def prepare(self, cluster_id: str) -> None:
         """Read-only checks first (zone, machine types, image, the ways out), then the
         firewall: a refusal leaves nothing behind."""
         await self._call(
-            "ZonesClient", "get", f"zone {self.zone!r}", project=self.project, zone=self.zone
+            "ZonesClient",
+            "get",
+            f"zone {self.options.zone!r}",
+            project=self.project,
+            zone=self.options.zone,
         )
         for role, machine_type in self.machine_types.items():
             await self._call(
                 "MachineTypesClient",
                 "get",
-                f"{role.value}_machine_type {machine_type!r} in zone {self.zone}",
+                f"{role.value}_machine_type {machine_type!r} in zone {self.options.zone}",
                 project=self.project,
-                zone=self.zone,
+                zone=self.options.zone,
                 machine_type=machine_type,
             )
         await self._resolve_image()
@@ -375,7 +360,7 @@ class GCPDriver(Driver):
     def _fixes(self, role: Role, exits: Exits) -> list[str]:
         """Compute Engine's remedies, as options to paste."""
         fixes = [
-            f"subnetwork=<a subnetwork of network {self.network} in {self.region} that a "
+            f"subnetwork=<a subnetwork of network {self.options.network} in {self.region} that a "
             "Cloud NAT covers> (gcloud compute routers nats create ... "
             "--nat-all-subnet-ip-ranges, on a router of that network)",
             "network=<a network with a 0.0.0.0/0 route to default-internet-gateway>",
@@ -393,7 +378,7 @@ class GCPDriver(Driver):
         """The ways out of the VMs' subnetwork: a Cloud NAT covering it, a default
         internet route. Both need that route: Cloud NAT sends through it too."""
         subnet = await self._subnetwork()
-        place = f"subnetwork {subnet.name} of network {self.network} in {self.region}"
+        place = f"subnetwork {subnet.name} of network {self.options.network} in {self.region}"
         routers = await self._call(
             "RoutersClient",
             "list",
@@ -403,15 +388,18 @@ class GCPDriver(Driver):
         routes = await self._call(
             "RoutesClient",
             "list",
-            f"routes of network {self.network!r}",
+            f"routes of network {self.options.network!r}",
             request=compute_v1.ListRoutesRequest(
                 project=self.project,
-                filter=f'network eq ".*/projects/{self.project}/global/networks/{self.network}"',
+                filter=(
+                    f'network eq ".*/projects/{self.project}/global/networks/'
+                    f'{self.options.network}"'
+                ),
             ),
         )
-        nat = _covering_nat(await asyncio.to_thread(list, routers), self.network, subnet)
+        nat = _covering_nat(await asyncio.to_thread(list, routers), self.options.network, subnet)
         route = _internet_route(
-            await asyncio.to_thread(list, routes), self.network, set(self.network_tags)
+            await asyncio.to_thread(list, routes), self.options.network, set(self.network_tags)
         )
         if route is None:
             if nat is not None:
@@ -428,66 +416,72 @@ class GCPDriver(Driver):
             pages = await self._call(
                 "SubnetworksClient",
                 "list",
-                f"subnetworks of network {self.network!r}",
+                f"subnetworks of network {self.options.network!r}",
                 project=self.project,
                 region=self.region,
             )
             self._subnets = [
                 s
                 for s in await asyncio.to_thread(list, pages)
-                if s.network.endswith(f"/global/networks/{self.network}")
+                if s.network.endswith(f"/global/networks/{self.options.network}")
             ]
         return self._subnets
 
     async def _subnetwork(self) -> Any:
         """The subnetwork the VMs get their addresses from, as Compute Engine picks it."""
-        if self.subnetwork:
+        if self.options.subnetwork:
             subnet = await self._call(
                 "SubnetworksClient",
                 "get",
-                f"subnetwork {self.subnetwork!r}",
+                f"subnetwork {self.options.subnetwork!r}",
                 project=self.project,
                 region=self.region,
-                subnetwork=self.subnetwork,
+                subnetwork=self.options.subnetwork,
             )
-            if not subnet.network.endswith(f"/global/networks/{self.network}"):
-                raise CloudError(
-                    f"subnetwork {self.subnetwork!r} belongs to network "
-                    f"{subnet.network.rsplit('/', 1)[-1]!r}, not {self.network!r}: pass "
+            if not subnet.network.endswith(f"/global/networks/{self.options.network}"):
+                raise driver.CloudError(
+                    f"subnetwork {self.options.subnetwork!r} belongs to network "
+                    f"{subnet.network.rsplit('/', 1)[-1]!r}, not {self.options.network!r}: pass "
                     "network= with its network"
                 )
             return subnet
         subnets = await self._network_subnets()
         # An auto-mode network's subnetwork in a region carries the network's name.
-        chosen = subnets if len(subnets) == 1 else [s for s in subnets if s.name == self.network]
+        chosen = (
+            subnets if len(subnets) == 1 else [s for s in subnets if s.name == self.options.network]
+        )
         if not subnets:
-            raise CloudError(
-                f"network {self.network!r} has no subnetwork in {self.region}: pass subnetwork="
+            raise driver.CloudError(
+                f"network {self.options.network!r} has no subnetwork in {self.region}: "
+                "pass subnetwork="
             )
         if len(chosen) != 1:
             names = ", ".join(s.name for s in subnets) or "none"
-            raise CloudError(
-                f"network {self.network!r} has {len(subnets)} subnetworks in {self.region} "
+            raise driver.CloudError(
+                f"network {self.options.network!r} has {len(subnets)} subnetworks in {self.region} "
                 f"({names}): pass subnetwork="
             )
         return chosen[0]
 
     async def _subnet_ranges(self) -> list[str]:
         """The address ranges of the cluster's subnetwork, or of the network's in region."""
-        if self.subnetwork:
+        if self.options.subnetwork:
             return [(await self._subnetwork()).ip_cidr_range]
         ranges = [s.ip_cidr_range for s in await self._network_subnets()]
         if not ranges:
-            raise CloudError(
-                f"network {self.network!r} has no subnetwork in {self.region}: pass subnetwork="
+            raise driver.CloudError(
+                f"network {self.options.network!r} has no subnetwork in {self.region}: "
+                "pass subnetwork="
             )
         return ranges
 
     async def _resolve_image(self) -> None:
-        match = re.fullmatch(r"projects/([^/]+)/global/images/(family/)?([^/]+)", self.source_image)
+        match = re.fullmatch(
+            r"projects/([^/]+)/global/images/(family/)?([^/]+)", self.options.source_image
+        )
         if not match:
-            raise CloudError(
-                f"source_image {self.source_image!r} must look like "
+            raise driver.CloudError(
+                f"source_image {self.options.source_image!r} must look like "
                 "'projects/ubuntu-os-cloud/global/images/family/ubuntu-2404-lts-amd64'"
             )
         project, family, name = match.groups()
@@ -495,7 +489,7 @@ class GCPDriver(Driver):
             image = await self._call(
                 "ImagesClient",
                 "get_from_family",
-                f"source_image {self.source_image!r}",
+                f"source_image {self.options.source_image!r}",
                 project=project,
                 family=name,
             )
@@ -503,36 +497,36 @@ class GCPDriver(Driver):
             image = await self._call(
                 "ImagesClient",
                 "get",
-                f"source_image {self.source_image!r}",
+                f"source_image {self.options.source_image!r}",
                 project=project,
                 image=name,
             )
-        self._image_link = image.self_link or self.source_image
+        self._image_link = image.self_link or self.options.source_image
 
     def gpus(self, role: Role) -> bool:
-        return role is Role.WORKER and bool(self.gpu_type and self.gpu_count)
+        return role is Role.WORKER and bool(self.options.gpu_type and self.options.gpu_count)
 
     # -- VMs ----------------------------------------------------------------------------
 
-    def _instance(self, request: VMRequest) -> compute_v1.Instance:
+    def _instance(self, request: driver.VMRequest) -> compute_v1.Instance:
         worker = request.role is Role.WORKER
         if request.role not in self._public:
-            raise CloudError("prepare() decides the VMs' addresses: call it before create()")
+            raise driver.CloudError("prepare() decides the VMs' addresses: call it before create()")
         public = self._public[request.role]
         interface = compute_v1.NetworkInterface(
-            network=f"projects/{self.project}/global/networks/{self.network}"
+            network=f"projects/{self.project}/global/networks/{self.options.network}"
         )
-        if self.subnetwork:
-            region = self.zone.rsplit("-", 1)[0]
+        if self.options.subnetwork:
+            region = self.options.zone.rsplit("-", 1)[0]
             interface.subnetwork = (
-                f"projects/{self.project}/regions/{region}/subnetworks/{self.subnetwork}"
+                f"projects/{self.project}/regions/{region}/subnetworks/{self.options.subnetwork}"
             )
         if public:
             interface.access_configs = [
                 compute_v1.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")
             ]
         scheduling = compute_v1.Scheduling(automatic_restart=False)
-        if worker and self.worker_spot:
+        if worker and self.options.worker_spot:
             scheduling.provisioning_model = "SPOT"
             scheduling.instance_termination_action = "DELETE"
         if worker and self.gpus(Role.WORKER):
@@ -542,12 +536,12 @@ class GCPDriver(Driver):
             scheduling.instance_termination_action = "DELETE"
         instance = compute_v1.Instance(
             name=f"{_network_tag(request.cluster_id)}-{request.name}",
-            machine_type=f"zones/{self.zone}/machineTypes/{self.machine_types[request.role]}",
+            machine_type=f"zones/{self.options.zone}/machineTypes/{self.machine_types[request.role]}",
             labels={
                 **self.labels,
-                CLUSTER_TAG: request.cluster_id,
+                driver.CLUSTER_TAG: request.cluster_id,
                 "dask-secure-cloud-role": request.role.value,
-                CREATOR_TAG: _label_value(self.creator),
+                driver.CREATOR_TAG: _label_value(self.creator),
             },
             tags=compute_v1.Tags(items=self._tags(request)),
             metadata=compute_v1.Metadata(
@@ -559,8 +553,8 @@ class GCPDriver(Driver):
                     auto_delete=True,
                     initialize_params=compute_v1.AttachedDiskInitializeParams(
                         source_image=self._image_link,
-                        disk_size_gb=self.disk_size,
-                        disk_type=f"zones/{self.zone}/diskTypes/{self.disk_type}",
+                        disk_size_gb=self.options.disk_size,
+                        disk_type=f"zones/{self.options.zone}/diskTypes/{self.options.disk_type}",
                     ),
                 )
             ],
@@ -571,17 +565,17 @@ class GCPDriver(Driver):
         if worker and self.gpus(Role.WORKER):
             instance.guest_accelerators = [
                 compute_v1.AcceleratorConfig(
-                    accelerator_type=f"zones/{self.zone}/acceleratorTypes/{self.gpu_type}",
-                    accelerator_count=self.gpu_count,
+                    accelerator_type=f"zones/{self.options.zone}/acceleratorTypes/{self.options.gpu_type}",
+                    accelerator_count=self.options.gpu_count,
                 )
             ]
-        if self.service_account:
+        if self.options.service_account:
             instance.service_accounts = [
-                compute_v1.ServiceAccount(email=self.service_account, scopes=self.scopes)
+                compute_v1.ServiceAccount(email=self.options.service_account, scopes=self.scopes)
             ]
         return instance
 
-    def _tags(self, request: VMRequest) -> list[str]:
+    def _tags(self, request: driver.VMRequest) -> list[str]:
         """The cluster's tag on every VM; the scheduler's tag (the creator's way in) on
         the scheduler alone."""
         tags = [_network_tag(request.cluster_id)]
@@ -589,7 +583,7 @@ class GCPDriver(Driver):
             tags.append(_scheduler_tag(request.cluster_id))
         return [*tags, *self.network_tags]
 
-    async def create(self, request: VMRequest) -> VM:
+    async def create(self, request: driver.VMRequest) -> driver.VM:
         instance = self._instance(request)
         what = f"creating instance {instance.name}"
         operation = await self._call(
@@ -597,24 +591,24 @@ class GCPDriver(Driver):
             "insert",
             what,
             project=self.project,
-            zone=self.zone,
+            zone=self.options.zone,
             instance_resource=instance,
         )
         await self._wait(operation, what)
         return await self._vm(instance.name, request.cluster_id)
 
-    async def _vm(self, name: str, cluster_id: str) -> VM:
+    async def _vm(self, name: str, cluster_id: str) -> driver.VM:
         found = await self._call(
             "InstancesClient",
             "get",
             f"instance {name}",
             project=self.project,
-            zone=self.zone,
+            zone=self.options.zone,
             instance=name,
         )
         return self._record(found, cluster_id)
 
-    def _record(self, instance: Any, cluster_id: str) -> VM:
+    def _record(self, instance: Any, cluster_id: str) -> driver.VM:
         interface = instance.network_interfaces[0]
         nat = [c.nat_i_p for c in interface.access_configs if c.nat_i_p]
         name = instance.name.removeprefix(f"{_network_tag(cluster_id)}-")
@@ -623,7 +617,7 @@ class GCPDriver(Driver):
             # Its external address, if any, is only its way out: the client is inside
             # the network and the firewall lets it in on the private address alone.
             nat = []
-        return VM(
+        return driver.VM(
             id=instance.name,
             name=name,
             role=role,
@@ -632,7 +626,7 @@ class GCPDriver(Driver):
             public_ip=nat[0] if nat else None,
         )
 
-    async def destroy(self, vm: VM) -> None:
+    async def destroy(self, vm: driver.VM) -> None:
         what = f"deleting instance {vm.id}"
         try:
             operation = await self._call(
@@ -640,38 +634,40 @@ class GCPDriver(Driver):
                 "delete",
                 what,
                 project=self.project,
-                zone=self.zone,
+                zone=self.options.zone,
                 instance=vm.id,
             )
-        except NotFoundError:
+        except driver.NotFoundError:
             return  # already gone (a lease or spot deletion)
         try:
             await self._wait(operation, what)
-        except NotFoundError:
+        except driver.NotFoundError:
             return  # deleted meanwhile by its lease, or as a spot VM
 
-    async def list(self, cluster_id: str) -> list[VM]:
+    async def list(self, cluster_id: str) -> list[driver.VM]:
         pages = await self._call(
             "InstancesClient",
             "list",
             "listing instances",
             request=compute_v1.ListInstancesRequest(
                 project=self.project,
-                zone=self.zone,
-                filter=f'labels.{CLUSTER_TAG} = "{cluster_id}"',
+                zone=self.options.zone,
+                filter=f'labels.{driver.CLUSTER_TAG} = "{cluster_id}"',
             ),
         )
         instances = await asyncio.to_thread(list, pages)
         # A stopped instance still exists (and its disk still costs): list every one.
         return [self._record(i, cluster_id) for i in instances]
 
-    async def clusters(self) -> list[ClusterSummary]:
+    async def clusters(self) -> list[driver.ClusterSummary]:
         pages = await self._call(
             "InstancesClient",
             "list",
             "listing instances",
             request=compute_v1.ListInstancesRequest(
-                project=self.project, zone=self.zone, filter=f"labels.{CLUSTER_TAG}:*"
+                project=self.project,
+                zone=self.options.zone,
+                filter=f"labels.{driver.CLUSTER_TAG}:*",
             ),
         )
         instances = await asyncio.to_thread(list, pages)
@@ -692,16 +688,16 @@ class GCPDriver(Driver):
         ]
         found = [
             (
-                i.labels[CLUSTER_TAG],
+                i.labels[driver.CLUSTER_TAG],
                 datetime.datetime.fromisoformat(i.creation_timestamp)
                 if i.creation_timestamp
                 else None,
-                i.labels.get(CREATOR_TAG),
+                i.labels.get(driver.CREATOR_TAG),
             )
             for i in instances
-            if CLUSTER_TAG in i.labels
+            if driver.CLUSTER_TAG in i.labels
         ]
-        return summarize(found, others)
+        return driver.summarize(found, others)
 
     async def states(self, cluster_id: str) -> dict[str, str]:
         """One instances.list for the whole cluster: a stopped instance still exists."""
@@ -712,8 +708,8 @@ class GCPDriver(Driver):
             poll=True,
             request=compute_v1.ListInstancesRequest(
                 project=self.project,
-                zone=self.zone,
-                filter=f'labels.{CLUSTER_TAG} = "{cluster_id}"',
+                zone=self.options.zone,
+                filter=f'labels.{driver.CLUSTER_TAG} = "{cluster_id}"',
             ),
         )
         instances = await asyncio.to_thread(list, pages)
@@ -721,7 +717,7 @@ class GCPDriver(Driver):
             i.name: "terminated" if i.status in _ENDED_STATUSES else "running" for i in instances
         }
 
-    async def state(self, vm: VM) -> str:
+    async def state(self, vm: driver.VM) -> str:
         try:
             found = await self._call(
                 "InstancesClient",
@@ -729,26 +725,26 @@ class GCPDriver(Driver):
                 f"instance {vm.id}",
                 poll=True,
                 project=self.project,
-                zone=self.zone,
+                zone=self.options.zone,
                 instance=vm.id,
             )
-        except NotFoundError:
+        except driver.NotFoundError:
             return "terminated"  # deleted: by its lease, as a spot VM, or by us
-        except CloudError:  # throttled, refused, unreachable: nothing learnt
+        except driver.CloudError:  # throttled, refused, unreachable: nothing learnt
             return "unknown"
         return "terminated" if found.status in _ENDED_STATUSES else "running"
 
-    async def console_output(self, vm: VM) -> str:
+    async def console_output(self, vm: driver.VM) -> str:
         try:
             output = await self._call(
                 "InstancesClient",
                 "get_serial_port_output",
                 f"console of {vm.id}",
                 project=self.project,
-                zone=self.zone,
+                zone=self.options.zone,
                 instance=vm.id,
             )
-        except CloudError:
+        except driver.CloudError:
             return ""
         return output.contents
 
