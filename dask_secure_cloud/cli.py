@@ -93,14 +93,17 @@ async def _demo(n_workers: int, security: bool) -> None:
             click.echo(f"ca           {cluster.ca_fingerprint}")
             click.echo(f"expires      {cluster.certificates_expire:%Y-%m-%d %H:%M} UTC")
             args = cluster.security.get_connection_args("client")
-            for address in [cluster.scheduler_address, *(addr for addr, _ in workers)]:
-                comm = await connect(address, **args)
-                try:
-                    cipher, version, _bits = comm.extra_info["cipher"]
-                    peer = _describe_peer(comm.extra_info)
-                finally:
-                    await comm.close()
-                click.echo(f"peer         {address}  {version} {cipher}\n             {peer}")
+            address = cluster.scheduler_address
+            comm = await connect(address, **args)
+            try:
+                cipher, version, _bits = comm.extra_info["cipher"]
+                peer = _describe_peer(comm.extra_info)
+            finally:
+                await comm.close()
+            click.echo(f"peer         {address}  {version} {cipher}\n             {peer}")
+            # This client talks to the scheduler alone; workers prove themselves to it.
+            names = ", ".join(str(info["name"]) for _, info in workers)
+            click.echo(f"workers      {names}: each its own certificate, checked by its peers")
             client_cert = cluster._credentials.client if cluster._credentials else None
             if client_cert is not None:
                 click.echo(

@@ -125,10 +125,16 @@ class BootPlan:
     env: Mapping[str, str] = field(default_factory=dict)
     extra_bootstrap: tuple[str, ...] = ()
     power_off_on_exit: bool = True
-    #: Scheduler only: serve the dashboard on this port of the VM's address.
+    #: The port of the Dask process's HTTP server (the scheduler's dashboard; a worker's
+    #: ``/health`` and ``/metrics``), 0 for any; ``None`` leaves Dask's default.
     dashboard_port: int | None = None
+    #: Where that server listens on a VM: ``"127.0.0.1"`` for the VM itself only (the
+    #: client reaches the scheduler's through a tunnel), ``""`` for every interface.
+    dashboard_host: str = ""
     #: Python files (name -> source) that the Dask process loads with ``--preload``.
     preloads: Mapping[str, str] = field(default_factory=dict)
+    #: Of ``preloads``, those a worker's nanny loads too (``--preload-nanny``).
+    nanny_preloads: tuple[str, ...] = ()
     #: Seconds the VM may spend provisioning before its retries give up.
     boot_timeout: float = 600.0
 
@@ -145,6 +151,9 @@ class BootPlan:
         for name in self.preloads:
             if not name.endswith(".py") or "/" in name:
                 raise OptionError(f"preload names are plain .py file names, got {name!r}")
+        for name in self.nanny_preloads:
+            if name not in self.preloads:
+                raise OptionError(f"nanny preload {name!r} is not one of the preloads")
 
 
 class _Literal(str):
@@ -214,6 +223,9 @@ def _launch_line(plan: BootPlan) -> str:
         raise OptionError(f"{plan.name}: command must start with {role!r}: {plan.command!r}")
     for name in sorted(plan.preloads):
         args += ["--preload", f"{home}/preload/{name}"]
+    if plan.role is Role.WORKER:
+        for name in plan.nanny_preloads:
+            args += ["--preload-nanny", f"{home}/preload/{name}"]
     if plan.tls is not None:
         args += [
             "--tls-ca-file",
@@ -232,7 +244,8 @@ def _launch_line(plan: BootPlan) -> str:
 
     line = " ".join(quote(w) for w in prefix + args) + " $HOST_ARGS"
     if plan.dashboard_port is not None:
-        line += f' --dashboard-address "${{DSC_VM_ADDRESS:-}}:{plan.dashboard_port}"'
+        host = plan.dashboard_host
+        line += f' --dashboard-address "${{DSC_VM_ADDRESS:-{host}}}:{plan.dashboard_port}"'
     return line
 
 

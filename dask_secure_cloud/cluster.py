@@ -30,13 +30,15 @@ from distributed.comm import connect
 from distributed.core import Status
 from distributed.deploy.cluster import Cluster, Log, Logs
 from distributed.deploy.spec import ProcessInterface, SpecCluster
+from distributed.security import Security
 from tornado.ioloop import PeriodicCallback
 
 from . import audit, images, names
 from .cloudinit import DockerRuntime
 from .credentials import Role
+from .dashboard import DashboardProxy
 from .driver import VM, Driver
-from .errors import ClusterStartError, ResourcesLeftError, VMBootError
+from .errors import ClusterStartError, OptionError, ResourcesLeftError, VMBootError
 from .fleet import Fleet, delete_cluster
 from .options import ClusterOptions, docstring_parameters, keyword_signature, resolve
 from .plan import BootPlanner, default_docker_image, shippable_config
@@ -252,7 +254,13 @@ class VMCluster(SpecCluster):
         resolved, self.driver = self.setup(resolved, driver, **extra)
         self.options = resolved
         self.driver.configure(
-            ports=(resolved.scheduler_port, resolved.dashboard_port),
+            # With the cluster's own CA the dashboard is reached through the scheduler's
+            # port (dashboard.py), so only that port is opened to the creator.
+            ports=(
+                (resolved.scheduler_port,)
+                if resolved.security is True
+                else (resolved.scheduler_port, resolved.dashboard_port)
+            ),
             boot_timeout=resolved.boot_timeout.total_seconds(),
             initial_workers=resolved.n_workers,
             offline_image=resolved.offline_image,
@@ -266,6 +274,7 @@ class VMCluster(SpecCluster):
         self._given_security = self.planner.given_security
         self.fleet = Fleet(self.driver, self.planner, log=self._log)
         self._cleanup_error: Exception | None = None
+        self._dashboard: DashboardProxy | None = None
         self._expiry_warned = False
         self._log(
             f"Cluster {self.cluster_id}: {self.protocol}, "
@@ -364,6 +373,11 @@ class VMCluster(SpecCluster):
         try:
             await self._check_image()
             await super()._start()
+            if self._credentials is not None:
+                self._dashboard = DashboardProxy(
+                    self.scheduler_address, self.security.get_connection_args("client")
+                )
+                await self._dashboard.start()
         except RuntimeError as e:
             message = str(e)
             if self._cleanup_error is not None:
@@ -406,6 +420,9 @@ class VMCluster(SpecCluster):
         start the start's own error is what the caller sees, with the sweep's appended.
         """
         failed_start = self.status == Status.failed
+        if self._dashboard is not None:
+            await self._dashboard.close()
+            self._dashboard = None
         try:
             await self._close_gracefully()
         except (OSError, RuntimeError) as e:
@@ -484,6 +501,29 @@ class VMCluster(SpecCluster):
             warnings.warn(message, stacklevel=2)
 
     @property
+    def dashboard_link(self) -> str:
+        """The scheduler's dashboard, on this machine: with the cluster's own CA a proxy
+        on ``127.0.0.1`` forwards it over mutual TLS (see ``dashboard.py``)."""
+        if self._credentials is None:
+            return super().dashboard_link
+        return self._dashboard.link if self._dashboard is not None else ""
+
+    def portable_security(self, name: str) -> Security:
+        """A ``Security`` for another process (a second notebook, a job runner) to
+        connect to this cluster's scheduler as a client.
+
+        It carries a client certificate and key of its own, named ``name`` in its
+        certificate, valid as long as the cluster's CA, so handing it over never hands
+        over this process's key. It may be pickled; treat it as a password.
+        """
+        if self._credentials is None:
+            raise OptionError(
+                "portable_security: this cluster has no CA of its own (security=False or a "
+                "given Security); pass your own Security to the other process instead"
+            )
+        return self._credentials.portable_client_security(name)
+
+    @property
     def ca_fingerprint(self) -> str | None:
         """SHA-256 fingerprint of the cluster CA, or ``None`` without generated TLS."""
         return self._credentials.ca_fingerprint if self._credentials else None
@@ -539,5 +579,8 @@ class VMCluster(SpecCluster):
     def __reduce__(self) -> Any:
         raise TypeError(
             f"{type(self).__name__} manages VMs and holds the cluster's CA key; it cannot "
-            "be pickled. Pass cluster.scheduler_address and cluster.security instead."
+            "be pickled. To let another process connect, pass it "
+            "cluster.scheduler_address and cluster.portable_security('<name>') (a client "
+            "certificate of its own; cluster.security holds this client's key and does "
+            "not travel)."
         )

@@ -15,22 +15,22 @@ from __future__ import annotations
 import datetime
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from distributed.security import Security
 
+from . import peers
 from .errors import OptionError
-
-if TYPE_CHECKING:
-    from distributed.security import Security
 
 __all__ = [
     "DEFAULT_LIFETIME",
     "URI_SCHEME",
     "ClusterCredentials",
+    "ClusterSecurity",
     "LeafCredentials",
     "Role",
     "parse_identity",
@@ -189,9 +189,19 @@ class ClusterCredentials:
         self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(self._ca_ski)
         self._client: LeafCredentials | None = None
 
-    def issue(self, role: Role | str, name: str) -> LeafCredentials:
-        """Sign a fresh key for one VM (or the client), valid as long as the CA."""
+    def issue(
+        self,
+        role: Role | str,
+        name: str,
+        *,
+        not_before: datetime.datetime | None = None,
+        not_after: datetime.datetime | None = None,
+    ) -> LeafCredentials:
+        """Sign a fresh key for one VM (or the client), valid as long as the CA unless
+        ``not_before``/``not_after`` say otherwise."""
         role = Role(role)
+        not_before = not_before or self.not_before
+        not_after = not_after or self.not_after
         if not name or "/" in name:
             raise OptionError(f"certificate name must be non-empty and without '/': {name!r}")
         key = ec.generate_private_key(ec.SECP256R1())
@@ -210,8 +220,8 @@ class ClusterCredentials:
             .issuer_name(self._ca_name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(self.not_before)
-            .not_valid_after(self.not_after)
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]),
@@ -227,7 +237,7 @@ class ClusterCredentials:
             cert_pem=_pem_cert(cert),
             key_pem=_pem_key(key),
             ca_pem=self.ca_cert_pem,
-            not_after=self.not_after,
+            not_after=not_after,
         )
 
     @property
@@ -245,14 +255,32 @@ class ClusterCredentials:
         """
         import ssl
 
-        from distributed.security import Security
-
         client = self.client
-        return Security(
+        return ClusterSecurity(
+            self.cluster_id,
             require_encryption=True,
             tls_ca_file=client.ca_pem,
             tls_client_cert=client.cert_pem,
             tls_client_key=client.key_pem,
+            tls_min_version=ssl.TLSVersion.TLSv1_3,
+        )
+
+    def portable_client_security(self, name: str) -> Security:
+        """A ``Security`` with a client certificate of its own, made to be handed to
+        another process (pickled, or written out): it holds that new key, never this
+        client's. It lasts as long as the CA."""
+        import ssl
+
+        if name == "client":
+            raise OptionError("name: 'client' is this process's own certificate; choose another")
+        leaf = self.issue(Role.CLIENT, name)
+        return ClusterSecurity(
+            self.cluster_id,
+            portable=True,
+            require_encryption=True,
+            tls_ca_file=leaf.ca_pem,
+            tls_client_cert=leaf.cert_pem,
+            tls_client_key=leaf.key_pem,
             tls_min_version=ssl.TLSVersion.TLSv1_3,
         )
 
@@ -277,6 +305,42 @@ class ClusterCredentials:
 
     def __deepcopy__(self, memo):
         self.__reduce__()
+
+
+class ClusterSecurity(Security):
+    """A client's ``distributed.Security`` that talks only to its cluster's scheduler.
+
+    Every TLS context it makes checks, after the handshake, that the peer holds a
+    ``scheduler`` certificate of this cluster (a worker's key cannot pose as the
+    scheduler). It holds a client private key in memory, so it refuses to be pickled
+    unless it was made to travel (``portable``).
+    """
+
+    def __init__(self, cluster_id: str, *, portable: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cluster_id = cluster_id
+        self.portable = portable
+
+    def _get_tls_context(self, tls: Any, purpose: Any) -> Any:
+        ctx = super()._get_tls_context(tls, purpose)
+        if ctx is not None:
+            peers.guard_context(ctx, peers.Policy(self.cluster_id, Role.CLIENT.value))
+        return ctx
+
+    def __reduce__(self) -> Any:
+        if not self.portable:
+            raise TypeError(
+                f"the Security of cluster {self.cluster_id} holds this client's private key "
+                "and is not sent to other processes. To let another process connect, give "
+                "it cluster.portable_security('<name>'): a Security with a client "
+                "certificate of its own"
+            )
+        fields = {k: getattr(self, k) for k in Security.__slots__}
+        return (_portable_security, (self.cluster_id, fields))
+
+
+def _portable_security(cluster_id: str, fields: dict[str, Any]) -> ClusterSecurity:
+    return ClusterSecurity(cluster_id, portable=True, **fields)
 
 
 def leaf_from_security(security: Security, role: Role) -> LeafCredentials:

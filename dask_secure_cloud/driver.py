@@ -163,8 +163,9 @@ class Driver(abc.ABC):
     #: Seconds between the cluster watcher's listings of its VMs (:meth:`states`) while
     #: any VM boots: one listing per interval, whatever the number of VMs.
     watch_interval: ClassVar[float] = 5.0
-    #: The scheduler's port and dashboard port, for the firewall; set by :meth:`configure`.
-    ports: tuple[int, int] = (8786, 8787)
+    #: The scheduler's ports the creator may reach: its comm port, and its dashboard
+    #: unless that is reached through the comm port. Set by :meth:`configure`.
+    ports: tuple[int, ...] = (8786, 8787)
     #: Seconds a VM (or a cloud operation) may take; set by :meth:`configure`.
     boot_timeout: float = 600.0
     #: Workers the cluster starts with, so :meth:`prepare` can check the cloud's quota
@@ -180,7 +181,7 @@ class Driver(abc.ABC):
     def configure(
         self,
         *,
-        ports: tuple[int, int],
+        ports: tuple[int, ...],
         boot_timeout: float,
         initial_workers: int = 0,
         offline_image: bool = False,

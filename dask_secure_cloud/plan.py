@@ -109,6 +109,9 @@ class BootPlanner:
                 *self._scheduler_flags,
             )
             dashboard: int | None = options.dashboard_port
+            # With the cluster's own CA the dashboard takes client certificates only and
+            # is reached through the scheduler's port (see dashboard.py): VM-local.
+            dashboard_host = "127.0.0.1" if self.credentials is not None else ""
         else:
             if scheduler_address is None:
                 raise ValueError("a worker's boot plan needs the scheduler's address")
@@ -123,7 +126,10 @@ class BootPlanner:
                 f"{options.worker_death_timeout.total_seconds():.0f}s",
                 *self._worker_flags,
             )
-            dashboard = None
+            # The worker's HTTP server (/health, /metrics) is for the VM itself unless a
+            # worker dashboard was asked for.
+            dashboard = 0
+            dashboard_host = "" if "--dashboard" in self._worker_flags else "127.0.0.1"
         runtime = self.runtime
         if isinstance(runtime, DockerRuntime) and self.driver.gpus(role):
             runtime = dataclasses.replace(runtime, gpus=True)
@@ -138,25 +144,37 @@ class BootPlanner:
             env=options.env_vars,
             extra_bootstrap=options.extra_bootstrap,
             dashboard_port=dashboard,
-            preloads=self.preloads(role),
+            dashboard_host=dashboard_host,
+            preloads=self.preloads(role, scheduler_address),
+            nanny_preloads=("peers.py",) if self.credentials is not None else (),
             boot_timeout=options.boot_timeout.total_seconds(),
         )
 
-    def preloads(self, role: Role) -> dict[str, str]:
-        """The scheduler's lease; a spot worker's retirement on its cloud's notice."""
+    def preloads(self, role: Role, scheduler_address: str | None = None) -> dict[str, str]:
+        """The peers' role checks (with the cluster's own CA); the scheduler's lease; a
+        spot worker's retirement on its cloud's notice."""
+        files: dict[str, str] = {}
+        if self.credentials is not None:
+            files["peers.py"] = preloads.peer_checks(
+                {
+                    "cluster_id": self.cluster_id,
+                    "role": role.value,
+                    "scheduler": _host_port(scheduler_address),
+                    "workers_as_clients": self.options.workers_as_clients,
+                }
+            )
         if role is Role.SCHEDULER:
-            return {"lease.py": preloads.lease(round(self.options.lease_timeout.total_seconds()))}
+            lease = round(self.options.lease_timeout.total_seconds())
+            return {**files, "lease.py": preloads.lease(lease)}
         notice = self.driver.interruption_notice(role)
-        if notice is None:
-            return {}
-        return {
-            "spot.py": preloads.spot_interruption(
+        if notice is not None:
+            files["spot.py"] = preloads.spot_interruption(
                 notice.url,
                 notice.token_url,
                 headers=notice.headers,
                 must_contain=notice.must_contain,
             )
-        }
+        return files
 
     def leaf(self, role: Role, name: str) -> LeafCredentials | None:
         if self.credentials is not None:
@@ -172,6 +190,16 @@ class BootPlanner:
         if self.credentials is not None:
             dask.config.set({"distributed.comm.tls.min-version": 1.3}, config=shipped)  # type: ignore[arg-type]
         return shipped
+
+
+def _host_port(address: str | None) -> tuple[str, int] | None:
+    """``("10.0.0.4", 8786)`` from ``tls://10.0.0.4:8786`` (``[::1]`` forms too)."""
+    if not address:
+        return None
+    from distributed.comm import parse_address, parse_host_port
+
+    host, port = parse_host_port(parse_address(address)[1])
+    return host, int(port)
 
 
 def _runtime(options: ClusterOptions, native_python: str) -> DockerRuntime | NativeRuntime:

@@ -148,7 +148,7 @@ async def test_requests_are_private_hardened_and_carry_no_secret(azure):
         rules = {r["name"]: r["properties"] for r in scheduler_rules}
         # Private by default: the scheduler port is open to the subnet only.
         assert rules["dask-scheduler-from-client"]["sourceAddressPrefixes"] == [subnet]
-        assert rules["dask-scheduler-from-client"]["destinationPortRanges"] == ["8786", "8787"]
+        assert rules["dask-scheduler-from-client"]["destinationPortRanges"] == ["8786"]
         assert rules["deny-everything-else"]["access"] == "Deny"
         # The OS disks are tagged, so a sweep finds them.
         assert all(

@@ -171,7 +171,7 @@ async def test_defaults_on_a_fresh_default_network_compute_with_closed_public_wo
             body["name"]: body for call, body in stand_in.requests if call == "firewalls.insert"
         }
         client_rule = rules[f"{tag}-client"]
-        assert sorted(client_rule["allowed"][0]["ports"]) == ["8786", "8787"]
+        assert client_rule["allowed"][0]["ports"] == ["8786"]  # the dashboard goes through it
         assert client_rule["sourceRanges"] == [str(stand_in.subnet)]  # client inside the VPC
         assert client_rule["targetTags"] == [f"{tag}--scheduler"]  # the scheduler alone
         internal = rules[f"{tag}-internal"]
@@ -192,7 +192,7 @@ async def test_defaults_on_a_fresh_default_network_compute_with_closed_public_wo
             assert reachable_from(stand_in, worker, neighbour) == []
             assert stand_in.ingress_allowed(worker, address[scheduler], "tcp", 40123)
         assert reachable_from(stand_in, scheduler, OUTSIDE) == []
-        assert reachable_from(stand_in, scheduler, neighbour) == ["tcp/8786", "tcp/8787"]
+        assert reachable_from(stand_in, scheduler, neighbour) == ["tcp/8786"]
         assert stand_in.ingress_allowed(scheduler, address[workers[0]], "tcp", 8786)
     assert nothing_left(stand_in, cluster_id)
     assert project_as_fresh(stand_in)
@@ -449,7 +449,7 @@ async def test_a_cloud_nat_of_another_subnetwork_is_no_way_out(gce):
 
 async def test_only_the_scheduler_takes_the_creators_cidrs(gce):
     """With external addresses and the creator outside the network: the creator reaches
-    the scheduler's two ports and nothing else; nobody else reaches anything."""
+    the scheduler's port and nothing else; nobody else reaches anything."""
     stand_in, options = gce
     creator = "192.0.2.0/24"
     driver = preview(
@@ -464,7 +464,7 @@ async def test_only_the_scheduler_takes_the_creators_cidrs(gce):
             made[role] = await driver.create(request)
         assert made[Role.SCHEDULER].public_ip and made[Role.WORKER].public_ip
         scheduler, worker = made[Role.SCHEDULER].id, made[Role.WORKER].id
-        assert reachable_from(stand_in, scheduler, "192.0.2.9") == ["tcp/8786", "tcp/8787"]
+        assert reachable_from(stand_in, scheduler, "192.0.2.9") == ["tcp/8786"]
         assert reachable_from(stand_in, worker, "192.0.2.9") == []
         assert reachable_from(stand_in, scheduler, OUTSIDE) == []
         assert reachable_from(stand_in, worker, OUTSIDE) == []

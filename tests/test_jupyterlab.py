@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.request
 
 import dask.config
 import pytest
@@ -30,6 +32,7 @@ async def _drive(factory: dict) -> str:
             cluster = manager._clusters[model["id"]]
             assert model["scheduler_address"].startswith("tls://")
             assert model["name"].startswith(factory["class"])
+            await _dashboard_panes_load(model["dashboard_link"])
             # Client(cluster) picks up the cluster's own TLS credentials.
             async with Client(cluster, asynchronous=True) as client:
                 await client.wait_for_workers(1, timeout=90)
@@ -46,6 +49,22 @@ async def _drive(factory: dict) -> str:
             await manager.close_cluster(model["id"])
             assert manager.list_clusters() == []
     return cluster_id
+
+
+async def _dashboard_panes_load(link: str) -> None:
+    """What the extension's dashboard panes fetch, through the cluster's ``dashboard_link``:
+    the list of plots, then one plot's page."""
+    assert link.startswith("http://127.0.0.1:") and link.endswith("/status")
+    base = link[: -len("/status")]
+
+    def get(path: str) -> bytes:
+        with urllib.request.urlopen(base + path, timeout=30) as response:
+            assert response.status == 200
+            return response.read()
+
+    plots = json.loads(await asyncio.to_thread(get, "/individual-plots.json"))
+    assert "/individual-task-stream" in plots.values()
+    assert b"bokeh" in (await asyncio.to_thread(get, "/individual-task-stream")).lower()
 
 
 async def test_lab_manager_drives_a_local_vm_cluster(vm_dir):

@@ -144,9 +144,18 @@ async def test_scheduler_and_workers_refuse_strangers(vm_dir):
         _, workers = await compute(cluster, 1)
         other = ClusterCredentials("someone-else").client_security()
         ca_pem = cluster._credentials.ca_cert_pem
+        scheduler = cluster._credentials.issue(Role.SCHEDULER, "scheduler")
+        as_scheduler = Security(
+            tls_ca_file=ca_pem,
+            tls_client_cert=scheduler.cert_pem,
+            tls_client_key=scheduler.key_pem,
+            require_encryption=True,
+        )
+        # The positive controls: our client is served by the scheduler, and a scheduler
+        # certificate by a worker (this client talks to the scheduler alone).
+        assert not await _refused(cluster.scheduler_address, cluster.security)
+        assert not await _refused(workers[0], as_scheduler)
         for address in (cluster.scheduler_address, workers[0]):
-            # The positive control: our own client is served.
-            assert not await _refused(address, cluster.security)
             assert await _raw_tls_answers(address, ca_pem) is False  # no client certificate
             assert await _refused(address, other)  # another cluster's CA
             assert await _refused(address.replace("tls://", "tcp://"), None)  # plain tcp

@@ -67,6 +67,19 @@ class ClusterOptions:
         types=DURATION,
         check=duration,
     )
+    workers_as_clients: bool = option(
+        False,
+        """
+        Whether a worker's certificate may act as a Dask client: submit tasks, run
+        functions, read published datasets. Tasks that call ``get_client()`` (or use
+        ``worker_client``) need ``True``. With ``False`` (default) a worker may only do
+        what a worker does, so one compromised worker VM cannot take over the cluster.
+        Applies to the cluster's own certificates (``security=True``).
+        """,
+        types="boolean",
+        check=_boolean,
+        note="true lets tasks call get_client(), and any worker key act as a client",
+    )
     runtime: str = option(
         "docker",
         """

@@ -1,0 +1,372 @@
+"""Peers check each other's role, not only each other's CA.
+
+A certificate signed by the cluster's CA proves membership, not what the holder may do.
+Without this module any member's key could pose as the scheduler, or act as a client:
+run code on every VM, read published datasets and keep the cluster alive by renewing
+its lease. Every TLS connection made or accepted here checks the peer's identity (the
+SAN URI ``dask-secure-cloud://CLUSTER/ROLE/NAME``) right after the handshake, and every
+request a worker certificate makes is checked against what a worker needs.
+
+The rules, by who holds the connection's other end:
+
+- a client talks only to a ``scheduler`` of its own cluster;
+- a worker (and its nanny) accepts only the ``scheduler`` at the scheduler's address,
+  and only ``worker`` peers elsewhere; it accepts connections from the scheduler and
+  from workers;
+- the scheduler accepts clients and workers, and connects only to workers;
+- a worker certificate may call on the scheduler only what a worker needs
+  (registration, heartbeats, data location, P2P shuffles), and on another worker only
+  data exchange, unless the cluster lets workers act as clients (``workers_as_clients``,
+  which ``get_client()`` inside a task needs); the lease and the identity handlers
+  answer the client's certificate alone, always.
+
+This file needs only the standard library and ``distributed``: VMs run it verbatim as a
+Dask preload (with a ``SETTINGS`` line appended), and the client uses it in-process.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger("distributed.secure_cloud.peers")
+
+URI_PREFIX = "dask-secure-cloud://"
+
+#: What a worker's own code calls on the scheduler (distributed's worker, nanny and
+#: P2P shuffle extension). Anything else is a client's power.
+WORKER_OPS_ON_SCHEDULER = frozenset(
+    {
+        "register-worker",
+        "register_nanny",
+        "heartbeat_worker",
+        "unregister",
+        "retire_workers",
+        "who_has",
+        "add_keys",
+        "log_event",
+        "get_metadata",
+        "set_metadata",
+        "shuffle_barrier",
+        "shuffle_get",
+        "shuffle_get_or_create",
+        "shuffle_restrict_task",
+        "identity",
+        "versions",
+    }
+)
+#: What one worker asks of another: its data, and P2P shuffle transfers.
+WORKER_OPS_ON_WORKER = frozenset(
+    {"get_data", "shuffle_receive", "shuffle_inputs_done", "identity", "versions"}
+)
+#: What a worker process asks of its own nanny.
+WORKER_OPS_ON_NANNY = frozenset({"close_gracefully", "identity", "versions"})
+#: A worker acting as a client (``workers_as_clients``) also scatters and gathers directly.
+CLIENT_OPS_ON_WORKER = frozenset({"update_data", "gather"})
+#: Handlers only the client's own certificate may call, whatever the settings.
+CLIENT_CERTIFICATE_ONLY = frozenset(
+    {
+        "secure_cloud_lease",
+        "secure_cloud_dashboard",
+        "secure_cloud_pending_identities",
+        "secure_cloud_issue_identities",
+    }
+)
+#: The tunnel's end of stream: an empty frame.
+END = b""
+
+
+@dataclass(frozen=True)
+class Identity:
+    cluster_id: str
+    role: str
+    name: str
+
+
+def identity_of(peercert: dict[str, Any] | None) -> Identity | None:
+    """The identity in a peer certificate as ``ssl`` decodes it, or ``None``."""
+    for kind, value in (peercert or {}).get("subjectAltName", ()):
+        if kind == "URI" and value.startswith(URI_PREFIX):
+            parts = value[len(URI_PREFIX) :].split("/", 2)
+            if len(parts) == 3:
+                return Identity(*parts)
+    return None
+
+
+class PeerRefused(ssl.SSLCertVerificationError):
+    """The peer's certificate is from this cluster's CA but names the wrong role."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Who this process (``role`` in ``cluster_id``) may talk to."""
+
+    cluster_id: str
+    role: str
+    #: A worker's scheduler, ``(host, port)``: where only a scheduler may answer.
+    scheduler: tuple[str, int] | None = None
+    workers_as_clients: bool = False
+
+    def allowed(self, server_side: bool, peer: tuple[str, int] | None) -> frozenset[str]:
+        if self.role == "client":
+            return frozenset({"scheduler"})
+        if self.role == "dashboard":
+            return frozenset({"client"})
+        if self.role == "scheduler":
+            return frozenset({"client", "worker"} if server_side else {"worker"})
+        # a worker or its nanny
+        if server_side:
+            return frozenset({"scheduler", "worker"})
+        if peer is not None and peer == self.scheduler:
+            return frozenset({"scheduler"})
+        return frozenset({"worker"})
+
+    def check(
+        self, peercert: dict[str, Any] | None, server_side: bool, peer: tuple[str, int] | None
+    ) -> None:
+        identity = identity_of(peercert)
+        allowed = self.allowed(server_side, peer)
+        if identity is None or identity.cluster_id != self.cluster_id:
+            raise PeerRefused(
+                ssl.SSL_ERROR_SSL,
+                f"peer certificate names no member of cluster {self.cluster_id}",
+            )
+        if identity.role not in allowed:
+            raise PeerRefused(
+                ssl.SSL_ERROR_SSL,
+                f"a {identity.role} certificate ({identity.name}) may not act as "
+                f"{' or '.join(sorted(allowed))} towards this {self.role}",
+            )
+
+
+class _RoleCheckedSocket(ssl.SSLSocket):
+    """An ``SSLSocket`` that refuses a peer of the wrong role once the handshake is done.
+
+    Tornado drives the handshake by calling ``do_handshake`` until it stops asking for
+    more data; raising here closes the stream like any failed verification would.
+    """
+
+    def do_handshake(self, block: bool = False) -> None:
+        super().do_handshake(block)
+        policy: Policy = self.context.secure_cloud_policy  # type: ignore[attr-defined]
+        host, port = self.getpeername()[:2]
+        try:
+            policy.check(self.getpeercert(), self.server_side, (host, port))
+        except PeerRefused as e:
+            logger.warning("refused the TLS peer %s:%s: %s", host, port, e.args[-1])
+            raise
+
+
+def guard_context(ctx: ssl.SSLContext, policy: Policy) -> ssl.SSLContext:
+    """Make every connection of ``ctx`` check its peer's role (in place: contexts are
+    shared by every pool and listener that was handed them)."""
+    ctx.secure_cloud_policy = policy  # type: ignore[attr-defined]
+    ctx.sslsocket_class = _RoleCheckedSocket
+    return ctx
+
+
+def peer_role(comm: Any) -> str | None:
+    identity = identity_of(getattr(comm, "extra_info", {}).get("peercert"))
+    return identity.role if identity else None
+
+
+def may_call(server_kind: str, peer: str | None, op: str, workers_as_clients: bool) -> bool:
+    """Whether a peer of role ``peer`` may call handler ``op`` on a ``server_kind``."""
+    if op in CLIENT_CERTIFICATE_ONLY:
+        return peer == "client"
+    if peer in ("client", "scheduler"):
+        return True
+    if peer != "worker":
+        return False
+    if server_kind == "scheduler":
+        return workers_as_clients or op in WORKER_OPS_ON_SCHEDULER
+    if server_kind == "nanny":
+        return op in WORKER_OPS_ON_NANNY
+    if workers_as_clients and op in CLIENT_OPS_ON_WORKER:
+        return True
+    return op in WORKER_OPS_ON_WORKER
+
+
+class _GatedHandlers(dict):
+    """A server's handler table whose entries first check who calls them.
+
+    Handlers registered later (by plugins, extensions or other preloads) are gated too,
+    because the check happens when a handler is looked up, not when it is added.
+    """
+
+    def __init__(self, handlers: dict[str, Any], kind: str, workers_as_clients: bool) -> None:
+        super().__init__(handlers)
+        self.kind = kind
+        self.workers_as_clients = workers_as_clients
+
+    def __getitem__(self, op: str) -> Any:
+        handler = super().__getitem__(op)
+        return _gate(handler, op, self.kind, self.workers_as_clients)
+
+
+def _gate(handler: Any, op: str, kind: str, workers_as_clients: bool) -> Any:
+    params = inspect.signature(handler).parameters
+    wants_comm = bool(params) and next(iter(params)) == "comm"
+
+    @functools.wraps(handler)
+    def gated(comm: Any, *args: Any, **kwargs: Any) -> Any:
+        peer = peer_role(comm)
+        if not may_call(kind, peer, op, workers_as_clients):
+            logger.warning("refused %r from a %s certificate at %s", op, peer, comm.peer_address)
+            hint = (
+                " (tasks that call get_client() need the cluster option workers_as_clients=True)"
+                if peer == "worker" and kind == "scheduler" and op not in CLIENT_CERTIFICATE_ONLY
+                else ""
+            )
+            message = (
+                f"dask-secure-cloud: a {peer or 'certificate-less'} peer may not call "
+                f"{op!r} on the {kind}{hint}"
+            )
+            if op == "register-client":
+                # A client registers without asking for a reply; this is the one answer
+                # it reads (distributed raises the "error" it carries).
+                return _refuse_client(comm, message)
+            raise PermissionError(message)
+        return handler(comm, *args, **kwargs) if wants_comm else handler(*args, **kwargs)
+
+    gated.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter("comm", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        + [p for i, p in enumerate(params.values()) if not (wants_comm and i == 0)]
+    )
+    return gated
+
+
+async def _refuse_client(comm: Any, message: str) -> None:
+    await comm.write([{"op": "stream-start", "error": message}])
+    await comm.close()
+
+
+def _server_kind(server: Any) -> str:
+    from distributed import Nanny, Scheduler
+
+    if isinstance(server, Scheduler):
+        return "scheduler"
+    if isinstance(server, Nanny):
+        return "nanny"
+    return "worker"
+
+
+def _server_contexts(server: Any) -> list[ssl.SSLContext]:
+    contexts = [server.connection_args.get("ssl_context")]
+    for listener in getattr(server, "listeners", ()):
+        tcp_server = getattr(listener, "server", None)
+        contexts.append(getattr(tcp_server, "ssl_options", None))
+    return [c for c in contexts if isinstance(c, ssl.SSLContext)]
+
+
+def _dashboard_over_mutual_tls(scheduler: Any, policy: Policy) -> None:
+    """The scheduler's HTTP server (dashboard, ``/metrics``, ``/info``) speaks only TLS
+    1.3 to a ``client`` certificate of this cluster, and the client reaches it through
+    the ``secure_cloud_dashboard`` tunnel on the scheduler's own port.
+
+    Tornado reads ``ssl_options`` for each accepted connection, so setting it on the
+    listening server takes effect at once.
+    """
+    security = scheduler.security
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile=security.tls_ca_file)
+    ctx.load_cert_chain(security.tls_scheduler_cert, security.tls_scheduler_key)
+    guard_context(ctx, Policy(policy.cluster_id, "dashboard"))
+    http_server = scheduler.http_server
+    http_server.ssl_options = ctx
+    address = (http_server.address, http_server.port)
+
+    async def secure_cloud_dashboard(comm: Any) -> None:
+        """Relay bytes between the client's comm and the dashboard, both ways, until
+        either side ends. The TLS inside is between the client and the dashboard."""
+        import asyncio
+
+        reader, writer = await asyncio.open_connection(*address)
+
+        async def up() -> None:
+            while (data := await comm.read()) != END:
+                writer.write(data)
+                await writer.drain()
+
+        async def down() -> None:
+            while data := await reader.read(1 << 16):
+                await comm.write(data)
+            await comm.write(END)
+
+        tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # a closed end is the end
+            writer.close()
+            await comm.close()
+
+    scheduler.handlers["secure_cloud_dashboard"] = secure_cloud_dashboard
+
+
+def _policy(settings: dict[str, Any]) -> Policy:
+    return Policy(
+        cluster_id=settings["cluster_id"],
+        role=settings["role"],
+        scheduler=tuple(settings["scheduler"]) if settings.get("scheduler") else None,
+        workers_as_clients=bool(settings.get("workers_as_clients")),
+    )
+
+
+def guard_process(settings: dict[str, Any]) -> None:
+    """Every TLS context this process makes from now on checks its peers' roles."""
+    from distributed.security import Security
+
+    original = Security._get_tls_context
+    if getattr(original, "secure_cloud_guarded", False):
+        return
+    policy = _policy(settings)
+
+    def _get_tls_context(self: Security, tls: Any, purpose: Any) -> Any:
+        ctx = original(self, tls, purpose)
+        return guard_context(ctx, policy) if ctx is not None else ctx
+
+    _get_tls_context.secure_cloud_guarded = True  # type: ignore[attr-defined]
+    Security._get_tls_context = _get_tls_context  # type: ignore[method-assign]
+
+
+def protect(server: Any, settings: dict[str, Any]) -> None:
+    """Guard one Dask server: its contexts check peers, its handlers check callers."""
+    policy = _policy(settings)
+    for ctx in _server_contexts(server):
+        guard_context(ctx, policy)
+    kind = _server_kind(server)
+    server.handlers = _GatedHandlers(server.handlers, kind, policy.workers_as_clients)
+    if kind == "scheduler" and getattr(server, "http_server", None) is not None:
+        _dashboard_over_mutual_tls(server, policy)
+    if kind == "worker":
+        # A task's get_client() connects with the worker's own certificate; whether the
+        # scheduler lets it act as a client is the scheduler's decision.
+        security = server.security
+        security.tls_client_cert = security.tls_worker_cert
+        security.tls_client_key = security.tls_worker_key
+
+
+#: Replaced by the line appended when this file is shipped to a VM as a preload.
+SETTINGS: dict[str, Any] = {}
+
+
+def dask_setup(server: Any) -> None:
+    guard_process(SETTINGS)
+    protect(server, SETTINGS)
+
+
+if SETTINGS:
+    # Shipped as a preload: guard the contexts the server makes after this import.
+    guard_process(SETTINGS)
+
+
+dask_setup_nanny = dask_setup

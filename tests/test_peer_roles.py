@@ -1,0 +1,232 @@
+"""Who may talk to whom in a running cluster: the attack matrix of a member's key.
+
+Each attack is tried against a real ``LocalVMCluster`` (its scheduler and workers are
+separate processes loading the shipped ``peers.py`` preload) and each has a positive
+control, so a refusal cannot come from a broken test instead of the check.
+"""
+
+import asyncio
+import datetime
+import pickle
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from distributed import Client, Scheduler
+from distributed.comm import connect
+from distributed.security import Security
+
+from dask_secure_cloud import LocalVMCluster, preloads
+from dask_secure_cloud.credentials import (
+    ClusterCredentials,
+    ClusterSecurity,
+    Role,
+    parse_identity,
+)
+from dask_secure_cloud.errors import OptionError
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+def as_client(leaf, *, max_version=None) -> Security:
+    """A Security that presents ``leaf`` (any role) as its client certificate."""
+    security = Security(
+        require_encryption=True,
+        tls_ca_file=leaf.ca_pem,
+        tls_client_cert=leaf.cert_pem,
+        tls_client_key=leaf.key_pem,
+    )
+    if max_version is not None:
+        security.tls_min_version = ssl.TLSVersion.TLSv1_2
+        security.tls_max_version = max_version
+    return security
+
+
+async def call(address: str, security: Security | None, op: str, **msg):
+    """Call ``op`` at ``address``: ``("refused", reason)`` or ``("answered", reply)``."""
+    args = security.get_connection_args("client") if security else {}
+    try:
+        comm = await connect(address, timeout=3, **args)
+    except OSError as e:
+        return "refused", f"connect: {e}"
+    try:
+        await comm.write({"op": op, "reply": True, **msg})
+        answer = await asyncio.wait_for(comm.read(), 5)
+    except (OSError, asyncio.TimeoutError) as e:
+        return "refused", f"read: {e!r}"
+    finally:
+        await comm.close()
+    if isinstance(answer, dict) and answer.get("status") == "uncaught-error":
+        return "refused", str(answer.get("exception"))
+    return "answered", answer
+
+
+async def no_certificate_answered(address: str, ca_pem: str) -> bool:
+    host, port = address.split("//")[1].rsplit(":", 1)
+    ctx = ssl.create_default_context(cadata=ca_pem)
+    ctx.check_hostname = False
+    try:
+        reader, writer = await asyncio.open_connection(host, int(port), ssl=ctx)
+    except (OSError, ssl.SSLError):
+        return False
+    try:
+        return bool(await asyncio.wait_for(reader.read(1), 3))
+    except (OSError, ssl.SSLError, asyncio.TimeoutError):
+        return False
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("workers_as_clients", [False, True])
+async def test_a_member_key_cannot_act_beyond_its_role(vm_dir, workers_as_clients):
+    async with LocalVMCluster(
+        n_workers=2, directory=vm_dir, asynchronous=True, workers_as_clients=workers_as_clients
+    ) as cluster:
+        async with Client(cluster, asynchronous=True) as client:
+            await client.wait_for_workers(2, timeout=60)
+            await client.publish_dataset(secret=[1, 2, 3])
+            workers = sorted(cluster.scheduler_info["workers"])
+            credentials: ClusterCredentials = cluster._credentials
+            scheduler = cluster.scheduler_address
+            worker_key = as_client(credentials.issue(Role.WORKER, "worker-0"))
+            scheduler_key = as_client(credentials.issue(Role.SCHEDULER, "scheduler"))
+            now = datetime.datetime.now(datetime.timezone.utc)
+            expired = as_client(
+                credentials.issue(
+                    Role.CLIENT,
+                    "client",
+                    not_before=now - datetime.timedelta(hours=3),
+                    not_after=now - datetime.timedelta(hours=1),
+                )
+            )
+            stranger = ClusterCredentials("someone-else").client_security()
+            tls12 = as_client(credentials.client, max_version=ssl.TLSVersion.TLSv1_2)
+
+            # Positive controls: the client at the scheduler, the scheduler at a worker.
+            assert (await call(scheduler, cluster.security, "identity"))[0] == "answered"
+            assert (await call(workers[0], scheduler_key, "identity"))[0] == "answered"
+
+            for address in (scheduler, workers[0]):
+                assert not await no_certificate_answered(address, credentials.ca_cert_pem)
+                assert (await call(address, stranger, "identity"))[0] == "refused"
+                assert (await call(address.replace("tls", "tcp"), None, "identity"))[0] == (
+                    "refused"
+                )
+                assert (await call(address, tls12, "identity"))[0] == "refused"
+                assert (await call(address, expired, "identity"))[0] == "refused"
+
+            # A worker's key never renews the lease, whatever the settings.
+            state, reason = await call(scheduler, worker_key, "secure_cloud_lease")
+            assert state == "refused" and "secure_cloud_lease" in reason
+            assert (await call(scheduler, cluster.security, "secure_cloud_lease"))[0] == (
+                "answered"
+            )
+
+            # A worker's key does not run code on another worker.
+            state, _ = await call(workers[1], worker_key, "run", function=b"", args=b"")
+            assert state == "refused"
+
+            # A worker's key reads published data only if workers may act as clients.
+            state, reason = await call(scheduler, worker_key, "publish_list")
+            if workers_as_clients:
+                assert state == "answered" and "secret" in reason
+            else:
+                assert state == "refused" and "workers_as_clients=True" in reason
+
+            def get_client_in_a_task() -> int:
+                from distributed import get_client
+
+                return get_client().submit(lambda: 3).result()
+
+            if workers_as_clients:
+                assert await client.submit(get_client_in_a_task) == 3
+            else:
+                with pytest.raises(Exception, match="workers_as_clients=True"):
+                    await client.submit(get_client_in_a_task)
+            # The cluster still computes after every refusal.
+            assert await client.submit(sum, [1, 2]) == 3
+
+
+async def test_a_worker_key_cannot_pose_as_the_scheduler(vm_dir, tmp_path):
+    """A fake scheduler on the scheduler's own host, serving a worker's certificate:
+    neither the cluster's client nor a real worker process will talk to it."""
+    async with LocalVMCluster(n_workers=1, directory=vm_dir, asynchronous=True) as cluster:
+        credentials: ClusterCredentials = cluster._credentials
+        host = cluster.scheduler_address.split("//")[1].rsplit(":", 1)[0]
+        leaf = credentials.issue(Role.WORKER, "worker-0")
+        fake_security = Security(
+            require_encryption=True,
+            tls_ca_file=leaf.ca_pem,
+            tls_scheduler_cert=leaf.cert_pem,
+            tls_scheduler_key=leaf.key_pem,
+        )
+        real_security = as_client(credentials.issue(Role.SCHEDULER, "scheduler"))
+        real_security.tls_scheduler_cert = real_security.tls_client_cert
+        real_security.tls_scheduler_key = real_security.tls_client_key
+        for security, posing in ((fake_security, True), (real_security, False)):
+            async with Scheduler(
+                security=security, host=host, port=0, dashboard_address=f"{host}:0"
+            ) as fake:
+                client_state, _ = await call(fake.address, cluster.security, "identity")
+                worker = run_worker(cluster, fake.address, tmp_path)
+                joined = await wait_until(lambda: len(fake.workers) == 1, 20)
+                worker.kill()
+                output = worker.communicate()[0]
+                if posing:
+                    assert client_state == "refused"
+                    assert not joined, output
+                    assert "may not act as scheduler" in output
+                else:  # the control: a true scheduler certificate is accepted by both
+                    assert client_state == "answered"
+                    assert joined, output
+
+
+def run_worker(cluster, scheduler_address: str, tmp_path: Path) -> subprocess.Popen:
+    """A real ``dask worker`` process with a worker certificate and the shipped preload."""
+    leaf = cluster._credentials.issue(Role.WORKER, "worker-9")
+    files = {"ca.pem": leaf.ca_pem, "node.pem": leaf.cert_pem, "node.key": leaf.key_pem}
+    host, port = scheduler_address.split("//")[1].rsplit(":", 1)
+    files["peers.py"] = preloads.peer_checks(
+        {"cluster_id": cluster.cluster_id, "role": "worker", "scheduler": (host, int(port))}
+    )
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o600)
+    return subprocess.Popen(
+        [
+            *(sys.executable, "-m", "distributed.cli.dask_worker", scheduler_address),
+            *("--no-nanny", "--no-dashboard", "--host", host, "--death-timeout", "30"),
+            *("--tls-ca-file", tmp_path / "ca.pem", "--tls-cert", tmp_path / "node.pem"),
+            *("--tls-key", tmp_path / "node.key", "--preload", tmp_path / "peers.py"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+async def wait_until(condition, seconds: float) -> bool:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while asyncio.get_running_loop().time() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(0.2)
+    return condition()
+
+
+def test_the_clients_security_does_not_travel_but_a_portable_one_does():
+    credentials = ClusterCredentials("c1")
+    security = credentials.client_security()
+    assert isinstance(security, ClusterSecurity)
+    with pytest.raises(TypeError, match="portable_security"):
+        pickle.dumps(security)
+    portable = credentials.portable_client_security("notebook-2")
+    copy = pickle.loads(pickle.dumps(portable))
+    assert copy.tls_client_key == portable.tls_client_key != security.tls_client_key
+    certificate = x509.load_pem_x509_certificate(copy.tls_client_cert.encode())
+    assert parse_identity(certificate) == ("c1", Role.CLIENT, "notebook-2")
+    with pytest.raises(OptionError, match="own certificate"):
+        credentials.portable_client_security("client")
