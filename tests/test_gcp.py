@@ -449,7 +449,7 @@ async def test_a_cloud_nat_of_another_subnetwork_is_no_way_out(gce):
 
 async def test_only_the_scheduler_takes_the_creators_cidrs(gce):
     """With external addresses and the creator outside the network: the creator reaches
-    the scheduler's port and nothing else; nobody else reaches anything."""
+    the scheduler's ports and nothing else; nobody else reaches anything."""
     stand_in, options = gce
     creator = "192.0.2.0/24"
     driver = preview(
@@ -464,7 +464,8 @@ async def test_only_the_scheduler_takes_the_creators_cidrs(gce):
             made[role] = await driver.create(request)
         assert made[Role.SCHEDULER].public_ip and made[Role.WORKER].public_ip
         scheduler, worker = made[Role.SCHEDULER].id, made[Role.WORKER].id
-        assert reachable_from(stand_in, scheduler, "192.0.2.9") == ["tcp/8786"]
+        # The driver's default ports (a cluster with its own CA configures only 8786).
+        assert reachable_from(stand_in, scheduler, "192.0.2.9") == ["tcp/8786", "tcp/8787"]
         assert reachable_from(stand_in, worker, "192.0.2.9") == []
         assert reachable_from(stand_in, scheduler, OUTSIDE) == []
         assert reachable_from(stand_in, worker, OUTSIDE) == []
