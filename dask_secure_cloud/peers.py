@@ -202,10 +202,16 @@ class _GatedHandlers(dict):
         super().__init__(handlers)
         self.kind = kind
         self.workers_as_clients = workers_as_clients
+        # Every message looks its handler up: wrap each handler once, not per message.
+        self._gated: dict[str, tuple[Any, Any]] = {}
 
     def __getitem__(self, op: str) -> Any:
         handler = super().__getitem__(op)
-        return _gate(handler, op, self.kind, self.workers_as_clients)
+        cached = self._gated.get(op)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, _gate(handler, op, self.kind, self.workers_as_clients))
+            self._gated[op] = cached
+        return cached[1]
 
 
 def _gate(handler: Any, op: str, kind: str, workers_as_clients: bool) -> Any:

@@ -172,3 +172,23 @@ def audit_log(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _no_network_beyond_loopback(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", _loopback_only)
+
+
+async def answers_without_certificate(address: str, ca_pem: str) -> bool:
+    """A TLS client with the right CA but no certificate: does the server talk to it?"""
+    import asyncio
+    import ssl
+
+    host, port = address.split("//")[1].rsplit(":", 1)
+    ctx = ssl.create_default_context(cadata=ca_pem)
+    ctx.check_hostname = False
+    try:
+        reader, writer = await asyncio.open_connection(host, int(port), ssl=ctx)
+    except (OSError, ssl.SSLError):
+        return False
+    try:
+        return bool(await asyncio.wait_for(reader.read(1), 3))
+    except (OSError, ssl.SSLError, asyncio.TimeoutError):
+        return False
+    finally:
+        writer.close()

@@ -5,7 +5,6 @@ import logging
 import os
 import pickle
 import signal
-import ssl
 import stat
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from dask_secure_cloud.cluster import ClusterStartError, VMBootError
 from dask_secure_cloud.config import ConfigError
 from dask_secure_cloud.credentials import ClusterCredentials, Role
 
-from conftest import any_vm_processes, decoded_files, vm_processes
+from conftest import answers_without_certificate, any_vm_processes, decoded_files, vm_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -121,24 +120,6 @@ async def _refused(address: str, security: Security | None) -> bool:
     return not isinstance(answer, dict) or "type" not in answer
 
 
-async def _raw_tls_answers(address: str, ca_pem: str) -> bool:
-    """A TLS client with the right CA but no certificate: does the server talk to it?"""
-    host, port = address.split("//")[1].rsplit(":", 1)
-    ctx = ssl.create_default_context(cadata=ca_pem)
-    ctx.check_hostname = False
-    try:
-        reader, writer = await asyncio.open_connection(host, int(port), ssl=ctx)
-    except (OSError, ssl.SSLError):
-        return False
-    try:
-        data = await asyncio.wait_for(reader.read(1), 3)
-    except (OSError, ssl.SSLError, asyncio.TimeoutError):
-        return False
-    finally:
-        writer.close()
-    return bool(data)
-
-
 async def test_scheduler_and_workers_refuse_strangers(vm_dir):
     async with LocalVMCluster(n_workers=1, directory=vm_dir, asynchronous=True) as cluster:
         _, workers = await compute(cluster, 1)
@@ -156,7 +137,9 @@ async def test_scheduler_and_workers_refuse_strangers(vm_dir):
         assert not await _refused(cluster.scheduler_address, cluster.security)
         assert not await _refused(workers[0], as_scheduler)
         for address in (cluster.scheduler_address, workers[0]):
-            assert await _raw_tls_answers(address, ca_pem) is False  # no client certificate
+            assert (
+                await answers_without_certificate(address, ca_pem) is False
+            )  # no client certificate
             assert await _refused(address, other)  # another cluster's CA
             assert await _refused(address.replace("tls://", "tcp://"), None)  # plain tcp
             # A client key from another cluster is refused even with our CA trusted.

@@ -28,6 +28,8 @@ from dask_secure_cloud.credentials import (
 )
 from dask_secure_cloud.errors import OptionError
 
+from conftest import answers_without_certificate
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 
@@ -64,22 +66,6 @@ async def call(address: str, security: Security | None, op: str, **msg):
     return "answered", answer
 
 
-async def no_certificate_answered(address: str, ca_pem: str) -> bool:
-    host, port = address.split("//")[1].rsplit(":", 1)
-    ctx = ssl.create_default_context(cadata=ca_pem)
-    ctx.check_hostname = False
-    try:
-        reader, writer = await asyncio.open_connection(host, int(port), ssl=ctx)
-    except (OSError, ssl.SSLError):
-        return False
-    try:
-        return bool(await asyncio.wait_for(reader.read(1), 3))
-    except (OSError, ssl.SSLError, asyncio.TimeoutError):
-        return False
-    finally:
-        writer.close()
-
-
 @pytest.mark.parametrize("workers_as_clients", [False, True])
 async def test_a_member_key_cannot_act_beyond_its_role(vm_dir, workers_as_clients):
     async with LocalVMCluster(
@@ -110,7 +96,7 @@ async def test_a_member_key_cannot_act_beyond_its_role(vm_dir, workers_as_client
             assert (await call(workers[0], scheduler_key, "identity"))[0] == "answered"
 
             for address in (scheduler, workers[0]):
-                assert not await no_certificate_answered(address, credentials.ca_cert_pem)
+                assert not await answers_without_certificate(address, credentials.ca_cert_pem)
                 assert (await call(address, stranger, "identity"))[0] == "refused"
                 assert (await call(address.replace("tls", "tcp"), None, "identity"))[0] == (
                     "refused"
