@@ -50,6 +50,7 @@ from xml.sax.saxutils import escape
 import botocore.session
 from botocore.model import ListShape, Shape, StringShape, StructureShape
 from moto.backends import get_backend
+from moto.ec2.exceptions import EC2ClientError
 from moto.ec2.models.internet_gateways import InternetGateway
 from moto.server import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import make_server
@@ -460,6 +461,10 @@ class EC2StandIn:
             try:
                 self._sync_vms()
             except RuntimeError:  # moto's dicts changed under us: look again
+                continue
+            except EC2ClientError:
+                # The client terminated the instance while its VM powered itself off
+                # (moto then finds its network interface gone): look again.
                 continue
 
     def _sync_vms(self) -> None:
