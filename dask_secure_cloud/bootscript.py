@@ -9,6 +9,10 @@ why; then the VM powers itself off 30 seconds later instead of idling on the bil
 
 Steps, in order:
 
+- ``enroll`` (the cluster's own CA), started first and in the background: the VM makes
+  its key and waits for the client to certify it (``enroll.py``), while the steps
+  below provision; the step itself is the wait for it, just before Dask starts.
+
 - ``gpu-check`` (docker runtime, GPU workers): the NVIDIA driver and container toolkit
   must already be on the image; installing them at boot is slow and fragile, so a
   missing one fails at once with a message naming the fix.
@@ -57,6 +61,8 @@ power_off() {
 on_exit() {
   rc=$?
   [ "$rc" -eq 0 ] && return
+  # A failed boot ends the enrollment still waiting (it may have ended already).
+  if [ -n "${ENROLL:-}" ]; then kill "$ENROLL" 2>/dev/null || true; fi
   say "boot FAILED at step $STEP (exit $rc) after $(since "$T0")s"
   # A short grace keeps the console readable for whoever is attached to it.
   if [ -z "$LOCAL" ]; then say "powering off in 30s"; (sleep 30; power_off now) & fi
@@ -220,12 +226,15 @@ def render_script(
     prepare: Sequence[str] = (),
     extra_bootstrap: Sequence[str] = (),
     power_off_on_exit: bool = True,
+    enroll_port: int | None = None,
 ) -> str:
     """The boot script's text.
 
     ``launch`` is the shell line that starts Dask (``$PY`` is the interpreter the
     ``python-env`` step settled on, ``$D`` our directory); ``prepare`` are lines that run
-    before any step (directory modes, environment files).
+    before any step (directory modes, environment files). With ``enroll_port`` the VM
+    enrols on that port (``$D/enroll.py``), with the image's ``python3`` for a
+    container, or the configured interpreter for a native runtime.
     """
     if runtime not in ("docker", "native"):
         raise OptionError(f"runtime must be 'docker' or 'native', got {runtime!r}")
@@ -259,6 +268,14 @@ def render_script(
         *prepare,
         f'say "booting {role}: runtime {runtime}"',
     ]
+    if enroll_port is not None:
+        enroll_python = "python3" if runtime == "docker" else "$PY"
+        lines += [
+            'say "enroll: making this VM\'s key; the client certifies it meanwhile"',
+            f'"{enroll_python}" "$D/enroll.py" "$D" "${{DSC_VM_ADDRESS:-0.0.0.0}}" '
+            f'{int(enroll_port)} "$DEADLINE" >>"$D/log/enroll.log" 2>&1 </dev/null &',
+            "ENROLL=$!",
+        ]
     if runtime == "docker":
         if gpus:
             lines.append("step gpu-check gpu_check")
@@ -268,6 +285,8 @@ def render_script(
     if extra_bootstrap:
         lines += ['STEP=extra-bootstrap; say "extra-bootstrap: started"', *extra_bootstrap]
         lines.append('say "extra-bootstrap: done"')
+    if enroll_port is not None:
+        lines += ['step enroll wait "$ENROLL"', 'ENROLL=""']
     lines += [
         "STEP=dask",
         f'say "ready to start dask {role} after $(since "$T0")s"',

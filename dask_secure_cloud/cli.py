@@ -332,14 +332,19 @@ def cleanup(
 # -- cloud-init --------------------------------------------------------------------------
 
 
+_TOKEN = re.compile(r'"token": "[^"]*"')
+
+
 def redact(user_data: bytes) -> str:
-    """The user-data as readable YAML: every file decoded, every private key replaced."""
+    """The user-data as readable YAML: every file decoded, every private key (a user's
+    own ``Security``) and every enrollment token replaced."""
     document = parse(user_data)
     for entry in document.get("write_files", []):
         content = decode_file(entry).decode(errors="replace")
-        entry["content"] = _PEM_PRIVATE.sub(
-            lambda m: f"-----REDACTED {m.group(1)}PRIVATE KEY-----", content
-        )
+        content = _PEM_PRIVATE.sub(lambda m: f"-----REDACTED {m.group(1)}PRIVATE KEY-----", content)
+        if entry["path"].endswith("/enroll.json"):
+            content = _TOKEN.sub('"token": "REDACTED"', content)
+        entry["content"] = content
         entry.pop("encoding", None)
     return "#cloud-config\n" + yaml.safe_dump(document, sort_keys=False, width=100)
 
@@ -360,7 +365,7 @@ def redact(user_data: bytes) -> str:
 )
 @_OPTION_OPTION
 def cloud_init(provider: str, role: str, pairs: Sequence[str]) -> None:
-    """Print the user-data a VM would receive, private keys redacted.
+    """Print the user-data a VM would receive, tokens and private keys redacted.
 
     For image builders and debugging: the certificates shown are a throwaway cluster's.
     """

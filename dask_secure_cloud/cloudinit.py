@@ -1,8 +1,10 @@
 """Turn a VM's boot plan into ``#cloud-config`` user-data, and check it fits.
 
-Everything a VM needs arrives as files: its TLS key and certificate, the CA certificate,
-the allow-listed dask config and a small boot script. ``runcmd`` only starts that script,
-so no secret ever shows on a command line, in an environment variable or in ``ps``.
+Everything a VM needs arrives as files: the CA certificate and the VM's single-use
+enrollment token (it makes its own key at boot, see ``enroll.py``), the allow-listed
+dask config and a small boot script. ``runcmd`` only starts that script, so nothing
+shows on a command line, in an environment variable or in ``ps``. Only a user's own
+``Security`` puts a private key in user-data: it was made elsewhere, so it must travel.
 
 The boot script honours two variables that only a local VM runner sets (a real
 cloud-init leaves them unset): ``DSC_VM_ROOT``, under which every file was written, and
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import json
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from . import preloads
 from .bootscript import render_script
 from .credentials import LeafCredentials, Role
 from .errors import OptionError, SecureCloudError
@@ -33,6 +37,7 @@ __all__ = [
     "VM_HOME",
     "BootPlan",
     "DockerRuntime",
+    "EnrollmentTicket",
     "NativeRuntime",
     "UserDataLimit",
     "UserDataTooLarge",
@@ -48,20 +53,27 @@ _HEADER = "#cloud-config\n"
 
 @dataclass(frozen=True)
 class UserDataLimit:
-    """A cloud's ceiling on user-data, and how that cloud measures it."""
+    """A cloud's ceiling on user-data, and how that cloud measures it.
+
+    ``gzip``: the cloud carries user-data as bytes, so the whole document is gzipped
+    (cloud-init inflates it on every datasource) and its files are left as plain text:
+    one compression over every file beats one per file by a third. Clouds that carry
+    user-data as text get each file gzip+base64 encoded instead, where that is smaller.
+    """
 
     cloud: str
     max_bytes: int
+    gzip: bool = False
 
     def measure(self, user_data: bytes) -> int:
         return len(user_data)
 
 
 LIMITS: dict[str, UserDataLimit] = {
-    "aws": UserDataLimit("EC2", 16_384),
+    "aws": UserDataLimit("EC2", 16_384, gzip=True),
     "gcp": UserDataLimit("GCE metadata value", 262_144),
     # customData travels as base64 (up to 87,380 characters); the limit is on the bytes.
-    "azure": UserDataLimit("Azure customData", 65_535),
+    "azure": UserDataLimit("Azure customData", 65_535, gzip=True),
     "digitalocean": UserDataLimit("DigitalOcean user_data", 65_536),
     "local": UserDataLimit("LocalVM", 65_536),
 }
@@ -106,6 +118,20 @@ class NativeRuntime:
                 )
 
 
+@dataclass(frozen=True, repr=False)
+class EnrollmentTicket:
+    """What a VM needs to get its certificate: the CA's certificate, to check what it is
+    given, and its single-use token, to prove who it is (see ``enrollment.py``)."""
+
+    ca_pem: str
+    token: str
+    #: Where the VM answers the client (the scheduler's port, on every VM).
+    port: int
+
+    def __repr__(self) -> str:
+        return f"EnrollmentTicket(port={self.port})"
+
+
 @dataclass(frozen=True)
 class BootPlan:
     """Everything one VM needs to start its Dask process.
@@ -120,6 +146,9 @@ class BootPlan:
     name: str
     command: tuple[str, ...]
     runtime: DockerRuntime | NativeRuntime
+    #: The cluster's own CA: the VM enrols at boot with this ticket.
+    enroll: EnrollmentTicket | None = None
+    #: A user's own ``Security``: its certificate and key, shipped as given.
     tls: LeafCredentials | None = None
     dask_config: Mapping[str, Any] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
@@ -141,6 +170,8 @@ class BootPlan:
     def __post_init__(self) -> None:
         if self.role not in (Role.SCHEDULER, Role.WORKER):
             raise OptionError(f"a VM is a scheduler or a worker, not {self.role!r}")
+        if self.tls is not None and self.enroll is not None:
+            raise OptionError(f"{self.name}: a VM enrols or is given a key, not both")
         if self.tls is not None and self.tls.role != self.role:
             raise OptionError(
                 f"{self.name}: a {self.role.value} VM was given a {self.tls.role.value} certificate"
@@ -169,12 +200,13 @@ _Dumper.add_representer(
 )
 
 
-def _file(path: str, content: str, permissions: str) -> dict[str, Any]:
-    """A ``write_files`` entry, compressed with gz+b64 only when that makes it smaller."""
+def _file(path: str, content: str, permissions: str, pack: bool = True) -> dict[str, Any]:
+    """A ``write_files`` entry, compressed with gz+b64 when ``pack`` is set and that makes
+    it smaller."""
     raw = content.encode()
     packed = base64.b64encode(gzip.compress(raw, compresslevel=9, mtime=0)).decode()
     entry: dict[str, Any] = {"path": path, "permissions": permissions}
-    if len(packed) + 16 < len(raw):
+    if pack and len(packed) + 16 < len(raw):
         entry.update(encoding="gz+b64", content=packed)
     else:
         entry["content"] = _Literal(content) if "\n" in content else content
@@ -226,14 +258,17 @@ def _launch_line(plan: BootPlan) -> str:
     if plan.role is Role.WORKER:
         for name in plan.nanny_preloads:
             args += ["--preload-nanny", f"{home}/preload/{name}"]
-    if plan.tls is not None:
+    if plan.tls is not None or plan.enroll is not None:
+        # An enrolled VM's node.pem holds its certificate and key together, so that a
+        # renewal replaces both in one rename.
+        key = "node.pem" if plan.enroll is not None else "node.key"
         args += [
             "--tls-ca-file",
             f"{home}/tls/ca.pem",
             "--tls-cert",
             f"{home}/tls/node.pem",
             "--tls-key",
-            f"{home}/tls/node.key",
+            f"{home}/tls/{key}",
         ]
 
     def quote(word: str) -> str:
@@ -251,7 +286,7 @@ def _launch_line(plan: BootPlan) -> str:
 
 def _boot_script(plan: BootPlan) -> str:
     prepare = [
-        'chmod 700 "$D"' + (' "$D/tls"' if plan.tls else ""),
+        'chmod 700 "$D"' + (' "$D/tls"' if plan.tls or plan.enroll else ""),
         'export DASK_CONFIG="$D/config"',
     ]
     if plan.env and isinstance(plan.runtime, NativeRuntime):
@@ -266,6 +301,7 @@ def _boot_script(plan: BootPlan) -> str:
         prepare=prepare,
         extra_bootstrap=plan.extra_bootstrap,
         power_off_on_exit=plan.power_off_on_exit,
+        enroll_port=plan.enroll.port if plan.enroll else None,
     )
     if isinstance(runtime, DockerRuntime):
         return render_script(runtime="docker", image=runtime.image, gpus=runtime.gpus, **common)
@@ -279,21 +315,28 @@ def _boot_script(plan: BootPlan) -> str:
     )
 
 
-def _document(plan: BootPlan) -> dict[str, Any]:
+def _document(plan: BootPlan, pack: bool = True) -> dict[str, Any]:
     files: list[dict[str, Any]] = []
     if plan.tls is not None:
         files += [
-            _file(f"{VM_HOME}/tls/ca.pem", plan.tls.ca_pem, "0600"),
-            _file(f"{VM_HOME}/tls/node.pem", plan.tls.cert_pem, "0600"),
-            _file(f"{VM_HOME}/tls/node.key", plan.tls.key_pem, "0600"),
+            _file(f"{VM_HOME}/tls/ca.pem", plan.tls.ca_pem, "0600", pack),
+            _file(f"{VM_HOME}/tls/node.pem", plan.tls.cert_pem, "0600", pack),
+            _file(f"{VM_HOME}/tls/node.key", plan.tls.key_pem, "0600", pack),
+        ]
+    if plan.enroll is not None:
+        ticket = json.dumps({"name": plan.name, "token": plan.enroll.token})
+        files += [
+            _file(f"{VM_HOME}/tls/ca.pem", plan.enroll.ca_pem, "0600", pack),
+            _file(f"{VM_HOME}/tls/enroll.json", ticket, "0600", pack),
+            _file(f"{VM_HOME}/enroll.py", preloads.enroll_script(), "0600", pack),
         ]
     config_text = yaml.safe_dump(dict(plan.dask_config), sort_keys=True) if plan.dask_config else ""
-    files.append(_file(f"{VM_HOME}/config/dask.yaml", config_text or "{}\n", "0600"))
+    files.append(_file(f"{VM_HOME}/config/dask.yaml", config_text or "{}\n", "0600", pack))
     if plan.env:
-        files.append(_file(f"{VM_HOME}/env", _env_file(plan.env, plan.runtime), "0600"))
+        files.append(_file(f"{VM_HOME}/env", _env_file(plan.env, plan.runtime), "0600", pack))
     for name, source in sorted(plan.preloads.items()):
-        files.append(_file(f"{VM_HOME}/preload/{name}", source, "0600"))
-    files.append(_file(f"{VM_HOME}/boot.sh", _boot_script(plan), "0700"))
+        files.append(_file(f"{VM_HOME}/preload/{name}", source, "0600", pack))
+    files.append(_file(f"{VM_HOME}/boot.sh", _boot_script(plan), "0700", pack))
     return {
         "write_files": files,
         "runcmd": [f'sh "${{DSC_VM_ROOT:-}}{VM_HOME}/boot.sh"'],
@@ -306,9 +349,12 @@ def render(plan: BootPlan, limit: UserDataLimit | None = None) -> bytes:
     With ``limit``, raise :class:`UserDataTooLarge` when the result does not fit, naming
     the limit and the largest parts so the caller knows what to trim.
     """
-    document = _document(plan)
+    whole = limit is not None and limit.gzip
+    document = _document(plan, pack=not whole)
     body = yaml.dump(document, Dumper=_Dumper, sort_keys=False, width=1 << 16)
     user_data = (_HEADER + body).encode()
+    if whole:
+        user_data = gzip.compress(user_data, compresslevel=9, mtime=0)
     if limit is not None:
         check_size(user_data, limit, document)
     return user_data

@@ -38,10 +38,12 @@ from .cloudinit import DockerRuntime
 from .credentials import Role
 from .dashboard import DashboardProxy
 from .driver import VM, Driver
+from .enrollment import RelayedEnrollment
 from .errors import ClusterStartError, OptionError, ResourcesLeftError, VMBootError
 from .fleet import Fleet, delete_cluster
 from .options import ClusterOptions, docstring_parameters, keyword_signature, resolve
 from .plan import BootPlanner, default_docker_image, shippable_config
+from .renewal import Renewal, renewal_interval
 
 __all__ = [
     "ClusterStartError",
@@ -152,6 +154,8 @@ class WorkerVM(_VM):
     async def start(self) -> None:
         cluster = self.cluster
         self.vm = vm = await cluster.fleet.create(Role.WORKER, self.name, self.scheduler)
+        if cluster._worker_enrollment is not None:
+            cluster._worker_enrollment.add(vm.name, vm.private_ip)
         self._watchdog = asyncio.create_task(
             cluster.fleet.watch_worker_boot(
                 vm,
@@ -164,6 +168,10 @@ class WorkerVM(_VM):
     async def close(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self.cluster._worker_enrollment is not None:
+            self.cluster._worker_enrollment.discard(self.name)
+        if self.cluster.planner.enrollment is not None:
+            self.cluster.planner.enrollment.forget(self.name)
         await super().close()
 
 
@@ -273,6 +281,21 @@ class VMCluster(SpecCluster):
         self._credentials = self.planner.credentials
         self._given_security = self.planner.given_security
         self.fleet = Fleet(self.driver, self.planner, log=self._log)
+        self._worker_enrollment: RelayedEnrollment | None = None
+        self._renewal: Renewal | None = None
+        if self.planner.enrollment is not None:
+            self._worker_enrollment = RelayedEnrollment(
+                self.planner.enrollment,
+                self._relay_enrollment,
+                interval=min(self.driver.watch_interval, 2.0),
+                on_enrolled=self.fleet.enrolled,
+            )
+            self._renewal = Renewal(
+                self.planner.enrollment,
+                lambda: self.scheduler_comm,
+                self._worker_addresses,
+                on_renewed=self.fleet.renewed,
+            )
         self._cleanup_error: Exception | None = None
         self._dashboard: DashboardProxy | None = None
         self._expiry_warned = False
@@ -331,6 +354,11 @@ class VMCluster(SpecCluster):
         if self._credentials is not None:
             self.periodic_callbacks["certificate-expiry"] = PeriodicCallback(
                 self._check_expiry, 60_000
+            )
+        if self._renewal is not None:
+            interval = renewal_interval(resolved.certificate_lifetime)
+            self.periodic_callbacks["certificate-renewal"] = PeriodicCallback(
+                self._renewal.tick, interval.total_seconds() * 1000
             )
 
     def worker_names(self) -> set[str]:
@@ -420,6 +448,8 @@ class VMCluster(SpecCluster):
         start the start's own error is what the caller sees, with the sweep's appended.
         """
         failed_start = self.status == Status.failed
+        if self._worker_enrollment is not None:
+            await self._worker_enrollment.close()
         if self._dashboard is not None:
             await self._dashboard.close()
             self._dashboard = None
@@ -472,6 +502,17 @@ class VMCluster(SpecCluster):
             self.status = Status.failed
         await self._close()
 
+    def _worker_addresses(self) -> dict[str, str]:
+        """Each connected worker's Dask address, by its VM's name."""
+        workers = self.scheduler_info.get("workers", {})
+        return {str(info.get("name")): address for address, info in workers.items()}
+
+    async def _relay_enrollment(self, requests: list[list[Any]]) -> list[Any]:
+        """Workers' enrollment lines, carried by the scheduler (see ``enrollment.py``)."""
+        if self.scheduler_comm is None:
+            raise OSError("the scheduler is not reachable yet")
+        return await self.scheduler_comm.secure_cloud_enroll_relay(requests=requests)
+
     async def _renew_lease(self) -> None:
         """Tell the scheduler its cluster manager is alive (see ``lease_timeout``)."""
         if self.scheduler_comm is None or self.status != Status.running:
@@ -492,10 +533,10 @@ class VMCluster(SpecCluster):
         if remaining < self.options.certificate_warning:
             self._expiry_warned = True
             message = (
-                f"Cluster {self.cluster_id}: its TLS certificates expire in "
-                f"{max(remaining.total_seconds(), 0) / 60:.0f} minutes, after which no "
-                "new connection is accepted. Start a new cluster, or set "
-                "certificate_lifetime longer for long-running clusters."
+                f"Cluster {self.cluster_id}: its CA and so every certificate expire in "
+                f"{max(remaining.total_seconds(), 0) / 60:.0f} minutes (max_lifetime), "
+                "after which no connection is accepted and the VMs end. Start a new "
+                "cluster, or set max_lifetime longer for long-running clusters."
             )
             logger.warning(message)
             warnings.warn(message, stacklevel=2)

@@ -1,13 +1,15 @@
 """A cluster's own certificate authority and the leaf certificates it issues.
 
 Every cluster gets a fresh CA (ECDSA P-256) whose private key exists only as an object
-in this process: it is never serialised, logged, pickled or shipped. The CA signs one
-leaf certificate per VM and per role, plus one for the client. Each leaf names its
+in this process: it is never serialised, logged, pickled or shipped. The CA certifies
+the key each VM makes for itself (``enrollment.py``, ``renewal.py``), and makes the
+client's own leaf. Each leaf names its
 cluster and role in a SAN URI ``dask-secure-cloud://CLUSTER/ROLE/NAME`` so that a peer
 can check who it talks to, and its extended key usage binds what it may do: the client's
 certificate can only authenticate a client, never serve as a scheduler or worker.
 
-Lifetimes are hours, not a year: a leaked VM key is worth little a day later.
+A VM's certificate lives hours (``certificate_lifetime``) and is renewed while the
+client runs; the CA lives as long as the cluster may (``max_lifetime``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ __all__ = [
     "parse_identity",
 ]
 
-#: A working day plus a generous margin; renew or restart a cluster that runs longer.
+#: The CA's lifetime when none is given (clusters pass their ``max_lifetime``).
 DEFAULT_LIFETIME = datetime.timedelta(hours=24)
 #: Certificates start this far in the past so that a VM whose clock lags still accepts
 #: them.
@@ -140,7 +142,7 @@ class ClusterCredentials:
     ) -> None:
         if not isinstance(lifetime, datetime.timedelta) or lifetime <= datetime.timedelta(0):
             raise OptionError(
-                f"certificate_lifetime must be a positive duration such as '12h', got {lifetime!r}"
+                f"max_lifetime must be a positive duration such as '7d', got {lifetime!r}"
             )
         if not cluster_id or "/" in cluster_id:
             raise OptionError(f"cluster_id must be a non-empty string without '/': {cluster_id!r}")
@@ -197,14 +199,45 @@ class ClusterCredentials:
         not_before: datetime.datetime | None = None,
         not_after: datetime.datetime | None = None,
     ) -> LeafCredentials:
-        """Sign a fresh key for one VM (or the client), valid as long as the CA unless
-        ``not_before``/``not_after`` say otherwise."""
+        """Make a key here and sign it: for the client itself, for a user's other
+        processes, and for a given ``Security``-less test. VMs make their own keys and
+        are certified with :meth:`certify`."""
         role = Role(role)
-        not_before = not_before or self.not_before
+        key = ec.generate_private_key(ec.SECP256R1())
         not_after = not_after or self.not_after
+        cert_pem = self.certify(
+            role, name, key.public_key(), not_before=not_before, not_after=not_after
+        )
+        return LeafCredentials(
+            role=role,
+            name=name,
+            cert_pem=cert_pem,
+            key_pem=_pem_key(key),
+            ca_pem=self.ca_cert_pem,
+            not_after=not_after,
+        )
+
+    def certify(
+        self,
+        role: Role | str,
+        name: str,
+        public_key: Any,
+        *,
+        not_before: datetime.datetime | None = None,
+        not_after: datetime.datetime | None = None,
+    ) -> str:
+        """A PEM certificate binding ``public_key`` to ``role`` and ``name`` in this
+        cluster, valid as long as the CA unless ``not_before``/``not_after`` say
+        otherwise. The identity comes from the caller, never from the key's holder."""
+        role = Role(role)
+        if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
+            public_key.curve, ec.SECP256R1
+        ):
+            raise OptionError(f"{name}: only ECDSA P-256 keys are certified")
         if not name or "/" in name:
             raise OptionError(f"certificate name must be non-empty and without '/': {name!r}")
-        key = ec.generate_private_key(ec.SECP256R1())
+        not_before = not_before or self.not_before
+        not_after = min(not_after or self.not_after, self.not_after)
         identity = f"{URI_SCHEME}://{self.cluster_id}/{role.value}/{name}"
         cert = (
             x509.CertificateBuilder()
@@ -218,7 +251,7 @@ class ClusterCredentials:
                 )
             )
             .issuer_name(self._ca_name)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(not_before)
             .not_valid_after(not_after)
@@ -231,14 +264,7 @@ class ClusterCredentials:
             .add_extension(self._aki, critical=False)
             .sign(self.__ca_key, hashes.SHA256())
         )
-        return LeafCredentials(
-            role=role,
-            name=name,
-            cert_pem=_pem_cert(cert),
-            key_pem=_pem_key(key),
-            ca_pem=self.ca_cert_pem,
-            not_after=not_after,
-        )
+        return _pem_cert(cert)
 
     @property
     def client(self) -> LeafCredentials:

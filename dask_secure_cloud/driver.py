@@ -220,6 +220,11 @@ class Driver(abc.ABC):
         """Whether VMs of ``role`` have GPUs to hand to the container. Known after prepare."""
         return False
 
+    def enrollment_port(self, role: Role, scheduler_port: int) -> int:
+        """The port a booting VM of ``role`` answers enrollment on (``enroll.py``): the
+        scheduler's port, which every VM of a cluster may reach on another member."""
+        return scheduler_port
+
     def interruption_notice(self, role: Role) -> InterruptionNotice | None:
         """Where VMs of ``role`` hear they are about to be reclaimed; ``None`` when they
         are not spot or preemptible VMs."""

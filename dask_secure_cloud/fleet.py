@@ -1,8 +1,8 @@
 """The fleet: every driver call a cluster makes, in one place.
 
 Bounded creation (at most ``driver.max_concurrent_creates`` in flight), workers launched
-while the scheduler still boots, waiting for the scheduler's handshake, one watcher for
-the whole cluster, and the sweep that ends every start and every close.
+while the scheduler still boots, the scheduler's enrollment and handshake, one watcher
+for the whole cluster, and the sweep that ends every start and every close.
 
 The watcher lists the cluster's VMs once every ``driver.watch_interval`` seconds while any VM
 is booting, however many there are: 200 booting workers cost one listing per interval,
@@ -21,12 +21,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
-from distributed.comm import connect
+from distributed.comm import connect, parse_address, parse_host_port
 
 from . import audit
 from .bootscript import STEP_PREFIX
-from .credentials import Role
+from .credentials import Role, fingerprint
 from .driver import CLUSTER_TAG, CREATOR_TAG, VM, CloudError, Driver, VMRequest
+from .enrollment import EnrollmentRefused, ask_directly
 from .errors import ClusterStartError, ResourcesLeftError, VMBootError
 from .plan import BootPlanner
 
@@ -137,6 +138,13 @@ class Fleet:
         )
         return vm
 
+    async def enrolled(self, name: str, cert_pem: str) -> None:
+        """Record that the VM ``name`` made its key and got its certificate."""
+        self._log(f"{name} enrolled: its key was made on its VM")
+        await audit.record_async(
+            "vm_enrolled", self.cluster_id, name=name, certificate_fingerprint=fingerprint(cert_pem)
+        )
+
     async def _bounded(self, creation: Awaitable[VM]) -> VM:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.driver.max_concurrent_creates)
@@ -190,21 +198,58 @@ class Fleet:
         ``"unknown"``."""
         return self._states.get(vm.id, "unknown")
 
+    async def renewed(self, name: str, cert_pem: str) -> None:
+        """Record that the VM ``name`` got a renewed certificate for a fresh key."""
+        logger.debug("Cluster %s: %s renewed its certificate", self.cluster_id, name)
+        await audit.record_async(
+            "certificate_renewed",
+            self.cluster_id,
+            name=name,
+            certificate_fingerprint=fingerprint(cert_pem),
+        )
+
     async def wait_reachable(
         self, vm: VM, address: str, connection_args: Mapping[str, Any]
     ) -> None:
-        """Wait until the scheduler completes a (TLS) handshake, or report its console."""
+        """Wait until the scheduler completes a (TLS) handshake, or report its console.
+
+        With the cluster's own CA the scheduler first enrols on the same port: the
+        client certifies the key it made, then its Dask starts there."""
         deadline = time.monotonic() + self.boot_timeout
+        enrollment = self.planner.enrollment
+        host, port = parse_host_port(parse_address(address)[1])
+        refused: list[str] = []
+
+        async def enrol() -> None:
+            assert enrollment is not None
+            try:
+                cert = await enrollment.enroll(
+                    vm.name, lambda line: ask_directly(host, int(port), line)
+                )
+            except (OSError, asyncio.TimeoutError, ValueError):
+                return  # not listening yet
+            except EnrollmentRefused as e:
+                if str(e) not in refused:
+                    logger.warning("Enrollment of %s refused: %s", vm.name, e)
+                    refused.append(str(e))
+                return
+            await self.enrolled(vm.name, cert)
+
+        async def handshake() -> bool:
+            try:
+                comm = await connect(address, timeout=1, **connection_args)
+            except OSError:
+                return False
+            await comm.close()
+            return True
+
         async with self._watching():
             while True:
                 if self.closing:
                     raise ClusterStartError("start interrupted")
-                try:
-                    comm = await connect(address, timeout=1, **connection_args)
-                except OSError:
-                    pass
-                else:
-                    await comm.close()
+                if enrollment is not None and enrollment.certificate(vm.name) is None:
+                    await enrol()
+                elif await handshake():
                     return
                 state = self.state(vm)
                 if state == "terminated" or time.monotonic() > deadline:
@@ -214,6 +259,8 @@ class Fleet:
                         else f"was not reachable at {address} within "
                         f"{self.boot_timeout:.0f}s (boot_timeout)"
                     )
+                    if refused:
+                        why += f"; its enrollment was refused: {refused[-1]}"
                     console = await self.console_output(vm)
                     raise VMBootError(
                         f"scheduler VM {vm.name} {why}. Console output:\n{tail(console)}"

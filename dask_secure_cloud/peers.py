@@ -29,7 +29,11 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 import ssl
+import subprocess
+import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,10 +76,12 @@ CLIENT_CERTIFICATE_ONLY = frozenset(
     {
         "secure_cloud_lease",
         "secure_cloud_dashboard",
-        "secure_cloud_pending_identities",
-        "secure_cloud_issue_identities",
+        "secure_cloud_enroll_relay",
+        "secure_cloud_renew_relay",
     }
 )
+#: Renewing a VM's certificate: the client asks the scheduler, the scheduler a worker.
+RENEW = "secure_cloud_renew"
 #: The tunnel's end of stream: an empty frame.
 END = b""
 
@@ -161,12 +167,137 @@ class _RoleCheckedSocket(ssl.SSLSocket):
             raise
 
 
+def _contexts() -> weakref.WeakSet[ssl.SSLContext]:
+    """Every context this process guarded: a renewed certificate is loaded into each.
+
+    Kept on ``ssl.SSLContext`` itself, not in this module: Dask imports a preload file
+    once per server (a worker's process may hold two copies of this module).
+    """
+    registry = getattr(ssl.SSLContext, "secure_cloud_contexts", None)
+    if registry is None:
+        registry = weakref.WeakSet()
+        ssl.SSLContext.secure_cloud_contexts = registry  # type: ignore[attr-defined]
+    return registry
+
+
 def guard_context(ctx: ssl.SSLContext, policy: Policy) -> ssl.SSLContext:
     """Make every connection of ``ctx`` check its peer's role (in place: contexts are
     shared by every pool and listener that was handed them)."""
     ctx.secure_cloud_policy = policy  # type: ignore[attr-defined]
     ctx.sslsocket_class = _RoleCheckedSocket
+    _contexts().add(ctx)
     return ctx
+
+
+def _not_after(path: str) -> float:
+    """When the certificate in ``path`` expires (epoch seconds), by the ``ssl`` module's
+    own decoder: a VM's Python may have nothing else."""
+    decoded = ssl._ssl._test_decode_cert(path)  # type: ignore[attr-defined]
+    return float(ssl.cert_time_to_seconds(decoded["notAfter"]))
+
+
+def _openssl(*args: str) -> str:
+    done = subprocess.run(("openssl", *args), capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise RuntimeError(f"openssl {args[0]}: {done.stderr.strip()}")
+    return done.stdout
+
+
+class _Certificate:
+    """This VM's certificate and key (one file, ``node.pem``) over the server's life.
+
+    The client renews it well before it expires through ``secure_cloud_renew``: a fresh
+    key made here (``request``, which answers a certificate request), then the signed
+    certificate (``install``), which replaces ``node.pem`` in one rename and is loaded
+    into every live TLS context, so new connections use it and none is dropped. A
+    nanny, which shares the file with its worker, reloads it when it changes. When the
+    certificate expires unrenewed (the client is gone) the server closes, and the VM
+    powers off: a second guard besides the scheduler's lease.
+    """
+
+    def __init__(self, server: Any, path: str, name: str) -> None:
+        self.server = server
+        self.path = path
+        self.name = name
+        self._pending = path + ".next-key"
+        self._stamp = self._mtime()
+        self.not_after = _not_after(path)
+
+    def _mtime(self) -> int:
+        try:
+            return os.stat(self.path).st_mtime_ns
+        except OSError:
+            return 0
+
+    async def renew(self, step: str, cert: str | None = None) -> Any:
+        import asyncio
+
+        if step == "request":
+            return await asyncio.to_thread(self._request)
+        if step == "install" and isinstance(cert, str):
+            return await asyncio.to_thread(self._install, cert)
+        raise ValueError("secure_cloud_renew: step is 'request', or 'install' with a cert")
+
+    def _request(self) -> str:
+        old = os.umask(0o077)
+        try:
+            _openssl(
+                "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                "-out", self._pending,
+            )  # fmt: skip
+        finally:
+            os.umask(old)
+        return _openssl("req", "-new", "-key", self._pending, "-subj", f"/CN={self.name}")
+
+    def _install(self, cert: str) -> float:
+        fresh = self.path + ".new"
+        old = os.umask(0o077)
+        try:
+            with open(fresh, "w") as f, open(self._pending) as key:
+                f.write(cert.strip() + "\n" + key.read())
+        finally:
+            os.umask(old)
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(fresh)  # matches the key
+        except ssl.SSLError as e:
+            os.unlink(fresh)
+            raise ValueError(f"the certificate does not match this VM's new key: {e}") from None
+        os.replace(fresh, self.path)
+        os.unlink(self._pending)
+        self.reload()
+        return self.not_after
+
+    def reload(self) -> None:
+        """Load ``node.pem`` into every live context if it changed."""
+        stamp = self._mtime()
+        if stamp == self._stamp:
+            return
+        contexts = list(_contexts())
+        try:
+            for ctx in contexts:
+                ctx.load_cert_chain(self.path)
+            self.not_after = _not_after(self.path)
+        except (OSError, ssl.SSLError) as e:
+            logger.warning("could not load the renewed certificate yet: %s", e)
+            return
+        self._stamp = stamp
+        logger.info(
+            "certificate renewed: valid until %s, in %d TLS contexts",
+            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.not_after)),
+            len(contexts),
+        )
+
+    def check(self) -> None:
+        self.reload()
+        if time.time() < self.not_after:
+            return
+        import asyncio
+
+        logger.error(
+            "this VM's certificate expired and its cluster manager did not renew it: closing"
+        )
+        self.server.periodic_callbacks.pop("secure-cloud-identity").stop()
+        self.closing = asyncio.ensure_future(self.server.close())
 
 
 def peer_role(comm: Any) -> str | None:
@@ -178,6 +309,8 @@ def may_call(server_kind: str, peer: str | None, op: str, workers_as_clients: bo
     """Whether a peer of role ``peer`` may call handler ``op`` on a ``server_kind``."""
     if op in CLIENT_CERTIFICATE_ONLY:
         return peer == "client"
+    if op == RENEW:
+        return peer == ("client" if server_kind == "scheduler" else "scheduler")
     if peer in ("client", "scheduler"):
         return True
     if peer != "worker":
@@ -264,7 +397,9 @@ def _server_kind(server: Any) -> str:
 def _server_contexts(server: Any) -> list[ssl.SSLContext]:
     contexts = [server.connection_args.get("ssl_context")]
     for listener in getattr(server, "listeners", ()):
-        tcp_server = getattr(listener, "server", None)
+        # distributed's TLS listener hands its context to a Tornado TCPServer.
+        contexts.append(getattr(listener, "server_args", {}).get("ssl_options"))
+        tcp_server = getattr(listener, "tcp_server", None)
         contexts.append(getattr(tcp_server, "ssl_options", None))
     return [c for c in contexts if isinstance(c, ssl.SSLContext)]
 
@@ -318,6 +453,56 @@ def _dashboard_over_mutual_tls(scheduler: Any, policy: Policy) -> None:
     scheduler.handlers["secure_cloud_dashboard"] = secure_cloud_dashboard
 
 
+async def secure_cloud_enroll_relay(requests: list[Any]) -> list[Any]:
+    """Carry the client's enrollment lines to booting workers (``[host, port, line]``
+    each) and bring back their answers, all at once; ``{"unreachable": why}`` for a
+    worker that does not answer yet. The lines hold only public material, checked by
+    both ends (see ``enroll.py``), so the scheduler relays without trusting them."""
+    import asyncio
+    import json
+
+    async def one(host: str, port: int, line: Any) -> Any:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+            try:
+                writer.write(json.dumps(line).encode() + b"\n")
+                return json.loads(await asyncio.wait_for(reader.readline(), 15))
+            finally:
+                writer.close()
+        except (OSError, asyncio.TimeoutError, ValueError) as e:
+            return {"unreachable": f"{type(e).__name__}: {e}"}
+
+    return list(await asyncio.gather(*(one(*request) for request in requests)))
+
+
+async def _renew_relay(scheduler: Any, address: str, step: str, cert: str | None = None) -> Any:
+    """The client's renewal of a worker's certificate, passed to that worker."""
+    return await scheduler.rpc(address).secure_cloud_renew(step=step, cert=cert)
+
+
+def _renewable(server: Any, kind: str, settings: dict[str, Any]) -> None:
+    """Renew this server's certificate in place, and end it when it expires unrenewed.
+
+    Only an enrolled VM's ``node.pem`` (certificate and key in one file) is renewed; a
+    user's own certificates are theirs to manage.
+    """
+    from tornado.ioloop import PeriodicCallback
+
+    own = "scheduler" if kind == "scheduler" else "worker"
+    path = getattr(server.security, f"tls_{own}_cert", None)
+    if not path or path != getattr(server.security, f"tls_{own}_key", None):
+        return
+    certificate = _Certificate(server, path, settings.get("role", own))
+    if kind == "nanny":
+        # Its worker renews the file they share; the nanny only reloads it.
+        callback = PeriodicCallback(certificate.reload, 5000)
+    else:
+        server.handlers[RENEW] = certificate.renew
+        callback = PeriodicCallback(certificate.check, 5000)
+    server.periodic_callbacks["secure-cloud-identity"] = callback
+    callback.start()
+
+
 def _policy(settings: dict[str, Any]) -> Policy:
     return Policy(
         cluster_id=settings["cluster_id"],
@@ -351,8 +536,12 @@ def protect(server: Any, settings: dict[str, Any]) -> None:
         guard_context(ctx, policy)
     kind = _server_kind(server)
     server.handlers = _GatedHandlers(server.handlers, kind, policy.workers_as_clients)
-    if kind == "scheduler" and getattr(server, "http_server", None) is not None:
-        _dashboard_over_mutual_tls(server, policy)
+    _renewable(server, kind, settings)
+    if kind == "scheduler":
+        server.handlers["secure_cloud_enroll_relay"] = secure_cloud_enroll_relay
+        server.handlers["secure_cloud_renew_relay"] = functools.partial(_renew_relay, server)
+        if getattr(server, "http_server", None) is not None:
+            _dashboard_over_mutual_tls(server, policy)
     if kind == "worker":
         # A task's get_client() connects with the worker's own certificate; whether the
         # scheduler lets it act as a client is the scheduler's decision.

@@ -9,6 +9,7 @@ each role's user-data, exactly as a start would.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import sys
 from collections.abc import Mapping, Sequence
@@ -20,13 +21,17 @@ import distributed
 from distributed.security import Security
 
 from . import images, preloads
-from .cloudinit import BootPlan, DockerRuntime, NativeRuntime, render
+from .cloudinit import BootPlan, DockerRuntime, EnrollmentTicket, NativeRuntime, render
 from .credentials import ClusterCredentials, LeafCredentials, Role, leaf_from_security
 from .driver import Driver
+from .enrollment import Enrollment
 from .errors import OptionError
 from .options import ClusterOptions
 
 __all__ = ["BootPlanner", "default_docker_image", "shippable_config"]
+
+#: How long a cloud may take to create a VM after its user-data is made.
+_CREATION_MARGIN = datetime.timedelta(minutes=10)
 
 
 def default_docker_image() -> str:
@@ -70,11 +75,18 @@ class BootPlanner:
             "scheduler", options.scheduler_options, "scheduler_options"
         )
         self.credentials: ClusterCredentials | None = None
+        self.enrollment: Enrollment | None = None
         self.given_security: Security | None = None
         self.client_security: Security | None = None
         if options.security is True:
-            self.credentials = ClusterCredentials(cluster_id, options.certificate_lifetime)
+            self.credentials = ClusterCredentials(cluster_id, options.max_lifetime)
             self.client_security = self.credentials.client_security()
+            # A token is good for its VM's boot, plus the time a cloud takes to make it.
+            self.enrollment = Enrollment(
+                self.credentials,
+                window=options.boot_timeout + _CREATION_MARGIN,
+                lifetime=options.certificate_lifetime,
+            )
         elif isinstance(options.security, Security):
             self.given_security = self.client_security = options.security
             for role in Role.SCHEDULER, Role.WORKER:
@@ -93,8 +105,8 @@ class BootPlanner:
         return self.render(self.plan(role, name, scheduler_address))
 
     def render(self, plan: BootPlan) -> bytes:
-        """``plan`` as user-data, within the cloud's size limit. Each plan issues its VM
-        a certificate of its own: render the plan whose fingerprint is recorded."""
+        """``plan`` as user-data, within the cloud's size limit. Each plan gives its VM a
+        token of its own: render the plan that is launched."""
         return render(plan, self.driver.user_data_limit)
 
     def plan(self, role: Role, name: str, scheduler_address: str | None) -> BootPlan:
@@ -139,7 +151,8 @@ class BootPlanner:
             name=name,
             command=command,
             runtime=runtime,
-            tls=self.leaf(role, name),
+            enroll=self.ticket(role, name),
+            tls=self.leaf(role),
             dask_config=self.vm_config(),
             env=options.env_vars,
             extra_bootstrap=options.extra_bootstrap,
@@ -176,9 +189,19 @@ class BootPlanner:
             )
         return files
 
-    def leaf(self, role: Role, name: str) -> LeafCredentials | None:
-        if self.credentials is not None:
-            return self.credentials.issue(role, name)
+    def ticket(self, role: Role, name: str) -> EnrollmentTicket | None:
+        """With the cluster's own CA: a fresh single-use token for the VM ``name``."""
+        if self.enrollment is None or self.credentials is None:
+            return None
+        port = self.driver.enrollment_port(role, self.options.scheduler_port)
+        return EnrollmentTicket(
+            ca_pem=self.credentials.ca_cert_pem,
+            token=self.enrollment.ticket(role, name, port),
+            port=port,
+        )
+
+    def leaf(self, role: Role) -> LeafCredentials | None:
+        """With a user's own ``Security``: the certificate and key it gives ``role``."""
         if self.given_security is not None:
             return leaf_from_security(self.given_security, role)
         return None

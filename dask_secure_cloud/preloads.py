@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from importlib import resources
 from typing import Any
 
-__all__ = ["lease", "peer_checks", "spot_interruption"]
+__all__ = ["enroll_script", "lease", "peer_checks", "spot_interruption"]
 
 _LEASE = """\
 # The cluster manager renews this lease. When it stops (the client was killed, the
@@ -133,6 +133,12 @@ def peer_checks(settings: Mapping[str, Any]) -> str:
     cluster id, this VM's role, a worker's scheduler host, ``workers_as_clients``)."""
     source = resources.files(__package__).joinpath("peers.py").read_text()
     return f"{_without_docs(source)}\nSETTINGS = {dict(settings)!r}\n"
+
+
+def enroll_script() -> str:
+    """``enroll.py``, run by the boot script before Dask starts (not a preload, but
+    shipped the same way)."""
+    return _without_docs(resources.files(__package__).joinpath("enroll.py").read_text())
 
 
 def _without_docs(source: str) -> str:

@@ -19,6 +19,7 @@ import pytest
 from distributed import Client
 
 from dask_secure_cloud import EC2Cluster
+from dask_secure_cloud.cloudinit import secrets_in
 from dask_secure_cloud.cluster import ClusterStartError
 from dask_secure_cloud.credentials import Role
 from dask_secure_cloud.network import NetworkPolicy, NetworkPolicyError
@@ -181,9 +182,10 @@ async def test_defaults_on_a_new_accounts_network_compute_with_workers_closed(aw
             kinds = {launch[f"TagSpecification.{i}.ResourceType"] for i in (1, 2)}
             assert kinds == {"instance", "volume"}
             user_data = base64.b64decode(launch["UserData"])
-            # At least 6 KiB of EC2's 16 KiB stays for the user's extra_bootstrap and env
-            # (the peers' role checks cost 3.5 kB; enrollment will drop the key and cert).
-            assert len(user_data) < 10_240
+            # Gzipped whole: at least 6 KiB of EC2's 16 KiB stays for the user's
+            # extra_bootstrap and env_vars.
+            assert user_data[:2] == b"\x1f\x8b" and len(user_data) < 10 * 1024
+            assert secrets_in(user_data) == []  # the VM makes its own key
             files = decoded_files(user_data)
             assert not any(
                 cluster._credentials.client.key_pem.encode() in f for f in files.values()

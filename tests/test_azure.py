@@ -22,6 +22,7 @@ from azure.mgmt.network.models import NatGateway
 from distributed import Client
 
 from dask_secure_cloud import AzureVMCluster, audit
+from dask_secure_cloud.cloudinit import secrets_in
 from dask_secure_cloud.cluster import ClusterStartError
 from dask_secure_cloud.credentials import Role
 from dask_secure_cloud.driver import VMRequest
@@ -105,8 +106,12 @@ async def test_azure_cluster_computes_over_tls_and_leaves_nothing(azure, audit_l
     created = events[0]
     assert created["provider"] == "azure" and created["tls"] is True
     assert created["ca_fingerprint"] == cluster.ca_fingerprint
-    fingerprints = {e["certificate_fingerprint"] for e in events if e["event"] == "vm_launched"}
-    assert len(fingerprints) == 3 and None not in fingerprints  # one certificate per VM
+    # Each VM enrolled a key of its own: one certificate per VM, each recorded.
+    enrolled = {
+        e["name"]: e["certificate_fingerprint"] for e in events if e["event"] == "vm_enrolled"
+    }
+    assert sorted(enrolled) == ["scheduler", "worker-0", "worker-1"]
+    assert len(set(enrolled.values())) == 3 and None not in enrolled.values()
     deleted = [e["name"] for e in events if e["event"] == "vm_deleted"] + events[-1]["swept"]
     assert sorted(deleted) == ["scheduler", "worker-0", "worker-1"]
     assert events[-1]["confirmed_none_left"] is True
@@ -135,7 +140,8 @@ async def test_requests_are_private_hardened_and_carry_no_secret(azure):
             user_data = base64.b64decode(os_profile["customData"])
             assert SECRET.encode() not in user_data and stand_in.token.encode() not in user_data
             files = decoded_files(user_data)
-            assert not any(b"PRIVATE KEY" in f for p, f in files.items() if "ca" in p.lower())
+            assert "/opt/dask-secure-cloud/tls/ca.pem" in files
+            assert secrets_in(user_data) == []  # the VM makes its own key
         # Every NIC of the cluster: no public address, its role's own NSG.
         subnet = options["address_prefix"]
         for nic in stand_in.of_kind("networkinterfaces"):

@@ -156,14 +156,34 @@ def test_list_and_cleanup_on_digitalocean_after_the_client_was_killed(tmp_path, 
         stand_in.stop()
 
 
-def test_cloud_init_prints_user_data_without_private_keys():
+def test_cloud_init_prints_user_data_without_tokens_or_keys():
+    """The cluster's own CA: no key in the user-data at all, and the token redacted."""
     result = _cli("cloud-init", "--role", "worker", env=dict(os.environ))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("#cloud-config")
-    assert "BEGIN CERTIFICATE" in result.stdout  # readable, decoded files
-    assert "REDACTED EC PRIVATE KEY" in result.stdout or "REDACTED PRIVATE KEY" in result.stdout
-    assert "BEGIN PRIVATE KEY" not in result.stdout and "BEGIN EC PRIVATE KEY" not in result.stdout
+    assert "BEGIN CERTIFICATE" in result.stdout  # readable, decoded files (the CA's)
+    assert "PRIVATE KEY" not in result.stdout
+    assert '"token": "REDACTED"' in result.stdout
     assert "dask worker" in result.stdout or "distributed.cli.dask_worker" in result.stdout
+    # EC2 gets it gzipped: shown inflated, just as readable.
+    ec2 = _cli(
+        "cloud-init", "--provider", "aws", "-o", "region=us-east-1", "-o", "ami=ami-12345678",
+        env=dict(os.environ),
+    )  # fmt: skip
+    assert ec2.returncode == 0, ec2.stderr
+    assert ec2.stdout.startswith("#cloud-config") and '"token": "REDACTED"' in ec2.stdout
+
+
+def test_cloud_init_redacts_the_key_of_a_users_own_security(tmp_path):
+    from dask_secure_cloud.cli import redact
+    from dask_secure_cloud.cloudinit import BootPlan, NativeRuntime, render
+    from dask_secure_cloud.credentials import ClusterCredentials, Role
+
+    leaf = ClusterCredentials("mine").issue(Role.WORKER, "w")
+    plan = BootPlan("mine", Role.WORKER, "w", ("worker", "tls://10.0.0.1:8786"),
+                    NativeRuntime(), tls=leaf)  # fmt: skip
+    shown = redact(render(plan))
+    assert "REDACTED PRIVATE KEY" in shown and leaf.key_pem.splitlines()[1] not in shown
 
 
 def test_cloud_init_refuses_a_bad_option_by_name():

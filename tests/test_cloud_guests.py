@@ -35,6 +35,7 @@ from distributed import Client
 from google.auth.credentials import AnonymousCredentials
 
 from dask_secure_cloud import AzureVMCluster, DropletCluster, EC2Cluster, GCPCluster
+from dask_secure_cloud.cloudinit import secrets_in
 from dask_secure_cloud.cluster import VMCluster, default_docker_image
 from dask_secure_cloud.providers.digitalocean import cluster_tag, made_name
 
@@ -47,7 +48,7 @@ from clouds.guest.common import HOST_ADDRESS
 from clouds.guest.image import baked_image, stock_image
 from clouds.guest.internet import Services
 from clouds.guest.network import GuestNetwork
-from conftest import start_azure
+from conftest import decoded_files, start_azure
 
 pytestmark = [
     pytest.mark.slow,
@@ -90,6 +91,15 @@ async def _computes_over_tls(cluster: VMCluster, workers: int) -> None:
         assert versions["scheduler"]["packages"]["dask"] == dask.__version__
 
 
+async def _renewed_on_guests(cluster: VMCluster, names: set[str]) -> None:
+    """Wait until every guest named has made a fresh key and installed its renewed
+    certificate (each guest's Dask process runs ``openssl`` and reloads its contexts)."""
+    deadline = time.monotonic() + 180
+    while set(cluster._renewal.count) != names:
+        assert time.monotonic() < deadline, f"renewed only {cluster._renewal.count}"
+        await asyncio.sleep(1)
+
+
 async def _lease_ends(cluster: VMCluster, guests: list[GuestVM]) -> dict[str, float | None]:
     """Stop renewing the scheduler's lease, as a killed client would, and wait for every
     guest to power itself off: the scheduler ends itself, its workers follow.
@@ -115,6 +125,17 @@ def _why_not_off(guests: list[GuestVM], off: dict[str, float | None]) -> str:
         for g in guests
         if off.get(g.name) is None
     )
+
+
+def _enrolled(booter: GuestBooter, guests: list[GuestVM]) -> None:
+    """Every guest made its own key and was certified at boot: no seed carried a key."""
+    assert set(booter.seeds) == {g.name for g in guests}
+    for name, seed in booter.seeds.items():
+        assert secrets_in(seed) == [], name
+        assert "/opt/dask-secure-cloud/tls/enroll.json" in decoded_files(seed), name
+    for guest in guests:
+        console = guest.console_text()
+        assert "enroll: done in" in console, (guest.name, console[-3000:])
 
 
 def _no_guest_left(booter: GuestBooter, network: GuestNetwork, services: Services) -> None:
@@ -195,6 +216,7 @@ async def test_ec2_defaults_install_docker_on_stock_guests_and_compute_over_tls(
     ]
     assert instances == []
     assert client.describe_security_groups(Filters=tag)["SecurityGroups"] == []
+    _enrolled(booter, guests)
     _no_guest_left(booter, guest_network, guest_services)
 
 
@@ -249,6 +271,7 @@ async def test_gcp_defaults_with_native_runtime_install_dask_on_stock_guests(
     ]
     assert labelled == []
     assert not [name for name in stand_in.firewalls if cluster_id in name]
+    _enrolled(booter, guests)
     _no_guest_left(booter, guest_network, guest_services)
 
 
@@ -307,6 +330,7 @@ async def test_digitalocean_defaults_on_baked_guests_compute_and_fetch_nothing(
     assert not [d for d in stand_in.droplets.values() if tag in d["tags"]]
     assert not [f for f in stand_in.firewalls.values() if cluster_id in f["name"]]
     assert not [v for v in stand_in.vpcs.values() if v["name"] == made_name(tag)]
+    _enrolled(booter, guests)
     _no_guest_left(booter, guest_network, guest_services)
 
 
@@ -318,8 +342,10 @@ async def test_azure_defaults_on_baked_guests_and_a_spot_worker_evicted(
 ):
     """``AzureVMCluster(resource_group=...)`` on guests of a baked image: the vnet made for
     the cluster has default outbound access, so no VM gets a public address, yet each has
-    a way out. The Spot worker's eviction notice (from the instance metadata service)
-    retires it, and its guest powers itself off; Azure then reports the VM stopped."""
+    a way out. Certificates living a minute are renewed on both guests, and the cluster
+    computes with the renewed ones. The Spot worker's eviction notice (from the instance
+    metadata service) retires it, and its guest powers itself off; Azure then reports the
+    VM stopped."""
     image = baked_image(dask.__version__, distributed.__version__)
     booter = GuestBooter(tmp_path / "vms", guest_network, image, apparmor=APPARMOR)
     stand_in, options = start_azure(booter, tmp_path, monkeypatch, address_prefix=SUBNET)
@@ -331,14 +357,18 @@ async def test_azure_defaults_on_baked_guests_and_a_spot_worker_evicted(
             runtime="native",
             worker_spot=True,
             metadata_endpoint=events.url,
+            certificate_lifetime="1m",  # renewed every half minute
             asynchronous=True,
             **{**options, "boot_timeout": BOOT_TIMEOUT},
         ) as cluster:
             await _computes_over_tls(cluster, workers=1)
+            await _renewed_on_guests(cluster, {"scheduler", "worker-0"})
+            await _computes_over_tls(cluster, workers=1)  # new connections, new certificates
             assert booter.egress == {"scheduler": True, "worker-0": True}
             vms = await cluster.driver.list(cluster.cluster_id)
             assert [vm.public_ip for vm in vms] == [None, None]
-            (worker,) = [vm for vm in booter.vms.values() if vm.name == "worker-0"]
+            guests = list(booter.vms.values())
+            (worker,) = [vm for vm in guests if vm.name == "worker-0"]
             events.evict()
             deadline = time.monotonic() + 300
             while cluster.scheduler_info["workers"]:
@@ -350,6 +380,7 @@ async def test_azure_defaults_on_baked_guests_and_a_spot_worker_evicted(
             cluster_id = cluster.cluster_id
         assert _fetched(guest_services, since) == []  # the image had everything
         assert not stand_in.tagged(cluster_id)
+        _enrolled(booter, guests)
         _no_guest_left(booter, guest_network, guest_services)
     finally:
         events.stop()

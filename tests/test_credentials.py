@@ -119,7 +119,7 @@ def test_default_lifetime_is_hours_and_configurable():
 
 @pytest.mark.parametrize("lifetime", [datetime.timedelta(0), datetime.timedelta(hours=-1), "12h"])
 def test_non_positive_or_untyped_lifetime_is_refused(lifetime):
-    with pytest.raises(ValueError, match="certificate_lifetime"):
+    with pytest.raises(ValueError, match="max_lifetime"):
         ClusterCredentials("a", lifetime)
 
 

@@ -63,8 +63,9 @@ async def test_tls_cluster_computes_and_leaves_nothing(vm_dir, recorded_user_dat
         hosts = {w.split("//")[1].rsplit(":", 1)[0] for w in workers}
         assert len(hosts) == 2 and cluster.scheduler_address.endswith(":8786")
 
-        # Key files are 0600 under one 0700 directory, on every VM.
-        keys = list(vm_dir.glob("*/*/root/opt/dask-secure-cloud/tls/node.key"))
+        # Key files (made on each VM: certificate and key in one) are 0600 under one
+        # 0700 directory, on every VM.
+        keys = list(vm_dir.glob("*/*/root/opt/dask-secure-cloud/tls/node.pem"))
         assert len(keys) == 3
         for key in keys:
             assert stat.S_IMODE(key.stat().st_mode) == 0o600
@@ -280,7 +281,7 @@ def test_config_and_keyword_precedence(vm_dir, monkeypatch):
             assert hours(EC2Options) == 7
         assert hours(LocalOptions) == 3  # env beats default
         assert hours(LocalOptions, certificate_lifetime="1h") == 1  # keyword beats all
-        assert hours(EC2Options) == 24  # other providers: the default
+        assert hours(EC2Options) == 4  # other providers: the default (4h)
     finally:
         monkeypatch.delenv("DASK_SECURE_CLOUD__LOCAL__CERTIFICATE_LIFETIME")
         dask.config.refresh()
@@ -362,15 +363,29 @@ def test_boot_timeout_reports_console(vm_dir):
 
 
 async def test_certificate_expiry_warns_well_before(vm_dir):
-    with pytest.warns(UserWarning, match="certificates expire in"):
+    with pytest.warns(UserWarning, match="every certificate expire in 30 minutes"):
         async with LocalVMCluster(
-            certificate_lifetime="30m",
+            max_lifetime="30m",
+            certificate_lifetime="10m",
             certificate_warning="1h",
             directory=vm_dir,
             asynchronous=True,
         ):
             pass
     assert_nothing_left(vm_dir)
+
+
+async def wait_all_terminated(cluster, within: float) -> dict[str, str]:
+    """Wait until every VM of ``cluster`` has ended on its own; each one's console."""
+    vms = await cluster.driver.list(cluster.cluster_id)
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        states = {vm.name: await cluster.driver.state(vm) for vm in vms}
+        if set(states.values()) == {"terminated"}:
+            break
+        await asyncio.sleep(0.5)
+    assert set(states.values()) == {"terminated"}, states
+    return {vm.name: await cluster.driver.console_output(vm) for vm in vms}
 
 
 async def test_scheduler_ends_itself_when_the_client_is_gone(vm_dir):
@@ -385,16 +400,8 @@ async def test_scheduler_ends_itself_when_the_client_is_gone(vm_dir):
         await asyncio.sleep(3)  # renewed meanwhile: still up
         assert not await _refused(cluster.scheduler_address, cluster.security)
         cluster.periodic_callbacks["secure-cloud-lease"].stop()  # as if the client died
-        vms = await cluster.driver.list(cluster.cluster_id)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            states = {vm.name: await cluster.driver.state(vm) for vm in vms}
-            if set(states.values()) == {"terminated"}:
-                break
-            await asyncio.sleep(0.5)
-        assert set(states.values()) == {"terminated"}, states
-        scheduler = next(vm for vm in vms if vm.name == "scheduler")
-        assert "lease expired" in await cluster.driver.console_output(scheduler)
+        consoles = await wait_all_terminated(cluster, within=30)
+        assert "lease expired" in consoles["scheduler"]
     assert_nothing_left(vm_dir)
 
 

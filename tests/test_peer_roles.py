@@ -104,12 +104,20 @@ async def test_a_member_key_cannot_act_beyond_its_role(vm_dir, workers_as_client
                 assert (await call(address, tls12, "identity"))[0] == "refused"
                 assert (await call(address, expired, "identity"))[0] == "refused"
 
-            # A worker's key never renews the lease, whatever the settings.
+            # A worker's key never renews the lease, nor uses the enrollment relay,
+            # whatever the settings.
             state, reason = await call(scheduler, worker_key, "secure_cloud_lease")
             assert state == "refused" and "secure_cloud_lease" in reason
             assert (await call(scheduler, cluster.security, "secure_cloud_lease"))[0] == (
                 "answered"
             )
+            relay = {"requests": [["127.0.0.1", 9, {"nonce": "00"}]]}
+            state, reason = await call(scheduler, worker_key, "secure_cloud_enroll_relay", **relay)
+            assert state == "refused" and "secure_cloud_enroll_relay" in reason
+            state, answer = await call(
+                scheduler, cluster.security, "secure_cloud_enroll_relay", **relay
+            )
+            assert state == "answered" and "unreachable" in answer[0]
 
             # A worker's key does not run code on another worker.
             state, _ = await call(workers[1], worker_key, "run", function=b"", args=b"")

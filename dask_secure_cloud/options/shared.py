@@ -56,14 +56,27 @@ class ClusterOptions:
         note="false: plain tcp://, only for trusted private networks",
     )
     certificate_lifetime: datetime.timedelta = option(
-        "24h",
-        "How long the cluster's certificates stay valid, for example ``'12h'``.",
+        "4h",
+        """
+        How long each VM's certificate lives. While this client runs it renews every
+        VM's certificate at half its life, with a key the VM makes afresh; when the
+        client is gone nothing is renewed, and each VM ends when its certificate expires.
+        """,
+        types=DURATION,
+        check=duration,
+    )
+    max_lifetime: datetime.timedelta = option(
+        "7d",
+        """
+        The longest the cluster can run: its CA, and so every certificate, expires then.
+        The client warns ``certificate_warning`` before.
+        """,
         types=DURATION,
         check=duration,
     )
     certificate_warning: datetime.timedelta = option(
         "1h",
-        "Warn this long before the certificates expire.",
+        "Warn this long before the cluster reaches ``max_lifetime``.",
         types=DURATION,
         check=duration,
     )
@@ -215,11 +228,27 @@ class ClusterOptions:
     )
 
     def __post_init__(self) -> None:
+        if self.certificate_lifetime < MIN_CERTIFICATE_LIFETIME:
+            raise OptionError(
+                f"certificate_lifetime must be at least "
+                f"{MIN_CERTIFICATE_LIFETIME.total_seconds():.0f}s, so that renewal at half "
+                f"its life has time to happen, got {self.certificate_lifetime}"
+            )
+        if self.certificate_lifetime > self.max_lifetime:
+            raise OptionError(
+                f"certificate_lifetime ({self.certificate_lifetime}) is longer than "
+                f"max_lifetime ({self.max_lifetime}); no certificate outlives the cluster's "
+                "CA: shorten certificate_lifetime or raise max_lifetime"
+            )
         if self.runtime == "docker" and self.pip_packages:
             raise OptionError(
                 "pip_packages applies to runtime='native' (installed on the VM at boot); "
                 "with runtime='docker', build them into docker_image instead"
             )
+
+
+#: Renewal starts at half a certificate's life and takes seconds.
+MIN_CERTIFICATE_LIFETIME = datetime.timedelta(minutes=1)
 
 
 @dataclasses.dataclass(frozen=True)

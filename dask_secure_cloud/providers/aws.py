@@ -511,7 +511,8 @@ class EC2Driver(driver.Driver):
             "InstanceType": self.instance_types[request.role],
             "MinCount": 1,
             "MaxCount": 1,
-            "UserData": request.user_data.decode(),
+            # gzipped (LIMITS["aws"]); botocore base64-encodes the bytes as they are.
+            "UserData": request.user_data,
             "NetworkInterfaces": [
                 {
                     "DeviceIndex": 0,

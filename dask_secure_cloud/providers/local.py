@@ -105,6 +105,12 @@ class LocalDriver(Driver):
     def where(self) -> str:
         return "this machine"
 
+    def enrollment_port(self, role: Role, scheduler_port: int) -> int:
+        # On one shared address, each worker answers on a port of its own.
+        if self.subnet is None and role is Role.WORKER:
+            return _free_port()
+        return scheduler_port
+
     async def create(self, request: VMRequest) -> VM:
         address = self._address_for(request.role)
         vm = await asyncio.to_thread(

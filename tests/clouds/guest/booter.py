@@ -236,6 +236,8 @@ class GuestBooter(Booter[GuestVM]):
         self.reserved_addresses: set[str] = set()
         #: Whether each guest (by name) was given a route out.
         self.egress: dict[str, bool] = {}
+        #: The user-data each guest's NoCloud seed carried (by name).
+        self.seeds: dict[str, bytes] = {}
 
     def _outside_address(self) -> str:
         taken = {nic.address for vm in self.vms.values() for nic in vm.nics}
@@ -348,6 +350,7 @@ class GuestBooter(Booter[GuestVM]):
         )
         self.vms[vm_id] = vm
         self.egress[name] = egress
+        self.seeds[name] = user_data
         # A wrong option or a tap that cannot be opened ends qemu at once: say why here.
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(0.3)

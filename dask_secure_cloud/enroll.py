@@ -1,0 +1,153 @@
+"""A VM's side of enrollment: make its own key, and get it certified by the client.
+
+The boot script runs this file with any ``python3`` (the one cloud-init itself runs on;
+the standard library only, no Dask) before Dask starts, in parallel with provisioning::
+
+    python3 enroll.py DIR ADDRESS PORT DEADLINE
+
+``DIR/tls/ca.pem`` holds the cluster's CA certificate and ``DIR/tls/enroll.json`` the
+VM's name and its single-use enrollment token, both from the user-data. The script makes
+an ECDSA P-256 key with ``openssl`` (``DIR/tls/node.key``, never leaving the VM), then
+serves one small protocol on ``ADDRESS:PORT`` until the client has certified it or the
+boot ``DEADLINE`` (epoch seconds) passes. Each request is a JSON line answered by one:
+
+- ``{"nonce": N}`` -> ``{"name", "csr", "proof"}``: a certificate request for the key and
+  ``proof`` = HMAC-SHA256(token, name, N, csr). The token itself never crosses the
+  network, and the proof binds it to this VM's name, this request and the client's
+  fresh nonce.
+- ``{"cert": PEM}`` -> ``{"ok": true}`` once the certificate chains to the CA and
+  matches the key; the two are then written to ``DIR/tls/node.pem`` (one file, so that
+  a renewal replaces both at once), the token is deleted, and the script exits 0 (on
+  the scheduler, freeing the port for Dask).
+
+The scheduler is asked directly by the client. A worker is asked through the scheduler,
+which relays each line (``secure_cloud_enroll_relay``, a handler only the client's
+certificate may call): the scheduler sees only public material, so it needs no trust.
+Nothing here needs to be secret: an eavesdropper learns a CSR and a certificate, and a
+proof it cannot reuse.
+"""
+
+import hashlib
+import hmac
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+
+LINE_LIMIT = 64 * 1024
+CONTEXT = "dask-secure-cloud enroll"
+
+
+def proof(token, name, nonce, csr):
+    """What the holder of ``token`` answers to ``nonce`` for ``name``'s ``csr``."""
+    message = "\0".join((CONTEXT, name, nonce, csr)).encode()
+    return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
+
+
+def say(text):
+    print(f"enroll: {text}", flush=True)
+
+
+def openssl(*args, stdin=None):
+    try:
+        done = subprocess.run(
+            ("openssl", *args), input=stdin, capture_output=True, text=True, timeout=60
+        )
+    except FileNotFoundError:
+        raise SystemExit("enroll: this image has no openssl, which makes the VM's key") from None
+    if done.returncode != 0:
+        raise RuntimeError(f"openssl {args[0]}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def make_key(tls, name):
+    """The VM's key (0600, made here) and a certificate request for it."""
+    key = os.path.join(tls, "node.key")
+    old = os.umask(0o077)
+    try:
+        openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", key)
+    finally:
+        os.umask(old)
+    return openssl("req", "-new", "-key", key, "-subj", f"/CN={name}")
+
+
+def accept_certificate(tls, cert):
+    """Write ``cert`` and the VM's key as ``node.pem`` once the certificate chains to the
+    cluster's CA and matches the key; raise otherwise."""
+    key = os.path.join(tls, "node.key")
+    fresh = os.path.join(tls, "node.pem.new")
+    old = os.umask(0o077)
+    try:
+        with open(fresh, "w") as f, open(key) as k:
+            f.write(cert.strip() + "\n" + k.read())
+    finally:
+        os.umask(old)
+    try:
+        openssl("verify", "-CAfile", os.path.join(tls, "ca.pem"), fresh)
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(fresh)
+    except (RuntimeError, ssl.SSLError) as e:
+        os.unlink(fresh)
+        raise RuntimeError(f"refused a certificate: {e}") from None
+    os.replace(fresh, os.path.join(tls, "node.pem"))
+    os.unlink(key)
+
+
+def answer(request, ticket, csr, tls):
+    """The reply to one request, and whether enrollment is complete."""
+    if isinstance(request.get("nonce"), str):
+        nonce = request["nonce"]
+        return {
+            "name": ticket["name"],
+            "csr": csr,
+            "proof": proof(ticket["token"], ticket["name"], nonce, csr),
+        }, False
+    if isinstance(request.get("cert"), str):
+        try:
+            accept_certificate(tls, request["cert"])
+        except RuntimeError as e:
+            return {"error": str(e)}, False
+        return {"ok": True}, True
+    return {"error": "expected a nonce or a certificate"}, False
+
+
+def serve(home, address, port, deadline):
+    tls = os.path.join(home, "tls")
+    ticket_file = os.path.join(tls, "enroll.json")
+    with open(ticket_file) as f:
+        ticket = json.load(f)
+    started = time.monotonic()
+    csr = make_key(tls, ticket["name"])
+    say(f"key made in {time.monotonic() - started:.2f}s; waiting on {address}:{port}")
+    listener = socket.create_server((address, port), reuse_port=False)
+    listener.settimeout(1)
+    with listener:
+        while time.time() < deadline:
+            try:
+                conn, peer = listener.accept()
+            except socket.timeout:  # noqa: UP041 (not TimeoutError before Python 3.10)
+                continue
+            with conn:
+                conn.settimeout(10)
+                try:
+                    line = conn.makefile("rb").readline(LINE_LIMIT)
+                    reply, done = answer(json.loads(line), ticket, csr, tls)
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                except (OSError, ValueError, AttributeError) as e:
+                    say(f"a bad request from {peer[0]}: {e}")
+                    continue
+                if "error" in reply:
+                    say(f"{peer[0]}: {reply['error']}")
+            if done:
+                os.unlink(ticket_file)
+                say(f"certified after {time.monotonic() - started:.1f}s")
+                return 0
+    say("no certificate from the cluster's client before the boot deadline")
+    return 1
+
+
+if __name__ == "__main__":
+    home, address, port, deadline = sys.argv[1:5]
+    sys.exit(serve(home, address, int(port), float(deadline)))

@@ -1,0 +1,324 @@
+"""The client's side of enrollment: one single-use token per VM, and the checks that
+turn a VM's certificate request into its certificate.
+
+A VM's user-data carries the CA certificate and a token, never a private key. The VM
+makes its key at boot (``enroll.py``) and proves it holds its token by answering the
+client's fresh nonce with an HMAC over its name and its certificate request. The client
+signs only when:
+
+- the answer names the VM the client asked (a token presented for another VM fails);
+- the proof matches that VM's token, for this nonce (a recorded answer fails);
+- the token's boot window is still open (an expired token fails);
+- the token has not certified another key before (a replayed token fails; the same key
+  asking again, because a reply was lost, gets the same certificate).
+
+The scheduler is asked directly, on its port, before its Dask starts; workers through
+the scheduler's ``secure_cloud_enroll_relay`` (see ``peers.py``), in one batch per round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from .credentials import CLOCK_SKEW, ClusterCredentials, Role
+from .enroll import LINE_LIMIT, proof
+from .errors import SecureCloudError
+
+__all__ = [
+    "Enrollment",
+    "EnrollmentRefused",
+    "RelayedEnrollment",
+    "Ticket",
+    "ask_directly",
+]
+
+logger = logging.getLogger(__name__)
+
+#: A reply lost in transit is asked again within this many seconds.
+_ASK_TIMEOUT = 15.0
+
+
+class EnrollmentRefused(SecureCloudError):
+    """A VM's answer was not accepted: wrong name, wrong proof, used or expired token."""
+
+
+@dataclass
+class Ticket:
+    """One VM's token and what became of it."""
+
+    role: Role
+    token: str
+    expires: float  # time.time()
+    #: Where the VM answers (``Driver.enrollment_port``).
+    port: int
+    #: The public key this token certified, and its certificate: the token's one use.
+    public_key: bytes | None = None
+    cert_pem: str | None = None
+    done: bool = False
+    #: When the VM's current certificate expires (renewals move it on).
+    not_after: datetime.datetime | None = None
+
+
+class Enrollment:
+    """Tokens for the VMs of one cluster, the checks before the CA signs, and each VM's
+    current certificate.
+
+    ``window`` is how long after its user-data is made a VM may enrol: the boot
+    timeout, plus a margin for the cloud to create the VM. Certificates live
+    ``lifetime`` (``certificate_lifetime``), within the CA's own.
+    """
+
+    def __init__(
+        self,
+        credentials: ClusterCredentials,
+        window: datetime.timedelta,
+        lifetime: datetime.timedelta,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.credentials = credentials
+        self.window = window
+        self.lifetime = lifetime
+        self._clock = clock
+        self._tickets: dict[str, Ticket] = {}
+
+    def ticket(self, role: Role, name: str, port: int) -> str:
+        """A fresh token for the VM ``name`` (its user-data's), which answers on ``port``;
+        it replaces any earlier one."""
+        token = secrets.token_urlsafe(24)
+        expires = self._clock() + self.window.total_seconds()
+        self._tickets[name] = Ticket(Role(role), token, expires, port)
+        return token
+
+    def port(self, name: str) -> int:
+        return self._tickets[name].port
+
+    @staticmethod
+    def nonce() -> str:
+        return secrets.token_hex(16)
+
+    def certificate_for(self, name: str, nonce: str, answer: Mapping[str, Any]) -> str:
+        """Check ``answer`` to ``nonce`` from the VM the client asked as ``name``, and
+        sign its request; raise :class:`EnrollmentRefused` naming why not."""
+        if "error" in answer or "unreachable" in answer:
+            raise EnrollmentRefused(f"{name}: {answer.get('error') or answer['unreachable']}")
+        claimed, csr_pem, given = (answer.get(k) for k in ("name", "csr", "proof"))
+        if not all(isinstance(v, str) for v in (claimed, csr_pem, given)):
+            raise EnrollmentRefused(f"{name}: the answer lacks a name, request or proof")
+        assert isinstance(claimed, str) and isinstance(csr_pem, str) and isinstance(given, str)
+        if claimed != name:
+            raise EnrollmentRefused(
+                f"{name}: the VM at its address answered as {claimed!r}; refused"
+            )
+        ticket = self._tickets.get(name)
+        if ticket is None:
+            raise EnrollmentRefused(f"{name}: no enrollment token was issued for this VM")
+        if not hmac.compare_digest(proof(ticket.token, name, nonce, csr_pem), given):
+            raise EnrollmentRefused(f"{name}: the proof does not match this VM's token")
+        if ticket.done:
+            raise EnrollmentRefused(f"{name}: its token was used already")
+        if self._clock() > ticket.expires:
+            raise EnrollmentRefused(f"{name}: its token expired with its boot window")
+        public = _request(name, csr_pem).public_key()
+        der = public.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        if ticket.public_key is not None:
+            if ticket.public_key != der:
+                raise EnrollmentRefused(f"{name}: its token certified another key already")
+            assert ticket.cert_pem is not None
+            return ticket.cert_pem  # the same key again: its reply was lost
+        ticket.public_key = der
+        ticket.cert_pem, ticket.not_after = self.sign(ticket.role, name, public)
+        return ticket.cert_pem
+
+    def sign(self, role: Role, name: str, public_key: Any) -> tuple[str, datetime.datetime]:
+        """A certificate for ``public_key`` as ``name``, living ``lifetime`` from now."""
+        now = datetime.datetime.fromtimestamp(self._clock(), datetime.timezone.utc)
+        not_after = min(now + self.lifetime, self.credentials.not_after)
+        cert = self.credentials.certify(
+            role, name, public_key, not_before=now - CLOCK_SKEW, not_after=not_after
+        )
+        return cert, not_after
+
+    def renewal(self, name: str, csr_pem: str) -> tuple[str, datetime.datetime]:
+        """Sign the request of an enrolled VM, asked over its authenticated channel (its
+        key is new, its identity the one it enrolled with). :meth:`renewed` records it
+        once the VM has installed it."""
+        ticket = self._tickets.get(name)
+        if ticket is None or not ticket.done:
+            raise EnrollmentRefused(f"{name}: not enrolled, so not renewed")
+        return self.sign(ticket.role, name, _request(name, csr_pem).public_key())
+
+    def renewed(self, name: str, cert_pem: str, not_after: datetime.datetime) -> None:
+        ticket = self._tickets.get(name)
+        if ticket is not None:
+            ticket.cert_pem, ticket.not_after = cert_pem, not_after
+
+    def enrolled(self) -> dict[str, Ticket]:
+        """The VMs that hold a certificate, by name."""
+        return {name: t for name, t in self._tickets.items() if t.done}
+
+    def forget(self, name: str) -> None:
+        """The VM ``name`` is gone: nothing of it is renewed or accepted again."""
+        self._tickets.pop(name, None)
+
+    def confirm(self, name: str, answer: Mapping[str, Any]) -> None:
+        """The VM accepted its certificate: its token is spent for good."""
+        if answer.get("ok") is not True:
+            why = answer.get("error") or answer.get("unreachable") or answer
+            raise EnrollmentRefused(f"{name}: did not accept its certificate: {why}")
+        self._tickets[name].done = True
+
+    def certificate(self, name: str) -> str | None:
+        """The certificate ``name`` was given, once it accepted it."""
+        ticket = self._tickets.get(name)
+        return ticket.cert_pem if ticket is not None and ticket.done else None
+
+    async def enroll(
+        self, name: str, ask: Callable[[Mapping[str, Any]], Awaitable[Mapping[str, Any]]]
+    ) -> str:
+        """The whole exchange with one VM over ``ask`` (one line out, one line back)."""
+        nonce = self.nonce()
+        cert = self.certificate_for(name, nonce, await ask({"nonce": nonce}))
+        self.confirm(name, await ask({"cert": cert}))
+        return cert
+
+
+def _request(name: str, csr_pem: str) -> x509.CertificateSigningRequest:
+    """A VM's certificate request, signed by the key it asks to be certified."""
+    try:
+        request = x509.load_pem_x509_csr(csr_pem.encode())
+    except ValueError as e:
+        raise EnrollmentRefused(f"{name}: not a certificate request: {e}") from None
+    if not request.is_signature_valid:
+        raise EnrollmentRefused(f"{name}: the request is not signed by its key")
+    return request
+
+
+async def ask_directly(host: str, port: int, line: Mapping[str, Any]) -> Mapping[str, Any]:
+    """One request to a VM's enrollment port, straight from this process."""
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(host, port, limit=LINE_LIMIT), _ASK_TIMEOUT
+    )
+    try:
+        writer.write(json.dumps(line).encode() + b"\n")
+        answer = json.loads(await asyncio.wait_for(reader.readline(), _ASK_TIMEOUT))
+    finally:
+        writer.close()
+    if not isinstance(answer, dict):
+        raise ValueError("an enrollment answer must be a JSON object")
+    return answer
+
+
+Relay = Callable[[list[list[Any]]], Awaitable[list[Mapping[str, Any]]]]
+
+
+class RelayedEnrollment:
+    """Workers enrolled through the scheduler, all booting workers in one relay call
+    per round (two calls per round: nonces out, certificates out), however many boot.
+
+    ``relay`` sends ``[[host, port, line], ...]`` through the scheduler and returns the
+    answers in order; it raises ``OSError`` while the scheduler cannot be reached.
+    """
+
+    def __init__(
+        self,
+        enrollment: Enrollment,
+        relay: Relay,
+        *,
+        interval: float,
+        on_enrolled: Callable[[str, str], Awaitable[None]] | None = None,
+    ) -> None:
+        self.enrollment = enrollment
+        self.relay = relay
+        self.interval = interval
+        self.on_enrolled = on_enrolled
+        self._pending: dict[str, tuple[str, asyncio.Future[str]]] = {}
+        self._refusals: dict[str, str] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, name: str, host: str) -> asyncio.Future[str]:
+        """Enrol the worker ``name`` booting at ``host``; the future is its certificate."""
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._pending[name] = (host, future)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+        return future
+
+    def discard(self, name: str) -> None:
+        entry = self._pending.pop(name, None)
+        if entry is not None and not entry[1].done():
+            entry[1].cancel()
+
+    def refusal(self, name: str) -> str | None:
+        """Why ``name``'s last answer was refused, for its boot-failure report."""
+        return self._refusals.get(name)
+
+    async def _run(self) -> None:
+        while self._pending:
+            try:
+                await self._round()
+            except OSError as e:  # the scheduler is not reachable (yet): try again
+                logger.debug("enrollment relay failed: %s", e)
+            if self._pending:
+                await asyncio.sleep(self.interval)
+
+    async def _round(self) -> None:
+        names = list(self._pending)
+        nonces = {name: self.enrollment.nonce() for name in names}
+        answers = await self.relay(
+            [[self._pending[n][0], self._port(n), {"nonce": nonces[n]}] for n in names]
+        )
+        certified: dict[str, str] = {}
+        for name, answer in zip(names, answers, strict=True):
+            if "unreachable" in answer:
+                continue  # still booting
+            try:
+                certified[name] = self.enrollment.certificate_for(name, nonces[name], answer)
+            except EnrollmentRefused as e:
+                self._refuse(name, str(e))
+        names = [n for n in certified if n in self._pending]
+        if not names:
+            return
+        answers = await self.relay(
+            [[self._pending[n][0], self._port(n), {"cert": certified[n]}] for n in names]
+        )
+        for name, answer in zip(names, answers, strict=True):
+            try:
+                self.enrollment.confirm(name, answer)
+            except EnrollmentRefused as e:
+                self._refuse(name, str(e))
+                continue
+            _, future = self._pending.pop(name, (None, None))
+            if future is not None and not future.done():
+                future.set_result(certified[name])
+            if self.on_enrolled is not None:
+                await self.on_enrolled(name, certified[name])
+
+    def _port(self, name: str) -> int:
+        return self.enrollment.port(name)
+
+    def _refuse(self, name: str, why: str) -> None:
+        if self._refusals.get(name) != why:
+            logger.warning("Enrollment of %s refused: %s", name, why)
+        self._refusals[name] = why
+
+    async def close(self) -> None:
+        for name in list(self._pending):
+            self.discard(name)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

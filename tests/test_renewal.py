@@ -1,0 +1,112 @@
+"""Renewal: short-lived certificates renewed in place while a cluster computes, and a
+cluster whose client is gone ends when its certificates expire.
+
+The cluster is a real ``LocalVMCluster``: its scheduler, workers and nannies are
+separate processes running the shipped ``peers.py``, which makes each new key with
+``openssl`` and loads each renewed certificate into its live TLS contexts.
+"""
+
+import asyncio
+import datetime
+import operator
+import os
+import socket
+import ssl
+import tempfile
+import time
+
+import pytest
+from cryptography import x509
+from distributed import Client
+from test_local_cluster import assert_nothing_left, wait_all_terminated
+
+from dask_secure_cloud import LocalVMCluster
+from dask_secure_cloud.credentials import parse_identity
+from dask_secure_cloud.errors import OptionError
+from dask_secure_cloud.renewal import renewal_interval
+
+#: How long the cluster computes across renewals (the issue asks for 10 minutes).
+COMPUTE_FOR = float(os.environ.get("DSC_RENEWAL_TEST_SECONDS", 600))
+
+
+def served_certificate(address: str, cluster) -> x509.Certificate:
+    """The certificate the scheduler presents to a new connection now."""
+    host, port = address.removeprefix("tls://").rsplit(":", 1)
+    client = cluster._credentials.client
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cadata=client.ca_pem)
+    with tempfile.NamedTemporaryFile("w", suffix=".pem") as f:
+        f.write(client.cert_pem + client.key_pem)
+        f.flush()
+        ctx.load_cert_chain(f.name)
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        with ctx.wrap_socket(raw) as tls:
+            der = tls.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der)
+
+
+@pytest.mark.slow
+@pytest.mark.alongside
+@pytest.mark.timeout(COMPUTE_FOR + 400)
+async def test_two_minute_certificates_renew_while_computing_and_end_a_clientless_cluster(
+    vm_dir,
+):
+    async with LocalVMCluster(
+        n_workers=2,
+        certificate_lifetime="2m",
+        lease_timeout="1h",  # only certificate expiry can end this cluster
+        directory=vm_dir,
+        asynchronous=True,
+    ) as cluster:
+        async with Client(cluster, asynchronous=True) as client:
+            await client.wait_for_workers(2, timeout=60)
+            first = served_certificate(cluster.scheduler_address, cluster)
+            started, rounds, failed = time.monotonic(), 0, []
+            while time.monotonic() - started < COMPUTE_FOR:
+                # Results move between the two workers (new worker-to-worker
+                # connections) and a fresh client connects now and then: each new
+                # connection must succeed with whatever certificate is current.
+                keys = [f"inc-{rounds}-{i}" for i in range(40)]
+                futures = client.map(operator.add, range(40), [1] * 40, key=keys)
+                where = sorted(cluster.scheduler_info["workers"])[rounds % 2]
+                total = client.submit(sum, futures, workers=[where])
+                try:
+                    assert await total == sum(range(1, 41))
+                except Exception as e:  # noqa: BLE001 - every failure is collected and reported
+                    failed.append(f"round {rounds}: {e!r}")
+                if rounds % 20 == 0:
+                    async with Client(cluster, asynchronous=True) as fresh:
+                        assert await fresh.submit(operator.add, 1, 1) == 2
+                rounds += 1
+                await asyncio.sleep(1)
+            renewals = dict(cluster._renewal.count)
+            now = served_certificate(cluster.scheduler_address, cluster)
+        print(f"{rounds} rounds in {COMPUTE_FOR:.0f}s; renewals per VM: {renewals}")
+        assert failed == []
+        # One renewal every 60 to 75 s: at half of 2 minutes, looked for every 15 s.
+        minimum = int(COMPUTE_FOR // 90)
+        assert set(renewals) == {"scheduler", "worker-0", "worker-1"}
+        assert min(renewals.values()) >= minimum, renewals
+        # New connections get a renewed certificate: same identity, later expiry.
+        assert parse_identity(now) == parse_identity(first)
+        assert now.not_valid_after_utc > first.not_valid_after_utc
+        assert now.public_key() != first.public_key()  # a fresh key, made on the VM
+
+        # The client "dies": nothing renews any more, and every VM ends by itself
+        # within one certificate lifetime, though the lease would keep it for an hour.
+        for callback in cluster.periodic_callbacks.values():
+            callback.stop()
+        consoles = await wait_all_terminated(cluster, within=150)
+        assert "did not renew it: closing" in consoles["scheduler"]
+    assert_nothing_left(vm_dir)
+
+
+def test_renewal_interval_and_lifetime_bounds(vm_dir):
+    assert renewal_interval(datetime.timedelta(minutes=2)) == datetime.timedelta(seconds=15)
+    assert renewal_interval(datetime.timedelta(hours=4)) == datetime.timedelta(minutes=5)
+    with pytest.raises(OptionError, match="certificate_lifetime must be at least 60s"):
+        LocalVMCluster(certificate_lifetime="30s", directory=vm_dir)
+    with pytest.raises(OptionError, match="longer than max_lifetime"):
+        LocalVMCluster(certificate_lifetime="2d", max_lifetime="1d", directory=vm_dir)
+    assert not any(vm_dir.iterdir())
