@@ -16,6 +16,17 @@ from clouds.booter import Booter, VMBooter
 
 pytest_plugins = ["clouds.guest.fixtures"]
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``pytest -n 2 --dist loadgroup`` (``ci/test.sh``) one worker runs every test
+    in turn, and the other runs the few long, light tests marked ``alongside`` (a cluster
+    computing for ten minutes across certificate renewals) at the same time. The guest
+    tests keep a worker, and so the machine's cores, to themselves."""
+    for item in items:
+        group = "alongside" if item.get_closest_marker("alongside") else "in-turn"
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 # -- the Azure Resource Manager stand-in, for test_azure and test_jupyterlab ---------------
 
 SUBSCRIPTION = "5f1b3c2e-8d6a-4b7e-9c0f-1a2b3c4d5e6f"
