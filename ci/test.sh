@@ -32,7 +32,7 @@ ruff format --check .
 python -m sphinx -W --keep-going -q -b html docs docs/_build/html
 # The guest tests are the only proof of the boot path: here a machine that cannot host
 # them fails the run rather than skipping them (DSC_REQUIRE_GUESTS=0 to skip instead).
-# Two pytest workers: one runs every test in turn (the guests need the machine to
-# themselves), the other the long, light tests marked "alongside" (see tests/conftest.py).
+# Three pytest workers, one per group of tests (see tests/conftest.py): the guests, the
+# process-VM tests, and the long, light tests marked "alongside".
 DSC_REQUIRE_GUESTS="${DSC_REQUIRE_GUESTS:-1}" python -m pytest -ra --durations=25 \
-  -n 2 --dist loadgroup "$@"
+  -n 3 --dist loadgroup "$@"

@@ -18,12 +18,21 @@ pytest_plugins = ["clouds.guest.fixtures"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under ``pytest -n 2 --dist loadgroup`` (``ci/test.sh``) one worker runs every test
-    in turn, and the other runs the few long, light tests marked ``alongside`` (a cluster
-    computing for ten minutes across certificate renewals) at the same time. The guest
-    tests keep a worker, and so the machine's cores, to themselves."""
+    """Three groups for ``pytest -n 3 --dist loadgroup`` (``ci/test.sh``), one per pytest
+    worker, each run in turn: the guests (QEMU, CPU-bound; one cluster of guests at a
+    time), the process-VM tests (which mostly wait on sockets), and the few long, light
+    tests marked ``alongside`` (a cluster computing for ten minutes across certificate
+    renewals). The guests run at a lower CPU priority, so the process-VM tests' short
+    timeouts hold beside them."""
     for item in items:
-        group = "alongside" if item.get_closest_marker("alongside") else "in-turn"
+        if item.get_closest_marker("xdist_group"):
+            continue  # placed by its module (the test bed's own tests go with the guests)
+        if item.get_closest_marker("guest"):
+            group = "guests"
+        elif item.get_closest_marker("alongside"):
+            group = "alongside"
+        else:
+            group = "process-vms"
         item.add_marker(pytest.mark.xdist_group(group))
 
 

@@ -34,6 +34,8 @@ from clouds.guest.mirror_pypi import dask_requirements, release, wheelhouse
 
 pytestmark = [
     pytest.mark.slow,
+    # Builds the guests' cached mirrors and images: with the guests (tests/conftest.py).
+    pytest.mark.xdist_group("guests"),
     pytest.mark.skipif(
         os.geteuid() != 0 or not all(shutil.which(t) for t in ("mmdebstrap", "apt-ftparchive")),
         reason="needs root (ports 80 and 443, mmdebstrap), mmdebstrap and apt-utils",
