@@ -347,19 +347,6 @@ class VMCluster(SpecCluster):
                 with contextlib.suppress(Exception):
                     self._loop_runner.stop()
             raise
-        lease = resolved.lease_timeout.total_seconds()
-        self.periodic_callbacks["secure-cloud-lease"] = PeriodicCallback(
-            self._renew_lease, lease * 1000 / 4
-        )
-        if self._credentials is not None:
-            self.periodic_callbacks["certificate-expiry"] = PeriodicCallback(
-                self._check_expiry, 60_000
-            )
-        if self._renewal is not None:
-            interval = renewal_interval(resolved.certificate_lifetime)
-            self.periodic_callbacks["certificate-renewal"] = PeriodicCallback(
-                self._renewal.tick, interval.total_seconds() * 1000
-            )
 
     def worker_names(self) -> set[str]:
         """The names of the workers connected to the scheduler now."""
@@ -396,7 +383,28 @@ class VMCluster(SpecCluster):
 
         return _().__await__()
 
+    def _add_upkeep(self) -> None:
+        """The client's periodic duties: the lease, renewal, the expiry warning.
+
+        Added as the start begins, so ``Cluster._start`` starts them whether the cluster
+        starts in ``__init__`` (synchronous) or when awaited.
+        """
+        lease = self.options.lease_timeout.total_seconds()
+        self.periodic_callbacks["secure-cloud-lease"] = PeriodicCallback(
+            self._renew_lease, lease * 1000 / 4
+        )
+        if self._credentials is not None:
+            self.periodic_callbacks["certificate-expiry"] = PeriodicCallback(
+                self._check_expiry, 60_000
+            )
+        if self._renewal is not None:
+            interval = renewal_interval(self.options.certificate_lifetime)
+            self.periodic_callbacks["certificate-renewal"] = PeriodicCallback(
+                self._renewal.tick, interval.total_seconds() * 1000
+            )
+
     async def _start(self) -> None:
+        self._add_upkeep()
         self._check_expiry()
         try:
             await self._check_image()

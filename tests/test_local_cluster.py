@@ -405,6 +405,18 @@ async def test_scheduler_ends_itself_when_the_client_is_gone(vm_dir):
     assert_nothing_left(vm_dir)
 
 
+def test_a_synchronous_cluster_keeps_its_lease_and_renews(vm_dir):
+    """Started in ``__init__`` (no ``await``), as most users start it: the client's lease
+    and renewal callbacks run, so the scheduler outlives several lease timeouts."""
+    with LocalVMCluster(n_workers=1, lease_timeout="3s", directory=vm_dir) as cluster:
+        assert {"secure-cloud-lease", "certificate-renewal"} <= set(cluster.periodic_callbacks)
+        assert all(pc.is_running() for pc in cluster.periodic_callbacks.values())
+        time.sleep(9)
+        with Client(cluster) as client:
+            assert client.submit(sum, range(10)).result(timeout=30) == 45
+    assert_nothing_left(vm_dir)
+
+
 class OverlappingLocalVMCluster(LocalVMCluster):
     """Boots workers while the scheduler boots, as the cloud clusters do."""
 

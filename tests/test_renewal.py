@@ -12,6 +12,8 @@ import operator
 import os
 import socket
 import ssl
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -24,6 +26,7 @@ from dask_secure_cloud import LocalVMCluster
 from dask_secure_cloud.credentials import parse_identity
 from dask_secure_cloud.errors import OptionError
 from dask_secure_cloud.renewal import renewal_interval
+from dask_secure_cloud.vmrunner import find_vms
 
 #: How long the cluster computes across renewals (the issue asks for 10 minutes).
 COMPUTE_FOR = float(os.environ.get("DSC_RENEWAL_TEST_SECONDS", 600))
@@ -100,6 +103,54 @@ async def test_two_minute_certificates_renew_while_computing_and_end_a_clientles
         consoles = await wait_all_terminated(cluster, within=150)
         assert "did not renew it: closing" in consoles["scheduler"]
     assert_nothing_left(vm_dir)
+
+
+#: A client that renews once, then says how many renewals it made, then waits to be killed.
+RENEWING_CLIENT = """
+import sys, time
+from dask_secure_cloud import LocalVMCluster
+cluster = LocalVMCluster(
+    n_workers=1, certificate_lifetime="1m", lease_timeout="1h", directory=sys.argv[1]
+)
+deadline = time.monotonic() + 120
+while min(cluster._renewal.count.values(), default=0) < 1 or len(cluster._renewal.count) < 2:
+    assert time.monotonic() < deadline, cluster._renewal.count
+    time.sleep(0.5)
+print(cluster.cluster_id, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.alongside
+@pytest.mark.timeout(400)
+def test_a_killed_client_renews_nothing_and_its_vms_end_when_their_certificates_expire(vm_dir):
+    """A client process killed as a crash would: the lease would keep the VMs for an
+    hour, but their certificates, renewed once while the client lived, expire unrenewed
+    and every VM ends by itself within one certificate lifetime."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", RENEWING_CLIENT, str(vm_dir)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        cluster_id = child.stdout.readline().strip()
+        assert cluster_id.startswith("dsc-"), child.communicate(timeout=5)
+    finally:
+        child.kill()
+        child.wait()
+    killed = time.monotonic()
+    vms = find_vms(vm_dir, cluster_id)
+    assert sorted(vm.name for vm in vms) == ["scheduler", "worker-0"]
+    while any(vm.is_running() for vm in vms) and time.monotonic() - killed < 150:
+        time.sleep(1)
+    ended_after = time.monotonic() - killed
+    print(f"the VMs ended {ended_after:.0f}s after their client was killed")
+    assert not any(vm.is_running() for vm in vms), "a VM outlived its certificate"
+    # Ended by expiry, a minute at most after the last renewal (not by the lease); the
+    # worker's certificate expires as its scheduler goes, so it may end either way.
+    scheduler = next(vm for vm in vms if vm.name == "scheduler")
+    assert "did not renew it: closing" in scheduler.console_output()
+    for vm in vms:
+        vm.stop()  # removes what the orphaned VMs left on disk, as cleanup would
 
 
 def test_renewal_interval_and_lifetime_bounds(vm_dir):
