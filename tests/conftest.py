@@ -17,6 +17,7 @@ from clouds.booter import Booter, VMBooter
 pytest_plugins = ["clouds.guest.fixtures"]
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups into node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Three groups for ``pytest -n 3 --dist loadgroup`` (``ci/test.sh``), one per pytest
     worker, each run in turn: the guests (QEMU, CPU-bound; one cluster of guests at a
