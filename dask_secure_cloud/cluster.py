@@ -41,6 +41,7 @@ from .driver import VM, Driver
 from .enrollment import RelayedEnrollment
 from .errors import ClusterStartError, OptionError, ResourcesLeftError, VMBootError
 from .fleet import Fleet, delete_cluster
+from .network import NetworkPolicy
 from .options import ClusterOptions, docstring_parameters, keyword_signature, resolve
 from .plan import BootPlanner, default_docker_image, shippable_config
 from .renewal import Renewal, renewal_interval
@@ -202,6 +203,8 @@ class VMCluster(SpecCluster):
     #: The options this class accepts: their names, types, defaults, docs and checks.
     Options: ClassVar[type[ClusterOptions]] = ClusterOptions
     provider: ClassVar[str] = "vm"
+    #: The cloud's driver class, which :meth:`make_driver` builds.
+    driver_class: ClassVar[type[Driver] | None] = None
     #: Keywords besides the options that the class's :meth:`make_driver` takes (objects
     #: no config file can hold, such as a credential).
     extra_keywords: ClassVar[tuple[str, ...]] = ()
@@ -233,8 +236,14 @@ class VMCluster(SpecCluster):
 
     @classmethod
     def make_driver(cls, options: Any, **extra: Any) -> Driver:
-        """The driver for ``options``; it makes nothing until the cluster starts."""
-        raise TypeError(f"{cls.__name__} needs a driver: pass one as the first argument")
+        """The driver for ``options``; it makes nothing until the cluster starts.
+
+        Built from the options, the network policy they imply and the extra keywords a
+        user passed; a cloud whose driver needs more (a token, a region check) overrides
+        this."""
+        if cls.driver_class is None:
+            raise TypeError(f"{cls.__name__} needs a driver: pass one as the first argument")
+        return cls.driver_class(options, network=NetworkPolicy.from_options(options), **extra)
 
     @classmethod
     def setup(cls, options: Any, driver: Driver | None = None, **extra: Any) -> tuple[Any, Driver]:

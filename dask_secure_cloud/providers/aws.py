@@ -728,6 +728,7 @@ class EC2Cluster(VMCluster):
 
     provider = "aws"
     Options = EC2Options
+    driver_class = EC2Driver
 
     @classmethod
     def make_driver(cls, options: EC2Options, **extra: Any) -> EC2Driver:
@@ -736,4 +737,4 @@ class EC2Cluster(VMCluster):
             close = difflib.get_close_matches(options.region, sorted(regions), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise OptionError(f"region {options.region!r} is not an EC2 region.{hint}")
-        return EC2Driver(options, network=NetworkPolicy.from_options(options))
+        return super().make_driver(options, **extra)

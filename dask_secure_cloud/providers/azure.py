@@ -1073,37 +1073,20 @@ class AzureDriver(driver.Driver):
             return
         compute, net = self._clients()
         group = self.options.resource_group
-        for nic in await self._tagged(
-            "listing network interfaces", net.network_interfaces.list(group), cluster_id
-        ):
-            await self._gone(
-                f"deleting {nic.name}", net.network_interfaces.begin_delete, group, nic.name
-            )
-        for address in await self._tagged(
-            "listing public addresses", net.public_ip_addresses.list(group), cluster_id
-        ):
-            await self._gone(
-                f"deleting {address.name}",
-                net.public_ip_addresses.begin_delete,
-                group,
-                address.name,
-            )
-        for disk in await self._tagged(
-            "listing disks", compute.disks.list_by_resource_group(group), cluster_id
-        ):
-            await self._gone(f"deleting {disk.name}", compute.disks.begin_delete, group, disk.name)
-        for nsg in await self._tagged(
-            "listing network security groups", net.network_security_groups.list(group), cluster_id
-        ):
-            await self._in_use_retry(
-                f"deleting {nsg.name}", net.network_security_groups.begin_delete, group, nsg.name
-            )
-        for vnet in await self._tagged(
-            "listing virtual networks", net.virtual_networks.list(group), cluster_id
-        ):
-            await self._in_use_retry(
-                f"deleting {vnet.name}", net.virtual_networks.begin_delete, group, vnet.name
-            )
+        # In this order: a NIC holds its address, NSG and subnet; an NSG or a vnet may
+        # still be referenced for a while by a NIC just deleted, hence the retry.
+        kinds = (
+            ("network interfaces", net.network_interfaces, "list", self._gone),
+            ("public addresses", net.public_ip_addresses, "list", self._gone),
+            ("disks", compute.disks, "list_by_resource_group", self._gone),
+            ("network security groups", net.network_security_groups, "list", self._in_use_retry),
+            ("virtual networks", net.virtual_networks, "list", self._in_use_retry),
+        )
+        for kind, operations, list_method, delete in kinds:
+            pager = getattr(operations, list_method)(group)
+            for resource in await self._tagged(f"listing {kind}", pager, cluster_id):
+                name = resource.name
+                await delete(f"deleting {name}", operations.begin_delete, group, name)
 
     async def _in_use_retry(
         self, what: str, begin: Callable[..., Awaitable[Any]], *args: Any
@@ -1137,12 +1120,5 @@ class AzureVMCluster(VMCluster):
 
     provider = "azure"
     Options = AzureOptions
+    driver_class = AzureDriver
     extra_keywords = ("credential",)
-
-    @classmethod
-    def make_driver(cls, options: AzureOptions, **extra: Any) -> AzureDriver:
-        return AzureDriver(
-            options,
-            network=NetworkPolicy.from_options(options),
-            credential=extra.get("credential"),
-        )

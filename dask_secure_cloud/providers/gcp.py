@@ -130,7 +130,7 @@ class GCPDriver(driver.Driver):
     user_data_limit = LIMITS["gcp"]
 
     def __init__(
-        self, options: GCPOptions, *, network_policy: NetworkPolicy, credentials: Any = None
+        self, options: GCPOptions, *, network: NetworkPolicy, credentials: Any = None
     ) -> None:
         self.options = options
         self.project = options.project
@@ -141,12 +141,12 @@ class GCPDriver(driver.Driver):
         self.labels = dict(options.labels)
         self.network_tags = list(options.network_tags)
         self.scopes = list(options.scopes)
-        self.network_policy = network_policy
+        self.network_policy = network
         run = options.max_run_duration
         self.max_run_duration = run.total_seconds() if run is not None else None
         self.credentials = credentials
         #: True, False, or None to decide from the subnetwork's ways out.
-        self.worker_public_ip = network_policy.worker_public_ip
+        self.worker_public_ip = network.worker_public_ip
         self._clients: dict[str, Any] = {}
         self._image_link: str | None = None
         self._subnets: list[Any] | None = None
@@ -644,33 +644,25 @@ class GCPDriver(driver.Driver):
         except driver.NotFoundError:
             return  # deleted meanwhile by its lease, or as a spot VM
 
-    async def list(self, cluster_id: str) -> list[driver.VM]:
+    async def _instances(self, label_filter: str) -> list[compute_v1.Instance]:
+        """Every instance in the zone that matches ``label_filter``, all pages read."""
         pages = await self._call(
             "InstancesClient",
             "list",
             "listing instances",
             request=compute_v1.ListInstancesRequest(
-                project=self.project,
-                zone=self.options.zone,
-                filter=f'labels.{driver.CLUSTER_TAG} = "{cluster_id}"',
+                project=self.project, zone=self.options.zone, filter=label_filter
             ),
         )
-        instances = await asyncio.to_thread(list, pages)
+        return await asyncio.to_thread(list, pages)
+
+    async def list(self, cluster_id: str) -> list[driver.VM]:
+        instances = await self._instances(f'labels.{driver.CLUSTER_TAG} = "{cluster_id}"')
         # A stopped instance still exists (and its disk still costs): list every one.
         return [self._record(i, cluster_id) for i in instances]
 
     async def clusters(self) -> list[driver.ClusterSummary]:
-        pages = await self._call(
-            "InstancesClient",
-            "list",
-            "listing instances",
-            request=compute_v1.ListInstancesRequest(
-                project=self.project,
-                zone=self.options.zone,
-                filter=f"labels.{driver.CLUSTER_TAG}:*",
-            ),
-        )
-        instances = await asyncio.to_thread(list, pages)
+        instances = await self._instances(f"labels.{driver.CLUSTER_TAG}:*")
         # Firewall rules carry no labels: the cluster id is read from their names,
         # ``dask-secure-cloud-<id>-<deny|client|internal>``, whatever the id is.
         rules = await self._call(
@@ -857,12 +849,5 @@ class GCPCluster(VMCluster):
 
     provider = "gcp"
     Options = GCPOptions
+    driver_class = GCPDriver
     extra_keywords = ("credentials",)
-
-    @classmethod
-    def make_driver(cls, options: GCPOptions, **extra: Any) -> GCPDriver:
-        return GCPDriver(
-            options,
-            network_policy=NetworkPolicy.from_options(options),
-            credentials=extra.get("credentials"),
-        )
