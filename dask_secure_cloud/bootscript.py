@@ -67,12 +67,13 @@ on_exit() {
   # A short grace keeps the console readable for whoever is attached to it.
   if [ -z "$LOCAL" ]; then say "powering off in 30s"; (sleep 30; power_off now) & fi
 }
-# step NAME COMMAND...: run one step with its output in $D/log/NAME.log.
+# step NAME COMMAND...: run one step with its output in $D/log/NAME.log; the step may
+# print a progress line on the console (this script's output) through file descriptor 3.
 step() {
   STEP=$1; shift
   t=$(clock)
   say "$STEP: started"
-  if "$@" >>"$D/log/$STEP.log" 2>&1; then
+  if "$@" 3>&1 >>"$D/log/$STEP.log" 2>&1; then
     say "$STEP: done in $(since "$t")s"
   else
     rc=$?
@@ -101,6 +102,7 @@ apt_install() {
     echo "needs $*, but this image has no apt-get: use an image that has them"
     return 1
   fi
+  say "$STEP: installing from the distribution's packages: $*" >&3
   export DEBIAN_FRONTEND=noninteractive
   # The dpkg lock is held by unattended-upgrades on a cloud VM's first boot: wait for it.
   retry apt-get -q -o DPkg::Lock::Timeout=300 -o APT::Update::Error-Mode=any update &&

@@ -256,20 +256,35 @@ class GuestBooter(Booter[GuestVM]):
         name: str,
         role: str,
         egress: bool = True,
+        apparmor: bool | None = None,
+        image: GuestImage | None = None,
     ) -> GuestVM:
         """Start a guest that boots ``user_data`` with ``address`` on the cluster network.
 
         With ``egress`` it has a second NIC on the outside network and its default route
         via ``SERVICES_ADDRESS``; without, no route beyond the cluster network at all.
+        ``apparmor`` and ``image`` override the booter's settings for this guest.
         Returns once qemu runs; the guest boots on (about a minute under TCG).
         """
+        if apparmor is None:
+            apparmor = self.apparmor
         # Drivers boot from several threads at once: one at a time here, so no two
         # guests ever get the same outside address (it takes well under a second).
         with self._lock:
-            return self._boot(user_data, address, cluster_id, name, role, egress)
+            return self._boot(
+                user_data, address, cluster_id, name, role, egress, apparmor, image or self.image
+            )
 
     def _boot(
-        self, user_data: bytes, address: str, cluster_id: str, name: str, role: str, egress: bool
+        self,
+        user_data: bytes,
+        address: str,
+        cluster_id: str,
+        name: str,
+        role: str,
+        egress: bool,
+        apparmor: bool,
+        image: GuestImage,
     ) -> GuestVM:
         if ipaddress.ip_address(address) not in CLUSTER_NETWORK:
             raise ValueError(f"{address} is not on the cluster network {CLUSTER_NETWORK}")
@@ -303,7 +318,7 @@ class GuestBooter(Booter[GuestVM]):
         try:
             for nic in nics:
                 made.append(self.network.tap(nic.tap, nic.bridge))
-            qemu.make_overlay(directory / "disk.qcow2", self.image.disk)
+            qemu.make_overlay(directory / "disk.qcow2", image.disk)
             qemu.make_seed(
                 directory / "seed.iso",
                 user_data,
@@ -313,13 +328,13 @@ class GuestBooter(Booter[GuestVM]):
             )
             command = qemu.qemu_command(
                 accel=self.accelerator,
-                kernel=self.image.kernel,
+                kernel=image.kernel,
                 disk=directory / "disk.qcow2",
                 seed=directory / "seed.iso",
                 nics=nics,
                 console=directory / "console.log",
                 name=name,
-                apparmor=self.apparmor,
+                apparmor=apparmor,
             )
             with open(directory / "qemu.log", "wb") as log:
                 started = time.monotonic()

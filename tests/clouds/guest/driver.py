@@ -20,6 +20,7 @@ from dask_secure_cloud.driver import VM, Driver, VMRequest
 
 from .booter import GuestBooter, GuestVM
 from .common import CLUSTER_NETWORK
+from .image import GuestImage
 
 __all__ = ["GuestCluster", "GuestDriver"]
 
@@ -34,9 +35,19 @@ class GuestDriver(Driver):
     # the cluster still overlaps worker boots with the scheduler's, as on a cloud.
     max_concurrent_creates = 4
 
-    def __init__(self, booter: GuestBooter, egress: Mapping[Role, bool] | None = None) -> None:
+    def __init__(
+        self,
+        booter: GuestBooter,
+        egress: Mapping[Role, bool] | None = None,
+        apparmor: bool | None = None,
+        image: GuestImage | None = None,
+    ) -> None:
         self.booter = booter
         self.egress = dict(egress or {Role.SCHEDULER: True, Role.WORKER: True})
+        #: Whether the guests' kernel enforces AppArmor; None: the booter's setting.
+        self.apparmor = apparmor
+        #: The guests' image; None: the booter's.
+        self.image = image
         self.created: list[VM] = []
         #: Seconds a deletion first waits for the guest to power itself off, as a VM whose
         #: Dask process ended does; 0: delete at once, as a cloud does.
@@ -72,6 +83,8 @@ class GuestDriver(Driver):
             name=request.name,
             role=request.role.value,
             egress=self.egress.get(request.role, True),
+            apparmor=self.apparmor,
+            image=self.image,
         )
         vm = self._record(guest)
         self.created.append(vm)

@@ -62,7 +62,7 @@ from .common import (
 )
 from .mirror_apt import apt_repository
 
-__all__ = ["GuestImage", "baked_image", "stock_image"]
+__all__ = ["GuestImage", "baked_image", "docker_image", "stock_image"]
 
 #: Bump when the build procedure changes in a way the data below does not show.
 BUILD_VERSION = "1"
@@ -165,12 +165,12 @@ def _stock_files() -> dict[str, bytes]:
     }
 
 
-def _bootstrap_inputs() -> list[bytes | str]:
+def _bootstrap_inputs(packages: tuple[str, ...]) -> list[bytes | str]:
     return [
         BUILD_VERSION,
         SUITE,
         apt_repository().name,
-        ",".join(STOCK_PACKAGES),
+        ",".join(packages),
         "\0".join(_MMDEBSTRAP_OPTIONS),
     ]
 
@@ -195,7 +195,7 @@ def _run(args: list[str], log: Path) -> None:
         raise RuntimeError(f"{args[0]} failed (rc {result.returncode}):\n{tail}")
 
 
-def _bootstrap(directory: Path) -> None:
+def _bootstrap(directory: Path, packages: tuple[str, ...]) -> None:
     """``mmdebstrap`` the packages into ``directory/rootfs``: the slow step, cached alone
     so that changing the customisation below costs seconds."""
     started = time.monotonic()
@@ -204,7 +204,7 @@ def _bootstrap(directory: Path) -> None:
             "mmdebstrap",
             "--mode=root",
             *_MMDEBSTRAP_OPTIONS,
-            f"--include={','.join(STOCK_PACKAGES)}",
+            f"--include={','.join(packages)}",
             SUITE,
             str(directory / "rootfs"),
             # From the very repository the guests' apt-get reads later: a package they
@@ -214,7 +214,7 @@ def _bootstrap(directory: Path) -> None:
         ],
         directory / "build.log",
     )
-    _report("stock root filesystem (mmdebstrap)", time.monotonic() - started)
+    _report(f"root filesystem: {', '.join(packages)} (mmdebstrap)", time.monotonic() - started)
 
 
 def _customise(root: Path, log: Path) -> None:
@@ -272,9 +272,14 @@ def _report(what: str, seconds: float) -> None:
     print(f"guest image: built {what} in {seconds:.1f} s", file=sys.stderr, flush=True)
 
 
-def _stock_directory() -> Path:
-    """The cached stock image: its customised ``rootfs/`` tree, ``disk.raw``, ``vmlinuz``."""
-    bootstrap = cached("guest-bootstrap", _bootstrap_inputs(), _bootstrap)
+def _image_directory(label: str, packages: tuple[str, ...]) -> Path:
+    """A cached image of ``packages`` with the test bed's customisation: its customised
+    ``rootfs/`` tree, ``disk.raw`` and ``vmlinuz``."""
+    bootstrap = cached(
+        "guest-bootstrap",
+        _bootstrap_inputs(packages),
+        lambda directory: _bootstrap(directory, packages),
+    )
 
     def build(directory: Path) -> None:
         started = time.monotonic()
@@ -283,12 +288,17 @@ def _stock_directory() -> Path:
         # A real copy, not hard links: the customisation rewrites files in place.
         _run(["cp", "-a", "--reflink=auto", str(bootstrap / "rootfs"), str(root)], log)
         _customise(root, log)
-        info = {"image": "stock", "bootstrap": bootstrap.name, "packages": list(STOCK_PACKAGES)}
-        _make_disk(root, directory, "stock", info)
-        _report("stock image (customise + disk)", time.monotonic() - started)
+        info = {"image": label, "bootstrap": bootstrap.name, "packages": list(packages)}
+        _make_disk(root, directory, label, info)
+        _report(f"{label} image (customise + disk)", time.monotonic() - started)
 
     inputs = [bootstrap.name, *_customisation_inputs(), DISK_SIZE]
-    return cached("guest-stock", inputs, build)
+    return cached(f"guest-{label}", inputs, build)
+
+
+def _stock_directory() -> Path:
+    """The cached stock image (see :func:`_image_directory`)."""
+    return _image_directory("stock", STOCK_PACKAGES)
 
 
 def stock_image() -> GuestImage:
@@ -297,6 +307,15 @@ def stock_image() -> GuestImage:
     Cold, ``mmdebstrap`` takes a minute or two; later calls return the cache at once.
     """
     return GuestImage("stock", _stock_directory())
+
+
+def docker_image() -> GuestImage:
+    """Stock plus the distribution's Docker engine, as on an image a user made with Docker
+    on it: the boot script's ``docker-engine`` step finds it and installs nothing.
+
+    A bootstrap of its own (a minute or two, cold): Docker's packages set up users,
+    groups and units that a copy of the stock tree would miss."""
+    return GuestImage("docker", _image_directory("docker", (*STOCK_PACKAGES, "docker.io")))
 
 
 def baked_image(dask_version: str, distributed_version: str) -> GuestImage:
