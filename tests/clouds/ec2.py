@@ -243,6 +243,10 @@ class EC2StandIn:
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._booted: dict[str, str] = {}  # instance id -> booter vm id
+        # Held while a VM is being stopped: the watcher (the VM powered itself off) and
+        # a TerminateInstances call may end one instance at once, and the call must not
+        # answer before that VM is gone.
+        self._ending = threading.Lock()
         #: The console of each instance that ended: EC2 keeps it readable after that.
         self._last_console: dict[str, str] = {}
         self._stop = threading.Event()
@@ -302,7 +306,7 @@ class EC2StandIn:
             if action == "TerminateInstances":
                 # A terminated instance's VM is gone before EC2 reports it terminated.
                 for key, value in params.items():
-                    if key.startswith("InstanceId.") and value in self._booted:
+                    if key.startswith("InstanceId."):
                         self._end(value)
             return response
 
@@ -496,17 +500,21 @@ class EC2StandIn:
                     self._shut_down_if_off(instance)
 
     def _end(self, instance_id: str) -> None:
-        """Stop the instance's VM, keeping its console readable as EC2 does."""
-        vm_id = self._booted.pop(instance_id)
-        vm = self.booter.vms.get(vm_id)
-        if vm is not None:
-            self._last_console[instance_id] = vm.console_output()
-        self.booter.stop(vm_id)
+        """Stop the instance's VM, keeping its console readable as EC2 does; returns when
+        it is gone, whoever started stopping it."""
+        with self._ending:
+            vm_id = self._booted.pop(instance_id, None)
+            if vm_id is None:
+                return  # never booted, or already ended
+            vm = self.booter.vms.get(vm_id)
+            if vm is not None:
+                self._last_console[instance_id] = vm.console_output()
+            self.booter.stop(vm_id)
 
     def _shut_down_if_off(self, instance: Any) -> None:
         """A VM whose OS powered itself off: EC2 stops the instance, or terminates it
         when it was launched with ``InstanceInitiatedShutdownBehavior=terminate``."""
-        vm = self.booter.vms.get(self._booted[instance.id])
+        vm = self.booter.vms.get(self._booted.get(instance.id, ""))
         if vm is None or vm.is_running():
             return
         if instance.instance_initiated_shutdown_behavior == "terminate":
