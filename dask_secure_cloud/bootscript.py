@@ -11,7 +11,8 @@ Steps, in order:
 
 - ``enroll`` (the cluster's own CA), started first and in the background: the VM makes
   its key and waits for the client to certify it (``enroll.py``), while the steps
-  below provision; the step itself is the wait for it, just before Dask starts.
+  below provision; the step itself is the wait for it, just before Dask starts (a
+  native Dask process is started just before the wait, to import Dask meanwhile).
 
 - ``gpu-check`` (docker runtime, GPU workers): the NVIDIA driver and container toolkit
   must already be on the image; installing them at boot is slow and fragile, so a
@@ -61,8 +62,10 @@ power_off() {
 on_exit() {
   rc=$?
   [ "$rc" -eq 0 ] && return
-  # A failed boot ends the enrollment still waiting (it may have ended already).
+  # A failed boot ends the enrollment still waiting (it may have ended already), and
+  # the Dask process waiting for it.
   if [ -n "${ENROLL:-}" ]; then kill "$ENROLL" 2>/dev/null || true; fi
+  { : >"$D/boot-failed"; } 2>/dev/null || true
   say "boot FAILED at step $STEP (exit $rc) after $(since "$T0")s"
   # A short grace keeps the console readable for whoever is attached to it.
   if [ -z "$LOCAL" ]; then say "powering off in 30s"; (sleep 30; power_off now) & fi
@@ -287,11 +290,23 @@ def render_script(
     if extra_bootstrap:
         lines += ['STEP=extra-bootstrap; say "extra-bootstrap: started"', *extra_bootstrap]
         lines.append('say "extra-bootstrap: done"')
-    if enroll_port is not None:
-        lines += ['step enroll wait "$ENROLL"', 'ENROLL=""']
-    lines += [
-        "STEP=dask",
-        f'say "ready to start dask {role} after $(since "$T0")s"',
+    # A native Dask process starts before the enrollment wait and imports Dask while
+    # the VM is certified; it runs once the certificate is in place (``enroll.py
+    # --start``). Only the ``dask`` command is sure to be in a container: it starts after.
+    early = enroll_port is not None and runtime == "native"
+    dask = _dask_process(role, launch, power_off_on_exit, waits_for_certificate=early)
+    enrolled = ['step enroll wait "$ENROLL"', 'ENROLL=""'] if enroll_port is not None else []
+    ready = ["STEP=dask", f'say "ready to start dask {role} after $(since "$T0")s"']
+    lines += [*dask, *enrolled, *ready] if early else [*enrolled, *ready, *dask]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _dask_process(
+    role: str, launch: str, power_off_on_exit: bool, *, waits_for_certificate: bool
+) -> list[str]:
+    """The lines that run Dask in the background, report how it ended, and power off."""
+    lines = [
         'HOST_ARGS=""',
         'if [ -n "${DSC_VM_ADDRESS:-}" ]; then HOST_ARGS="--host $DSC_VM_ADDRESS"; fi',
         "(",
@@ -299,6 +314,11 @@ def render_script(
         "  t=$(clock)",
         f'  {launch} >>"$D/dask.log" 2>&1 </dev/null',
         "  status=$?",
+    ]
+    if waits_for_certificate:
+        # It never ran: the script reports the failed enrollment and powers off.
+        lines.append('  if [ -e "$D/boot-failed" ]; then exit 0; fi')
+    lines += [
         f'  say "dask {role} exited with status $status after $(since "$t")s"',
         '  if [ "$status" -ne 0 ]; then',
         # A chained traceback puts its cause far above the last lines: show the
@@ -312,6 +332,5 @@ def render_script(
     ]
     if power_off_on_exit:
         # The VM ends with its Dask process, so a killed client leaves no bill running.
-        lines += ['  if [ -z "$LOCAL" ]; then say "powering off"; power_off now; fi']
-    lines += [") &", ""]
-    return "\n".join(lines)
+        lines.append('  if [ -z "$LOCAL" ]; then say "powering off"; power_off now; fi')
+    return [*lines, ") &"]

@@ -20,6 +20,16 @@ boot ``DEADLINE`` (epoch seconds) passes. Each request is a JSON line answered b
   a renewal replaces both at once), the token is deleted, and the script exits 0 (on
   the scheduler, freeing the port for Dask).
 
+Once certified, the ticket file is deleted after the port is closed: that is the sign
+for Dask to start. With ``runtime="native"`` the Dask process is started beforehand, so
+that it imports Dask while the VM enrols instead of after::
+
+    PY enroll.py --start DIR DEADLINE MODULE ARGS...
+
+imports ``MODULE`` (``distributed.cli.dask_worker``), waits for the sign, then runs it as
+``python -m MODULE ARGS...`` would. It gives up when the boot script writes
+``DIR/boot-failed`` (or, should the script be gone, a minute after ``DEADLINE``).
+
 The scheduler is asked directly by the client. A worker is asked through the scheduler,
 which relays each line (``secure_cloud_enroll_relay``, a handler only the client's
 certificate may call): the scheduler sees only public material, so it needs no trust.
@@ -29,8 +39,10 @@ proof it cannot reuse.
 
 import hashlib
 import hmac
+import importlib
 import json
 import os
+import runpy
 import socket
 import ssl
 import subprocess
@@ -141,13 +153,33 @@ def serve(home, address, port, deadline):
                 if "error" in reply:
                     say(f"{peer[0]}: {reply['error']}")
             if done:
-                os.unlink(ticket_file)
-                say(f"certified after {time.monotonic() - started:.1f}s")
-                return 0
-    say("no certificate from the cluster's client before the boot deadline")
-    return 1
+                break
+        else:
+            say("no certificate from the cluster's client before the boot deadline")
+            return 1
+    # The port is free now (Dask's, on the scheduler): let Dask start.
+    os.unlink(ticket_file)
+    say(f"certified after {time.monotonic() - started:.1f}s")
+    return 0
+
+
+def start(home, deadline, module, args):
+    """Run Dask's command ``module`` once this VM is certified, importing it meanwhile."""
+    importlib.import_module(module)
+    while os.path.exists(os.path.join(home, "tls", "enroll.json")):
+        # The boot script says when enrollment failed; the deadline is a last resort.
+        if os.path.exists(os.path.join(home, "boot-failed")) or time.time() > deadline + 60:
+            say("this VM was not certified: Dask does not start")
+            return 1
+        time.sleep(0.05)
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    return 0
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--start":
+        home, deadline, module = sys.argv[2:5]
+        sys.exit(start(home, float(deadline), module, sys.argv[5:]))
     home, address, port, deadline = sys.argv[1:5]
     sys.exit(serve(home, address, int(port), float(deadline)))

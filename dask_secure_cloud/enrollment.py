@@ -230,9 +230,16 @@ class RelayedEnrollment:
     """Workers enrolled through the scheduler, all booting workers in one relay call
     per round (two calls per round: nonces out, certificates out), however many boot.
 
+    A worker starts answering a fraction of a second after it boots, so rounds come
+    quickly at first (``FIRST_PAUSE``, doubling up to ``interval``) and again whenever
+    a worker is added or certified: a pause of ``interval`` would be its boot's delay.
+
     ``relay`` sends ``[[host, port, line], ...]`` through the scheduler and returns the
     answers in order; it raises ``OSError`` while the scheduler cannot be reached.
     """
+
+    #: The pause after a round that certified nothing, doubled each such round.
+    FIRST_PAUSE = 0.1
 
     def __init__(
         self,
@@ -249,11 +256,14 @@ class RelayedEnrollment:
         self._pending: dict[str, tuple[str, asyncio.Future[str]]] = {}
         self._refusals: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
+        #: A worker was added or certified since the last pause: pause briefly again.
+        self._news = False
 
     def add(self, name: str, host: str) -> asyncio.Future[str]:
         """Enrol the worker ``name`` booting at ``host``; the future is its certificate."""
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._pending[name] = (host, future)
+        self._news = True
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
         return future
@@ -268,13 +278,16 @@ class RelayedEnrollment:
         return self._refusals.get(name)
 
     async def _run(self) -> None:
+        pause = self.FIRST_PAUSE
         while self._pending:
             try:
                 await self._round()
             except OSError as e:  # the scheduler is not reachable (yet): try again
                 logger.debug("enrollment relay failed: %s", e)
             if self._pending:
-                await asyncio.sleep(self.interval)
+                news, self._news = self._news, False
+                pause = self.FIRST_PAUSE if news else min(pause * 2, self.interval)
+                await asyncio.sleep(pause)
 
     async def _round(self) -> None:
         names = list(self._pending)
@@ -303,6 +316,7 @@ class RelayedEnrollment:
                 self._refuse(name, str(e))
                 continue
             _, future = self._pending.pop(name, (None, None))
+            self._news = True  # the others are likely about as far along
             if future is not None and not future.done():
                 future.set_result(certified[name])
             if self.on_enrolled is not None:

@@ -457,13 +457,28 @@ async def secure_cloud_enroll_relay(requests: list[Any]) -> list[Any]:
     """Carry the client's enrollment lines to booting workers (``[host, port, line]``
     each) and bring back their answers, all at once; ``{"unreachable": why}`` for a
     worker that does not answer yet. The lines hold only public material, checked by
-    both ends (see ``enroll.py``), so the scheduler relays without trusting them."""
+    both ends (see ``enroll.py``), so the scheduler relays without trusting them.
+
+    A worker that refuses the connection is about to listen (its VM is up): it is asked
+    again for up to a second, so that it enrols as soon as it can instead of a round
+    later."""
     import asyncio
     import json
+    import time
+
+    async def connect(host: str, port: int) -> Any:
+        patience = time.monotonic() + 1.0
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+            except ConnectionRefusedError:
+                if time.monotonic() > patience:
+                    raise
+                await asyncio.sleep(0.05)
 
     async def one(host: str, port: int, line: Any) -> Any:
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+            reader, writer = await connect(host, port)
             try:
                 writer.write(json.dumps(line).encode() + b"\n")
                 return json.loads(await asyncio.wait_for(reader.readline(), 15))

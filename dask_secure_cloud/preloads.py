@@ -9,6 +9,7 @@ environment or the command line.
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Mapping
 from importlib import resources
 from typing import Any
@@ -131,19 +132,21 @@ def spot_interruption(
 def peer_checks(settings: Mapping[str, Any]) -> str:
     """Scheduler, worker and nanny preload: ``peers.py`` itself, with its settings (the
     cluster id, this VM's role, a worker's scheduler host, ``workers_as_clients``)."""
-    source = resources.files(__package__).joinpath("peers.py").read_text()
-    return f"{_without_docs(source)}\nSETTINGS = {dict(settings)!r}\n"
+    return f"{_shipped('peers.py')}\nSETTINGS = {dict(settings)!r}\n"
 
 
 def enroll_script() -> str:
     """``enroll.py``, run by the boot script before Dask starts (not a preload, but
     shipped the same way)."""
-    return _without_docs(resources.files(__package__).joinpath("enroll.py").read_text())
+    return _shipped("enroll.py")
 
 
-def _without_docs(source: str) -> str:
-    """``source`` without docstrings and comments: the same code in less user-data (EC2
-    allows 16 KiB in all). The documented original is ``dask_secure_cloud/<name>.py``."""
+@functools.cache
+def _shipped(name: str) -> str:
+    """This package's module ``name`` without docstrings and comments: the same code in
+    less user-data (EC2 allows 16 KiB in all). Made once per process: every VM's
+    user-data carries it, and parsing it costs tens of milliseconds."""
+    source = resources.files(__package__).joinpath(name).read_text()
     tree = ast.parse(source)
     for node in ast.walk(tree):
         body = getattr(node, "body", None)

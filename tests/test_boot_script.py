@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +21,14 @@ import dask
 import distributed
 import pytest
 
-from dask_secure_cloud.cloudinit import BootPlan, DockerRuntime, NativeRuntime, render
+from dask_secure_cloud.cloudinit import (
+    VM_HOME,
+    BootPlan,
+    DockerRuntime,
+    EnrollmentTicket,
+    NativeRuntime,
+    render,
+)
 from dask_secure_cloud.credentials import Role
 from dask_secure_cloud.vmrunner import boot
 
@@ -29,6 +37,13 @@ from clouds.booter import DOCKER_SHIM_DIR
 
 def _run(tmp_path: Path, plan: BootPlan, *, extra_path: str | None = None, wait: float = 60):
     """Boot ``plan`` as a local VM, wait for every process to end, return the console."""
+    return _run_with_log(tmp_path, plan, extra_path=extra_path, wait=wait)[0]
+
+
+def _run_with_log(
+    tmp_path: Path, plan: BootPlan, *, extra_path: str | None = None, wait: float = 60
+) -> tuple[str, str]:
+    """:func:`_run`, and Dask's log on the VM."""
     vm = boot(
         render(plan),
         directory=tmp_path / plan.cluster_id / plan.name,
@@ -41,9 +56,12 @@ def _run(tmp_path: Path, plan: BootPlan, *, extra_path: str | None = None, wait:
     deadline = time.monotonic() + wait
     while vm.is_running() and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert not vm.is_running(), f"the VM still runs after {wait}s"
     console = vm.console_path.read_text()
+    dask_log = vm.root / VM_HOME.lstrip("/") / "dask.log"
+    log = dask_log.read_text() if dask_log.exists() else ""
     vm.stop()
-    return console
+    return console, log
 
 
 def _worker(command: tuple[str, ...], runtime, **kwargs) -> BootPlan:
@@ -77,6 +95,25 @@ def test_a_dask_process_that_fails_leaves_its_last_log_lines_on_the_console(tmp_
     console = _run(tmp_path, plan)
     assert "dask worker exited with status 2" in console
     assert "dask-secure-cloud: | " in console and "--no-such-flag" in console
+
+
+def test_a_vm_never_certified_fails_at_enroll_and_its_waiting_dask_never_starts(tmp_path):
+    """A native Dask process starts before enrollment ends, to import Dask meanwhile:
+    when no certificate comes, the boot fails at ``enroll`` and that process ends
+    without ever running Dask."""
+    ticket = EnrollmentTicket("not needed: nothing is certified", "t" * 32, _free_port())
+    plan = _worker(("tls://127.0.0.1:9",), _native(), enroll=ticket, boot_timeout=4)
+    console, log = _run_with_log(tmp_path, plan, wait=30)
+    assert "boot FAILED at step enroll" in console, console
+    assert "ready to start dask" not in console and "dask worker exited" not in console
+    assert "this VM was not certified: Dask does not start" in log
+    assert "Start worker" not in log
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_a_failing_extra_bootstrap_names_the_step(tmp_path):

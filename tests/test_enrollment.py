@@ -26,7 +26,13 @@ from dask_secure_cloud import LocalVMCluster, preloads
 from dask_secure_cloud.cloudinit import secrets_in
 from dask_secure_cloud.credentials import ClusterCredentials, Role, parse_identity
 from dask_secure_cloud.enroll import proof
-from dask_secure_cloud.enrollment import Enrollment, EnrollmentRefused, ask_directly
+from dask_secure_cloud.enrollment import (
+    Enrollment,
+    EnrollmentRefused,
+    RelayedEnrollment,
+    ask_directly,
+)
+from dask_secure_cloud.peers import secure_cloud_enroll_relay
 
 from conftest import answers_without_certificate, decoded_files
 
@@ -108,6 +114,13 @@ async def test_a_vm_makes_its_key_and_the_client_certifies_it(tmp_path):
         cert = await enrollment.enroll(
             "worker-0", lambda line: ask_directly("127.0.0.1", port, line)
         )
+        # The ticket goes once the port is free: the sign for Dask to take the port.
+        while (home / "tls/enroll.json").exists():
+            await asyncio.sleep(0.01)
+        with socket.socket() as dask_listener:
+            dask_listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            dask_listener.bind(("127.0.0.1", port))
+            dask_listener.listen()
         assert process.wait(timeout=10) == 0, process.stdout.read()
     finally:
         process.kill()
@@ -122,6 +135,30 @@ async def test_a_vm_makes_its_key_and_the_client_certifies_it(tmp_path):
     assert issued.public_key() == key.public_key()
     assert parse_identity(issued) == ("c-enrol", Role.WORKER, "worker-0")
     assert enrollment.certificate("worker-0") == cert
+
+
+async def test_a_worker_enrols_through_the_relay_as_soon_as_it_answers(tmp_path):
+    """Workers start answering at unknown times: the client's rounds come quickly while
+    one boots, so a late worker is certified in about a second, not a round later."""
+    creds = ClusterCredentials("c-relay")
+    enrollment = Enrollment(creds, WINDOW, LIFETIME)
+    port = free_port()
+    token = enrollment.ticket(Role.WORKER, "worker-0", port)
+    relayed = RelayedEnrollment(enrollment, secure_cloud_enroll_relay, interval=60)
+    certified = relayed.add("worker-0", "127.0.0.1")
+    await asyncio.sleep(3)  # the VM boots meanwhile: several rounds find nothing
+    assert not certified.done()
+    started = time.monotonic()
+    process = vm_side(tmp_path / "vm", creds.ca_cert_pem, "worker-0", token, port)
+    try:
+        cert = await asyncio.wait_for(certified, 30)
+        waited = time.monotonic() - started
+        assert process.wait(timeout=10) == 0, process.stdout.read()
+    finally:
+        process.kill()
+        await relayed.close()
+    assert enrollment.certificate("worker-0") == cert
+    assert waited < 5, f"certified {waited:.1f}s after it started answering"
 
 
 async def test_a_token_is_single_use_bound_to_its_vm_and_its_boot_window():
