@@ -24,7 +24,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     time), the process-VM tests (which mostly wait on sockets), and the few long, light
     tests marked ``alongside`` (a cluster computing for ten minutes across certificate
     renewals). The guests run at a lower CPU priority, so the process-VM tests' short
-    timeouts hold beside them."""
+    timeouts hold beside them.
+
+    Guest tests marked ``every_core`` (three guests installing Docker) run last: the
+    other guest tests leave a core to the process-VM tests beside them, and by the time
+    those are done this one has the machine to itself instead of sharing it."""
+    items.sort(key=lambda item: item.get_closest_marker("every_core") is not None)
     for item in items:
         if item.get_closest_marker("xdist_group"):
             continue  # placed by its module (the test bed's own tests go with the guests)

@@ -181,6 +181,7 @@ def ec2_guests(
         stand_in.stop()
 
 
+@pytest.mark.every_core
 async def test_ec2_defaults_install_docker_on_stock_guests_and_compute_over_tls(
     ec2_guests, guest_network, guest_services
 ):
