@@ -35,7 +35,7 @@ __all__ = ["LocalVM", "UnsupportedUserData", "boot", "find_vms"]
 
 _SUPPORTED = {"write_files", "runcmd"}
 # Variables a new VM would have, and the ones Python needs to find its packages here.
-_PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "TZ")
+_PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV", "TZ")
 _RECORD = "vm.json"
 
 
@@ -200,6 +200,7 @@ def boot(
     script = vm_dir / "runcmd.sh"
     try:
         root.mkdir(mode=0o755)
+        (root / "tmp").mkdir(mode=0o700)
         _write_files(root, document.get("write_files") or [])
         script.write_text(_runcmd_script(document.get("runcmd") or []))
     except BaseException:
@@ -213,6 +214,9 @@ def boot(
     # The interpreter that runs us is the VM's python3 too, when no other one is on PATH.
     env["PATH"] = env.get("PATH", os.defpath) + os.pathsep + os.path.dirname(sys.executable)
     env.update(DSC_VM_ROOT=str(root), DSC_VM_ADDRESS=address, DSC_VM_ID=vm_id)
+    # A /tmp of its own, as a VM has: Dask keeps its scratch space and copies of its
+    # preloads there, and VMs sharing one would overwrite each other's copies.
+    env["TMPDIR"] = str(root / "tmp")
     with open(vm_dir / "console.log", "wb") as console:
         process = subprocess.Popen(
             ["sh", str(script)],

@@ -77,6 +77,8 @@ async def test_tls_cluster_computes_and_leaves_nothing(vm_dir, recorded_user_dat
         blobs += [p.read_bytes() for p in vm_dir.rglob("*") if p.is_file()]
         logs = await cluster.get_logs()
         blobs += [str(v).encode() for v in logs.values()]
+        # Each VM's Dask copies its own preloads into its own /tmp, none of another VM's.
+        assert "File name collision" not in str(logs)
         blobs += [repr(cluster).encode(), cluster._repr_html_().encode(), caplog.text.encode()]
         assert len(recorded_user_data) == 3
         for secret in secrets:

@@ -59,7 +59,10 @@ def test_write_files_honours_encoding_and_permissions(tmp_path):
 
 
 def test_runcmd_runs_in_a_clean_environment_on_the_vm_address(tmp_path, monkeypatch):
+    """No client variable leaks in, and the VM has a temporary directory of its own:
+    Dask copies its preloads there, and VMs sharing one overwrote each other's."""
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "from-the-client")
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "client-tmp"))
     vm = _boot(
         tmp_path,
         '#cloud-config\nruncmd:\n- env > "$DSC_VM_ROOT/env.txt"\n- [sh, -c, "echo list form"]\n',
@@ -70,6 +73,8 @@ def test_runcmd_runs_in_a_clean_environment_on_the_vm_address(tmp_path, monkeypa
     env = (vm.root / "env.txt").read_text()
     assert "DSC_VM_ADDRESS=127.0.0.1" in env
     assert "from-the-client" not in env
+    assert f"TMPDIR={vm.root / 'tmp'}\n" in env
+    assert (vm.root / "tmp").is_dir()
     assert "list form" in vm.console_output()
     vm.stop()
 
