@@ -277,7 +277,9 @@ def render_script(
         enroll_python = "python3" if runtime == "docker" else "$PY"
         lines += [
             'say "enroll: making this VM\'s key; the client certifies it meanwhile"',
-            f'"{enroll_python}" "$D/enroll.py" "$D" "${{DSC_VM_ADDRESS:-0.0.0.0}}" '
+            # Isolated and without site-packages: the standard library is all it uses,
+            # and the VM's cores are busy enough booting.
+            f'"{enroll_python}" -I -S "$D/enroll.py" "$D" "${{DSC_VM_ADDRESS:-0.0.0.0}}" '
             f'{int(enroll_port)} "$DEADLINE" >>"$D/log/enroll.log" 2>&1 </dev/null &',
             "ENROLL=$!",
         ]

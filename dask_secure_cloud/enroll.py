@@ -3,7 +3,7 @@
 The boot script runs this file with any ``python3`` (the one cloud-init itself runs on;
 the standard library only, no Dask) before Dask starts, in parallel with provisioning::
 
-    python3 enroll.py DIR ADDRESS PORT DEADLINE
+    python3 -I -S enroll.py DIR ADDRESS PORT DEADLINE
 
 ``DIR/tls/ca.pem`` holds the cluster's CA certificate and ``DIR/tls/enroll.json`` the
 VM's name and its single-use enrollment token, both from the user-data. The script makes
@@ -44,7 +44,6 @@ import json
 import os
 import runpy
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -76,19 +75,22 @@ def openssl(*args, stdin=None):
 
 
 def make_key(tls, name):
-    """The VM's key (0600, made here) and a certificate request for it."""
+    """The VM's key (0600, made here), a certificate request for it, and its public key."""
     key = os.path.join(tls, "node.key")
     old = os.umask(0o077)
     try:
-        openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", key)
+        csr = openssl(
+            "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-keyout", key, "-subj", f"/CN={name}",
+        )  # fmt: skip
     finally:
         os.umask(old)
-    return openssl("req", "-new", "-key", key, "-subj", f"/CN={name}")
+    return csr, openssl("req", "-noout", "-pubkey", stdin=csr)
 
 
-def accept_certificate(tls, cert):
+def accept_certificate(tls, cert, public_key):
     """Write ``cert`` and the VM's key as ``node.pem`` once the certificate chains to the
-    cluster's CA and matches the key; raise otherwise."""
+    cluster's CA and certifies ``public_key`` (the key's); raise otherwise."""
     key = os.path.join(tls, "node.key")
     fresh = os.path.join(tls, "node.pem.new")
     old = os.umask(0o077)
@@ -99,15 +101,16 @@ def accept_certificate(tls, cert):
         os.umask(old)
     try:
         openssl("verify", "-CAfile", os.path.join(tls, "ca.pem"), fresh)
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(fresh)
-    except (RuntimeError, ssl.SSLError) as e:
+        if openssl("x509", "-noout", "-pubkey", "-in", fresh) != public_key:
+            raise RuntimeError("it certifies another key")
+    except RuntimeError as e:
         os.unlink(fresh)
         raise RuntimeError(f"refused a certificate: {e}") from None
     os.replace(fresh, os.path.join(tls, "node.pem"))
     os.unlink(key)
 
 
-def answer(request, ticket, csr, tls):
+def answer(request, ticket, csr, public_key, tls):
     """The reply to one request, and whether enrollment is complete."""
     if isinstance(request.get("nonce"), str):
         nonce = request["nonce"]
@@ -118,7 +121,7 @@ def answer(request, ticket, csr, tls):
         }, False
     if isinstance(request.get("cert"), str):
         try:
-            accept_certificate(tls, request["cert"])
+            accept_certificate(tls, request["cert"], public_key)
         except RuntimeError as e:
             return {"error": str(e)}, False
         return {"ok": True}, True
@@ -131,7 +134,7 @@ def serve(home, address, port, deadline):
     with open(ticket_file) as f:
         ticket = json.load(f)
     started = time.monotonic()
-    csr = make_key(tls, ticket["name"])
+    csr, public_key = make_key(tls, ticket["name"])
     say(f"key made in {time.monotonic() - started:.2f}s; waiting on {address}:{port}")
     listener = socket.create_server((address, port), reuse_port=False)
     listener.settimeout(1)
@@ -145,7 +148,7 @@ def serve(home, address, port, deadline):
                 conn.settimeout(10)
                 try:
                     line = conn.makefile("rb").readline(LINE_LIMIT)
-                    reply, done = answer(json.loads(line), ticket, csr, tls)
+                    reply, done = answer(json.loads(line), ticket, csr, public_key, tls)
                     conn.sendall(json.dumps(reply).encode() + b"\n")
                 except (OSError, ValueError, AttributeError) as e:
                     say(f"a bad request from {peer[0]}: {e}")
