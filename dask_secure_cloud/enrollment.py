@@ -25,7 +25,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,7 +223,7 @@ async def ask_directly(host: str, port: int, line: Mapping[str, Any]) -> Mapping
     return answer
 
 
-Relay = Callable[[list[list[Any]]], Awaitable[list[Mapping[str, Any]]]]
+Relay = Callable[[list[list[Any]]], Awaitable[Sequence[Mapping[str, Any]]]]
 
 
 class RelayedEnrollment:
@@ -266,6 +266,7 @@ class RelayedEnrollment:
         self._news = True
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
+            self._task.add_done_callback(self._stopped)
         return future
 
     def discard(self, name: str) -> None:
@@ -289,10 +290,32 @@ class RelayedEnrollment:
                 pause = self.FIRST_PAUSE if news else min(pause * 2, self.interval)
                 await asyncio.sleep(pause)
 
+    @staticmethod
+    def _stopped(task: asyncio.Task[None]) -> None:
+        """Never fail in silence: booting workers would wait for ever without a word."""
+        if not task.cancelled() and task.exception() is not None:
+            logger.error(
+                "Enrollment of booting workers stopped; they cannot join",
+                exc_info=task.exception(),
+            )
+
+    async def _relay(self, lines: list[list[Any]]) -> Sequence[Mapping[str, Any]]:
+        """The answers to ``lines``, one mapping each, or ``ConnectionError``."""
+        answers = await self.relay(lines)
+        if (
+            not isinstance(answers, (list, tuple))  # msgpack gives tuples
+            or len(answers) != len(lines)
+            or not all(isinstance(a, Mapping) for a in answers)
+        ):
+            # Dask answers None for an operation it has no handler for, and the
+            # scheduler's preload adds the relay just after the scheduler listens.
+            raise ConnectionError(f"the scheduler's relay is not ready: {answers!r:.100}")
+        return answers
+
     async def _round(self) -> None:
         names = list(self._pending)
         nonces = {name: self.enrollment.nonce() for name in names}
-        answers = await self.relay(
+        answers = await self._relay(
             [[self._pending[n][0], self._port(n), {"nonce": nonces[n]}] for n in names]
         )
         certified: dict[str, str] = {}
@@ -306,10 +329,12 @@ class RelayedEnrollment:
         names = [n for n in certified if n in self._pending]
         if not names:
             return
-        answers = await self.relay(
+        answers = await self._relay(
             [[self._pending[n][0], self._port(n), {"cert": certified[n]}] for n in names]
         )
         for name, answer in zip(names, answers, strict=True):
+            if name not in self._pending:
+                continue  # its VM was closed meanwhile, and its token forgotten
             try:
                 self.enrollment.confirm(name, answer)
             except EnrollmentRefused as e:

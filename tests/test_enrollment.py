@@ -165,6 +165,33 @@ async def test_a_worker_enrols_through_the_relay_as_soon_as_it_answers(tmp_path)
     assert waited < 5, f"certified {waited:.1f}s after it started answering"
 
 
+async def test_a_scheduler_still_starting_its_relay_only_delays_enrollment(tmp_path, caplog):
+    """Dask answers ``None`` for a handler it does not have yet, and the scheduler's
+    preload adds the relay just after the scheduler listens: with the boots overlapped,
+    the first rounds come in that window. They are retried, not the end of enrollment."""
+    creds = ClusterCredentials("c-early")
+    enrollment = Enrollment(creds, WINDOW, LIFETIME)
+    port = free_port()
+    token = enrollment.ticket(Role.WORKER, "worker-0", port)
+    calls = []
+
+    async def relay_of_a_starting_scheduler(requests):
+        calls.append(requests)
+        return None if len(calls) <= 3 else await secure_cloud_enroll_relay(requests)
+
+    process = vm_side(tmp_path / "vm", creds.ca_cert_pem, "worker-0", token, port)
+    relayed = RelayedEnrollment(enrollment, relay_of_a_starting_scheduler, interval=0.5)
+    try:
+        await wait_listening(port)
+        cert = await asyncio.wait_for(relayed.add("worker-0", "127.0.0.1"), 30)
+        assert process.wait(timeout=10) == 0, process.stdout.read()
+    finally:
+        process.kill()
+        await relayed.close()
+    assert len(calls) >= 4 and enrollment.certificate("worker-0") == cert
+    assert "Enrollment of booting workers stopped" not in caplog.text
+
+
 async def test_a_token_is_single_use_bound_to_its_vm_and_its_boot_window():
     creds = ClusterCredentials("c-tokens")
     clock = Clock()
