@@ -243,10 +243,12 @@ class EC2StandIn:
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._booted: dict[str, str] = {}  # instance id -> booter vm id
-        # Held while a VM is being stopped: the watcher (the VM powered itself off) and
-        # a TerminateInstances call may end one instance at once, and the call must not
-        # answer before that VM is gone.
+        # Held while a VM boots or stops: the watcher (which boots new instances and
+        # ends those whose VM powered itself off) and a TerminateInstances call may act
+        # on one instance at once, and the call must not answer before that VM is gone,
+        # nor the watcher boot an instance terminated meanwhile.
         self._ending = threading.Lock()
+        self._ended: set[str] = set()
         #: The console of each instance that ended: EC2 keeps it readable after that.
         self._last_console: dict[str, str] = {}
         self._stop = threading.Event()
@@ -476,33 +478,39 @@ class EC2StandIn:
             for instance in list(reservation.instances):
                 state = instance._state.name
                 if state in ("pending", "running") and instance.id not in self._booted:
-                    tags = self._backend().tags.get(instance.id, {})
-                    cluster = tags.get("dask-secure-cloud-cluster", "untagged")
-                    name = tags.get("Name", instance.id).removeprefix(
-                        f"dask-secure-cloud-{cluster}-"
-                    )
-                    user_data = instance.user_data
-                    if isinstance(user_data, list):
-                        user_data = user_data[0]
-                    raw = base64.b64decode(str(user_data)) if user_data else b"#cloud-config\n{}\n"
-                    vm = self.booter.boot(
-                        raw,
-                        address=instance.private_ip,
-                        cluster_id=cluster,
-                        name=name,
-                        role="scheduler" if name == "scheduler" else "worker",
-                        egress=self.egress(instance),
-                    )
-                    self._booted[instance.id] = vm.vm_id
+                    self._boot(instance)
                 elif state in ("shutting-down", "terminated") and instance.id in self._booted:
                     self._end(instance.id)
                 elif state == "running" and instance.id in self._booted:
                     self._shut_down_if_off(instance)
 
+    def _boot(self, instance: Any) -> None:
+        """Boot the VM of an instance EC2 has made, unless it was terminated meanwhile."""
+        with self._ending:
+            if instance.id in self._booted or instance.id in self._ended:
+                return
+            tags = self._backend().tags.get(instance.id, {})
+            cluster = tags.get("dask-secure-cloud-cluster", "untagged")
+            name = tags.get("Name", instance.id).removeprefix(f"dask-secure-cloud-{cluster}-")
+            user_data = instance.user_data
+            if isinstance(user_data, list):
+                user_data = user_data[0]
+            raw = base64.b64decode(str(user_data)) if user_data else b"#cloud-config\n{}\n"
+            vm = self.booter.boot(
+                raw,
+                address=instance.private_ip,
+                cluster_id=cluster,
+                name=name,
+                role="scheduler" if name == "scheduler" else "worker",
+                egress=self.egress(instance),
+            )
+            self._booted[instance.id] = vm.vm_id
+
     def _end(self, instance_id: str) -> None:
         """Stop the instance's VM, keeping its console readable as EC2 does; returns when
         it is gone, whoever started stopping it."""
         with self._ending:
+            self._ended.add(instance_id)
             vm_id = self._booted.pop(instance_id, None)
             if vm_id is None:
                 return  # never booted, or already ended
