@@ -37,12 +37,11 @@ Nothing here needs to be secret: an eavesdropper learns a CSR and a certificate,
 proof it cannot reuse.
 """
 
+import binascii
 import hashlib
 import hmac
-import importlib
 import json
 import os
-import runpy
 import socket
 import subprocess
 import sys
@@ -62,11 +61,9 @@ def say(text):
     print(f"enroll: {text}", flush=True)
 
 
-def openssl(*args, stdin=None):
+def openssl(*args):
     try:
-        done = subprocess.run(
-            ("openssl", *args), input=stdin, capture_output=True, text=True, timeout=60
-        )
+        done = subprocess.run(("openssl", *args), capture_output=True, text=True, timeout=60)
     except FileNotFoundError:
         raise SystemExit("enroll: this image has no openssl, which makes the VM's key") from None
     if done.returncode != 0:
@@ -74,18 +71,48 @@ def openssl(*args, stdin=None):
     return done.stdout
 
 
+def pem_der(text, label):
+    """The DER bytes of the first ``label`` block (``CERTIFICATE``...) in PEM ``text``."""
+    begin, end = f"-----BEGIN {label}-----", f"-----END {label}-----"
+    start = text.index(begin) + len(begin)
+    return binascii.a2b_base64(text[start : text.index(end, start)])
+
+
+def _element(der, i):
+    """Where the DER element at ``i`` ends, and where its contents start."""
+    length, start = der[i + 1], i + 2
+    if length & 0x80:
+        start += length & 0x7F
+        length = int.from_bytes(der[i + 2 : start], "big")
+    return start + length, start
+
+
+def certified_key(cert_der):
+    """The SubjectPublicKeyInfo (DER) a certificate certifies: the seventh field of its
+    ``tbsCertificate``, or the sixth when the optional version is absent."""
+    _, tbs = _element(cert_der, 0)
+    _, i = _element(cert_der, tbs)
+    if cert_der[i] == 0xA0:  # [0] version
+        i, _ = _element(cert_der, i)
+    for _ in range(5):  # serialNumber, signature, issuer, validity, subject
+        i, _ = _element(cert_der, i)
+    return cert_der[i : _element(cert_der, i)[0]]
+
+
 def make_key(tls, name):
-    """The VM's key (0600, made here), a certificate request for it, and its public key."""
+    """The VM's key (0600, made here), a certificate request for it, and its public key
+    (DER), with one ``openssl`` call: the VM's cores are busy booting."""
     key = os.path.join(tls, "node.key")
     old = os.umask(0o077)
     try:
-        csr = openssl(
+        out = openssl(
             "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-            "-nodes", "-keyout", key, "-subj", f"/CN={name}",
+            "-nodes", "-keyout", key, "-subj", f"/CN={name}", "-pubkey",
         )  # fmt: skip
     finally:
         os.umask(old)
-    return csr, openssl("req", "-noout", "-pubkey", stdin=csr)
+    csr = out[out.index("-----BEGIN CERTIFICATE REQUEST-----") :]
+    return csr, pem_der(out, "PUBLIC KEY")
 
 
 def accept_certificate(tls, cert, public_key):
@@ -101,7 +128,11 @@ def accept_certificate(tls, cert, public_key):
         os.umask(old)
     try:
         openssl("verify", "-CAfile", os.path.join(tls, "ca.pem"), fresh)
-        if openssl("x509", "-noout", "-pubkey", "-in", fresh) != public_key:
+        try:
+            ours = certified_key(pem_der(cert, "CERTIFICATE")) == public_key
+        except (ValueError, IndexError, binascii.Error):
+            raise RuntimeError("it is not a PEM certificate") from None
+        if not ours:
             raise RuntimeError("it certifies another key")
     except RuntimeError as e:
         os.unlink(fresh)
@@ -168,6 +199,9 @@ def serve(home, address, port, deadline):
 
 def start(home, deadline, module, args):
     """Run Dask's command ``module`` once this VM is certified, importing it meanwhile."""
+    import importlib
+    import runpy
+
     importlib.import_module(module)
     while os.path.exists(os.path.join(home, "tls", "enroll.json")):
         # The boot script says when enrollment failed; the deadline is a last resort.
@@ -176,6 +210,9 @@ def start(home, deadline, module, args):
             return 1
         time.sleep(0.05)
     sys.argv = [module, *args]
+    # Run it as ``python -m`` would, as ``__main__`` only: drop the copy imported above
+    # (what it imported stays loaded), which runpy would warn about.
+    del sys.modules[module]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
     return 0
 

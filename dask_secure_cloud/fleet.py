@@ -21,7 +21,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
-from distributed.comm import connect, parse_address, parse_host_port
+from distributed.comm import parse_address, parse_host_port
+from distributed.comm.registry import get_backend
 
 from . import audit
 from .bootscript import STEP_PREFIX
@@ -34,6 +35,42 @@ from .plan import BootPlanner
 __all__ = ["Fleet", "delete_cluster"]
 
 logger = logging.getLogger(__name__)
+
+#: The pause between attempts to reach a booting scheduler. An attempt that finds
+#: nothing listening costs a refused connection, so they can be frequent: the cluster
+#: is ready as soon as the scheduler listens, not a retry pause later.
+REACH_PAUSE = 0.05
+#: How long one attempt may take: a TCP connection, a TLS handshake and Dask's, from
+#: across the internet to a VM whose scheduler is still starting up.
+REACH_TIMEOUT = 2.0
+
+
+async def answers(address: str, connection_args: Mapping[str, Any]) -> bool:
+    """Whether a Dask server at ``address`` completes a (TLS) handshake now: one attempt.
+
+    ``distributed.comm.connect`` retries with pauses that grow to half its timeout,
+    which would notice a scheduler that just started listening only a pause later; and
+    an attempt cut short mid-handshake makes the server log a failed handshake. So this
+    makes one connection with a timeout no healthy handshake reaches, and completes
+    Dask's handshake before closing, as ``connect`` does, so that the server logs
+    nothing.
+    """
+    scheme, location = parse_address(address)
+    connector = get_backend(scheme).get_connector()
+    try:
+        comm = await asyncio.wait_for(
+            connector.connect(location, deserialize=False, **connection_args), REACH_TIMEOUT
+        )
+    except (OSError, asyncio.TimeoutError):
+        return False
+    try:
+        await asyncio.wait_for(comm.write(comm.handshake_info()), REACH_TIMEOUT)
+        await asyncio.wait_for(comm.read(), REACH_TIMEOUT)
+        return True
+    except (OSError, asyncio.TimeoutError):
+        return False
+    finally:
+        await comm.close()
 
 
 async def delete_cluster(driver: Driver, cluster_id: str) -> list[str]:
@@ -235,21 +272,16 @@ class Fleet:
                 return
             await self.enrolled(vm.name, cert)
 
-        async def handshake() -> bool:
-            try:
-                comm = await connect(address, timeout=1, **connection_args)
-            except OSError:
-                return False
-            await comm.close()
-            return True
-
         async with self._watching():
             while True:
                 if self.closing:
                     raise ClusterStartError("start interrupted")
+                pause = REACH_PAUSE
                 if enrollment is not None and enrollment.certificate(vm.name) is None:
                     await enrol()
-                elif await handshake():
+                    # Its Dask starts only once certified: no hurry before then.
+                    pause = 0.2 if enrollment.certificate(vm.name) is None else 0.0
+                elif await answers(address, connection_args):
                     return
                 state = self.state(vm)
                 if state == "terminated" or time.monotonic() > deadline:
@@ -265,7 +297,7 @@ class Fleet:
                     raise VMBootError(
                         f"scheduler VM {vm.name} {why}. Console output:\n{tail(console)}"
                     )
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(pause)
 
     async def watch_worker_boot(
         self, vm: VM, joined: Callable[[], bool], closing: Callable[[], bool]

@@ -241,13 +241,12 @@ class _Certificate:
     def _request(self) -> str:
         old = os.umask(0o077)
         try:
-            _openssl(
-                "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
-                "-out", self._pending,
+            return _openssl(
+                "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                "-nodes", "-keyout", self._pending, "-subj", f"/CN={self.name}",
             )  # fmt: skip
         finally:
             os.umask(old)
-        return _openssl("req", "-new", "-key", self._pending, "-subj", f"/CN={self.name}")
 
     def _install(self, cert: str) -> float:
         fresh = self.path + ".new"

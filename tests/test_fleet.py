@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Mapping
 
+from distributed import Scheduler
+from distributed.security import Security
+
+from dask_secure_cloud import fleet
 from dask_secure_cloud.cloudinit import LIMITS
-from dask_secure_cloud.credentials import Role
+from dask_secure_cloud.credentials import ClusterCredentials, Role
 from dask_secure_cloud.driver import VM, Driver, ThrottledError, VMRequest
-from dask_secure_cloud.fleet import Fleet
+from dask_secure_cloud.fleet import Fleet, answers
 from dask_secure_cloud.options import ClusterOptions, resolve
 from dask_secure_cloud.plan import BootPlanner
 
@@ -132,3 +137,44 @@ async def test_a_vm_not_yet_listed_is_not_presumed_gone():
     assert fleet.state(vm) == "unknown" and not watch.done()
     joined.set()
     await asyncio.wait_for(watch, 5)
+
+
+async def test_reaching_a_scheduler_is_one_quiet_attempt(monkeypatch):
+    """The readiness check answers at once, whatever the scheduler's state, and the
+    scheduler it reaches logs no aborted or failed handshake."""
+    creds = ClusterCredentials("c-reach")
+    leaf = creds.issue(Role.SCHEDULER, "scheduler")
+    server_security = Security(
+        require_encryption=True,
+        tls_ca_file=leaf.ca_pem,
+        tls_scheduler_cert=leaf.cert_pem,
+        tls_scheduler_key=leaf.key_pem,
+    )
+    client_args = creds.client_security().get_connection_args("client")
+    logged: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("distributed").addHandler(handler)
+    try:
+        async with Scheduler(
+            security=server_security, host="127.0.0.1", port=0, dashboard_address="127.0.0.1:0"
+        ) as scheduler:
+            assert await answers(scheduler.address, client_args)
+            # A client of another cluster's CA does not count as reaching it.
+            stranger = ClusterCredentials("c-reach").client_security()
+            assert not await answers(scheduler.address, stranger.get_connection_args("client"))
+    finally:
+        logging.getLogger("distributed").removeHandler(handler)
+    assert not [line for line in logged if "closed before handshake" in line]
+    assert len([line for line in logged if "TLS handshake failed" in line]) == 1  # the stranger's
+
+    # Nothing listening: refused, so no answer, and no waiting.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"tls://127.0.0.1:{s.getsockname()[1]}"
+    assert not await answers(closed, client_args)
+
+    # Something listening that never answers: given up after the attempt's timeout.
+    monkeypatch.setattr(fleet, "REACH_TIMEOUT", 0.2)
+    with socket.create_server(("127.0.0.1", 0)) as mute:
+        assert not await answers(f"tls://127.0.0.1:{mute.getsockname()[1]}", client_args)

@@ -79,6 +79,9 @@ async def test_tls_cluster_computes_and_leaves_nothing(vm_dir, recorded_user_dat
         blobs += [str(v).encode() for v in logs.values()]
         # Each VM's Dask copies its own preloads into its own /tmp, none of another VM's.
         assert "File name collision" not in str(logs)
+        # Dask started early (importing while its VM enrols) warns of nothing.
+        for dask_log in vm_dir.glob("*/*/root/opt/dask-secure-cloud/dask.log"):
+            assert "Warning" not in dask_log.read_text()
         blobs += [repr(cluster).encode(), cluster._repr_html_().encode(), caplog.text.encode()]
         assert len(recorded_user_data) == 3
         for secret in secrets:
