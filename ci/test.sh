@@ -3,8 +3,14 @@
 # lint, the docs build (warnings are errors) and the full test suite, slow tests included
 # (guests under QEMU too: their images are cached by input hash outside the clone, in
 # $DSC_TEST_CACHE or ~/.cache/dask-secure-cloud-tests).
+#
+# The Python environment is the one whose `python3` (else `python`) is on PATH, or the
+# interpreter named by $PYTHON: PYTHON=/path/to/venv/bin/python bash ci/test.sh tests a
+# virtualenv that is not activated. Its packages are upgraded to the newest releases the
+# requirements allow, which is what a new user gets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -25,14 +31,14 @@ if [ -n "$missing" ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
-python -m pip install -q -e ".[test]"
+PIP_DISABLE_PIP_VERSION_CHECK=1 "$PYTHON" -m pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
 
-ruff check .
-ruff format --check .
-python -m sphinx -W --keep-going -q -b html docs docs/_build/html
+"$PYTHON" -m ruff check .
+"$PYTHON" -m ruff format --check .
+"$PYTHON" -m sphinx -W --keep-going -q -b html docs docs/_build/html
 # The guest tests are the only proof of the boot path: here a machine that cannot host
 # them fails the run rather than skipping them (DSC_REQUIRE_GUESTS=0 to skip instead).
 # Three pytest workers, one per group of tests (see tests/conftest.py): the guests, the
 # process-VM tests, and the long, light tests marked "alongside".
-DSC_REQUIRE_GUESTS="${DSC_REQUIRE_GUESTS:-1}" python -m pytest -ra --durations=25 \
+DSC_REQUIRE_GUESTS="${DSC_REQUIRE_GUESTS:-1}" "$PYTHON" -m pytest -ra --durations=25 \
   -n 3 --dist loadgroup "$@"

@@ -32,7 +32,7 @@ from dask_secure_cloud.cloudinit import (
 from dask_secure_cloud.credentials import Role
 from dask_secure_cloud.vmrunner import boot
 
-from clouds.booter import DOCKER_SHIM_DIR
+from clouds.booter import SHIM_PATH
 
 
 def _run(tmp_path: Path, plan: BootPlan, *, extra_path: str | None = None, wait: float = 60):
@@ -130,7 +130,7 @@ def test_gpu_workers_fail_fast_on_an_image_without_the_nvidia_driver(tmp_path):
         ("tcp://127.0.0.1:9",), DockerRuntime("ghcr.io/dask/dask:2024.8.0-py3.11", gpus=True)
     )
     started = time.monotonic()
-    console = _run(tmp_path, plan, extra_path=DOCKER_SHIM_DIR)
+    console = _run(tmp_path, plan, extra_path=SHIM_PATH)
     assert time.monotonic() - started < 20
     assert "gpu-check: FAILED" in console
     assert "no NVIDIA driver" in console and "see the docs page of" in console
@@ -156,13 +156,11 @@ def test_a_local_vm_never_installs_system_packages(tmp_path, monkeypatch):
 
 
 def test_local_vms_use_the_clients_interpreter_whatever_path_says(tmp_path):
-    """A virtualenv's python started by path (a Jupyter kernel, an IDE), with a PATH whose
-    ``python3`` has no Dask: the local VMs must still run the client's interpreter."""
-    venv = tmp_path / "venv"
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
-        check=True,
-    )
+    """The interpreter running these tests started by its path, as a virtualenv's python
+    is by a Jupyter kernel or an IDE, with a ``PATH`` whose ``python3`` has no Dask: the
+    local VMs must still run the client's interpreter. (A virtualenv made here would not
+    do: one made from a virtualenv's python sees the base interpreter's packages, not the
+    virtualenv's.)"""
     decoy = tmp_path / "decoy"
     decoy.mkdir()
     (decoy / "python3").write_text(
@@ -176,7 +174,7 @@ def test_local_vms_use_the_clients_interpreter_whatever_path_says(tmp_path):
     }
     env["PATH"] = os.pathsep.join([str(decoy), "/usr/bin", "/bin"])
     result = subprocess.run(
-        [str(venv / "bin/python"), "-m", "dask_secure_cloud", "demo", "--workers", "1"],
+        [sys.executable, "-m", "dask_secure_cloud", "demo", "--workers", "1"],
         env=env,
         capture_output=True,
         text=True,

@@ -6,6 +6,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Mapping
 from types import SimpleNamespace
 from typing import Any
@@ -536,3 +537,22 @@ async def test_a_throttled_or_failed_poll_is_unknown_never_terminated(do):
         ],
         lambda c: nothing_left(stand_in, c),
     )
+
+
+async def test_a_failed_droplet_is_reported_by_name_id_address_and_state(do):
+    """DigitalOcean's API keeps no console output: the error says so and names the
+    droplet (name, id, address, status) so that it can be found in the control panel."""
+    stand_in, options = do
+    with pytest.raises(ClusterStartError) as info:
+        await DropletCluster(
+            asynchronous=True,
+            **{**options, "boot_timeout": "6s"},
+            extra_bootstrap=["exit 3"],
+        )
+    report = str(info.value)
+    assert "DigitalOcean keeps no console output" in report
+    droplet_id = re.search(r"id (\d+), ", report)
+    assert droplet_id is not None, report
+    assert re.search(r"private 127\.\d+\.\d+\.\d+", report), report
+    assert "status 'active'" in report or "already deleted" in report, report
+    assert not stand_in.droplets

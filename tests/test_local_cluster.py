@@ -212,9 +212,9 @@ async def test_docker_user_data_passes_image_env_and_tls_to_the_container(vm_dir
     """The container command line the docker runtime renders: pinned image, env file, TLS
     paths. The docker stand-in runs it with this machine's Python, so this proves the
     user-data's shape only; the real engine on a stock image is test_guests.py's."""
-    from clouds.booter import DOCKER_SHIM_DIR
+    from clouds.booter import SHIM_PATH
 
-    monkeypatch.setenv("PATH", DOCKER_SHIM_DIR + os.pathsep + os.environ["PATH"])
+    monkeypatch.setenv("PATH", SHIM_PATH + os.pathsep + os.environ["PATH"])
     async with (
         LocalVMCluster(
             n_workers=1,

@@ -419,6 +419,34 @@ class DropletDriver(driver.Driver):
             return "unknown"
         return "terminated" if droplet["status"] in ("off", "archive") else "running"
 
+    async def console_output(self, vm: driver.VM) -> str:
+        """DigitalOcean's API has no console output, unlike the other clouds'. What it
+        does have goes into the report instead: which droplet it was, where, and the
+        state DigitalOcean gives it now, so the user can find it. Its boot lines are in
+        its ``/var/log/cloud-init-output.log``, for a login (``ssh_keys``) to read."""
+        try:
+            droplet = (
+                await self._call(
+                    "reading a droplet", "droplets", "get", poll=True, droplet_id=int(vm.id)
+                )
+            )["droplet"]
+            status = f"status {droplet.get('status', 'unknown')!r}"
+        except driver.NotFoundError:
+            status = "already deleted"
+        except driver.CloudError as e:
+            status = f"status unknown ({e})"
+        addresses = ", ".join(
+            f"{kind} {ip}"
+            for kind, ip in (("public", vm.public_ip), ("private", vm.private_ip))
+            if ip
+        )
+        return (
+            f"(DigitalOcean keeps no console output its API can read. The droplet was "
+            f"{vm.name}, id {vm.id}, {addresses or 'no address'}, {status}. Its boot "
+            "script's lines are in /var/log/cloud-init-output.log on the droplet, which "
+            "only a login can read: set ssh_keys to debug a boot there.)"
+        )
+
     async def release(self, cluster_id: str) -> None:
         """Delete the firewalls, the VPC the cluster made, and its tags; droplets first.
         Each is found by its exact name, so nothing of another cluster is touched."""

@@ -3,20 +3,43 @@
 A stand-in API that "creates" a VM calls :meth:`VMBooter.boot` with the user-data it
 received, the address it assigned and whether the cloud would give that VM a route out
 (``egress``, from the stand-in's own model of the network); the VM then runs here through the same local
-cloud-init runner that ``LocalVMCluster`` uses, with a ``docker`` stand-in first on its
-``PATH`` so container user-data runs with this machine's Python.
+cloud-init runner that ``LocalVMCluster`` uses, with :data:`SHIM_PATH` first on its
+``PATH``: a ``docker`` stand-in, so container user-data runs, and a ``python3`` that is
+the interpreter running the tests (``sys.executable``), so a VM's ``python3`` has the
+packages the tests were installed with, whatever ``python3`` the machine's ``PATH`` finds.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shlex
+import shutil
+import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
 from dask_secure_cloud.vmrunner import LocalVM, boot
 
-DOCKER_SHIM_DIR = str(Path(__file__).parent / "bin")
+
+def _interpreter_dir() -> str:
+    """A directory whose ``python3`` runs this interpreter: a virtualenv used by its path
+    (not activated) is not on ``PATH``, and the process VMs must run it, not another
+    Python that happens to be there. A wrapper, not a symlink: a symlink to a
+    virtualenv's ``python`` loses the virtualenv (Python finds ``pyvenv.cfg`` beside the
+    path it was started by)."""
+    directory = tempfile.mkdtemp(prefix="dsc-python3-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    wrapper = Path(directory) / "python3"
+    wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    wrapper.chmod(0o755)
+    return directory
+
+
+#: Put first on a process VM's ``PATH``: this interpreter as ``python3``, and ``docker``.
+SHIM_PATH = os.pathsep.join([_interpreter_dir(), str(Path(__file__).parent / "bin")])
 
 
 class _Stoppable(Protocol):
@@ -102,7 +125,7 @@ class VMBooter(Booter[LocalVM]):
             cluster_id=cluster_id,
             name=name,
             role=role,
-            extra_path=DOCKER_SHIM_DIR,
+            extra_path=SHIM_PATH,
         )
         self.vms[vm.vm_id] = vm
         self.egress[name] = egress
