@@ -9,8 +9,9 @@
 # virtualenv that is not activated. Its packages are upgraded to the newest releases the
 # requirements allow, which is what a new user gets.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
+case "$PYTHON" in */*) PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")" ;; esac
+cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
