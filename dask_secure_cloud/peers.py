@@ -18,7 +18,13 @@ The rules, by who holds the connection's other end:
   (registration, heartbeats, data location, P2P shuffles), and on another worker only
   data exchange, unless the cluster lets workers act as clients (``workers_as_clients``,
   which ``get_client()`` inside a task needs); the lease and the identity handlers
-  answer the client's certificate alone, always.
+  answer the client's certificate alone, always;
+- a worker certificate registers a Dask worker only under the name in the certificate
+  (always: the client renews each VM's certificate through the worker it finds, and a
+  name is how the scheduler and ``SpecCluster`` tell VMs apart), and, unless it may act
+  as a client, removes, retires or speaks for no worker but its own;
+- the scheduler relays a renewal only to a worker whose certificate bears the name the
+  client renews.
 
 This file needs only the standard library and ``distributed``: VMs run it verbatim as a
 Dask preload (with a ``SETTINGS`` line appended), and the client uses it in-process.
@@ -63,6 +69,15 @@ WORKER_OPS_ON_SCHEDULER = frozenset(
         "versions",
     }
 )
+#: Worker operations on the scheduler that name a worker (by address, or by name): a
+#: worker certificate may name only its own worker in them. Each maps to the keyword
+#: that names the target(s).
+WORKER_TARGETS = {
+    "unregister": "address",
+    "heartbeat_worker": "address",
+    "add_keys": "worker",
+    "retire_workers": "workers",
+}
 #: What one worker asks of another: its data, and P2P shuffle transfers.
 WORKER_OPS_ON_WORKER = frozenset(
     {"get_data", "shuffle_receive", "shuffle_inputs_done", "identity", "versions"}
@@ -299,8 +314,13 @@ class _Certificate:
         self.closing = asyncio.ensure_future(self.server.close())
 
 
+def peer_identity(comm: Any) -> Identity | None:
+    """The identity in the certificate at the other end of ``comm``, or ``None``."""
+    return identity_of(getattr(comm, "extra_info", {}).get("peercert"))
+
+
 def peer_role(comm: Any) -> str | None:
-    identity = identity_of(getattr(comm, "extra_info", {}).get("peercert"))
+    identity = peer_identity(comm)
     return identity.role if identity else None
 
 
@@ -323,6 +343,77 @@ def may_call(server_kind: str, peer: str | None, op: str, workers_as_clients: bo
     return op in WORKER_OPS_ON_WORKER
 
 
+def names_worker(certificate_name: str, dask_name: Any) -> bool:
+    """Whether a Dask worker named ``dask_name`` belongs to the VM whose certificate is
+    named ``certificate_name``: the same name, or ``NAME-i`` (``dask worker --name NAME
+    --nworkers N`` names its processes so; no VM is named so)."""
+    dask_name = str(dask_name)
+    if dask_name == certificate_name:
+        return True
+    head, _, tail = dask_name.rpartition("-")
+    return head == certificate_name and tail.isdigit()
+
+
+def _targeted_worker(scheduler: Any, target: Any, resolve: bool) -> Any:
+    """The scheduler's ``WorkerState`` that ``target`` (an address or a name) designates,
+    as the handler itself would find it, or ``None`` if it designates none.
+
+    Raises ``PermissionError`` for a target the scheduler could not read: a worker never
+    sends one."""
+    workers = scheduler.workers
+    try:
+        if target in workers:
+            return workers[target]
+        return workers.get(scheduler.coerce_address(target, resolve))
+    except (TypeError, ValueError, OSError) as e:
+        raise PermissionError(f"not a worker's address: {target!r}") from e
+
+
+def worker_request_refused(
+    scheduler: Any, identity: Identity, op: str, msg: dict[str, Any]
+) -> str | None:
+    """Why the scheduler refuses ``op`` (with arguments ``msg``) from the worker
+    certificate ``identity``, or ``None`` if it may.
+
+    A worker's certificate is its VM's alone: it registers under its own name, and it
+    names no other worker in what it asks. The scheduler's state tells whose a worker is,
+    because every registration was checked here. A target that designates no worker is
+    let through: the handler finds nothing to act on either.
+    """
+    own = identity.name
+    if op == "register-worker":
+        name = msg.get("name")
+        if not names_worker(own, name):
+            return f"a worker certificate for {own} may not register a Dask worker named {name!r}"
+        return None
+    keyword = WORKER_TARGETS.get(op)
+    if keyword is None:
+        return None
+    if op == "retire_workers":
+        names = msg.get("names")
+        addresses = msg.get("workers")
+        if names is None and addresses is None:
+            return (
+                f"a worker certificate for {own} may retire only its own worker, named in "
+                "workers= or names="
+            )
+        others = [n for n in names or () if not names_worker(own, n)]
+        if others:
+            return f"a worker certificate for {own} may not retire {others!r}"
+        targets = list(addresses or ())
+    else:
+        targets = [msg.get(keyword)]
+    resolve = bool(msg.get("resolve_address", True))
+    for target in targets:
+        ws = _targeted_worker(scheduler, target, resolve)
+        if ws is not None and not names_worker(own, ws.name):
+            return (
+                f"a worker certificate for {own} may not call {op!r} for worker "
+                f"{ws.name!r} at {ws.address}"
+            )
+    return None
+
+
 class _GatedHandlers(dict):
     """A server's handler table whose entries first check who calls them.
 
@@ -330,10 +421,18 @@ class _GatedHandlers(dict):
     because the check happens when a handler is looked up, not when it is added.
     """
 
-    def __init__(self, handlers: dict[str, Any], kind: str, workers_as_clients: bool) -> None:
+    def __init__(
+        self,
+        handlers: dict[str, Any],
+        kind: str,
+        workers_as_clients: bool,
+        server: Any = None,
+    ) -> None:
         super().__init__(handlers)
         self.kind = kind
         self.workers_as_clients = workers_as_clients
+        # The scheduler's state says whose each worker is; weak, as the server holds us.
+        self.server = weakref.ref(server) if server is not None else None
         # Every message looks its handler up: wrap each handler once, not per message.
         self._gated: dict[str, tuple[Any, Any]] = {}
 
@@ -341,18 +440,33 @@ class _GatedHandlers(dict):
         handler = super().__getitem__(op)
         cached = self._gated.get(op)
         if cached is None or cached[0] is not handler:
-            cached = (handler, _gate(handler, op, self.kind, self.workers_as_clients))
+            cached = (
+                handler,
+                _gate(handler, op, self.kind, self.workers_as_clients, self.server),
+            )
             self._gated[op] = cached
         return cached[1]
 
 
-def _gate(handler: Any, op: str, kind: str, workers_as_clients: bool) -> Any:
+def _gate(
+    handler: Any,
+    op: str,
+    kind: str,
+    workers_as_clients: bool,
+    server: weakref.ref[Any] | None = None,
+) -> Any:
     params = inspect.signature(handler).parameters
     wants_comm = bool(params) and next(iter(params)) == "comm"
+    # What a worker asks of the scheduler about workers: always its registration's
+    # name; the rest unless workers may act as clients, who may do all of it anyway.
+    checks_target = kind == "scheduler" and (
+        op == "register-worker" or (op in WORKER_TARGETS and not workers_as_clients)
+    )
 
     @functools.wraps(handler)
     def gated(comm: Any, *args: Any, **kwargs: Any) -> Any:
-        peer = peer_role(comm)
+        identity = peer_identity(comm)
+        peer = identity.role if identity else None
         if not may_call(kind, peer, op, workers_as_clients):
             logger.warning("refused %r from a %s certificate at %s", op, peer, comm.peer_address)
             hint = (
@@ -369,6 +483,15 @@ def _gate(handler: Any, op: str, kind: str, workers_as_clients: bool) -> Any:
                 # it reads (distributed raises the "error" it carries).
                 return _refuse_client(comm, message)
             raise PermissionError(message)
+        scheduler = server() if server is not None else None
+        if checks_target and peer == "worker" and identity is not None and scheduler is not None:
+            why = worker_request_refused(scheduler, identity, op, kwargs)
+            if why is not None:
+                logger.warning("refused %r from %s: %s", op, comm.peer_address, why)
+                message = f"dask-secure-cloud: {why}"
+                if op == "register-worker":
+                    return _refuse_worker(comm, message)
+                raise PermissionError(message)
         return handler(comm, *args, **kwargs) if wants_comm else handler(*args, **kwargs)
 
     gated.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
@@ -376,6 +499,13 @@ def _gate(handler: Any, op: str, kind: str, workers_as_clients: bool) -> Any:
         + [p for i, p in enumerate(params.values()) if not (wants_comm and i == 0)]
     )
     return gated
+
+
+async def _refuse_worker(comm: Any, message: str) -> None:
+    """A worker registers without asking for a reply and reads one answer: this one
+    makes it stop with ``message``, as a taken name would."""
+    await comm.write({"status": "error", "message": message, "time": time.time()})
+    await comm.close()
 
 
 async def _refuse_client(comm: Any, message: str) -> None:
@@ -455,7 +585,8 @@ def _dashboard_over_mutual_tls(scheduler: Any, policy: Policy) -> None:
 async def secure_cloud_enroll_relay(requests: list[Any]) -> list[Any]:
     """Carry the client's enrollment lines to booting workers (``[host, port, line]``
     each) and bring back their answers, all at once; ``{"unreachable": why}`` for a
-    worker that does not answer yet. The lines hold only public material, checked by
+    worker that does not answer yet, ``{"malformed": why}`` for one that answered what
+    cannot be an answer. The lines hold only public material, checked by
     both ends (see ``enroll.py``), so the scheduler relays without trusting them.
 
     A worker that refuses the connection is about to listen (its VM is up): it is asked
@@ -480,18 +611,59 @@ async def secure_cloud_enroll_relay(requests: list[Any]) -> list[Any]:
             reader, writer = await connect(host, port)
             try:
                 writer.write(json.dumps(line).encode() + b"\n")
-                return json.loads(await asyncio.wait_for(reader.readline(), 15))
+                raw = await asyncio.wait_for(reader.readline(), 15)
             finally:
                 writer.close()
-        except (OSError, asyncio.TimeoutError, ValueError) as e:
+        except ValueError:  # the stream's limit (64 KiB): the line came, too long
+            return {"malformed": "a line longer than 64 KiB"}
+        except (OSError, asyncio.TimeoutError) as e:
             return {"unreachable": f"{type(e).__name__}: {e}"}
+        if not raw:
+            return {"unreachable": "closed without an answer"}
+        # Whatever answered is untrusted, and this reply carries every worker's answer:
+        # one that msgpack cannot carry (a lone surrogate, a huge integer) would fail it
+        # for all. An answer is an object of strings and booleans, checked by the client.
+        try:
+            answer = json.loads(raw)
+            if not isinstance(answer, dict) or not all(
+                isinstance(value, (str, bool)) for value in answer.values()
+            ):
+                raise ValueError("not a JSON object of strings")
+            json.dumps(answer, ensure_ascii=False).encode()
+        except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply
+            return {"malformed": f"{type(e).__name__}: {e}"[:200]}
+        return answer
 
     return list(await asyncio.gather(*(one(*request) for request in requests)))
 
 
-async def _renew_relay(scheduler: Any, address: str, step: str, cert: str | None = None) -> Any:
-    """The client's renewal of a worker's certificate, passed to that worker."""
-    return await scheduler.rpc(address).secure_cloud_renew(step=step, cert=cert)
+async def _renew_relay(
+    scheduler: Any, address: str, step: str, cert: str | None = None, name: str | None = None
+) -> Any:
+    """The client's renewal of worker ``name``'s certificate, passed to that worker.
+
+    Only a worker whose own certificate bears ``name`` is asked: the address comes from
+    the client, and a key stolen from another VM must never be handed a certificate
+    renewed under this name.
+    """
+    from distributed.comm import connect
+    from distributed.core import send_recv
+
+    if not name:
+        raise PermissionError("secure_cloud_renew_relay: the client names the worker it renews")
+    comm = await connect(address, **scheduler.connection_args)
+    try:
+        identity = peer_identity(comm)
+        if identity is None or identity.role != "worker" or identity.name != name:
+            found = f"{identity.role} {identity.name}" if identity else "no identity"
+            logger.warning("refused to relay %s's renewal to %s: %s", name, address, found)
+            raise PermissionError(
+                f"dask-secure-cloud: the worker at {address} is not {name} "
+                f"(its certificate names {found}): renewal refused"
+            )
+        return await send_recv(comm, op=RENEW, step=step, cert=cert, reply=True)
+    finally:
+        await comm.close()
 
 
 def _renewable(server: Any, kind: str, settings: dict[str, Any]) -> None:
@@ -506,7 +678,9 @@ def _renewable(server: Any, kind: str, settings: dict[str, Any]) -> None:
     path = getattr(server.security, f"tls_{own}_cert", None)
     if not path or path != getattr(server.security, f"tls_{own}_key", None):
         return
-    certificate = _Certificate(server, path, settings.get("role", own))
+    # The request names this VM as its certificate does (the client refuses any other).
+    identity = identity_of(ssl._ssl._test_decode_cert(path))  # type: ignore[attr-defined]
+    certificate = _Certificate(server, path, identity.name if identity else own)
     if kind == "nanny":
         # Its worker renews the file they share; the nanny only reloads it.
         callback = PeriodicCallback(certificate.reload, 5000)
@@ -549,7 +723,7 @@ def protect(server: Any, settings: dict[str, Any]) -> None:
     for ctx in _server_contexts(server):
         guard_context(ctx, policy)
     kind = _server_kind(server)
-    server.handlers = _GatedHandlers(server.handlers, kind, policy.workers_as_clients)
+    server.handlers = _GatedHandlers(server.handlers, kind, policy.workers_as_clients, server)
     _renewable(server, kind, settings)
     if kind == "scheduler":
         server.handlers["secure_cloud_enroll_relay"] = secure_cloud_enroll_relay

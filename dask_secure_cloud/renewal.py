@@ -9,6 +9,12 @@ scheduler is asked directly; a worker through the scheduler
 (``secure_cloud_renew_relay``), over the same mutual TLS that carries the client's
 other calls. Only the client's certificate may ask.
 
+A worker is reached at the address its VM was launched with, never found by the name
+a Dask worker gives itself: a key stolen from one VM could otherwise register a worker
+under another VM's name (or its own, elsewhere) and be handed that VM's renewed
+certificate at every half-life. The scheduler relays the request only to a worker whose
+certificate bears the name renewed.
+
 When the client is gone nothing is renewed: each VM's server closes when its
 certificate expires, and the VM powers off, a second guard besides the lease.
 """
@@ -45,8 +51,9 @@ class Renewal:
     """Renew each enrolled VM's certificate once less than half its life remains.
 
     ``call`` calls a handler on the scheduler (the cluster's ``scheduler_comm``);
-    ``workers`` maps each worker VM's name to its Dask address, as the scheduler knows
-    them. ``on_renewed(name, cert)`` records each renewal.
+    ``workers`` maps each worker VM's name to the Dask address of the worker listening
+    on that VM's own address, as the fleet launched it (not as a worker names itself).
+    ``on_renewed(name, cert)`` records each renewal.
     """
 
     def __init__(
@@ -111,10 +118,11 @@ class Renewal:
             ask = scheduler.secure_cloud_renew
         else:
             if name not in workers:
-                raise KeyError(f"worker {name} is not connected to the scheduler")
+                raise KeyError(f"no worker is connected from {name}'s VM address")
+            address = workers[name]
 
             def ask(**line: Any) -> Awaitable[Any]:
-                return scheduler.secure_cloud_renew_relay(address=workers[name], **line)
+                return scheduler.secure_cloud_renew_relay(address=address, name=name, **line)
 
         request = await ask(step="request")
         cert, not_after = self.enrollment.renewal(name, request)

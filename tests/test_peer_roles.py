@@ -12,6 +12,7 @@ import ssl
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from cryptography import x509
@@ -19,7 +20,7 @@ from distributed import Client, Scheduler
 from distributed.comm import connect
 from distributed.security import Security
 
-from dask_secure_cloud import LocalVMCluster, preloads
+from dask_secure_cloud import LocalVMCluster, peers, preloads
 from dask_secure_cloud.credentials import (
     ClusterCredentials,
     ClusterSecurity,
@@ -224,3 +225,54 @@ def test_the_clients_security_does_not_travel_but_a_portable_one_does():
     assert parse_identity(certificate) == ("c1", Role.CLIENT, "notebook-2")
     with pytest.raises(OptionError, match="own certificate"):
         credentials.portable_client_security("client")
+
+
+class _Scheduler:
+    """What ``peers.worker_request_refused`` reads of a scheduler: its workers, by
+    address, and its way of reading an address or a name."""
+
+    def __init__(self, workers: dict[str, str]) -> None:
+        self.workers = {
+            address: SimpleNamespace(address=address, name=name)
+            for address, name in workers.items()
+        }
+        self.aliases = {name: address for address, name in workers.items()}
+
+    def coerce_address(self, target, resolve: bool = True) -> str:
+        if not isinstance(target, str):
+            raise TypeError(f"addresses should be strings, got {target!r}")
+        return self.aliases.get(target, target)
+
+
+@pytest.mark.parametrize(
+    ("op", "msg", "refused"),
+    [
+        ("register-worker", {"name": "worker-1"}, False),
+        ("register-worker", {"name": "worker-1-3"}, False),  # nworkers: NAME-i
+        ("register-worker", {"name": "worker-0"}, True),
+        ("register-worker", {"name": "worker-10"}, True),
+        ("register-worker", {"name": "worker-1-x"}, True),
+        ("unregister", {"address": "tls://10.0.0.3:1"}, False),
+        ("unregister", {"address": "tls://10.0.0.2:1"}, True),
+        ("unregister", {"address": "worker-0"}, True),  # the scheduler takes names too
+        ("unregister", {"address": "tls://10.0.0.9:1"}, False),  # nobody: a no-op
+        ("heartbeat_worker", {"address": "tls://10.0.0.2:1"}, True),
+        ("add_keys", {"worker": "tls://10.0.0.2:1", "keys": ["x"]}, True),
+        ("retire_workers", {"workers": ["tls://10.0.0.3:1"]}, False),
+        ("retire_workers", {"workers": ["tls://10.0.0.3:1", "tls://10.0.0.2:1"]}, True),
+        ("retire_workers", {"names": ["worker-1"]}, False),
+        ("retire_workers", {"names": ["worker-0"]}, True),
+        ("retire_workers", {"n": 1}, True),  # the scheduler would pick
+        ("retire_workers", {}, True),
+        ("who_has", {"keys": ["x"]}, False),
+    ],
+)
+def test_a_worker_certificate_names_only_its_own_worker(op, msg, refused):
+    scheduler = _Scheduler({"tls://10.0.0.2:1": "worker-0", "tls://10.0.0.3:1": "worker-1"})
+    identity = peers.Identity("c1", "worker", "worker-1")
+    why = peers.worker_request_refused(scheduler, identity, op, msg)
+    assert (why is not None) == refused, why
+    if refused:
+        assert "worker certificate for worker-1" in why
+    with pytest.raises(PermissionError, match="not a worker's address"):
+        peers.worker_request_refused(scheduler, identity, "unregister", {"address": ["x"]})
