@@ -8,14 +8,33 @@ cluster and role in a SAN URI ``dask-secure-cloud://CLUSTER/ROLE/NAME`` so that 
 can check who it talks to, and its extended key usage binds what it may do: the client's
 certificate can only authenticate a client, never serve as a scheduler or worker.
 
-A VM's certificate lives hours (``certificate_lifetime``) and is renewed while the
-client runs; the CA lives as long as the cluster may (``max_lifetime``).
+Every leaf lives hours (``certificate_lifetime``), the client's own included, and is
+renewed while the client runs; the CA lives as long as the cluster may
+(``max_lifetime``). A VM loads its renewed certificate into its live TLS contexts
+(``peers.py``); the client does the same here (:meth:`ClusterCredentials.renew_client`):
+a :class:`ClusterSecurity` keeps every context it handed out and reloads each, so pools,
+``Client`` objects and the dashboard proxy made from it go on, and new connections use the
+new certificate.
+
+``ssl`` loads a certificate and key only from a path, and the client's key must not be
+written to disk: :func:`_pem_path` gives it a path to an anonymous in-memory file
+(``memfd``) instead, open only while ``load_cert_chain`` reads it. Where there is no
+``memfd`` (macOS, Windows) the fallback is what ``distributed`` itself does for an
+in-memory key: a file of mode 0600 in a fresh 0700 directory, deleted at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import enum
+import logging
+import os
+import ssl
+import tempfile
+import threading
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +46,10 @@ from distributed.security import Security
 
 from . import peers
 from .errors import OptionError
+from .options.base import duration
 
 __all__ = [
+    "DEFAULT_CERTIFICATE_LIFETIME",
     "DEFAULT_LIFETIME",
     "URI_SCHEME",
     "ClusterCredentials",
@@ -38,8 +59,13 @@ __all__ = [
     "parse_identity",
 ]
 
+logger = logging.getLogger(__name__)
+
 #: The CA's lifetime when none is given (clusters pass their ``max_lifetime``).
 DEFAULT_LIFETIME = datetime.timedelta(hours=24)
+#: A leaf's lifetime when none is given: ``certificate_lifetime``'s default. The client's
+#: own certificate and a portable one live this long, not as long as the CA.
+DEFAULT_CERTIFICATE_LIFETIME = datetime.timedelta(hours=4)
 #: Certificates start this far in the past so that a VM whose clock lags still accepts
 #: them.
 CLOCK_SKEW = datetime.timedelta(minutes=5)
@@ -72,6 +98,44 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> str:
 
 def _pem_cert(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+@contextlib.contextmanager
+def _pem_path(pem: str) -> Iterator[str]:
+    """A path that reads as ``pem`` inside the block, for ``SSLContext.load_cert_chain``,
+    which takes paths only: the client's key must not become a file on disk.
+
+    On Linux the path is an anonymous in-memory file (``memfd_create``), reached through
+    ``/proc/self/fd`` and gone when the block ends; only a process that could read this
+    one's memory could open it. Elsewhere, a 0600 file in a fresh 0700 directory, removed
+    when the block ends: what ``distributed`` does for an in-memory key.
+    """
+    data = pem.encode()
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        fd = os.memfd_create("dask-secure-cloud-client", os.MFD_CLOEXEC)
+        try:
+            _write_all(fd, data)
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="dask-secure-cloud-") as directory:
+        path = os.path.join(directory, "client.pem")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        try:
+            yield path
+        finally:
+            os.unlink(path)
 
 
 def fingerprint(cert_pem: str) -> str:
@@ -129,6 +193,9 @@ class ClusterCredentials:
     >>> worker = creds.issue(Role.WORKER, "worker-0")
     >>> security = creds.client_security()
 
+    ``lifetime`` is the CA's (``max_lifetime``); ``certificate_lifetime`` the client's
+    own leaf's and a portable one's, as the VMs' (a cluster passes its option).
+
     Instances refuse to be pickled or copied so that the CA key cannot travel by
     accident (for example inside a cluster object sent to a worker).
     """
@@ -138,12 +205,14 @@ class ClusterCredentials:
         cluster_id: str,
         lifetime: datetime.timedelta = DEFAULT_LIFETIME,
         *,
+        certificate_lifetime: datetime.timedelta = DEFAULT_CERTIFICATE_LIFETIME,
         now: datetime.datetime | None = None,
     ) -> None:
         if not isinstance(lifetime, datetime.timedelta) or lifetime <= datetime.timedelta(0):
             raise OptionError(
                 f"max_lifetime must be a positive duration such as '7d', got {lifetime!r}"
             )
+        self.certificate_lifetime = duration(certificate_lifetime, "certificate_lifetime")
         if not cluster_id or "/" in cluster_id:
             raise OptionError(f"cluster_id must be a non-empty string without '/': {cluster_id!r}")
         self.cluster_id = cluster_id
@@ -190,6 +259,8 @@ class ClusterCredentials:
         self.ca_fingerprint = self._ca_cert.fingerprint(hashes.SHA256()).hex(":").upper()
         self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(self._ca_ski)
         self._client: LeafCredentials | None = None
+        #: The Securities holding this client's own key: a renewal reaches each.
+        self._securities: weakref.WeakSet[ClusterSecurity] = weakref.WeakSet()
 
     def issue(
         self,
@@ -204,7 +275,7 @@ class ClusterCredentials:
         are certified with :meth:`certify`."""
         role = Role(role)
         key = ec.generate_private_key(ec.SECP256R1())
-        not_after = not_after or self.not_after
+        not_after = min(not_after or self.not_after, self.not_after)
         cert_pem = self.certify(
             role, name, key.public_key(), not_before=not_before, not_after=not_after
         )
@@ -266,23 +337,67 @@ class ClusterCredentials:
         )
         return _pem_cert(cert)
 
+    def _client_leaf(
+        self, name: str, lifetime: datetime.timedelta, now: datetime.datetime | None = None
+    ) -> LeafCredentials:
+        """A client leaf living ``lifetime`` from ``now``, within the CA's life."""
+        # Never before the CA's start (a CA made with a given ``now`` in the future), and
+        # in whole seconds, as a certificate holds it: ``not_after`` is then exact.
+        now = max(
+            now or datetime.datetime.now(datetime.timezone.utc), self.not_before + CLOCK_SKEW
+        ).replace(microsecond=0)
+        return self.issue(Role.CLIENT, name, not_before=now - CLOCK_SKEW, not_after=now + lifetime)
+
     @property
     def client(self) -> LeafCredentials:
-        """The client's own leaf, made once; its key stays in this process."""
+        """The client's own leaf: its key stays in this process. It lives
+        ``certificate_lifetime``, and :meth:`renew_client` replaces it."""
         if self._client is None:
-            self._client = self.issue(Role.CLIENT, "client")
+            self._client = self._client_leaf("client", self.certificate_lifetime)
         return self._client
 
+    def renew_client(self, now: datetime.datetime | None = None) -> LeafCredentials | None:
+        """Give the client a fresh key and certificate once less than half its life is
+        left, as the VMs get (``renewal.py``), and load them into every TLS context
+        made from each :meth:`client_security`: pools, ``Client`` objects and the
+        dashboard proxy keep their live connections, and new ones use the new
+        certificate. Returns the new leaf, or ``None`` when none was due.
+
+        The cluster calls this periodically while it lives: a client that is gone
+        renews nothing, and its certificate expires within ``certificate_lifetime``.
+        """
+        now = now or datetime.datetime.now(datetime.timezone.utc)
+        current = self.client
+        if current.not_after >= self.not_after:
+            return None  # it ends with the CA: no later certificate can be signed
+        if current.not_after - now >= self.certificate_lifetime / 2:
+            return None
+        leaf = self._client_leaf("client", self.certificate_lifetime, now)
+        try:
+            contexts = sum(security.install(leaf) for security in list(self._securities))
+        except (OSError, ssl.SSLError) as e:
+            # Retried at the next call, well before the current one expires.
+            logger.warning("Renewing the client's certificate failed: %s", e)
+            return None
+        self._client = leaf
+        logger.info(
+            "Cluster %s: the client's certificate was renewed, valid until %s UTC, in %d "
+            "TLS contexts",
+            self.cluster_id,
+            f"{leaf.not_after:%Y-%m-%d %H:%M:%S}",
+            contexts,
+        )
+        return leaf
+
     def client_security(self) -> Security:
-        """A ``distributed.Security`` holding the client's key in memory.
+        """A ``distributed.Security`` holding the client's key in memory, renewed in
+        place by :meth:`renew_client`.
 
         Encryption is required and TLS 1.3 is the minimum: both ends are ours, so
         there is no older peer to accommodate.
         """
-        import ssl
-
         client = self.client
-        return ClusterSecurity(
+        security = ClusterSecurity(
             self.cluster_id,
             require_encryption=True,
             tls_ca_file=client.ca_pem,
@@ -290,16 +405,20 @@ class ClusterCredentials:
             tls_client_key=client.key_pem,
             tls_min_version=ssl.TLSVersion.TLSv1_3,
         )
+        self._securities.add(security)
+        return security
 
-    def portable_client_security(self, name: str) -> Security:
+    def portable_client_security(
+        self, name: str, lifetime: datetime.timedelta | str | float | None = None
+    ) -> Security:
         """A ``Security`` with a client certificate of its own, made to be handed to
         another process (pickled, or written out): it holds that new key, never this
-        client's. It lasts as long as the CA."""
-        import ssl
-
+        client's. Nothing can renew it once handed over, so it lives ``lifetime``
+        (``certificate_lifetime`` unless given), and never past the CA's end."""
         if name == "client":
             raise OptionError("name: 'client' is this process's own certificate; choose another")
-        leaf = self.issue(Role.CLIENT, name)
+        lifetime = self.certificate_lifetime if lifetime is None else duration(lifetime, "lifetime")
+        leaf = self._client_leaf(name, lifetime)
         return ClusterSecurity(
             self.cluster_id,
             portable=True,
@@ -346,12 +465,44 @@ class ClusterSecurity(Security):
         super().__init__(**kwargs)
         self.cluster_id = cluster_id
         self.portable = portable
+        #: Every context handed out, for :meth:`install`; weak, so a closed ``Client``'s
+        #: contexts go with it.
+        self._contexts: weakref.WeakSet[ssl.SSLContext] = weakref.WeakSet()
+        # A Client may be made in another thread while the cluster's loop renews: a
+        # context is made and registered, or reloaded, one at a time, so none is made
+        # from the old certificate and missed by the renewal.
+        self._lock = threading.Lock()
 
     def _get_tls_context(self, tls: Any, purpose: Any) -> Any:
-        ctx = super()._get_tls_context(tls, purpose)
-        if ctx is not None:
-            peers.guard_context(ctx, peers.Policy(self.cluster_id, Role.CLIENT.value))
-        return ctx
+        with self._lock:
+            cert, key = tls.get("cert"), tls.get("key")
+            if tls.get("ca_file") and cert and key and "\n" in cert and "\n" in key:
+                # distributed would write an in-memory key to a temporary file: give it
+                # an in-memory path instead (see _pem_path).
+                with _pem_path(cert.strip() + "\n" + key) as path:
+                    ctx = super()._get_tls_context({**tls, "cert": path, "key": None}, purpose)
+            else:
+                ctx = super()._get_tls_context(tls, purpose)
+            if ctx is not None:
+                peers.guard_context(ctx, peers.Policy(self.cluster_id, Role.CLIENT.value))
+                self._contexts.add(ctx)
+            return ctx
+
+    def install(self, leaf: LeafCredentials) -> int:
+        """Use ``leaf`` (a renewed client certificate and key) from now on: in every
+        context handed out so far, and in those made later. Returns how many contexts
+        were reloaded.
+
+        Connections already open keep the certificate they were made with; the peer
+        checked it once, at the handshake, so none is dropped.
+        """
+        with self._lock:
+            contexts = list(self._contexts)
+            with _pem_path(leaf.cert_pem.strip() + "\n" + leaf.key_pem) as path:
+                for ctx in contexts:
+                    ctx.load_cert_chain(path)
+            self.tls_client_cert, self.tls_client_key = leaf.cert_pem, leaf.key_pem
+            return len(contexts)
 
     def __reduce__(self) -> Any:
         if not self.portable:

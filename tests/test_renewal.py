@@ -20,6 +20,8 @@ import time
 import pytest
 from cryptography import x509
 from distributed import Client
+from distributed.comm import connect
+from test_dashboard import fetch
 from test_local_cluster import assert_nothing_left, wait_all_terminated
 
 from dask_secure_cloud import LocalVMCluster
@@ -151,6 +153,72 @@ def test_a_killed_client_renews_nothing_and_its_vms_end_when_their_certificates_
     assert "did not renew it: closing" in scheduler.console_output()
     for vm in vms:
         vm.stop()  # removes what the orphaned VMs left on disk, as cleanup would
+
+
+@pytest.mark.slow
+@pytest.mark.alongside
+@pytest.mark.timeout(300)
+async def test_the_clients_own_certificate_is_short_lived_and_renewed_in_place(vm_dir):
+    """The client's certificate lives ``certificate_lifetime`` (a minute here), not as
+    long as the CA, and is renewed at half its life in the TLS contexts already in use:
+    after the first one would have expired, a Client made before the renewal (over its
+    live stream and over new connections), one made after it from ``cluster.security``,
+    and the dashboard proxy all still reach the scheduler, which refuses expired
+    certificates."""
+    lifetime = datetime.timedelta(minutes=1)
+    async with LocalVMCluster(
+        n_workers=1,
+        certificate_lifetime="1m",
+        lease_timeout="1h",
+        directory=vm_dir,
+        asynchronous=True,
+    ) as cluster:
+        credentials = cluster._credentials
+        first = credentials.client
+        cert = x509.load_pem_x509_certificate(cluster.security.tls_client_cert.encode())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        assert cert.not_valid_after_utc - now <= lifetime  # not the CA's 7 days
+        assert cluster.certificates_expire - cert.not_valid_after_utc > datetime.timedelta(days=6)
+        assert cert.not_valid_after_utc == first.not_after
+
+        def left(leaf) -> float:
+            return (leaf.not_after - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+
+        async with Client(cluster, asynchronous=True) as before:
+            assert await before.submit(operator.add, 1, 1) == 2
+            stream = before.scheduler_comm.comm
+            # Renewed at half its life, looked for every 7.5 s: well before it expires.
+            for _ in range(150):
+                if credentials.client is not first or left(first) <= 0:
+                    break
+                await asyncio.sleep(0.5)
+            renewed = credentials.client
+            assert renewed is not first, "the client's certificate was not renewed"
+            assert left(first) > 5, "renewed too late"
+            assert renewed.not_after > first.not_after
+            assert renewed.key_pem != first.key_pem
+            assert cluster.security.tls_client_cert == renewed.cert_pem
+
+            async with Client(
+                cluster.scheduler_address, security=cluster.security, asynchronous=True
+            ) as after:
+                await asyncio.sleep(left(first) + 2)  # the first certificate has expired
+                # The old client's idle pooled connections go: its next call connects anew.
+                before.rpc.remove(cluster.scheduler_address)
+                assert (await before.scheduler.identity())["type"] == "Scheduler"
+                assert await before.submit(operator.add, 2, 2) == 4
+                assert before.scheduler_comm.comm is stream and not stream.closed()
+                assert await after.submit(operator.add, 3, 3) == 6
+                status, _ = await asyncio.to_thread(fetch, cluster.dashboard_link)
+                assert status == 200
+                # The context of the cluster's own pool (the VMs' renewals, the lease)
+                # connects anew too.
+                comm = await connect(
+                    cluster.scheduler_address, **cluster.scheduler_comm.connection_args
+                )
+                await comm.close()
+                # Renewals go on at each half-life while the cluster lives.
+                assert credentials.client.not_after >= renewed.not_after
 
 
 def test_renewal_interval_and_lifetime_bounds(vm_dir):
