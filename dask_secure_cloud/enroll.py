@@ -20,6 +20,12 @@ boot ``DEADLINE`` (epoch seconds) passes. Each request is a JSON line answered b
   a renewal replaces both at once), the token is deleted, and the script exits 0 (on
   the scheduler, freeing the port for Dask).
 
+The port is open to whoever can reach it, so no peer may hold it up: connections are
+served together (one thread, ``selectors``: the VM's cores are busy booting), each has
+``LINE_DEADLINE`` seconds to send its whole line of at most ``LINE_LIMIT`` bytes, and at
+most ``MAX_CONNECTIONS`` are open at once: one more closes the oldest, since the client
+sends its line as soon as it connects and a peer that has not is the likelier stall.
+
 Once certified, the ticket file is deleted after the port is closed: that is the sign
 for Dask to start. With ``runtime="native"`` the Dask process is started beforehand, so
 that it imports Dask while the VM enrols instead of after::
@@ -42,12 +48,15 @@ import hashlib
 import hmac
 import json
 import os
+import selectors
 import socket
 import subprocess
 import sys
 import time
 
 LINE_LIMIT = 64 * 1024
+LINE_DEADLINE = 5.0
+MAX_CONNECTIONS = 32
 CONTEXT = "dask-secure-cloud enroll"
 
 
@@ -116,8 +125,15 @@ def make_key(tls, name):
 
 
 def accept_certificate(tls, cert, public_key):
-    """Write ``cert`` and the VM's key as ``node.pem`` once the certificate chains to the
-    cluster's CA and certifies ``public_key`` (the key's); raise otherwise."""
+    """Write ``cert`` and the VM's key as ``node.pem`` once the certificate certifies
+    ``public_key`` (the key's) and chains to the cluster's CA; raise otherwise. The key is
+    compared first: it costs no ``openssl`` call, so a stranger's garbage costs little."""
+    try:
+        ours = certified_key(pem_der(cert, "CERTIFICATE")) == public_key
+    except (ValueError, IndexError, binascii.Error):
+        raise RuntimeError("refused a certificate: it is not a PEM certificate") from None
+    if not ours:
+        raise RuntimeError("refused a certificate: it certifies another key")
     key = os.path.join(tls, "node.key")
     fresh = os.path.join(tls, "node.pem.new")
     old = os.umask(0o077)
@@ -128,12 +144,6 @@ def accept_certificate(tls, cert, public_key):
         os.umask(old)
     try:
         openssl("verify", "-CAfile", os.path.join(tls, "ca.pem"), fresh)
-        try:
-            ours = certified_key(pem_der(cert, "CERTIFICATE")) == public_key
-        except (ValueError, IndexError, binascii.Error):
-            raise RuntimeError("it is not a PEM certificate") from None
-        if not ours:
-            raise RuntimeError("it certifies another key")
     except RuntimeError as e:
         os.unlink(fresh)
         raise RuntimeError(f"refused a certificate: {e}") from None
@@ -142,21 +152,128 @@ def accept_certificate(tls, cert, public_key):
 
 
 def answer(request, ticket, csr, public_key, tls):
-    """The reply to one request, and whether enrollment is complete."""
-    if isinstance(request.get("nonce"), str):
-        nonce = request["nonce"]
+    """The reply to one request, and whether enrollment is complete. Only ASCII is taken
+    (a nonce is hex, a certificate PEM): nothing else reaches a file or the proof."""
+    nonce, cert = request.get("nonce"), request.get("cert")
+    if isinstance(nonce, str) and nonce.isascii():
         return {
             "name": ticket["name"],
             "csr": csr,
             "proof": proof(ticket["token"], ticket["name"], nonce, csr),
         }, False
-    if isinstance(request.get("cert"), str):
+    if isinstance(cert, str) and cert.isascii():
         try:
-            accept_certificate(tls, request["cert"], public_key)
+            accept_certificate(tls, cert, public_key)
         except RuntimeError as e:
             return {"error": str(e)}, False
         return {"ok": True}, True
     return {"error": "expected a nonce or a certificate"}, False
+
+
+class Listener:
+    """The enrollment port: every connection served at once, none for long.
+
+    Each connection is ``[deadline, peer, bytes so far]`` until its line is whole, then
+    answered and closed. Problems are said a few times each, then only counted: the
+    console is what a failed boot shows, and a flood of strangers must not fill it."""
+
+    def __init__(self, address, port, respond):
+        self.respond = respond
+        self.sock = socket.create_server((address, port), reuse_port=False)
+        self.sock.setblocking(False)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.sock, selectors.EVENT_READ)
+        self.open = {}
+        self.problems = {}
+
+    def note(self, kind, text):
+        count = self.problems[kind] = self.problems.get(kind, 0) + 1
+        if count <= 3:
+            say(text + ("; more of these are only counted" if count == 3 else ""))
+
+    def drop(self, conn, kind=None, why=""):
+        peer = self.open.pop(conn)[1]
+        self.selector.unregister(conn)
+        conn.close()
+        if kind:
+            self.note(kind, f"{peer}: {why}")
+
+    def serve(self, deadline):
+        """Serve until a request completes enrollment (True) or ``deadline`` (False)."""
+        while time.time() < deadline:
+            now = time.monotonic()
+            late = [c for c, (due, _, _) in self.open.items() if due <= now]
+            for conn in late:
+                self.drop(conn, "slow", f"no whole line within {LINE_DEADLINE:.0f}s: closed")
+            wait = min([1.0] + [due - now for due, _, _ in self.open.values()])
+            for key, _ in self.selector.select(max(wait, 0)):
+                if key.fileobj is self.sock:
+                    self.accept()
+                elif key.fileobj in self.open and self.receive(key.fileobj):
+                    return True
+        return False
+
+    def accept(self):
+        try:
+            conn, peer = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:  # out of file descriptors, say
+            self.note("accept", f"could not accept a connection: {e}")
+            return
+        if len(self.open) >= MAX_CONNECTIONS:
+            oldest = next(iter(self.open))
+            self.drop(oldest, "full", f"{MAX_CONNECTIONS} connections open: the oldest closed")
+        conn.setblocking(False)
+        self.open[conn] = [time.monotonic() + LINE_DEADLINE, peer[0], bytearray()]
+        self.selector.register(conn, selectors.EVENT_READ)
+
+    def receive(self, conn):
+        """Read what ``conn`` sent; answer a whole line. True once enrollment is complete."""
+        state = self.open[conn]
+        try:
+            data = conn.recv(LINE_LIMIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as e:
+            self.drop(conn, "lost", str(e))
+            return False
+        if not data:
+            self.drop(conn, "lost", "closed before a whole line")
+            return False
+        line = state[2]
+        line += data
+        end = line.find(b"\n", len(line) - len(data))
+        if end < 0 or end >= LINE_LIMIT:
+            if end >= 0 or len(line) >= LINE_LIMIT:
+                self.drop(conn, "long", f"a line longer than {LINE_LIMIT} bytes: closed")
+            return False
+        try:
+            request = json.loads(line[:end])
+            if not isinstance(request, dict):
+                raise ValueError("not a JSON object")
+            reply, done = self.respond(request)
+        # RecursionError: deeply nested JSON; OSError: the VM's own files (node.key)
+        except (ValueError, RecursionError, OSError) as e:
+            reply, done = {"error": f"a bad request: {type(e).__name__}: {e}"}, False
+        if "error" in reply:
+            self.note("refused", f"{state[1]}: {reply['error']}")
+        try:
+            conn.settimeout(1)  # a reply is a few hundred bytes: the socket's buffer takes it
+            conn.sendall(json.dumps(reply).encode() + b"\n")
+        except OSError as e:  # once a certificate is installed, this VM is certified
+            self.note("lost", f"{state[1]}: {e}")
+        self.drop(conn)
+        return done
+
+    def close(self):
+        for conn in list(self.open):
+            self.drop(conn)
+        self.selector.close()
+        self.sock.close()
+        if self.problems:
+            say("connections refused or closed: " + ", ".join(
+                f"{count} {kind}" for kind, count in self.problems.items()))  # fmt: skip
 
 
 def serve(home, address, port, deadline):
@@ -167,30 +284,16 @@ def serve(home, address, port, deadline):
     started = time.monotonic()
     csr, public_key = make_key(tls, ticket["name"])
     say(f"key made in {time.monotonic() - started:.2f}s; waiting on {address}:{port}")
-    listener = socket.create_server((address, port), reuse_port=False)
-    listener.settimeout(1)
-    with listener:
-        while time.time() < deadline:
-            try:
-                conn, peer = listener.accept()
-            except socket.timeout:  # noqa: UP041 (not TimeoutError before Python 3.10)
-                continue
-            with conn:
-                conn.settimeout(10)
-                try:
-                    line = conn.makefile("rb").readline(LINE_LIMIT)
-                    reply, done = answer(json.loads(line), ticket, csr, public_key, tls)
-                    conn.sendall(json.dumps(reply).encode() + b"\n")
-                except (OSError, ValueError, AttributeError) as e:
-                    say(f"a bad request from {peer[0]}: {e}")
-                    continue
-                if "error" in reply:
-                    say(f"{peer[0]}: {reply['error']}")
-            if done:
-                break
-        else:
-            say("no certificate from the cluster's client before the boot deadline")
-            return 1
+    listener = Listener(
+        address, port, lambda request: answer(request, ticket, csr, public_key, tls)
+    )
+    try:
+        done = listener.serve(deadline)
+    finally:
+        listener.close()
+    if not done:
+        say("no certificate from the cluster's client before the boot deadline")
+        return 1
     # The port is free now (Dask's, on the scheduler): let Dask start.
     os.unlink(ticket_file)
     say(f"certified after {time.monotonic() - started:.1f}s")

@@ -12,6 +12,15 @@ signs only when:
 - the token has not certified another key before (a replayed token fails; the same key
   asking again, because a reply was lost, gets the same certificate).
 
+The request itself must be for an ECDSA P-256 key, signed by that key, with the VM's
+own name as its only subject; a key is recorded on the token only once it is signed.
+
+Whatever answers at a VM's address may be hostile, so every answer is data to check,
+never trusted to be well formed: a bad one (not an object, not a request, another key
+type, another name, not ASCII where a proof or PEM must be) refuses that VM alone, with
+a warning in the log and an ``enrollment_refused`` event in the audit log, and the
+others enrol on. A refused VM is asked again next round: its real answer still counts.
+
 The scheduler is asked directly, on its port, before its Dask starts; workers through
 the scheduler's ``secure_cloud_enroll_relay`` (see ``peers.py``), in one batch per round.
 """
@@ -30,8 +39,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 
+from . import audit
 from .credentials import CLOCK_SKEW, ClusterCredentials, Role
 from .enroll import LINE_LIMIT, proof
 from .errors import SecureCloudError
@@ -48,6 +61,12 @@ logger = logging.getLogger(__name__)
 
 #: A reply lost in transit is asked again within this many seconds.
 _ASK_TIMEOUT = 15.0
+#: How much of a VM's own words a refusal quotes (its error, its name): enough to tell
+#: what went wrong, not enough for a hostile VM to fill the log.
+_QUOTE = 200
+#: Distinct refusals logged and audited per VM: one refused for ever new reasons (its
+#: own error text) stops there.
+_AUDITED_REFUSALS = 10
 
 
 class EnrollmentRefused(SecureCloudError):
@@ -93,6 +112,9 @@ class Enrollment:
         self.lifetime = lifetime
         self._clock = clock
         self._tickets: dict[str, Ticket] = {}
+        #: Each VM's last refusal, and its distinct ones: logged and audited once each.
+        self._last_refusal: dict[str, str] = {}
+        self._refusals: dict[str, set[str]] = {}
 
     def ticket(self, role: Role, name: str, port: int) -> str:
         """A fresh token for the VM ``name`` (its user-data's), which answers on ``port``;
@@ -112,26 +134,38 @@ class Enrollment:
     def certificate_for(self, name: str, nonce: str, answer: Mapping[str, Any]) -> str:
         """Check ``answer`` to ``nonce`` from the VM the client asked as ``name``, and
         sign its request; raise :class:`EnrollmentRefused` naming why not."""
-        if "error" in answer or "unreachable" in answer:
-            raise EnrollmentRefused(f"{name}: {answer.get('error') or answer['unreachable']}")
+        if not isinstance(answer, Mapping):
+            raise EnrollmentRefused(f"{name}: its answer is not a JSON object: {_quoted(answer)}")
+        if "error" in answer:
+            raise EnrollmentRefused(f"{name}: {_quoted(answer['error'])}")
+        if "unreachable" in answer:
+            raise EnrollmentRefused(f"{name}: {_quoted(answer['unreachable'])}")
+        if "malformed" in answer:  # the scheduler's relay could not pass it on as it was
+            raise EnrollmentRefused(f"{name}: a malformed answer: {_quoted(answer['malformed'])}")
         claimed, csr_pem, given = (answer.get(k) for k in ("name", "csr", "proof"))
         if not all(isinstance(v, str) for v in (claimed, csr_pem, given)):
             raise EnrollmentRefused(f"{name}: the answer lacks a name, request or proof")
         assert isinstance(claimed, str) and isinstance(csr_pem, str) and isinstance(given, str)
         if claimed != name:
             raise EnrollmentRefused(
-                f"{name}: the VM at its address answered as {claimed!r}; refused"
+                f"{name}: the VM at its address answered as {claimed!r:.{_QUOTE}}; refused"
             )
         ticket = self._tickets.get(name)
         if ticket is None:
             raise EnrollmentRefused(f"{name}: no enrollment token was issued for this VM")
-        if not hmac.compare_digest(proof(ticket.token, name, nonce, csr_pem), given):
+        # A proof is hex and a request PEM: ASCII, the only strings compare_digest and
+        # the proof's UTF-8 encoding take without raising.
+        if not (
+            given.isascii()
+            and csr_pem.isascii()
+            and hmac.compare_digest(proof(ticket.token, name, nonce, csr_pem), given)
+        ):
             raise EnrollmentRefused(f"{name}: the proof does not match this VM's token")
         if ticket.done:
             raise EnrollmentRefused(f"{name}: its token was used already")
         if self._clock() > ticket.expires:
             raise EnrollmentRefused(f"{name}: its token expired with its boot window")
-        public = _request(name, csr_pem).public_key()
+        public = _requested_key(name, csr_pem)
         der = public.public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
@@ -140,9 +174,10 @@ class Enrollment:
                 raise EnrollmentRefused(f"{name}: its token certified another key already")
             assert ticket.cert_pem is not None
             return ticket.cert_pem  # the same key again: its reply was lost
-        ticket.public_key = der
-        ticket.cert_pem, ticket.not_after = self.sign(ticket.role, name, public)
-        return ticket.cert_pem
+        # Recorded only once signed: a request refused here leaves the token unspent.
+        cert_pem, not_after = self.sign(ticket.role, name, public)
+        ticket.public_key, ticket.cert_pem, ticket.not_after = der, cert_pem, not_after
+        return cert_pem
 
     def sign(self, role: Role, name: str, public_key: Any) -> tuple[str, datetime.datetime]:
         """A certificate for ``public_key`` as ``name``, living ``lifetime`` from now."""
@@ -160,7 +195,9 @@ class Enrollment:
         ticket = self._tickets.get(name)
         if ticket is None or not ticket.done:
             raise EnrollmentRefused(f"{name}: not enrolled, so not renewed")
-        return self.sign(ticket.role, name, _request(name, csr_pem).public_key())
+        # Its subject is not checked: the name certified is the client's anyway, and a
+        # VM's renewal request has named its role, not its name, before now.
+        return self.sign(ticket.role, name, _requested_key(name, csr_pem, subject=False))
 
     def renewed(self, name: str, cert_pem: str, not_after: datetime.datetime) -> None:
         ticket = self._tickets.get(name)
@@ -174,13 +211,41 @@ class Enrollment:
     def forget(self, name: str) -> None:
         """The VM ``name`` is gone: nothing of it is renewed or accepted again."""
         self._tickets.pop(name, None)
+        self._refusals.pop(name, None)
+        self._last_refusal.pop(name, None)
 
     def confirm(self, name: str, answer: Mapping[str, Any]) -> None:
         """The VM accepted its certificate: its token is spent for good."""
-        if answer.get("ok") is not True:
-            why = answer.get("error") or answer.get("unreachable") or answer
-            raise EnrollmentRefused(f"{name}: did not accept its certificate: {why}")
+        if not isinstance(answer, Mapping) or answer.get("ok") is not True:
+            why: object = answer
+            if isinstance(answer, Mapping):
+                said = (answer.get(k) for k in ("error", "unreachable", "malformed"))
+                why = next((w for w in said if w), answer)
+            raise EnrollmentRefused(f"{name}: did not accept its certificate: {_quoted(why)}")
         self._tickets[name].done = True
+
+    async def refused(self, name: str, why: str) -> bool:
+        """Record that an answer for ``name`` was refused, in the audit log; whether it
+        is news (the first refusal for that reason), for the caller to log. A VM asked
+        every round is recorded once per reason, not once per round."""
+        self._last_refusal[name] = why
+        seen = self._refusals.setdefault(name, set())
+        if why in seen or len(seen) >= _AUDITED_REFUSALS:
+            return False
+        seen.add(why)
+        ticket = self._tickets.get(name)
+        await audit.record_async(
+            "enrollment_refused",
+            self.credentials.cluster_id,
+            name=name,
+            role=ticket.role.value if ticket is not None else None,
+            reason=why,
+        )
+        return True
+
+    def refusal(self, name: str) -> str | None:
+        """Why ``name``'s last refused answer was refused, for its boot-failure report."""
+        return self._last_refusal.get(name)
 
     def certificate(self, name: str) -> str | None:
         """The certificate ``name`` was given, once it accepted it."""
@@ -192,34 +257,84 @@ class Enrollment:
     ) -> str:
         """The whole exchange with one VM over ``ask`` (one line out, one line back)."""
         nonce = self.nonce()
-        cert = self.certificate_for(name, nonce, await ask({"nonce": nonce}))
-        self.confirm(name, await ask({"cert": cert}))
+        try:
+            cert = self.certificate_for(name, nonce, await ask({"nonce": nonce}))
+            self.confirm(name, await ask({"cert": cert}))
+        except EnrollmentRefused as e:
+            await self.refused(name, str(e))
+            raise
         return cert
 
 
-def _request(name: str, csr_pem: str) -> x509.CertificateSigningRequest:
-    """A VM's certificate request, signed by the key it asks to be certified."""
+def _quoted(value: object) -> str:
+    """A VM's own words in a refusal: printable (no line of the log forged), and short."""
+    text = value if isinstance(value, str) and value.isprintable() else repr(value)
+    return text if len(text) <= _QUOTE else text[:_QUOTE] + "..."
+
+
+def _key_kind(key: object) -> str:
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"ECDSA {key.curve.name}"
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"RSA-{key.key_size}"
+    return type(key).__name__
+
+
+def _requested_key(
+    name: str, csr_pem: object, *, subject: bool = True
+) -> ec.EllipticCurvePublicKey:
+    """The key a VM's certificate request asks to be certified as ``name``: refused
+    unless the request is signed by that key, the key is ECDSA P-256 (the only kind the
+    CA certifies) and, with ``subject``, the request names ``name`` and nothing else (a
+    request for another name is a VM confused or lying about who it is, even though the
+    name certified is always the client's)."""
+    if not isinstance(csr_pem, str) or not csr_pem.isascii():
+        raise EnrollmentRefused(f"{name}: not a certificate request: {_quoted(csr_pem)}")
     try:
         request = x509.load_pem_x509_csr(csr_pem.encode())
-    except ValueError as e:
-        raise EnrollmentRefused(f"{name}: not a certificate request: {e}") from None
-    if not request.is_signature_valid:
+        signed = request.is_signature_valid
+        key = request.public_key()
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise EnrollmentRefused(f"{name}: not a certificate request: {_quoted(str(e))}") from None
+    if not signed:
         raise EnrollmentRefused(f"{name}: the request is not signed by its key")
-    return request
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise EnrollmentRefused(
+            f"{name}: the request is for an {_key_kind(key)} key; "
+            "only ECDSA P-256 keys are certified"
+        )
+    if subject and [(a.oid, a.value) for a in request.subject] != [(NameOID.COMMON_NAME, name)]:
+        raise EnrollmentRefused(
+            f"{name}: the request is for {_quoted(request.subject.rfc4514_string())}, "
+            f"not CN={name}; refused"
+        )
+    return key
 
 
 async def ask_directly(host: str, port: int, line: Mapping[str, Any]) -> Mapping[str, Any]:
-    """One request to a VM's enrollment port, straight from this process."""
+    """One request to a VM's enrollment port, straight from this process: its answer,
+    or ``{"malformed": why}`` when what came back cannot be one (for
+    :meth:`Enrollment.certificate_for` to refuse, as the scheduler's relay does).
+    Raises ``OSError`` or ``TimeoutError`` while nothing answers."""
     reader, writer = await asyncio.wait_for(
         asyncio.open_connection(host, port, limit=LINE_LIMIT), _ASK_TIMEOUT
     )
     try:
         writer.write(json.dumps(line).encode() + b"\n")
-        answer = json.loads(await asyncio.wait_for(reader.readline(), _ASK_TIMEOUT))
+        try:
+            raw = await asyncio.wait_for(reader.readline(), _ASK_TIMEOUT)
+        except ValueError:  # the stream's limit
+            return {"malformed": f"a line longer than {LINE_LIMIT} bytes"}
     finally:
         writer.close()
+    if not raw:
+        raise ConnectionError(f"{host}:{port} closed the connection without an answer")
+    try:
+        answer = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply
+        return {"malformed": f"not JSON: {type(e).__name__}"}
     if not isinstance(answer, dict):
-        raise ValueError("an enrollment answer must be a JSON object")
+        return {"malformed": f"not a JSON object: {type(answer).__name__}"}
     return answer
 
 
@@ -254,7 +369,6 @@ class RelayedEnrollment:
         self.interval = interval
         self.on_enrolled = on_enrolled
         self._pending: dict[str, tuple[str, asyncio.Future[str]]] = {}
-        self._refusals: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
         #: A worker was added or certified since the last pause: pause briefly again.
         self._news = False
@@ -276,7 +390,7 @@ class RelayedEnrollment:
 
     def refusal(self, name: str) -> str | None:
         """Why ``name``'s last answer was refused, for its boot-failure report."""
-        return self._refusals.get(name)
+        return self.enrollment.refusal(name)
 
     async def _run(self) -> None:
         pause = self.FIRST_PAUSE
@@ -299,14 +413,12 @@ class RelayedEnrollment:
                 exc_info=task.exception(),
             )
 
-    async def _relay(self, lines: list[list[Any]]) -> Sequence[Mapping[str, Any]]:
-        """The answers to ``lines``, one mapping each, or ``ConnectionError``."""
+    async def _relay(self, lines: list[list[Any]]) -> Sequence[Any]:
+        """The answers to ``lines``, one each, or ``ConnectionError``. Each answer is
+        what a VM said, checked by :meth:`Enrollment.certificate_for`: one VM's garbage
+        must cost that VM its round, not everyone's."""
         answers = await self.relay(lines)
-        if (
-            not isinstance(answers, (list, tuple))  # msgpack gives tuples
-            or len(answers) != len(lines)
-            or not all(isinstance(a, Mapping) for a in answers)
-        ):
+        if not isinstance(answers, (list, tuple)) or len(answers) != len(lines):
             # Dask answers None for an operation it has no handler for, and the
             # scheduler's preload adds the relay just after the scheduler listens.
             raise ConnectionError(f"the scheduler's relay is not ready: {answers!r:.100}")
@@ -320,12 +432,12 @@ class RelayedEnrollment:
         )
         certified: dict[str, str] = {}
         for name, answer in zip(names, answers, strict=True):
-            if "unreachable" in answer:
+            if isinstance(answer, Mapping) and "unreachable" in answer:
                 continue  # still booting
             try:
                 certified[name] = self.enrollment.certificate_for(name, nonces[name], answer)
             except EnrollmentRefused as e:
-                self._refuse(name, str(e))
+                await self._refuse(name, str(e))
         names = [n for n in certified if n in self._pending]
         if not names:
             return
@@ -338,7 +450,7 @@ class RelayedEnrollment:
             try:
                 self.enrollment.confirm(name, answer)
             except EnrollmentRefused as e:
-                self._refuse(name, str(e))
+                await self._refuse(name, str(e))
                 continue
             _, future = self._pending.pop(name, (None, None))
             self._news = True  # the others are likely about as far along
@@ -350,10 +462,9 @@ class RelayedEnrollment:
     def _port(self, name: str) -> int:
         return self.enrollment.port(name)
 
-    def _refuse(self, name: str, why: str) -> None:
-        if self._refusals.get(name) != why:
+    async def _refuse(self, name: str, why: str) -> None:
+        if await self.enrollment.refused(name, why):
             logger.warning("Enrollment of %s refused: %s", name, why)
-        self._refusals[name] = why
 
     async def close(self) -> None:
         for name in list(self._pending):

@@ -25,7 +25,7 @@ from distributed import Client
 from dask_secure_cloud import LocalVMCluster, preloads
 from dask_secure_cloud.cloudinit import secrets_in
 from dask_secure_cloud.credentials import ClusterCredentials, Role, parse_identity
-from dask_secure_cloud.enroll import proof
+from dask_secure_cloud.enroll import LINE_DEADLINE, MAX_CONNECTIONS, proof
 from dask_secure_cloud.enrollment import (
     Enrollment,
     EnrollmentRefused,
@@ -138,6 +138,53 @@ async def test_a_vm_makes_its_key_and_the_client_certifies_it(tmp_path):
     issued = x509.load_pem_x509_certificate(cert.encode())
     assert issued.public_key() == key.public_key()
     assert parse_identity(issued) == ("c-enrol", Role.WORKER, "worker-0")
+    assert enrollment.certificate("worker-0") == cert
+
+
+async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(), seconds) == b""
+    except ConnectionResetError:
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
+async def test_the_enrollment_port_serves_everyone_at_once_and_no_one_for_long(tmp_path):
+    """Anyone who reaches a booting VM's port may connect: its listener answers the
+    client while ``MAX_CONNECTIONS`` strangers are connected, closes the oldest when one
+    more comes, and closes any connection without a whole line ``LINE_DEADLINE`` after
+    it came, even one sending a byte now and then."""
+    creds = ClusterCredentials("c-slow")
+    enrollment = Enrollment(creds, WINDOW, LIFETIME)
+    port = free_port()
+    token = enrollment.ticket(Role.WORKER, "worker-0", port)
+    process = vm_side(tmp_path / "vm", creds.ca_cert_pem, "worker-0", token, port)
+    try:
+        await wait_listening(port)
+        started = time.monotonic()
+        trickler = await asyncio.open_connection("127.0.0.1", port)
+        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(MAX_CONNECTIONS)]
+        # One more than the bound: the oldest (the trickler) went at once.
+        assert await _closed_within(trickler[0], 1)
+        # The others are open, and the client is answered meanwhile (ousting one more).
+        answer = await ask_directly("127.0.0.1", port, {"nonce": "00"})
+        assert answer["name"] == "worker-0"
+        assert not await _closed_within(silent[1][0], 0.1)
+        for _ in range(3):  # a byte every second: no line
+            silent[-1][1].write(b"{")
+            await asyncio.sleep(1)
+        for reader, _ in silent[1:]:
+            assert await _closed_within(reader, LINE_DEADLINE + 3 - (time.monotonic() - started))
+        cert = await enrollment.enroll(
+            "worker-0", lambda line: ask_directly("127.0.0.1", port, line)
+        )
+        assert process.wait(timeout=10) == 0
+    finally:
+        process.kill()
+    output = process.stdout.read()
+    assert f"no whole line within {LINE_DEADLINE:.0f}s" in output, output
+    assert "more of these are only counted" in output, output
     assert enrollment.certificate("worker-0") == cert
 
 
