@@ -22,9 +22,10 @@ Steps, in order:
 - ``pull`` (docker runtime): ``docker pull`` with retries until the boot deadline; a tag
   the registry does not have is not retried.
 - ``python-env`` (native runtime): nothing when the interpreter already has the
-  client's exact dask and distributed (a baked image boots fastest); otherwise a
-  virtualenv (``python3-venv`` from apt if the image lacks it) with those versions and
-  the user's ``pip_packages``.
+  client's exact dask and distributed and no ``pip_packages`` are asked for (a baked
+  image boots fastest); otherwise a virtualenv (``python3-venv`` from apt if the image
+  lacks it) with those versions and the user's ``pip_packages``, read as data from a
+  file, each one argument of ``pip install``.
 - ``extra-bootstrap``: the user's own lines.
 - ``dask``: the Dask process, logged to a file on the VM; when it ends the VM powers
   off (the lease and worker death timeout make it end when the client is gone), and
@@ -185,7 +186,7 @@ sys.exit(0 if all(w in ("", h) for w, h in zip(want, have)) else 1)
 PY
 }
 python_env() {
-  if [ -z "$PIP_PACKAGES" ] && has_wanted_dask "$PY"; then
+  if [ ! -e "$D/requirements.txt" ] && has_wanted_dask "$PY"; then
     echo "$PY already has dask ${WANT_DASK:-(any)} and distributed ${WANT_DISTRIBUTED:-(any)}"
     return 0
   fi
@@ -200,9 +201,13 @@ python_env() {
   # A development build's local version (+g1234) is not on an index: pin its release.
   set -- "dask${WANT_DASK:+==${WANT_DASK%%+*}}" \
     "distributed${WANT_DISTRIBUTED:+==${WANT_DISTRIBUTED%%+*}}"
-  # shellcheck disable=SC2086  # PIP_PACKAGES is a list of requirement words
+  # pip_packages, one requirement a line: each line is one argument, never split,
+  # expanded or parsed by this shell (nor by pip's requirements-file syntax).
+  if [ -e "$D/requirements.txt" ]; then
+    while IFS= read -r req || [ -n "$req" ]; do set -- "$@" "$req"; done <"$D/requirements.txt"
+  fi
   retry "$D/venv/bin/python" -m pip install -q --disable-pip-version-check \
-    --retries 3 --timeout 30 "$@" $PIP_PACKAGES || return 1
+    --retries 3 --timeout 30 "$@" || return 1
   "$D/venv/bin/python" -m pip list --disable-pip-version-check 2>/dev/null |
     grep -iE '^(dask|distributed) '
   PY="$D/venv/bin/python"
@@ -227,7 +232,6 @@ def render_script(
     python: str = "python3",
     want_dask: str = "",
     want_distributed: str = "",
-    pip_packages: Sequence[str] = (),
     prepare: Sequence[str] = (),
     extra_bootstrap: Sequence[str] = (),
     power_off_on_exit: bool = True,
@@ -240,12 +244,19 @@ def render_script(
     before any step (directory modes, environment files). With ``enroll_port`` the VM
     enrols on that port (``$D/enroll.py``), with the image's ``python3`` for a
     container, or the configured interpreter for a native runtime.
+
+    No user value is ever part of the script's code: ``image`` and ``python`` are
+    assigned single-quoted and only ever expanded inside double quotes, ``launch`` comes
+    quoted from its renderer, and the user's ``pip_packages`` are not here at all: the
+    ``python-env`` step reads them from ``$D/requirements.txt``, one a line, when that
+    file exists. Only ``extra_bootstrap`` is shell, by design: it is the user's own.
     """
     if runtime not in ("docker", "native"):
         raise OptionError(f"runtime must be 'docker' or 'native', got {runtime!r}")
     lines = [
         "#!/bin/sh",
-        f"# {header}",
+        # A comment: a newline in it would end it and start code.
+        f"# {' '.join(header.split())}",
         "set -eu",
         'LOCAL="${DSC_VM_ROOT:-}"',
         f'D="${{DSC_VM_ROOT:-}}{home}"',
@@ -256,7 +267,6 @@ def render_script(
                 _assign("PY", python),
                 _assign("WANT_DASK", want_dask),
                 _assign("WANT_DISTRIBUTED", want_distributed),
-                _assign("PIP_PACKAGES", " ".join(shlex.quote(p) for p in pip_packages)),
             ]
         ),
         f"DEADLINE=$(( $(date +%s) + {max(int(boot_timeout), 1)} ))",

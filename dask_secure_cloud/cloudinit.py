@@ -12,6 +12,15 @@ cloud-init leaves them unset): ``DSC_VM_ROOT``, under which every file was writt
 set the script never powers the machine off, because it is not running on a VM of its
 own.
 
+No user value is ever code in the boot script. Dask's flags (``worker_options``,
+``scheduler_options``) are single-quoted words; ``env_vars`` are single-quoted values in
+a file (native) or ``docker --env-file`` lines, taken verbatim; ``pip_packages`` are a
+file read one argument a line. A value that needs the VM's Dask directory says
+:data:`VM_DIR` (``{vm_dir}``): the renderer splits the value there and puts our own
+``"$D"`` (the directory as the Dask process sees it) between single-quoted pieces, so
+the shell expands only that variable, never anything the user wrote. Only
+``extra_bootstrap`` is shell: it is the user's own script, by design.
+
 This module knows neither Dask's API nor any cloud: it renders text and measures it.
 """
 
@@ -20,6 +29,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,9 +41,11 @@ from . import preloads
 from .bootscript import render_script
 from .credentials import LeafCredentials, Role
 from .errors import OptionError, SecureCloudError
+from .options.shared import check_requirements
 
 __all__ = [
     "LIMITS",
+    "VM_DIR",
     "VM_HOME",
     "BootPlan",
     "DockerRuntime",
@@ -48,6 +60,23 @@ __all__ = [
 VM_HOME = "/opt/dask-secure-cloud"
 #: Inside a container the VM_HOME directory is mounted at the same path.
 _CONTAINER_HOME = VM_HOME
+#: Written in a ``worker_options``, ``scheduler_options`` or ``env_vars`` value, stands
+#: for the VM's Dask directory as the Dask process sees it (``{vm_dir}/spill``). It is
+#: put in by the renderer, never by a shell reading the user's text.
+VM_DIR = "{vm_dir}"
+#: What VM_DIR becomes for a native Dask process: the boot script's own directory.
+_NATIVE_HOME = '"$D"'
+#: Environment variable names a shell takes: portable, ASCII.
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: The boot script's own variables (and the shell's): an ``env_vars`` entry of that name
+#: would redirect the script (``PY``, ``D``) once its environment file is read.
+_SCRIPT_VARIABLES = frozenset(
+    {
+        *("D", "PY", "IMAGE", "LOCAL", "DEADLINE", "STEP", "T0", "ENROLL", "HOST_ARGS"),
+        *("WANT_DASK", "WANT_DISTRIBUTED", "DASK_CONFIG", "DSC_VM_ROOT", "DSC_VM_ADDRESS"),
+        *("IFS", "PS4", "ENV"),
+    }
+)
 _HEADER = "#cloud-config\n"
 
 
@@ -91,7 +120,12 @@ class DockerRuntime:
     gpus: bool = False
 
     def __post_init__(self) -> None:
-        if not self.image or any(c.isspace() for c in self.image):
+        if not self.image or self.image.startswith("-") or not self.image.isprintable():
+            raise OptionError(
+                f"docker_image must be an image reference such as "
+                f"'ghcr.io/dask/dask:2024.8.0-py3.11', got {self.image!r}"
+            )
+        if any(c.isspace() for c in self.image):
             raise OptionError(f"docker_image must be an image reference, got {self.image!r}")
 
 
@@ -110,12 +144,12 @@ class NativeRuntime:
     pip_packages: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for requirement in self.pip_packages:
-            if not requirement or requirement.startswith("-") or "\n" in requirement:
-                raise OptionError(
-                    f"pip_packages: {requirement!r} is not a requirement; give names with "
-                    "optional versions, for example ['xarray==2024.6.0', 'zarr']"
-                )
+        if not self.python or self.python.startswith("-") or not self.python.isprintable():
+            raise OptionError(
+                f"python must be an interpreter's name or path such as 'python3' or "
+                f"'/usr/bin/python3.12', got {self.python!r}"
+            )
+        check_requirements(self.pip_packages, "pip_packages")
 
 
 @dataclass(frozen=True, repr=False)
@@ -177,8 +211,16 @@ class BootPlan:
                 f"{self.name}: a {self.role.value} VM was given a {self.tls.role.value} certificate"
             )
         for key in self.env:
-            if not key.isidentifier():
-                raise OptionError(f"env_vars: {key!r} is not a valid variable name")
+            if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
+                raise OptionError(
+                    f"env_vars: {key!r} is not a valid variable name: use ASCII letters, "
+                    "digits and '_', not starting with a digit"
+                )
+            if key in _SCRIPT_VARIABLES:
+                raise OptionError(
+                    f"env_vars: {key!r} is a variable of the VM's boot script itself; "
+                    "name it otherwise"
+                )
         for name in self.preloads:
             if not name.endswith(".py") or "/" in name:
                 raise OptionError(f"preload names are plain .py file names, got {name!r}")
@@ -215,13 +257,20 @@ def _file(path: str, content: str, permissions: str, pack: bool = True) -> dict[
 
 
 def _env_file(env: Mapping[str, str], runtime: DockerRuntime | NativeRuntime) -> str:
+    """The Dask process's environment file: ``docker --env-file`` lines, taken verbatim
+    by Docker, or (native) single-quoted shell assignments the boot script reads."""
     if isinstance(runtime, DockerRuntime):
-        # docker --env-file takes values verbatim, one per line.
         for key, value in env.items():
-            if "\n" in value:
+            if "\n" in value or "\r" in value:
                 raise OptionError(f"env_vars: {key} holds a newline, which docker cannot pass")
-        return "".join(f"{k}={v}\n" for k, v in env.items())
-    return "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items())
+        return "".join(f"{k}={v.replace(VM_DIR, _CONTAINER_HOME)}\n" for k, v in env.items())
+    return "".join(f"{k}={_shell_word(v, _NATIVE_HOME)}\n" for k, v in env.items())
+
+
+def _shell_word(value: str, home: str) -> str:
+    """``value`` as one shell word that the shell takes as data: single-quoted, with each
+    :data:`VM_DIR` replaced by ``home`` (a word of ours: ``"$D"``, or a quoted path)."""
+    return home.join(shlex.quote(part) if part else "" for part in value.split(VM_DIR)) or "''"
 
 
 def _launch_line(plan: BootPlan) -> str:
@@ -247,15 +296,20 @@ def _launch_line(plan: BootPlan) -> str:
         if plan.runtime.gpus:
             prefix += ["--gpus", "all"]
         prefix += ["$IMAGE", "dask", role]
+        vm_dir = shlex.quote(_CONTAINER_HOME)
     else:
         home = "$D"
+        vm_dir = _NATIVE_HOME
         # $PY: the interpreter the boot script's python-env step settled on. An enrolling
         # VM starts it early, to import Dask while it waits for its certificate.
         start = ["$D/enroll.py", "--start", "$D", "$DEADLINE"] if plan.enroll else ["-m"]
         prefix = ["$PY", *start, f"distributed.cli.dask_{role}"]
-    args = list(plan.command[1:]) if plan.command and plan.command[0] == role else []
     if plan.command and plan.command[0] != role:
         raise OptionError(f"{plan.name}: command must start with {role!r}: {plan.command!r}")
+    # The plan's command (the user's worker_options and scheduler_options among it) is
+    # data: each word single-quoted, whatever it holds; only VM_DIR becomes ours.
+    user = [_shell_word(word, vm_dir) for word in plan.command[1:]]
+    args: list[str] = []
     for name in sorted(plan.preloads):
         args += ["--preload", f"{home}/preload/{name}"]
     if plan.role is Role.WORKER:
@@ -274,16 +328,22 @@ def _launch_line(plan: BootPlan) -> str:
             f"{home}/tls/{key}",
         ]
 
-    def quote(word: str) -> str:
-        # "$D", "$PY" and "$IMAGE" must expand; everything else is literal.
-        if word.startswith(("$D", "$PY", "$IMAGE")):
-            return '"' + word.replace('"', '\\"') + '"'
-        return shlex.quote(word)
+    def ours(word: str) -> str:
+        # Our own words: a leading variable of the script ("$D", "$PY") expands, the
+        # rest ("/tls/ca.pem") is literal.
+        match = re.fullmatch(r"\$([A-Z_]+)(.*)", word, re.DOTALL)
+        if match is None:
+            return shlex.quote(word)
+        rest = match.group(2)
+        return f'"${match.group(1)}"' + (shlex.quote(rest) if rest else "")
 
-    line = " ".join(quote(w) for w in prefix + args) + " $HOST_ARGS"
+    words = [ours(w) for w in prefix] + user + [ours(w) for w in args]
+    line = " ".join(words) + " $HOST_ARGS"
     if plan.dashboard_port is not None:
-        host = plan.dashboard_host
-        line += f' --dashboard-address "${{DSC_VM_ADDRESS:-{host}}}:{plan.dashboard_port}"'
+        # Loopback stays loopback on a process VM too (this machine's stands in for the
+        # VM's); only "every interface" becomes a process VM's own address.
+        host = plan.dashboard_host or "${DSC_VM_ADDRESS:-}"
+        line += f' --dashboard-address "{host}:{plan.dashboard_port}"'
     return line
 
 
@@ -313,7 +373,6 @@ def _boot_script(plan: BootPlan) -> str:
         python=runtime.python,
         want_dask=runtime.dask_version,
         want_distributed=runtime.distributed_version,
-        pip_packages=runtime.pip_packages,
         **common,
     )
 
@@ -337,6 +396,10 @@ def _document(plan: BootPlan, pack: bool = True) -> dict[str, Any]:
     files.append(_file(f"{VM_HOME}/config/dask.yaml", config_text or "{}\n", "0600", pack))
     if plan.env:
         files.append(_file(f"{VM_HOME}/env", _env_file(plan.env, plan.runtime), "0600", pack))
+    if isinstance(plan.runtime, NativeRuntime) and plan.runtime.pip_packages:
+        # One a line, read by the boot script as data: each is one argument of pip.
+        requirements = "".join(f"{r}\n" for r in plan.runtime.pip_packages)
+        files.append(_file(f"{VM_HOME}/requirements.txt", requirements, "0600", pack))
     for name, source in sorted(plan.preloads.items()):
         files.append(_file(f"{VM_HOME}/preload/{name}", source, "0600", pack))
     files.append(_file(f"{VM_HOME}/boot.sh", _boot_script(plan), "0700", pack))

@@ -8,8 +8,10 @@ interpreter is used however it was started.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -189,7 +191,9 @@ def test_local_vms_use_the_clients_interpreter_whatever_path_says(tmp_path):
     [
         DockerRuntime("ghcr.io/dask/dask:2024.8.0-py3.11"),
         DockerRuntime("ghcr.io/dask/dask:2024.8.0-py3.11", gpus=True),
-        NativeRuntime("python3", "2024.8.0", "2024.8.0", ("xarray==2024.6.0", "zarr")),
+        NativeRuntime(
+            "python3", "2024.8.0", "2024.8.0", ("xarray==2024.6.0", "pandas>=2", "s3fs[boto3]")
+        ),
     ],
     ids=["docker", "docker-gpu", "native"],
 )
@@ -209,3 +213,40 @@ def test_rendered_boot_scripts_pass_shellcheck(runtime, tmp_path):
         text=True,
     )
     assert result.returncode == 0, result.stdout
+
+
+def test_each_pip_requirement_reaches_pip_as_one_argument_unquoted(tmp_path):
+    """``pip_packages=["pandas>=2", "s3fs[boto3]"]`` once reached pip as ``'pandas>=2'``,
+    quotes and all. An interpreter stand-in makes the virtualenv and records what its
+    pip is asked: each requirement, as written, as one argument."""
+    record = tmp_path / "pip-argv.json"
+    real = shlex.quote(sys.executable)
+    dump = "import json, sys; json.dump(sys.argv[2:], open(sys.argv[1], 'w'))"
+    python = tmp_path / "python-standin"
+    python.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1 $2" = "-m venv" ]; then\n'
+        '  for last; do :; done; mkdir -p "$last/bin"; cp "$0" "$last/bin/python"; exit 0\n'
+        "fi\n"
+        f'if [ "$1 $2 $3" = "-m pip install" ]; then exec {real} -c "{dump}" '
+        f'{shlex.quote(str(record))} "$@"; fi\n'
+        'case "$2" in pip | distributed.cli.*) exit 0 ;; esac\n'
+        f'exec {real} "$@"\n'
+    )
+    python.chmod(0o755)
+    wanted = ("pandas>=2", "s3fs[boto3]", 'iniconfig >= 2, < 3; python_version >= "3.8"')
+    runtime = NativeRuntime(str(python), "2024.8.0+g123", "2024.8.0", wanted)
+    console = _run(tmp_path, _worker(("tcp://127.0.0.1:9",), runtime))
+    assert "python-env: done" in console, console
+    argv = json.loads(record.read_text())
+    assert argv[argv.index("install") + 1 :] == [
+        "-q",
+        "--disable-pip-version-check",
+        "--retries",
+        "3",
+        "--timeout",
+        "30",
+        "dask==2024.8.0",
+        "distributed==2024.8.0",
+        *wanted,
+    ]

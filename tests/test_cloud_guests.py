@@ -47,6 +47,7 @@ from clouds.guest.booter import GuestBooter, GuestVM
 from clouds.guest.common import HOST_ADDRESS
 from clouds.guest.image import baked_image, stock_image
 from clouds.guest.internet import Services
+from clouds.guest.mirror_pypi import USER_REQUIREMENTS
 from clouds.guest.network import GuestNetwork
 from conftest import decoded_files, start_azure
 
@@ -250,11 +251,37 @@ async def test_gcp_defaults_with_native_runtime_install_dask_on_stock_guests(
 ):
     """``GCPCluster(runtime="native")`` on two stock guests: the worker gets an external
     address (no Cloud NAT), the boot script makes a virtualenv with this client's exact
-    dask and distributed from "PyPI", and the cluster computes over TLS."""
+    dask and distributed from "PyPI", and the cluster computes over TLS.
+
+    With ``pip_packages`` as users write them: a requirement with a version range
+    (``iniconfig>=2,<3``) and one with an extra (``urllib3[socks]``, which brings
+    PySocks). Each reaches pip as one argument, and the Dask processes can import them."""
     stand_in, booter, options = gce_guests
     since = time.time()
-    async with GCPCluster(n_workers=1, runtime="native", asynchronous=True, **options) as cluster:
+
+    def installed() -> dict[str, str]:
+        # Nested, so that it is pickled by value: the guests cannot import this module.
+        from importlib.metadata import version
+
+        import iniconfig  # noqa: F401
+        import socks  # noqa: F401
+
+        return {name: version(name) for name in ("iniconfig", "PySocks", "urllib3")}
+
+    async with GCPCluster(
+        n_workers=1,
+        runtime="native",
+        pip_packages=list(USER_REQUIREMENTS),
+        asynchronous=True,
+        **options,
+    ) as cluster:
         await _computes_over_tls(cluster, workers=1)
+        async with Client(cluster, asynchronous=True) as client:
+            on_workers = await client.run(installed)
+            on_scheduler = await client.run_on_scheduler(installed)
+        for versions in [*on_workers.values(), on_scheduler]:
+            assert versions["iniconfig"].startswith("2."), versions
+            assert versions["PySocks"], versions
         assert booter.egress == {"scheduler": True, "worker-0": True}
         guests = list(booter.vms.values())
         cluster_id = cluster.cluster_id
@@ -264,6 +291,8 @@ async def test_gcp_defaults_with_native_runtime_install_dask_on_stock_guests(
     fetched = _fetched(guest_services, since)
     wheel = f"/dask-{dask.__version__}-"
     assert sum(1 for r in fetched if wheel in r["path"]) == 2  # once per VM
+    for extra in ("/iniconfig-2.", "/PySocks-"):  # the specifier's and the extra's
+        assert sum(1 for r in fetched if extra in r["path"]) == 2, extra
     assert any("python3-venv" in r["path"] for r in fetched)
     labelled = [
         r

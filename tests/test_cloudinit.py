@@ -1,5 +1,6 @@
 import gzip
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -189,3 +190,88 @@ def test_scheduler_cannot_get_a_worker_certificate():
             runtime=NativeRuntime(),
             tls=CREDS.issue(Role.WORKER, "w"),
         )
+
+
+def _boot_sh(user_data: bytes) -> str:
+    return decoded_files(user_data)["/opt/dask-secure-cloud/boot.sh"].decode()
+
+
+def test_pip_packages_travel_as_a_file_one_requirement_a_line_never_in_the_script():
+    """Each requirement is data: a line of a 0600 file the boot script reads, one pip
+    argument each, never a word of the script itself."""
+    wanted = ("pandas>=2", "s3fs[boto3]", 'iniconfig; python_version >= "3.8"')
+    user_data = render(
+        BootPlan(
+            cluster_id="c1",
+            role=Role.WORKER,
+            name="w-0",
+            command=("worker", "tls://10.0.0.1:8786"),
+            runtime=NativeRuntime(pip_packages=wanted),
+        )
+    )
+    files = decoded_files(user_data)
+    assert files["/opt/dask-secure-cloud/requirements.txt"].decode().splitlines() == list(wanted)
+    modes = {f["path"]: f["permissions"] for f in parse(user_data)["write_files"]}
+    assert modes["/opt/dask-secure-cloud/requirements.txt"] == "0600"
+    boot = _boot_sh(user_data)
+    assert not any(w in boot for w in ("pandas", "s3fs", "iniconfig"))
+    # Without pip_packages there is no file, and a baked image installs nothing.
+    assert "/opt/dask-secure-cloud/requirements.txt" not in decoded_files(render(plan()))
+
+
+@pytest.mark.parametrize(
+    "requirement",
+    ["pandas>>2", "-e .", "--index-url=https://example.org/simple", "a b", "x\ny", "s3fs[boto3"],
+)
+def test_pip_packages_that_are_not_pep_508_requirements_are_refused_naming_the_option(
+    requirement,
+):
+    from dask_secure_cloud.errors import OptionError
+    from dask_secure_cloud.options import LocalOptions, resolve
+
+    with pytest.raises(OptionError, match=r"pip_packages: .* one PEP 508 requirement per item"):
+        resolve(LocalOptions, {"pip_packages": [requirement]})
+    with pytest.raises(OptionError, match="pip_packages"):
+        NativeRuntime(pip_packages=(requirement,))
+
+
+def test_pip_packages_with_specifiers_extras_and_markers_are_accepted():
+    from dask_secure_cloud.options import LocalOptions, resolve
+
+    wanted = ["pandas>=2", "s3fs[boto3]", "zarr >= 2, < 3", 'x; python_version >= "3.8"']
+    assert resolve(LocalOptions, {"pip_packages": wanted}).pip_packages == tuple(wanted)
+
+
+@pytest.mark.parametrize("runtime", ["docker", "native"])
+def test_option_values_are_single_quoted_words_and_vm_dir_is_the_only_expansion(runtime):
+    """A value that starts like one of the script's variables is still a literal word;
+    ``{vm_dir}`` is replaced by the renderer, the rest of the value stays quoted."""
+    hostile = "$D$(id -un > /tmp/x)`id`\"'; id"
+    command = (
+        "worker",
+        "tls://10.0.0.1:8786",
+        "--local-directory",
+        hostile,
+        "--name",
+        "{vm_dir}/a b",
+    )
+    boot = _boot_sh(
+        render(
+            BootPlan(
+                cluster_id="c1",
+                role=Role.WORKER,
+                name="w-0",
+                command=command,
+                runtime=RUNTIMES[runtime],
+            )
+        )
+    )
+    assert shlex.quote(hostile) in boot
+    home = '"$D"' if runtime == "native" else "/opt/dask-secure-cloud"
+    assert f"{home}'/a b'" in boot
+
+
+@pytest.mark.parametrize("name", ["PY", "D", "IFS", "DEADLINE", "1A", "A-B", "é"])
+def test_env_var_names_the_boot_script_cannot_take_are_refused(name):
+    with pytest.raises(ValueError, match=f"env_vars: {name!r}"):
+        plan(env={name: "x"})

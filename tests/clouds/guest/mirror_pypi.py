@@ -5,6 +5,10 @@ unchanged. The test services answer it from a wheelhouse downloaded once (throug
 machine's own access to PyPI) for the guest's platform, Debian 12's CPython 3.11 on
 x86-64, so the guest's pip finds the same files it would find on PyPI, with the same
 links, hashes and ``Requires-Python``, and nothing else.
+
+Besides dask's, every wheelhouse holds ``USER_REQUIREMENTS``: small pure-Python packages
+a guest test asks for as ``pip_packages``, written as users write them (a version
+specifier, an extra), so the product's own ``pip install`` of them is proven on a guest.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from clouds.guest.reply import Reply, bytes_reply, file_reply, not_found, redire
 
 __all__ = [
     "PLATFORM_OPTIONS",
+    "USER_REQUIREMENTS",
     "SimpleIndex",
     "dask_requirements",
     "normalize",
@@ -41,6 +46,11 @@ PLATFORM_OPTIONS: tuple[str, ...] = (
     *(f"--platform=manylinux_2_{minor}_x86_64" for minor in range(36, 16, -1)),
     "--platform=manylinux2014_x86_64",
 )
+#: What a guest test passes as ``pip_packages``: a specifier with a range (``>=``, ``<``
+#: and ``,``, which a shell would mangle) and an extra (``[socks]`` brings ``PySocks``).
+#: Small, pure Python, and not in the stock image, so a guest has them only if pip
+#: installed them. Every wheelhouse holds them, whoever asks for it.
+USER_REQUIREMENTS: tuple[str, ...] = ("iniconfig>=2,<3", "urllib3[socks]")
 #: Where the index's links point when asked as pypi.org, as PyPI's do.
 FILES_HOST = "files.pythonhosted.org"
 SIMPLE_HTML = "text/html; charset=utf-8"
@@ -60,9 +70,11 @@ def dask_requirements() -> list[str]:
 
 
 def wheelhouse(requirements: list[str]) -> Path:
-    """A directory of wheels for ``requirements`` and all they depend on, built once."""
-    inputs: list[str | Path] = [*sorted(requirements), "|", *PLATFORM_OPTIONS, Path(__file__)]
-    return cached("wheelhouse", inputs, lambda directory: _download(directory, requirements))
+    """A directory of wheels for ``requirements``, ``USER_REQUIREMENTS`` and all they
+    depend on, resolved together (as a guest's pip resolves them) and built once."""
+    wanted = [*requirements, *USER_REQUIREMENTS]
+    inputs: list[str | Path] = [*sorted(wanted), "|", *PLATFORM_OPTIONS, Path(__file__)]
+    return cached("wheelhouse", inputs, lambda directory: _download(directory, wanted))
 
 
 def _download(directory: Path, requirements: list[str]) -> None:
