@@ -11,6 +11,7 @@ import pytest
 
 from dask_secure_cloud.cloudinit import decode_file, parse
 
+from clouds import reach
 from clouds.arm import AzureStandIn
 from clouds.booter import Booter, VMBooter
 
@@ -79,6 +80,8 @@ def start_azure(
         "worker_vm_size": "Standard_D4s_v5",
         "address_prefix": address_prefix,
         "boot_timeout": "60s",
+        # Where the cluster learns the client's address, to open the scheduler to it.
+        "public_ip_url": reach.checkip_url(),
     }
     return stand_in, options
 
@@ -165,12 +168,13 @@ _real_getaddrinfo = socket.getaddrinfo
 
 
 def _loopback_only(host, *args, **kwargs):
-    """Resolve loopback names only, and the addresses of the guests' networks, which live
-    in a namespace the tests make themselves: a test that tries to reach any other host
-    fails."""
+    """Resolve loopback names only, the addresses of the guests' networks, which live
+    in a namespace the tests make themselves, and the stand-ins' public addresses, which
+    lead to a VM's own address (``clouds.reach``): a test that tries to reach any other
+    host fails."""
     name = host.decode() if isinstance(host, bytes) else host
     loopback = name in (None, "", "localhost", "::1") or str(name).startswith("127.")
-    if not loopback and not _in_test_namespace(str(name)):
+    if not loopback and not _in_test_namespace(str(name)) and not reach.is_public(str(name)):
         raise OSError(f"tests may only reach loopback addresses, not {name!r}")
     return _real_getaddrinfo(host, *args, **kwargs)
 
@@ -198,6 +202,16 @@ def audit_log(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _no_network_beyond_loopback(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", _loopback_only)
+    reach.install(monkeypatch)  # a VM's public address leads to its private one
+
+
+@pytest.fixture
+def outside_the_cloud():
+    """The test process is a client outside every stand-in cloud (a laptop): it reaches
+    VMs only at their public addresses, through their firewalls (``clouds.reach``).
+    Yields the ``public_ip_url`` that tells a cluster the client's address."""
+    with reach.outside():
+        yield reach.checkip_url()
 
 
 async def answers_without_certificate(address: str, ca_pem: str) -> bool:

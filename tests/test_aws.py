@@ -27,6 +27,7 @@ from dask_secure_cloud.network import NetworkPolicy, NetworkPolicyError
 from clouds.booter import VMBooter
 from clouds.ec2 import EC2StandIn, Network, make_network
 from clouds.naming import check_named_clusters, check_polls
+from clouds.reach import CLIENT_ADDRESS
 from conftest import decoded_files, vm_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -154,14 +155,20 @@ def outside_ways_in(client, instance: dict, members: set[str]) -> list[dict]:
     return found
 
 
-async def test_defaults_on_a_new_accounts_network_compute_with_workers_closed(aws, caplog):
-    """An internet gateway and no NAT, as a new account's default VPC: workers get a
-    public address for their way out, the stand-in gives every VM a route out, and no
-    rule admits anything from outside the cluster to a worker."""
+async def test_defaults_on_a_new_accounts_network_compute_with_workers_closed(
+    aws, caplog, outside_the_cloud
+):
+    """An internet gateway and no NAT, as a new account's default VPC, and the client
+    outside AWS (it reaches only public addresses, through security groups): the
+    scheduler is reached at its public address, open to the creator's address alone;
+    workers get a public address for their way out, the stand-in gives every VM a route
+    out, and no rule admits anything from outside the cluster to a worker."""
     stand_in, client, options = aws
+    options = {k: v for k, v in options.items() if k != "use_private_ip"}  # the default
     caplog.set_level(logging.INFO, logger="dask_secure_cloud.providers.aws")
-    async with EC2Cluster(n_workers=2, asynchronous=True, **options) as cluster:
-        assert cluster.scheduler_address.startswith("tls://127.")
+    async with EC2Cluster(
+        n_workers=2, public_ip_url=outside_the_cloud, asynchronous=True, **options
+    ) as cluster:
         async with Client(cluster, asynchronous=True) as dask_client:
             await dask_client.wait_for_workers(2, timeout=60)
             assert await dask_client.submit(sum, range(10)) == 45
@@ -195,10 +202,12 @@ async def test_defaults_on_a_new_accounts_network_compute_with_workers_closed(aw
         instances = instances_of(client, cluster_id)
         assert sorted(instances) == ["scheduler", "worker-0", "worker-1"]
         assert all(i.get("PublicIpAddress") for i in instances.values())
+        public = instances["scheduler"]["PublicIpAddress"]
+        assert cluster.scheduler_address == f"tls://{public}:8786"
         assert stand_in.booter.egress == dict.fromkeys(instances, True)
 
         # Two groups: one every member carries, open to members only; one only the
-        # scheduler carries, its port open to the VPC (client inside); the dashboard is
+        # scheduler carries, its port open to the creator's address; the dashboard is
         # reached through that port.
         groups = client.describe_security_groups(
             Filters=[{"Name": "tag:dask-secure-cloud-cluster", "Values": [cluster_id]}]
@@ -213,8 +222,7 @@ async def test_defaults_on_a_new_accounts_network_compute_with_workers_closed(aw
         client_rules = outside_ways_in(client, instances["scheduler"], members)
         assert {(r["FromPort"], r["ToPort"]) for r in client_rules} == {(8786, 8786)}
         for rule in client_rules:
-            for cidr in rule["IpRanges"]:
-                assert cidr["CidrIp"].startswith("127.") and cidr["CidrIp"].endswith("/23")
+            assert [c["CidrIp"] for c in rule["IpRanges"]] == [f"{CLIENT_ADDRESS}/32"]
         logged = "\n".join(r.getMessage() for r in caplog.records)
         assert "worker VMs: a public address (inbound from outside the cluster closed), " in logged
         assert "out through internet gateway igw-" in logged

@@ -27,9 +27,11 @@ from dask_secure_cloud.cluster import ClusterStartError
 from dask_secure_cloud.credentials import Role
 from dask_secure_cloud.driver import VMRequest
 from dask_secure_cloud.network import NetworkPolicyError
+from dask_secure_cloud.providers.azure import _may_admit
 
-from clouds.arm import ARMError, AzureStandIn, ScheduledEvents, check_model
+from clouds.arm import ARMError, AzureStandIn, ScheduledEvents, check_model, inbound_allowed
 from clouds.naming import check_named_clusters, check_polls
+from clouds.reach import CLIENT_ADDRESS
 from conftest import CLIENT_ID, SECRET, SUBSCRIPTION, TENANT, decoded_files, vm_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -78,12 +80,20 @@ def admits_from_outside(nsg: dict, inside: list[str]) -> list[str]:
     return [*found, "(no deny-all: Azure's default rules apply)"]
 
 
-async def test_azure_cluster_computes_over_tls_and_leaves_nothing(azure, audit_log):
+async def test_defaults_from_outside_azure_compute_with_only_the_scheduler_public(
+    azure, audit_log, outside_the_cloud
+):
+    """No network option, started from outside Azure (the test process reaches only
+    public addresses, through their network security groups): the scheduler gets a
+    Standard public address open to the creator's address on its port alone; the workers
+    stay private, out through the made vnet's default outbound access."""
     stand_in, options = azure
     async with AzureVMCluster(
         n_workers=2, tags={"team": "ml"}, asynchronous=True, **options
     ) as cluster:
-        assert cluster.scheduler_address.startswith("tls://127.")
+        (address,) = stand_in.of_kind("publicipaddresses")
+        public = address["properties"]["ipAddress"]
+        assert cluster.scheduler_address == f"tls://{public}:8786"
         async with Client(cluster, asynchronous=True) as client:
             await client.wait_for_workers(2, timeout=60)
             assert await client.submit(sum, range(10)) == 45
@@ -91,11 +101,41 @@ async def test_azure_cluster_computes_over_tls_and_leaves_nothing(azure, audit_l
         kinds = {r["_kind"] for r in stand_in.resources.values()}
         assert {"virtualmachines", "networkinterfaces", "disks", "networksecuritygroups"} <= kinds
         # The vnet made for the cluster keeps default outbound access, explicitly: the
-        # VMs go out through it, with no public address at all.
+        # workers go out through it, with no public address at all.
         (vnet,) = stand_in.of_kind("virtualnetworks")
         assert vnet["properties"]["subnets"][0]["properties"]["defaultOutboundAccess"] is True
-        assert not stand_in.of_kind("publicipaddresses")
+        assert public_nics(stand_in, cluster_id) == {
+            "scheduler": True,
+            "worker-0": False,
+            "worker-1": False,
+        }
+        assert address["sku"] == {"name": "Standard"}
         assert stand_in.booter.egress == dict.fromkeys(["scheduler", "worker-0", "worker-1"], True)
+        # Only the creator's address, only the scheduler's port; nothing else from outside.
+        rules = {
+            r["name"]: r["properties"]
+            for r in nsg_of(stand_in, "scheduler")["properties"]["securityRules"]
+        }
+        assert rules["dask-scheduler-from-client"]["sourceAddressPrefixes"] == [
+            f"{CLIENT_ADDRESS}/32"
+        ]
+        assert rules["dask-scheduler-from-client"]["destinationPortRanges"] == ["8786"]
+        scheduler_nsg = nsg_of(stand_in, "scheduler")
+        assert inbound_allowed(scheduler_nsg, CLIENT_ADDRESS, 8786)
+        assert not inbound_allowed(scheduler_nsg, "203.0.113.99", 8786)
+        assert not inbound_allowed(scheduler_nsg, CLIENT_ADDRESS, 22)
+        assert admits_from_outside(nsg_of(stand_in, "worker"), [options["address_prefix"]]) == []
+        # From outside, the workers' private addresses cannot be reached at all.
+        worker = next(
+            nic["properties"]["ipConfigurations"][0]["properties"]["privateIPAddress"]
+            for nic in stand_in.of_kind("networkinterfaces")
+            if nic["name"].endswith("worker-0-nic")
+        )
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection(worker, 8786)
+        # Nor any port of the scheduler's public address but the scheduler's own.
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection(public, 8787)
     assert nothing_left(stand_in, cluster_id)
     assert stand_in.resources == {}
     # The audit log holds the cluster's whole life, and no key, token or secret.
@@ -119,7 +159,7 @@ async def test_azure_cluster_computes_over_tls_and_leaves_nothing(azure, audit_l
         assert secret not in text
 
 
-async def test_requests_are_private_hardened_and_carry_no_secret(azure):
+async def test_requests_are_hardened_and_carry_no_secret(azure):
     stand_in, options = azure
     async with AzureVMCluster(n_workers=1, asynchronous=True, **options) as cluster:
         cluster_id = cluster.cluster_id
@@ -142,18 +182,24 @@ async def test_requests_are_private_hardened_and_carry_no_secret(azure):
             files = decoded_files(user_data)
             assert "/opt/dask-secure-cloud/tls/ca.pem" in files
             assert secrets_in(user_data) == []  # the VM makes its own key
-        # Every NIC of the cluster: no public address, its role's own NSG.
+        # Every NIC of the cluster carries its role's own NSG; only the scheduler's has a
+        # public address (the client is outside Azure by default).
         subnet = options["address_prefix"]
         for nic in stand_in.of_kind("networkinterfaces"):
             config = nic["properties"]["ipConfigurations"][0]["properties"]
-            assert "publicIPAddress" not in config
             role = "scheduler" if "scheduler" in nic["name"] else "worker"
+            assert ("publicIPAddress" in config) is (role == "scheduler")
             assert nic["properties"]["networkSecurityGroup"]["id"] == nsg_of(stand_in, role)["id"]
         assert admits_from_outside(nsg_of(stand_in, "worker"), [subnet]) == []
         scheduler_rules = nsg_of(stand_in, "scheduler")["properties"]["securityRules"]
         rules = {r["name"]: r["properties"] for r in scheduler_rules}
-        # Private by default: the scheduler port is open to the subnet only.
-        assert rules["dask-scheduler-from-client"]["sourceAddressPrefixes"] == [subnet]
+        # The scheduler port is open to the creator's address only.
+        assert admits_from_outside(nsg_of(stand_in, "scheduler"), [subnet]) == [
+            "dask-scheduler-from-client"
+        ]
+        assert rules["dask-scheduler-from-client"]["sourceAddressPrefixes"] == [
+            f"{CLIENT_ADDRESS}/32"
+        ]
         assert rules["dask-scheduler-from-client"]["destinationPortRanges"] == ["8786"]
         assert rules["deny-everything-else"]["access"] == "Deny"
         # The OS disks are tagged, so a sweep finds them.
@@ -236,11 +282,22 @@ async def test_given_vnet_and_nsg_are_used_and_kept(azure):
         "properties": {"securityRules": []},
     }
     before = {k: json.dumps(v, sort_keys=True) for k, v in stand_in.resources.items()}
+    # From outside, team-nsg (no rules) would shut the client out: refused, nothing made.
+    calls = len(stand_in.calls)
+    with pytest.raises(ClusterStartError) as info:
+        await AzureVMCluster(
+            vnet="team-vnet", network_security_group=nsg_id, asynchronous=True, **options
+        )
+    message = str(info.value)
+    assert f"has no inbound rule allowing TCP port 8786 from {CLIENT_ADDRESS}/32" in message
+    assert "network_security_group=None" in message and "use_private_ip=True" in message
+    assert mutations(stand_in.calls[calls:]) == []
     async with AzureVMCluster(
         n_workers=1,
         vnet="team-vnet",
         subnet="compute",
         network_security_group=nsg_id,
+        use_private_ip=True,  # the client is inside team-vnet; team-nsg admits nobody else
         asynchronous=True,
         **options,
     ) as cluster:
@@ -249,6 +306,31 @@ async def test_given_vnet_and_nsg_are_used_and_kept(azure):
         assert not any(k == "PUT networkSecurityGroups" for k in stand_in.calls)
     assert nothing_left(stand_in, cluster_id)
     assert {k: json.dumps(v, sort_keys=True) for k, v in stand_in.resources.items()} == before
+
+
+@pytest.mark.parametrize(
+    "rule,admits",
+    [
+        ({"source_address_prefix": "Internet", "destination_port_range": "8786"}, True),
+        ({"source_address_prefixes": ["198.51.100.0/24"], "destination_port_range": "*"}, True),
+        ({"source_address_prefix": "*", "destination_port_ranges": ["8000-9000"]}, True),
+        ({"source_address_prefix": "VirtualNetwork", "destination_port_range": "8786"}, False),
+        ({"source_address_prefix": "10.0.0.0/8", "destination_port_range": "8786"}, False),
+        ({"source_address_prefix": "*", "destination_port_range": "22"}, False),
+        ({"source_address_prefix": "*", "destination_port_range": "*", "access": "Deny"}, False),
+        ({"source_address_prefix": "*", "destination_port_range": "*", "protocol": "Udp"}, False),
+    ],
+)
+def test_a_given_nsg_that_certainly_shuts_the_client_out_is_found(rule, admits):
+    nsg = nm.NetworkSecurityGroup(
+        security_rules=[
+            nm.SecurityRule(
+                **{"priority": 100, "direction": "Inbound", "access": "Allow", "protocol": "Tcp"}
+                | rule
+            )
+        ]
+    )
+    assert _may_admit(nsg, "198.51.100.7/32", 8786) is admits
 
 
 async def test_throttling_is_waited_out(azure):
@@ -470,11 +552,9 @@ OVERSIZED = [f"echo {os.urandom(60).hex()}" for _ in range(900)]
         ({"worker_vm_size": "D4s_v5"}, ValueError, "Standard_D4s_v5"),
         ({"address_prefix": "10.0.0.0/33"}, ValueError, "address_prefix"),
         ({"disk_size": 10}, ValueError, "disk_size"),
-        (
-            {"security": False, "use_private_ip": False},
-            NetworkPolicyError,
-            "allow_insecure_public",
-        ),
+        ({"security": False}, NetworkPolicyError, "allow_insecure_public"),
+        # Nothing can be inside a vnet the cluster makes: its scheduler must be public.
+        ({"use_private_ip": True}, ValueError, r"use_private_ip=True with vnet=None cannot work"),
         ({"extra_bootstrap": OVERSIZED}, ValueError, "Azure customData allows 65,535"),
     ],
 )
@@ -628,7 +708,7 @@ def public_nics(stand_in: AzureStandIn, cluster_id: str) -> dict[str, bool]:
 
 
 async def test_defaults_on_a_private_subnet_give_vms_public_addresses_closed_to_outside(
-    azure, caplog
+    azure, caplog, outside_the_cloud
 ):
     stand_in, options = azure
     prefix = options["address_prefix"]
@@ -641,9 +721,15 @@ async def test_defaults_on_a_private_subnet_give_vms_public_addresses_closed_to_
         n_workers=2, vnet="team-vnet", subnet="compute", asynchronous=True, **options
     ) as cluster:
         cluster_id = cluster.cluster_id
-        # The client is inside the vnet (use_private_ip=True): the scheduler's public
-        # address only carries its traffic out.
-        assert cluster.scheduler_address.startswith("tls://127.")
+        # The client is outside Azure: it reaches the scheduler at its public address.
+        scheduler_ip = stand_in.resources[
+            next(
+                nic["properties"]["ipConfigurations"][0]["properties"]["publicIPAddress"]["id"]
+                for nic in stand_in.of_kind("networkinterfaces")
+                if nic["name"].endswith("-scheduler-nic")
+            ).lower()
+        ]["properties"]["ipAddress"]
+        assert cluster.scheduler_address == f"tls://{scheduler_ip}:8786"
         async with Client(cluster, asynchronous=True) as client:
             await client.wait_for_workers(2, timeout=60)
             assert await client.submit(sum, range(10)) == 45
@@ -653,9 +739,13 @@ async def test_defaults_on_a_private_subnet_give_vms_public_addresses_closed_to_
         for address in stand_in.of_kind("publicipaddresses"):
             assert address["sku"] == {"name": "Standard"}
         assert stand_in.booter.egress == dict.fromkeys(["scheduler", "worker-0", "worker-1"], True)
-        # Nothing from outside the cluster's subnet reaches any of them.
-        for role in ("scheduler", "worker"):
-            assert admits_from_outside(nsg_of(stand_in, role), [prefix]) == []
+        # Nothing from outside the cluster's subnet reaches a worker; the scheduler
+        # admits the creator's address alone, on its port.
+        assert admits_from_outside(nsg_of(stand_in, "worker"), [prefix]) == []
+        assert admits_from_outside(nsg_of(stand_in, "scheduler"), [prefix]) == [
+            "dask-scheduler-from-client"
+        ]
+        assert not inbound_allowed(nsg_of(stand_in, "scheduler"), "203.0.113.99", 8786)
         assert "worker VMs: a public address (inbound from outside the cluster closed), " in (
             caplog.text
         )
@@ -699,9 +789,23 @@ async def test_a_subnet_that_drops_internet_traffic_is_refused_unless_the_image_
     assert "GET routeTables" in stand_in.calls[before:]
     assert mutations(stand_in.calls[before:]) == []
 
+    # Even an image that needs nothing: a public scheduler could not answer the client.
+    before = len(stand_in.calls)
+    with pytest.raises(ClusterStartError) as info:
+        await AzureVMCluster(vnet="team-vnet", offline_image=True, asynchronous=True, **options)
+    message = str(info.value)
+    assert "use_private_ip=False and subnet compute of vnet team-vnet" in message
+    assert "use_private_ip=True if this client runs inside the virtual network" in message
+    assert mutations(stand_in.calls[before:]) == []
+
     # The image holds what the boot needs: the VMs may start with no way out.
     async with AzureVMCluster(
-        n_workers=1, vnet="team-vnet", offline_image=True, asynchronous=True, **options
+        n_workers=1,
+        vnet="team-vnet",
+        offline_image=True,
+        use_private_ip=True,  # a public scheduler could not answer: its replies are dropped
+        asynchronous=True,
+        **options,
     ) as cluster:
         cluster_id = cluster.cluster_id
         assert public_nics(stand_in, cluster_id) == {"scheduler": False, "worker-0": False}
@@ -718,7 +822,7 @@ async def test_private_workers_behind_a_nat_gateway_compute(azure, caplog):
         await make_network(net, options["address_prefix"], nat=True)
     caplog.set_level(logging.INFO, logger="dask_secure_cloud.providers.azure")
     async with AzureVMCluster(
-        n_workers=1, vnet="team-vnet", asynchronous=True, **options
+        n_workers=1, vnet="team-vnet", use_private_ip=True, asynchronous=True, **options
     ) as cluster:
         cluster_id = cluster.cluster_id
         assert public_nics(stand_in, cluster_id) == {"scheduler": False, "worker-0": False}
@@ -754,7 +858,9 @@ async def test_each_way_out_of_a_users_subnet_is_read_before_anything(
     async with network_client(stand_in, options) as net:
         await make_network(net, options["address_prefix"], **network)
     caplog.set_level(logging.INFO, logger="dask_secure_cloud.providers.azure")
-    cluster = AzureVMCluster(vnet="team-vnet", asynchronous=True, **options)
+    # The client inside team-vnet: the scheduler gets a public address only where the
+    # subnet's sole way out needs one, as the workers do.
+    cluster = AzureVMCluster(vnet="team-vnet", use_private_ip=True, asynchronous=True, **options)
     driver = cluster.driver
     before = len(stand_in.calls)
     try:
@@ -781,7 +887,12 @@ async def test_an_old_subnet_without_the_property_has_default_outbound_access(az
     (vnet,) = stand_in.of_kind("virtualnetworks")
     del vnet["properties"]["subnets"][0]["properties"]["defaultOutboundAccess"]
     async with AzureVMCluster(
-        n_workers=1, vnet="team-vnet", worker_public_ip=False, asynchronous=True, **options
+        n_workers=1,
+        vnet="team-vnet",
+        worker_public_ip=False,
+        use_private_ip=True,
+        asynchronous=True,
+        **options,
     ) as cluster:
         assert public_nics(stand_in, cluster.cluster_id) == {
             "scheduler": False,

@@ -30,6 +30,7 @@ from dask_secure_cloud.providers.digitalocean import (
 from clouds.booter import VMBooter
 from clouds.digitalocean import DigitalOceanStandIn
 from clouds.naming import check_named_clusters, check_polls
+from clouds.reach import CLIENT_ADDRESS
 from conftest import decoded_files, vm_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -155,19 +156,27 @@ def open_to_outside(
     return found
 
 
-async def test_droplet_cluster_computes_over_tls_and_leaves_nothing(do):
-    """The defaults on DigitalOcean's network: every droplet has a public address, which
-    is its way out, and no firewall lets anything from outside the cluster reach a worker."""
+async def test_droplet_cluster_computes_over_tls_and_leaves_nothing(do, outside_the_cloud):
+    """The defaults on DigitalOcean's network, the client outside it (it reaches only
+    public addresses, through the cloud firewalls): every droplet has a public address,
+    which is its way out; the scheduler is reached at its own, by the creator alone, and
+    no firewall lets anything from outside the cluster reach a worker."""
     stand_in, options = do
+    options = {k: v for k, v in options.items() if k != "use_private_ip"}  # the default
     async with DropletCluster(
-        n_workers=2, tags=["team:ml"], asynchronous=True, **options
+        n_workers=2,
+        tags=["team:ml"],
+        public_ip_url=outside_the_cloud,
+        asynchronous=True,
+        **options,
     ) as cluster:
         cluster_id = cluster.cluster_id
         tag = cluster_tag(cluster_id)
         vpc = next(v for v in stand_in.vpcs.values() if v["name"] == made_name(tag))
         network = ipaddress.ip_network(vpc["ip_range"])
-        scheduler_host = cluster.scheduler_address.removeprefix("tls://").rsplit(":", 1)[0]
-        assert ipaddress.ip_address(scheduler_host) in network
+        (scheduler,) = [d for d in stand_in.droplets.values() if d["name"].endswith("-scheduler")]
+        (public,) = [n["ip_address"] for n in scheduler["_networks"] if n["type"] == "public"]
+        assert cluster.scheduler_address == f"tls://{public}:8786"
         async with Client(cluster, asynchronous=True) as client:
             await client.wait_for_workers(2, timeout=60)
             assert await client.submit(sum, range(10)) == 45
@@ -215,7 +224,7 @@ async def test_droplet_cluster_computes_over_tls_and_leaves_nothing(do):
         ]
         assert firewalls[scheduler_only]["tags"] == [scheduler_only]
         assert firewalls[scheduler_only]["inbound_rules"] == [
-            {"protocol": "tcp", "ports": port, "sources": {"addresses": [vpc["ip_range"]]}}
+            {"protocol": "tcp", "ports": port, "sources": {"addresses": [f"{CLIENT_ADDRESS}/32"]}}
             for port in ("8786",)  # the dashboard is reached through the scheduler port
         ]
     assert nothing_left(stand_in, cluster_id)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import random
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from dask_secure_cloud.driver import VMRequest
 from clouds.booter import VMBooter
 from clouds.gce import GCEStandIn, PreemptionNotice
 from clouds.naming import check_named_clusters, check_polls
+from clouds.reach import CLIENT_ADDRESS
 from conftest import decoded_files, vm_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -127,17 +127,31 @@ def reachable_from(stand_in: GCEStandIn, instance: str, source: str) -> list[str
     ]
 
 
-async def test_defaults_on_a_fresh_default_network_compute_with_closed_public_workers(gce, caplog):
-    """No network option, a fresh project: no Cloud NAT, so workers get external
-    addresses to reach a registry; nothing from outside the cluster reaches them."""
+async def test_defaults_on_a_fresh_default_network_compute_with_closed_public_workers(
+    gce, caplog, outside_the_cloud
+):
+    """No network option, a fresh project, the client outside Google Cloud (it reaches
+    only external addresses, through the firewall): no Cloud NAT, so workers get
+    external addresses to reach a registry, and nothing from outside the cluster reaches
+    them; the scheduler is reached at its external address, by the creator alone."""
     stand_in, options = gce
+    options = {k: v for k, v in options.items() if k != "use_private_ip"}  # the default
     caplog.set_level(logging.INFO, logger="dask_secure_cloud.providers.gcp")
     async with GCPCluster(
-        n_workers=2, max_run_duration="8h", labels={"team": "ml"}, asynchronous=True, **options
+        n_workers=2,
+        max_run_duration="8h",
+        labels={"team": "ml"},
+        public_ip_url=outside_the_cloud,
+        asynchronous=True,
+        **options,
     ) as cluster:
-        # Its private address: its external one is only its way out (use_private_ip).
-        host = cluster.scheduler_address.removeprefix("tls://").rsplit(":", 1)[0]
-        assert ipaddress.ip_address(host) in stand_in.subnet
+        (scheduler_record,) = [
+            r
+            for r in stand_in.instances.values()
+            if r["labels"]["dask-secure-cloud-role"] == "scheduler"
+        ]
+        external = scheduler_record["networkInterfaces"][0]["accessConfigs"][0]["natIP"]
+        assert cluster.scheduler_address == f"tls://{external}:8786"
         async with Client(cluster, asynchronous=True) as dask_client:
             await dask_client.wait_for_workers(2, timeout=60)
             assert await dask_client.submit(sum, range(10)) == 45
@@ -171,7 +185,7 @@ async def test_defaults_on_a_fresh_default_network_compute_with_closed_public_wo
         }
         client_rule = rules[f"{tag}-client"]
         assert client_rule["allowed"][0]["ports"] == ["8786"]  # the dashboard goes through it
-        assert client_rule["sourceRanges"] == [str(stand_in.subnet)]  # client inside the VPC
+        assert client_rule["sourceRanges"] == [f"{CLIENT_ADDRESS}/32"]  # the creator alone
         assert client_rule["targetTags"] == [f"{tag}--scheduler"]  # the scheduler alone
         internal = rules[f"{tag}-internal"]
         assert internal["sourceTags"] == internal["targetTags"] == [tag]
@@ -190,8 +204,9 @@ async def test_defaults_on_a_fresh_default_network_compute_with_closed_public_wo
             assert reachable_from(stand_in, worker, OUTSIDE) == []
             assert reachable_from(stand_in, worker, neighbour) == []
             assert stand_in.ingress_allowed(worker, address[scheduler], "tcp", 40123)
-        assert reachable_from(stand_in, scheduler, OUTSIDE) == []
-        assert reachable_from(stand_in, scheduler, neighbour) == ["tcp/8786"]
+        assert reachable_from(stand_in, scheduler, CLIENT_ADDRESS) == ["tcp/8786"]
+        assert reachable_from(stand_in, scheduler, "192.0.2.99") == []  # anyone else
+        assert reachable_from(stand_in, scheduler, neighbour) == []
         assert stand_in.ingress_allowed(scheduler, address[workers[0]], "tcp", 8786)
     assert nothing_left(stand_in, cluster_id)
     assert project_as_fresh(stand_in)

@@ -1,3 +1,5 @@
+import asyncio
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -11,6 +13,8 @@ from dask_secure_cloud.network import (
     scheduler_sources,
 )
 from dask_secure_cloud.options import DropletOptions, EC2Options, resolve
+
+from clouds import reach
 
 
 async def test_creator_address_is_looked_up_when_no_cidrs_are_given():
@@ -82,3 +86,32 @@ async def test_policy_uses_the_network_ranges_for_a_client_inside_it():
     assert await NetworkPolicy(use_private_ip=True).scheduler_sources(inside) == ["10.0.0.0/16"]
     explicit = NetworkPolicy(use_private_ip=True, allowed_cidrs=("192.0.2.1/32",))
     assert await explicit.scheduler_sources(inside) == ["192.0.2.1/32"]
+
+
+# -- the stand-ins' model of what a client outside the cloud reaches (clouds.reach) --------
+
+
+async def test_outside_the_cloud_reaches_public_addresses_only_through_their_firewall(
+    outside_the_cloud,
+):
+    """The fixture every cloud's defaults test runs in: a VM's private address is refused,
+    its public one leads to it (1:1 NAT) on the ports its firewall opens to the client."""
+    server = socket.create_server(("127.77.0.5", 0))
+    port = server.getsockname()[1]
+    server.setblocking(False)
+    reach.declare("127.77.0.5", "203.0.113.250", lambda source, p: p == port)
+    try:
+        with pytest.raises(ConnectionRefusedError, match="private address"):
+            await asyncio.open_connection("127.77.0.5", port)
+        _, writer = await asyncio.open_connection("203.0.113.250", port)
+        writer.close()
+        with pytest.raises(ConnectionRefusedError, match=r"does not admit 198\.51\.100\.7"):
+            await asyncio.open_connection("203.0.113.250", port + 1)
+        # The address the clusters open the scheduler to is the one the firewall sees.
+        assert await scheduler_sources(
+            None, open_to_world=False, public_ip_url=outside_the_cloud
+        ) == [f"{reach.CLIENT_ADDRESS}/32"]
+    finally:
+        reach.forget("127.77.0.5")
+        server.close()
+    assert not reach.is_public("203.0.113.250")

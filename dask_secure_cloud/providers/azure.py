@@ -6,7 +6,10 @@ and are deleted with the VM (``deleteOption=Delete``) and, should one survive, b
 sweep in :meth:`AzureDriver.release`. The network is private first: before anything is
 made, the subnet's ways out (a NAT gateway, a route to a firewall, default outbound
 access) are read, and a VM gets a public address only where it needs one to reach a
-registry or where ``use_private_ip=False`` asks for one (``egress.public_address``).
+registry or where ``use_private_ip=False`` (the default: the client is outside Azure)
+asks for one for the scheduler (``egress.public_address``). A private scheduler needs
+the client inside ``vnet``: on a vnet the cluster makes itself, none can be, and that
+combination is refused before anything is made.
 Whatever addresses they get, two per-cluster network security groups keep them closed:
 the scheduler's admits its port and dashboard from the creator's address only, the
 workers' admits nothing from outside the subnet, and both the Dask ports within it.
@@ -24,6 +27,7 @@ import asyncio
 import base64
 import contextlib
 import difflib
+import ipaddress
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -36,7 +40,7 @@ from .. import driver
 from ..cloudinit import LIMITS
 from ..cluster import VMCluster
 from ..credentials import Role
-from ..egress import Exits, decide_public_addresses
+from ..egress import Exits, NoRouteOutError, decide_public_addresses
 from ..errors import OptionError
 from ..network import NetworkPolicy
 from ..options import AzureOptions
@@ -169,6 +173,54 @@ def _arm_error(what: str, error: HttpResponseError, resource_group: str) -> driv
     return driver.CloudError(message)
 
 
+def _check_client_can_reach(options: AzureOptions, network: NetworkPolicy) -> None:
+    """Refuse, before any call, a private scheduler on a vnet the cluster makes itself.
+
+    The client reaches a private scheduler only from inside its virtual network (or one
+    peered to it, or over a VPN); a vnet made for the cluster is brand new, nothing is
+    inside it or peered to it, so the start could only time out."""
+    if network.use_private_ip and not options.vnet:
+        raise OptionError(
+            "use_private_ip=True with vnet=None cannot work: the cluster would make a new "
+            "virtual network, and no client can be inside a network that does not exist "
+            "yet, so nothing could reach the scheduler's private address. Either leave "
+            "use_private_ip=False (the default: the scheduler gets a public address that "
+            "its network security group opens only to this machine's address, or to "
+            "allowed_cidrs), or set vnet= (and subnet=) to a virtual network this client "
+            "runs in or reaches (peering, VPN, ExpressRoute)"
+        )
+
+
+def _may_admit(nsg: nm.NetworkSecurityGroup, source: str, port: int) -> bool:
+    """Whether any inbound allow rule of ``nsg`` could let ``source`` (a CIDR) in on TCP
+    ``port``. Deny rules and priorities are not weighed: this only finds an NSG that
+    certainly shuts the client out, and never refuses one that might not."""
+    network = ipaddress.ip_network(source, strict=False)
+
+    def from_source(prefix: str) -> bool:
+        if prefix in ("*", "Internet", "0.0.0.0/0"):
+            return True
+        try:
+            return network.overlaps(ipaddress.ip_network(prefix, strict=False))
+        except (ValueError, TypeError):  # another service tag, or IPv6 against IPv4
+            return False
+
+    def to_port(entry: str) -> bool:
+        low, _, high = entry.partition("-")
+        return entry == "*" or (low.isdigit() and int(low) <= port <= int(high or low))
+
+    for rule in nsg.security_rules or []:
+        if (rule.direction or "").lower() != "inbound" or (rule.access or "").lower() != "allow":
+            continue
+        if (rule.protocol or "*").lower() not in ("*", "tcp"):
+            continue
+        prefixes = rule.source_address_prefixes or [rule.source_address_prefix or ""]
+        ports = rule.destination_port_ranges or [rule.destination_port_range or ""]
+        if any(from_source(p) for p in prefixes) and any(to_port(p) for p in ports):
+            return True
+    return False
+
+
 def _name(cluster_id: str, part: str) -> str:
     return f"{cluster_id}-{part}"
 
@@ -219,6 +271,7 @@ class AzureDriver(driver.Driver):
             Role.WORKER: options.worker_vm_size,
         }
         self.tags = dict(options.tags)
+        _check_client_can_reach(options, network)
         self.network = network
         self.worker_public_ip = network.worker_public_ip
         self.polling_interval = polling_interval
@@ -450,11 +503,31 @@ class AzureDriver(driver.Driver):
         nsg_id = self._resource_id(
             "Microsoft.Network/networkSecurityGroups", self.options.network_security_group
         )
-        await self._arm(
+        nsg = await self._arm(
             "reading network_security_group",
             net.network_security_groups.get(*self._group_and_name(nsg_id)),
         )
         self._nsg_ids = dict.fromkeys(Role, nsg_id)
+        if self.network.use_private_ip:
+            return  # the client is inside the vnet: what the NSG admits there is the user's
+
+        async def unused() -> list[str]:
+            return []
+
+        port = self.ports[0]
+        sources = await self.network.scheduler_sources(unused)
+        shut_out = [s for s in sources if not _may_admit(nsg, s, port)]
+        if shut_out:
+            raise OptionError(
+                f"network_security_group {self.options.network_security_group!r} has no "
+                f"inbound rule allowing TCP port {port} from {', '.join(shut_out)}: the "
+                "client connects to the scheduler's public address through it "
+                "(use_private_ip=False) and could only time out. Nothing was created. Fix "
+                f"with one of: (1) add such a rule to that NSG; (2) "
+                "network_security_group=None (the cluster makes NSGs that admit this "
+                "machine's address, or allowed_cidrs); (3) use_private_ip=True if this "
+                "client runs inside the vnet"
+            )
 
     def _decide_public(self, exits: Exits) -> None:
         """Whether each role's VMs get a public address, from the subnet's ways out, or
@@ -468,6 +541,16 @@ class AzureDriver(driver.Driver):
             fixes=lambda role: fixes,
             logger=logger,
         )
+        if not self.network.use_private_ip and exits.public is None:
+            # The scheduler's public address would take the client's connection, but
+            # its replies would follow the subnet's route table, which drops them.
+            raise NoRouteOutError(
+                f"use_private_ip=False and {exits.place}: the scheduler's public address "
+                "could not answer this client. Nothing was created. Fix with one of: "
+                "(1) subnet=<a subnet without a 0.0.0.0/0 route to None>; (2) "
+                "use_private_ip=True if this client runs inside the virtual network (or "
+                "reaches it by peering or VPN)"
+            )
 
     def _fixes(self, exits: Exits) -> list[str]:
         """Azure's own remedies for a subnet with no way out, as options to paste."""
@@ -878,9 +961,10 @@ class AzureDriver(driver.Driver):
         )
 
     def _reachable(self, role: Role) -> bool:
-        """Whether a VM's public address is for reaching it: a public scheduler's is.
-        A private scheduler's only carries its traffic out, and the client, inside the
-        virtual network, must use the private address the NSG admits it on."""
+        """Whether a VM's public address is for reaching it: a public scheduler's is
+        (the default). A private scheduler's only carries its traffic out, and the
+        client, inside the user's virtual network, must use the private address the NSG
+        admits it on."""
         return role is Role.WORKER or not self.network.use_private_ip
 
     def _login(self) -> str:
@@ -1111,8 +1195,11 @@ class AzureVMCluster(VMCluster):
     """A secure Dask cluster on Azure virtual machines.
 
     Every resource is made in an existing resource group (``resource_group`` is
-    required). By default the client runs inside the virtual network
-    (``use_private_ip=True``) and no VM has a public address. ``credential=`` takes an
+    required). By default the client runs outside Azure: the scheduler gets a Standard
+    public address whose network security group admits only this machine's address (or
+    ``allowed_cidrs``) on the scheduler's port, and the workers stay private. With
+    ``use_private_ip=True`` the client runs inside ``vnet`` (required then) and connects
+    to the scheduler's private address. ``credential=`` takes an
     ``azure.core.credentials_async.AsyncTokenCredential``; by default
     ``azure.identity.aio.DefaultAzureCredential`` (environment, workload identity, managed
     identity, Azure CLI sign-in). It never reaches a VM.

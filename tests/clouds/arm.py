@@ -53,6 +53,7 @@ from urllib.parse import parse_qs
 from azure.mgmt.compute import models as compute_models
 from azure.mgmt.network import models as network_models
 
+from . import reach
 from .booter import StandInBooter
 from .jsonapi import HTTPSStandIn
 
@@ -970,6 +971,26 @@ class AzureStandIn(HTTPSStandIn):
             return bool(nat_props.get("publicIpAddresses") or nat_props.get("publicIpPrefixes"))
         return subnet.get("defaultOutboundAccess", True) is not False
 
+    # -- who may come in from outside, through a VM's public address (clouds.reach) -------
+
+    def _public_address_of(self, nic: dict[str, Any]) -> str | None:
+        config = nic["properties"]["ipConfigurations"][0]["properties"]
+        ref = (config.get("publicIPAddress") or {}).get("id", "")
+        address = self.resources.get(ref.lower())
+        return ((address or {}).get("properties") or {}).get("ipAddress")
+
+    def _admits(self, nic_id: str) -> reach.Admits:
+        """The NIC's network security group as it stands when a connection comes in."""
+
+        def admits(source: str, port: int) -> bool:
+            with self._lock:
+                nic = self.resources.get(nic_id.lower())
+                nsg_id = ((nic or {}).get("properties") or {}).get("networkSecurityGroup") or {}
+                nsg = self.resources.get(nsg_id.get("id", "").lower())
+                return inbound_allowed(nsg, source, port)
+
+        return admits
+
     def _subnet(self, subnet_id: str) -> dict[str, Any]:
         vnet_id, _, name = subnet_id.partition("/subnets/")
         vnet = self._reference(vnet_id, "subnet")
@@ -1095,12 +1116,17 @@ class AzureStandIn(HTTPSStandIn):
             egress=self.egress(nics[0]),
         )
         resource["_vm"] = vm.vm_id
+        resource["_address"] = address
+        public = self._public_address_of(nics[0])
+        reach.declare(address, public, self._admits(nics[0]["id"]) if public else None)
         resource["_power"] = {"code": "PowerState/running"}
         properties["vmId"] = str(uuid.uuid4())
         properties["timeCreated"] = time.strftime("%Y-%m-%dT%H:%M:%S.0000000+00:00", time.gmtime())
 
     def _delete_vm(self, vm: dict[str, Any]) -> None:
         self.booter.stop(vm["_vm"])
+        if address := vm.get("_address"):
+            reach.forget(address)
         properties = vm["properties"]
         for ref in properties["networkProfile"]["networkInterfaces"]:
             nic = self.resources.get(ref["id"].lower())
@@ -1139,6 +1165,47 @@ class AzureStandIn(HTTPSStandIn):
             return self.handle(method, path, query, body, headers)
         except ARMError as e:
             return e.status, e.body(), {"x-ms-request-id": str(uuid.uuid4()), **e.headers}
+
+
+def inbound_allowed(nsg: dict[str, Any] | None, source: str, port: int) -> bool:
+    """Whether an NSG lets ``source`` (an address on the internet) in on TCP ``port``:
+    its inbound rules in priority order, the first that matches deciding; none matching,
+    Azure's default rules, which admit only the virtual network and the load balancer.
+    No NSG at all: a Standard public address is closed to inbound traffic."""
+    if nsg is None:
+        return False
+    address = ipaddress.ip_address(source)
+
+    def matches(prefixes: list[str]) -> bool:
+        for prefix in prefixes:
+            if prefix in ("*", "Internet"):
+                return True
+            try:
+                if address in ipaddress.ip_network(prefix, strict=False):
+                    return True
+            except ValueError:  # another service tag: VirtualNetwork, AzureLoadBalancer
+                continue
+        return False
+
+    def covers(ranges: list[str]) -> bool:
+        for entry in ranges:
+            low, _, high = entry.partition("-")
+            if entry == "*" or (low.isdigit() and int(low) <= port <= int(high or low)):
+                return True
+        return False
+
+    rules = sorted(
+        (r["properties"] for r in nsg["properties"].get("securityRules") or []),
+        key=lambda p: p["priority"],
+    )
+    for p in rules:
+        if p["direction"] != "Inbound" or p.get("protocol", "*") not in ("*", "Tcp"):
+            continue
+        sources = p.get("sourceAddressPrefixes") or [p.get("sourceAddressPrefix", "")]
+        ports = p.get("destinationPortRanges") or [p.get("destinationPortRange", "")]
+        if matches(sources) and covers(ports):
+            return bool(p["access"] == "Allow")
+    return False
 
 
 def _quotas_of(family: str, spot: bool) -> list[str]:

@@ -32,6 +32,7 @@ import uuid
 from collections import Counter
 from typing import Any
 
+from . import reach
 from .booter import StandInBooter
 from .jsonapi import HTTPSStandIn
 
@@ -271,11 +272,13 @@ class DigitalOceanStandIn(HTTPSStandIn):
         )
         if private is None:
             raise APIError(422, "unprocessable_entity", "the VPC has no free address left")
+        taken = {n["ip_address"] for d in self.droplets.values() for n in d["_networks"]}
+        public = random.choice([a for a in _PUBLIC_POOL if a not in taken])
         networks = [
             {"ip_address": private, "type": "private", "netmask": str(network.netmask)},
             # Every droplet has a public IPv4 address, and its default gateway is there.
             {
-                "ip_address": f"203.0.113.{random.randint(2, 250)}",
+                "ip_address": public,
                 "type": "public",
                 "netmask": "255.255.240.0",
                 "gateway": "203.0.113.1",
@@ -314,6 +317,7 @@ class DigitalOceanStandIn(HTTPSStandIn):
             "_vm": vm.vm_id,
             "_networks": networks,
         }
+        reach.declare(private, public, self._admits(droplet_id))
         return 202, {"droplet": self._public(self.droplets[droplet_id]), "links": {"actions": []}}
 
     def _overlaps(self, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
@@ -371,6 +375,37 @@ class DigitalOceanStandIn(HTTPSStandIn):
         if droplet is None:
             raise APIError(404, "not_found", "The resource you were accessing could not be found.")
         self.booter.stop(droplet["_vm"])
+        reach.forget(droplet["_private"])
+
+    def _admits(self, droplet_id: int) -> reach.Admits:
+        """The cloud firewalls of the droplet as they stand when a connection comes in
+        from outside (``clouds.reach``). A droplet no firewall applies to takes anything,
+        as on DigitalOcean; one with firewalls, only what an inbound rule allows."""
+
+        def admits(source: str, port: int) -> bool:
+            address = ipaddress.ip_address(source)
+            with self._state_lock:
+                droplet = self.droplets.get(droplet_id)
+                if droplet is None:
+                    return False
+                applying = [
+                    f
+                    for f in self.firewalls.values()
+                    if droplet_id in (f.get("droplet_ids") or [])
+                    or set(droplet["tags"]) & set(f.get("tags") or [])
+                ]
+            if not applying:
+                return True
+            for firewall in applying:
+                for rule in firewall.get("inbound_rules") or []:
+                    if rule["protocol"] != "tcp" or not _port_in(rule.get("ports", ""), port):
+                        continue
+                    cidrs = (rule.get("sources") or {}).get("addresses") or []
+                    if any(address in ipaddress.ip_network(c, strict=False) for c in cidrs):
+                        return True
+            return False
+
+        return admits
 
     # -- routing --------------------------------------------------------------------------
 
@@ -524,6 +559,19 @@ class DigitalOceanStandIn(HTTPSStandIn):
         except APIError as e:
             payload = {"id": e.id, "message": e.message, "request_id": str(uuid.uuid4())}
             return e.status, payload, e.headers
+
+
+#: The droplets' public addresses (documentation ones): each droplet its own.
+_PUBLIC_POOL = [f"203.0.113.{i}" for i in range(2, 251)]
+
+
+def _port_in(ports: str, port: int) -> bool:
+    """Whether a firewall rule's ``ports`` (``"8786"``, ``"8000-9000"``, ``"all"`` or
+    ``"0"``) holds ``port``."""
+    if ports in ("all", "0", ""):
+        return True
+    low, _, high = ports.partition("-")
+    return int(low) <= port <= int(high or low)
 
 
 def _route_out(networks: list[dict[str, Any]]) -> bool:

@@ -55,6 +55,7 @@ from moto.ec2.models.internet_gateways import InternetGateway
 from moto.server import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import make_server
 
+from . import reach
 from .booter import StandInBooter
 
 ACCOUNT = "123456789012"
@@ -243,6 +244,7 @@ class EC2StandIn:
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._booted: dict[str, str] = {}  # instance id -> booter vm id
+        self._addresses: dict[str, str] = {}  # instance id -> private address, while booted
         # Held while a VM boots or stops: the watcher (which boots new instances and
         # ends those whose VM powered itself off) and a TerminateInstances call may act
         # on one instance at once, and the call must not answer before that VM is gone,
@@ -505,6 +507,32 @@ class EC2StandIn:
                 egress=self.egress(instance),
             )
             self._booted[instance.id] = vm.vm_id
+            self._addresses[instance.id] = instance.private_ip
+            reach.declare(instance.private_ip, instance.public_ip, self._admits(instance.id))
+
+    def _admits(self, instance_id: str) -> reach.Admits:
+        """The instance's security groups as they stand when a connection comes in from
+        outside (``clouds.reach``): an ingress rule whose CIDR holds the source and whose
+        ports hold the port; none, and EC2 drops it."""
+
+        def admits(source: str, port: int) -> bool:
+            address = ipaddress.ip_address(source)
+            try:
+                instance = self._backend().get_instance(instance_id)
+            except EC2ClientError:
+                return False
+            for group in list(instance.nics[0].group_set):
+                for rule in list(group.ingress_rules):
+                    if rule.ip_protocol not in ("tcp", "-1"):
+                        continue
+                    if rule.ip_protocol == "tcp" and not rule.from_port <= port <= rule.to_port:
+                        continue
+                    cidr = rule.ip_range.get("CidrIp")
+                    if cidr and address in ipaddress.ip_network(cidr):
+                        return True
+            return False
+
+        return admits
 
     def _end(self, instance_id: str) -> None:
         """Stop the instance's VM, keeping its console readable as EC2 does; returns when
@@ -512,6 +540,8 @@ class EC2StandIn:
         with self._ending:
             self._ended.add(instance_id)
             vm_id = self._booted.pop(instance_id, None)
+            if instance_id in self._addresses:
+                reach.forget(self._addresses.pop(instance_id))
             if vm_id is None:
                 return  # never booted, or already ended
             vm = self.booter.vms.get(vm_id)
@@ -548,6 +578,9 @@ class EC2StandIn:
         """Forget every resource and call, as a fresh account would have none."""
         self.booter.stop_all()
         self._booted.clear()
+        for address in self._addresses.values():
+            reach.forget(address)
+        self._addresses.clear()
         self._last_console.clear()
         get_backend("ec2").reset()
         self._fresh_account()

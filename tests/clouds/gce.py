@@ -36,6 +36,7 @@ from typing import Any
 from google.cloud import compute_v1
 from google.protobuf import json_format
 
+from . import reach
 from .booter import StandInBooter
 from .jsonapi import JSONServer
 
@@ -357,6 +358,18 @@ class GCEStandIn:
 
     # -- who may come in ------------------------------------------------------------------------
 
+    def _admits(self, instance: str) -> reach.Admits:
+        """The firewall as it stands when a connection comes in from outside through the
+        instance's external address (``clouds.reach``)."""
+
+        def admits(source: str, port: int) -> bool:
+            with self._state_lock:
+                if instance not in self.instances:
+                    return False
+                return self.ingress_allowed(instance, source, "tcp", port)
+
+        return admits
+
     def ingress_allowed(self, instance: str, source: str, protocol: str, port: int | None) -> bool:
         """Whether the firewall lets ``source`` (an address) reach ``instance`` on
         ``protocol``/``port``: the matching rule of the highest priority (lowest
@@ -470,6 +483,8 @@ class GCEStandIn:
         )
         record["_vm"] = vm.vm_id
         self.instances[instance.name] = record
+        external = [c["natIP"] for c in record_nic.get("accessConfigs", [])]
+        reach.declare(address, external[0] if external else None, self._admits(instance.name))
         return self._operation("insert", target, "zone")
 
     def delete_instance(self, name: str) -> dict[str, Any]:
@@ -481,6 +496,7 @@ class GCEStandIn:
                 f"The resource 'projects/{self.project}/zones/{self.zone}/instances/{name}' was not found",
             )
         self.booter.stop(record["_vm"])
+        reach.forget(record["networkInterfaces"][0]["networkIP"])
         return self._operation("delete", name, "zone")
 
     def list_instances(self, query: dict[str, str]) -> dict[str, Any]:
