@@ -18,8 +18,9 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # cloud-init: only its `cloud-init schema` validator is used; it must never configure this
 # machine. shellcheck: lints the rendered boot scripts. The rest is the guest test bed:
 # QEMU, the image builder (mmdebstrap, mke2fs), the NoCloud seed (genisoimage), the
-# namespace's network (iproute2) and the guests' apt mirror (apt-ftparchive).
-PACKAGES="cloud-init shellcheck qemu-system-x86 qemu-utils mmdebstrap genisoimage e2fsprogs iproute2 apt-utils"
+# namespace's network (iproute2) and the guests' apt mirror (apt-ftparchive). chromium and
+# chromium-driver: the JupyterLab sidebar's test in a real, headless browser.
+PACKAGES="cloud-init shellcheck qemu-system-x86 qemu-utils mmdebstrap genisoimage e2fsprogs iproute2 apt-utils chromium chromium-driver"
 missing=""
 for package in $PACKAGES; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing="$missing $package"

@@ -26,14 +26,14 @@ from typing import Any, ClassVar
 
 import dask
 import distributed
-from distributed.comm import connect
+from distributed.comm import connect, get_address_host
 from distributed.core import Status
 from distributed.deploy.cluster import Cluster, Log, Logs
 from distributed.deploy.spec import ProcessInterface, SpecCluster
 from distributed.security import Security
 from tornado.ioloop import PeriodicCallback
 
-from . import audit, images, names
+from . import audit, images, loader, names, owned
 from .cloudinit import DockerRuntime
 from .credentials import Role
 from .dashboard import DashboardProxy
@@ -160,7 +160,7 @@ class WorkerVM(_VM):
         self._watchdog = asyncio.create_task(
             cluster.fleet.watch_worker_boot(
                 vm,
-                joined=lambda: vm.name in cluster.worker_names(),
+                joined=lambda: cluster._address_of(vm) is not None,
                 closing=lambda: cluster.status != Status.running,
             )
         )
@@ -308,6 +308,10 @@ class VMCluster(SpecCluster):
         self._cleanup_error: Exception | None = None
         self._dashboard: DashboardProxy | None = None
         self._expiry_warned = False
+        #: Worker VMs whose Dask worker joined at the VM's address, and of those, the
+        #: ones whose worker is gone since (see _notice_workers_gone).
+        self._workers_seen: set[str] = set()
+        self._workers_gone: set[str] = set()
         self._log(
             f"Cluster {self.cluster_id}: {self.protocol}, "
             + (
@@ -328,6 +332,8 @@ class VMCluster(SpecCluster):
             certificates_expire=self.certificates_expire,
             creator=self.driver.creator,
         )
+        # Owned until its close confirms nothing is left; at exit, closed (owned.py).
+        owned.register(self)
         workers = {
             f"worker-{i}": {"cls": WorkerVM, "options": {"cluster": self}}
             for i in range(resolved.n_workers)
@@ -370,12 +376,52 @@ class VMCluster(SpecCluster):
             self._cluster_manager_logs.append((datetime.datetime.now(), log))
 
     def _update_worker_status(self, op: str, msg: Any) -> None:
-        """Keep ``scheduler_info`` current, and log each worker that joins with the count."""
+        """Keep ``scheduler_info`` current, log each worker that joins with the count, and
+        notice a worker VM whose Dask worker is gone while the VM is not."""
         super()._update_worker_status(op, msg)
+        self._notice_workers_gone()
         if op == "add":
             since = time.monotonic() - self._started_at
             joined = len(self.scheduler_info.get("workers", {}))
             self._log(f"Workers joined: {joined} of {len(self.worker_spec)} after {since:.1f}s")
+
+    def _notice_workers_gone(self) -> None:
+        """Report each worker VM whose Dask worker joined and is gone while the VM stays
+        (removed from the scheduler, or its process died): in the log at once, and in
+        ``repr`` until it is back. ``SpecCluster`` deletes such a VM after
+        ``distributed.deploy.lost-worker-timeout``; nothing replaces it yet. A worker
+        the cluster itself retires (``scale``) has left ``worker_spec`` first."""
+        if self.status != Status.running:
+            return
+        present = self._worker_addresses()
+        for name in list(self._workers_seen | self._workers_gone):
+            if name not in self.worker_spec:
+                self._workers_seen.discard(name)
+                self._workers_gone.discard(name)
+        for name in present:
+            self._workers_seen.add(name)
+            if name in self._workers_gone:
+                self._workers_gone.discard(name)
+                self._log(f"{name}: its Dask worker is back")
+        for name in sorted(self._workers_seen - set(present) - self._workers_gone):
+            self._workers_gone.add(name)
+            message = f"{name}: VM running, its Dask worker is gone"
+            logger.warning("Cluster %s: %s", self.cluster_id, message)
+            if hasattr(self, "_cluster_manager_logs"):
+                self._cluster_manager_logs.append((datetime.datetime.now(), message))
+
+    def _workers_gone_report(self) -> list[str]:
+        """One line per worker VM whose Dask worker is gone, saying where its VM is."""
+        lines = []
+        for name in sorted(self._workers_gone):
+            vm = getattr(self.workers.get(name), "vm", None)
+            if vm is None:
+                lines.append(f"{name}: its Dask worker left and its VM was deleted")
+            elif self.fleet.state(vm) == "terminated":
+                lines.append(f"{name}: VM stopped, its Dask worker is gone")
+            else:
+                lines.append(f"{name}: VM running, its Dask worker is gone")
+        return lines
 
     def _new_worker_name(self, worker_number: int) -> str:
         return f"worker-{worker_number}"
@@ -406,6 +452,12 @@ class VMCluster(SpecCluster):
             self.periodic_callbacks["certificate-expiry"] = PeriodicCallback(
                 self._check_expiry, 60_000
             )
+            # The client's own certificate is as short-lived as the VMs', and renewed in
+            # place in every TLS context made from self.security (credentials.py).
+            every = renewal_interval(self.options.certificate_lifetime).total_seconds()
+            self.periodic_callbacks["client-certificate-renewal"] = PeriodicCallback(
+                self._credentials.renew_client, every * 1000
+            )
         if self._renewal is not None:
             interval = renewal_interval(self.options.certificate_lifetime)
             self.periodic_callbacks["certificate-renewal"] = PeriodicCallback(
@@ -423,6 +475,8 @@ class VMCluster(SpecCluster):
                     self.scheduler_address, self.security.get_connection_args("client")
                 )
                 await self._dashboard.start()
+                # This user's other processes may connect by address (loader.py).
+                loader.offer(self)
         except RuntimeError as e:
             message = str(e)
             if self._cleanup_error is not None:
@@ -465,6 +519,7 @@ class VMCluster(SpecCluster):
         start the start's own error is what the caller sees, with the sweep's appended.
         """
         failed_start = self.status == Status.failed
+        loader.withdraw(self.cluster_id)
         if self._worker_enrollment is not None:
             await self._worker_enrollment.close()
         if self._dashboard is not None:
@@ -485,6 +540,8 @@ class VMCluster(SpecCluster):
                 raise
             self._cleanup_error = e
             logger.error("Cluster %s: cleanup after the failed start: %s", self.cluster_id, e)
+        else:
+            owned.release(self.cluster_id)
 
     async def _close_gracefully(self) -> None:
         if self.status == Status.running and not await self._scheduler_reachable():
@@ -519,10 +576,41 @@ class VMCluster(SpecCluster):
             self.status = Status.failed
         await self._close()
 
+    def _workers_by_host(self) -> dict[str, list[tuple[str, str]]]:
+        """The connected Dask workers' ``(address, name)``, by the host they listen on."""
+        index: dict[str, list[tuple[str, str]]] = {}
+        for address, info in self.scheduler_info.get("workers", {}).items():
+            index.setdefault(get_address_host(address), []).append((address, str(info.get("name"))))
+        return index
+
+    def _address_of(
+        self, vm: VM, by_host: Mapping[str, list[tuple[str, str]]] | None = None
+    ) -> str | None:
+        """The Dask address of ``vm``'s worker: one listening on the VM's own address, as
+        the fleet launched it. A name alone proves nothing (a worker names itself); the
+        name only tells apart the processes that share one address (``LocalVMCluster``
+        without a subnet; ``nworkers``, whose processes are ``NAME-0``, ``NAME-1``...)."""
+        found = None
+        if by_host is None:
+            by_host = self._workers_by_host()
+        for address, name in by_host.get(vm.private_ip, ()):
+            if name == vm.name:
+                return address
+            head, _, tail = name.rpartition("-")
+            if found is None and head == vm.name and tail.isdigit():
+                found = address
+        return found
+
     def _worker_addresses(self) -> dict[str, str]:
-        """Each connected worker's Dask address, by its VM's name."""
-        workers = self.scheduler_info.get("workers", {})
-        return {str(info.get("name")): address for address, info in workers.items()}
+        """Each worker VM's Dask address, by the VM's name, found at the VM's own address
+        (see :meth:`_address_of`): what renewal and anything else done for one VM uses."""
+        by_host = self._workers_by_host()
+        found = {}
+        for name, worker in list(getattr(self, "workers", {}).items()):
+            vm = getattr(worker, "vm", None)
+            if vm is not None and (address := self._address_of(vm, by_host)) is not None:
+                found[name] = address
+        return found
 
     async def _relay_enrollment(self, requests: list[list[Any]]) -> list[Any]:
         """Workers' enrollment lines, carried by the scheduler (see ``enrollment.py``)."""
@@ -566,20 +654,24 @@ class VMCluster(SpecCluster):
             return super().dashboard_link
         return self._dashboard.link if self._dashboard is not None else ""
 
-    def portable_security(self, name: str) -> Security:
+    def portable_security(
+        self, name: str, lifetime: datetime.timedelta | str | float | None = None
+    ) -> Security:
         """A ``Security`` for another process (a second notebook, a job runner) to
         connect to this cluster's scheduler as a client.
 
         It carries a client certificate and key of its own, named ``name`` in its
-        certificate, valid as long as the cluster's CA, so handing it over never hands
-        over this process's key. It may be pickled; treat it as a password.
+        certificate, so handing it over never hands over this process's key. Nothing
+        renews it once handed over: it is valid for ``lifetime`` (``certificate_lifetime``
+        unless given, at most until the CA's end). It may be pickled; treat it as a
+        password.
         """
         if self._credentials is None:
             raise OptionError(
                 "portable_security: this cluster has no CA of its own (security=False or a "
                 "given Security); pass your own Security to the other process instead"
             )
-        return self._credentials.portable_client_security(name)
+        return self._credentials.portable_client_security(name, lifetime)
 
     @property
     def ca_fingerprint(self) -> str | None:
@@ -611,6 +703,8 @@ class VMCluster(SpecCluster):
             "vms": f"{scheduler + workers} ({scheduler} scheduler, {workers} workers)",
             "tls": "off" if self.protocol == "tcp" else "on",
         }
+        if getattr(self, "_workers_gone", None):
+            summary["workers gone"] = "; ".join(self._workers_gone_report())
         if self._credentials is not None:
             summary["ca"] = self._credentials.ca_fingerprint
             summary["expires"] = f"{self._credentials.not_after:%Y-%m-%d %H:%M} UTC"

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
 import time
 import urllib.request
+from pathlib import Path
+from typing import Any
 
 import dask.config
 import pytest
 from dask_labextension.manager import DaskClusterManager
 from distributed import Client
+
+from dask_secure_cloud import audit
 
 from conftest import vm_processes
 
@@ -91,3 +102,175 @@ async def test_lab_manager_drives_an_azure_cluster(azure):
         }
     )
     assert not stand_in.tagged(cluster_id) and not vm_processes(cluster_id)
+
+
+# -- a real Jupyter server owning a cluster --------------------------------------------
+
+
+class JupyterServer:
+    """A Jupyter server on 127.0.0.1, as a user starts it, with the Dask extension's
+    factory set as ``docs/jupyterlab.rst`` says (see :func:`local_factory`)."""
+
+    def __init__(
+        self, tmp_path: Path, factory: dict[str, Any], app: str = "jupyter_server"
+    ) -> None:
+        config = tmp_path / "dask-config"
+        config.mkdir()
+        (config / "labextension.yaml").write_text(
+            json.dumps({"labextension": {"factory": factory, "initial": []}})
+        )
+        root = tmp_path / "notebooks"
+        root.mkdir()
+        self.token = secrets.token_hex(16)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp_path / "jupyter.log"
+        self.audit_log = tmp_path / "audit.jsonl"
+        env = {
+            **loader_env(),
+            "DASK_CONFIG": str(config),
+            "DASK_SECURE_CLOUD__AUDIT_LOG": str(self.audit_log),
+            "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter-runtime"),
+        }
+        # JupyterLab asks nothing of the network: no news, update or extension checks.
+        lab = (
+            [
+                "--LabApp.news_url=",
+                "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+                "--LabApp.extension_manager=readonly",
+                # A fresh layout and settings: nothing from the user's own JupyterLab.
+                f"--LabApp.workspaces_dir={tmp_path / 'lab-workspaces'}",
+                f"--LabApp.user_settings_dir={tmp_path / 'lab-settings'}",
+            ]
+            if app == "jupyterlab"
+            else []
+        )
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    app,
+                    "--no-browser",
+                    "--allow-root",
+                    "--ip=127.0.0.1",
+                    f"--port={self.port}",
+                    f"--IdentityProvider.token={self.token}",
+                    f"--ServerApp.root_dir={root}",
+                    "--ServerApp.disable_check_xsrf=True",
+                    *lab,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        deadline = time.monotonic() + 120
+        while True:
+            assert self.process.poll() is None, self.log.read_text()
+            try:
+                self.request("GET", "/api/status")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, self.log.read_text()
+                time.sleep(0.5)
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            self.url + path,
+            data=data,
+            method=method,
+            headers={"Authorization": f"token {self.token}"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            text = response.read()
+        return json.loads(text) if text else None
+
+    def close(self) -> None:
+        """End the server however the test ended: SIGTERM first, so that it closes its
+        clusters even when the test failed, then SIGKILL if it would not stop."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.stop(signal.SIGTERM)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 90) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+
+
+def loader_env() -> dict[str, str]:
+    """The environment for this user's other processes. ``pip install .`` installs the
+    dask config that names the security loader (``etc/dask``); an editable install (CI's
+    ``pip install -e``) does not install data files, so there the tests name it."""
+    env = dict(os.environ)
+    if dask.config.get("distributed.client.security-loader", None) is None:
+        env["DASK_DISTRIBUTED__CLIENT__SECURITY_LOADER"] = (
+            "dask_secure_cloud.loader.security_loader"
+        )
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+COMPUTE = """
+import sys
+from distributed import Client
+
+with Client(sys.argv[1], timeout=60) as client:
+    print(client.submit(sum, [1, 2]).result(timeout=60), flush=True)
+"""
+
+
+def local_factory(vm_dir: Path) -> dict[str, Any]:
+    """``docs/jupyterlab.rst``'s factory, with the test's VM directory."""
+    return {
+        "module": "dask_secure_cloud",
+        "class": "LocalVMCluster",
+        "args": [],
+        "kwargs": {"directory": str(vm_dir)},
+    }
+
+
+def test_sigterm_to_jupyter_server_closes_its_clusters(tmp_path, vm_dir):
+    """The sidebar's "+ NEW" (its REST call) makes a cluster in the Jupyter server, on
+    its event loop; a process beside it connects by address; SIGTERM to the server
+    leaves no VM."""
+    server = JupyterServer(tmp_path, local_factory(vm_dir))
+    try:
+        model = server.request("PUT", "/dask/clusters")  # what "+ NEW" sends
+        address = model["scheduler_address"]
+        assert address.startswith("tls://")
+        server.request("PATCH", f"/dask/clusters/{model['id']}", {"workers": 1})
+        (cluster_id,) = [
+            e["cluster_id"] for e in audit.read(server.audit_log) if e["event"] == "created"
+        ]
+        assert vm_processes(cluster_id)
+        # Another process of this user computes on it by address alone.
+        done = subprocess.run(
+            [sys.executable, "-c", COMPUTE, address],
+            capture_output=True,
+            text=True,
+            timeout=150,
+            env=loader_env(),
+        )
+        assert done.stdout.strip() == "3", done.stderr
+        sent = time.monotonic()
+        server.stop(signal.SIGTERM)
+        while vm_processes(cluster_id):
+            assert time.monotonic() - sent < 60, server.log.read_text()
+            time.sleep(0.2)
+        took = time.monotonic() - sent
+    finally:
+        server.close()
+    log = server.log.read_text()
+    assert f"Closed cluster {cluster_id}" in log, log
+    print(f"SIGTERM to no VM left: {took:.1f}s")
