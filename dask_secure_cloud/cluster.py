@@ -271,12 +271,14 @@ class VMCluster(SpecCluster):
         resolved, self.driver = self.setup(resolved, driver, **extra)
         self.options = resolved
         self.driver.configure(
-            # With the cluster's own CA the dashboard is reached through the scheduler's
-            # port (dashboard.py), so only that port is opened to the creator.
+            # With TLS the dashboard listens on the scheduler VM's loopback (Dask's HTTP
+            # servers speak plain text): the cluster's own CA reaches it through the
+            # scheduler's port (dashboard.py), a user's own Security through an SSH
+            # tunnel. Only security=False, plain by choice, opens its port.
             ports=(
-                (resolved.scheduler_port,)
-                if resolved.security is True
-                else (resolved.scheduler_port, resolved.dashboard_port)
+                (resolved.scheduler_port, resolved.dashboard_port)
+                if resolved.security is False
+                else (resolved.scheduler_port,)
             ),
             boot_timeout=resolved.boot_timeout.total_seconds(),
             initial_workers=resolved.n_workers,
@@ -651,7 +653,9 @@ class VMCluster(SpecCluster):
         """The scheduler's dashboard, on this machine: with the cluster's own CA a proxy
         on ``127.0.0.1`` forwards it over mutual TLS (see ``dashboard.py``)."""
         if self._credentials is None:
-            return super().dashboard_link
+            # A user's own Security: the dashboard is the scheduler VM's alone (its
+            # loopback); no link from here would answer.
+            return super().dashboard_link if self.options.security is False else ""
         return self._dashboard.link if self._dashboard is not None else ""
 
     def portable_security(

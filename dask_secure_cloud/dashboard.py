@@ -7,6 +7,17 @@ it. This proxy accepts plain HTTP (and websockets) from the browser on
 TLS, client certificate), asks for the ``secure_cloud_dashboard`` tunnel, and runs a
 second TLS session inside it to the dashboard itself, checking that a scheduler
 certificate of the cluster answers. The scheduler only relays bytes it cannot read.
+
+Listening on loopback is not enough: a web page whose host name its owner re-points
+at ``127.0.0.1`` (DNS rebinding) is then same-origin with the dashboard, and any page
+may open a websocket to it (Bokeh accepts every origin and unsigned session tokens).
+So every request's head is read and checked before a byte of it reaches the scheduler:
+its ``Host`` must be a loopback name (``127.0.0.1``, ``localhost``, ``[::1]``, any port;
+the JupyterLab Dask extension, through jupyter-server-proxy, forwards the browser's
+``Host`` of a Jupyter server on this machine), and an ``Origin``, when there is one,
+must be a loopback origin. Anything else gets a short 4xx from the proxy itself and no
+connection to the scheduler. The heads are split exactly as the dashboard's Tornado
+server splits them, so what is checked is what the dashboard reads.
 """
 
 from __future__ import annotations
@@ -14,10 +25,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
+import urllib.parse
 from typing import Any
 
 from distributed.comm import connect
+from tornado import httputil
 
 from . import peers
 
@@ -26,6 +40,15 @@ logger = logging.getLogger(__name__)
 __all__ = ["DashboardProxy"]
 
 _CHUNK = 1 << 16
+#: Tornado's own limit on a request head (``HTTP1ConnectionParameters.max_header_size``).
+_MAX_HEAD = 1 << 16
+#: How long a browser may take to send a request's head, before anything is opened.
+_HEAD_TIMEOUT = 60.0
+#: Where Tornado ends a request head: a blank line, CRLF or bare LF.
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+#: The host names that only this machine's own pages and processes use.
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "[::1]"})
+_PORT = re.compile(r":[0-9]{1,5}")
 
 
 class DashboardProxy:
@@ -59,18 +82,31 @@ class DashboardProxy:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
+        gate = RequestGate(reader)
+        comm = None
         try:
-            comm = await connect(self.scheduler_address, timeout=10, **self.connection_args)
-        except OSError as e:
-            logger.warning("dashboard proxy: cannot reach the scheduler: %s", e)
-            writer.close()
-            self._connections.discard(task)
-            return
-        try:
+            # The first request is checked before the scheduler is contacted at all.
+            first = await asyncio.wait_for(gate.read(), _HEAD_TIMEOUT)
+            if not first:
+                return
+            try:
+                comm = await connect(self.scheduler_address, timeout=10, **self.connection_args)
+            except OSError as e:
+                logger.warning("dashboard proxy: cannot reach the scheduler: %s", e)
+                return
             await comm.write({"op": "secure_cloud_dashboard", "reply": False})
             session = _TunnelTLS(comm, self.connection_args["ssl_context"])
             await session.handshake()
-            await _pump(reader, writer, session)
+            await session.send(first)
+            await _pump(gate, writer, session)
+        except Refused as refusal:
+            logger.warning("dashboard proxy: refused a request: %s", refusal.reason)
+            with contextlib.suppress(OSError):
+                if comm is None:  # nothing of the dashboard's was sent on it yet
+                    writer.write(refusal.response())
+                    await writer.drain()
+        except asyncio.TimeoutError:
+            logger.info("dashboard proxy: no request within %.0f s", _HEAD_TIMEOUT)
         except (OSError, ssl.SSLError) as e:
             logger.info("dashboard proxy: connection ended: %s", e)
         except asyncio.CancelledError:
@@ -78,7 +114,143 @@ class DashboardProxy:
         finally:
             self._connections.discard(task)
             writer.close()
-            await comm.close()
+            if comm is not None:
+                await comm.close()
+
+
+class Refused(Exception):
+    """A request the proxy answers itself, with ``status`` and a one-line ``reason``."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+    def response(self) -> bytes:
+        """A complete HTTP/1.1 response that closes the connection."""
+        phrase = httputil.responses.get(self.status, "Refused")
+        body = f"dask-secure-cloud dashboard proxy: {self.reason}\n".encode()
+        head = (
+            f"HTTP/1.1 {self.status} {phrase}\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        return head.encode() + body
+
+
+def _host_name(authority: str) -> str:
+    """The lowercased name of ``host[:port]`` (``"[::1]"`` from ``"[::1]:80"``), or ``""``
+    when it is not one."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        name, bracket, rest = authority.partition("]")
+        name += bracket
+    else:
+        name, colon, rest = authority.partition(":")
+        rest = colon + rest
+    if rest and not _PORT.fullmatch(rest):
+        return ""
+    return name
+
+
+def check_head(start_line: httputil.RequestStartLine, headers: httputil.HTTPHeaders) -> None:
+    """Refuse a request that a page other than this machine's own could have sent.
+
+    ``Host`` tells which name the browser used for this address: a DNS-rebinding page's
+    own name, never a loopback one. ``Origin`` tells which page asked: a cross-site
+    websocket (or form post) carries the page's origin even when it targets
+    ``127.0.0.1``.
+    """
+    if not start_line.path.startswith("/") and start_line.path != "*":
+        raise Refused(400, "the request target must be a path")
+    hosts = headers.get_list("Host")
+    if len(hosts) != 1:
+        raise Refused(400, "a request needs exactly one Host header")
+    if _host_name(hosts[0]) not in LOOPBACK_NAMES:
+        raise Refused(
+            403,
+            f"the dashboard answers only at 127.0.0.1, localhost or [::1], not at {hosts[0]!r}",
+        )
+    origins = headers.get_list("Origin")
+    if len(origins) > 1:
+        raise Refused(400, "a request may carry one Origin header")
+    if origins:
+        origin = urllib.parse.urlsplit(origins[0].strip())
+        if origin.scheme not in ("http", "https") or _host_name(origin.netloc) not in (
+            LOOPBACK_NAMES
+        ):
+            raise Refused(
+                403, f"requests from pages of other sites are refused (Origin {origins[0]!r})"
+            )
+    if "Transfer-Encoding" in headers:
+        raise Refused(411, "send a request body with a Content-Length")
+
+
+class RequestGate:
+    """The browser's side of one connection, released one checked request at a time.
+
+    Each request head is split and parsed as Tornado does (``HTTP1Connection``), checked
+    by :func:`check_head`, and released with its ``Content-Length`` body; the next head
+    is checked in turn, so a kept-alive connection cannot switch ``Host`` midway. After a
+    request that asks to upgrade (a websocket), the rest is frames, passed as they come.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self.reader = reader
+        self.buffer = b""
+        self.body_left = 0
+        self.upgraded = False
+
+    async def _more(self) -> bool:
+        data = await self.reader.read(_CHUNK)
+        self.buffer += data
+        return bool(data)
+
+    async def read(self) -> bytes:
+        """The next bytes that may go to the dashboard; ``b""`` at the end of the stream.
+        Raises :class:`Refused` for a request that must not."""
+        if self.upgraded or self.body_left:
+            if not self.buffer and not await self._more():
+                return b""
+            if self.upgraded:
+                data, self.buffer = self.buffer, b""
+                return data
+            data, self.buffer = self.buffer[: self.body_left], self.buffer[self.body_left :]
+            self.body_left -= len(data)
+            return data
+        while not (end := _HEAD_END.search(self.buffer)):
+            if len(self.buffer) > _MAX_HEAD:
+                raise Refused(431, "the request head is too large")
+            if not await self._more():
+                if self.buffer.strip(b"\r\n"):
+                    raise Refused(400, "the connection ended inside a request head")
+                return b""
+        head, self.buffer = self.buffer[: end.end()], self.buffer[end.end() :]
+        if len(head) > _MAX_HEAD:
+            raise Refused(431, "the request head is too large")
+        text = head.decode("latin1").lstrip("\r\n")
+        eol = text.find("\n")
+        try:
+            start_line = httputil.parse_request_start_line(text[:eol].rstrip("\r"))
+            headers = httputil.HTTPHeaders.parse(text[eol:])
+        except (httputil.HTTPInputError, ValueError) as e:
+            raise Refused(400, f"malformed request head ({e})") from None
+        check_head(start_line, headers)
+        self.upgraded = "Upgrade" in headers
+        self.body_left = _content_length(headers)
+        return head
+
+
+def _content_length(headers: httputil.HTTPHeaders) -> int:
+    """The body's length as Tornado reads it: repeated equal values are one value."""
+    value = headers.get("Content-Length")
+    if value is None:
+        return 0
+    values = {v.strip() for v in value.split(",")}
+    if len(values) != 1 or not re.fullmatch(r"[0-9]+", length := values.pop()):
+        raise Refused(400, f"malformed Content-Length {value!r}")
+    return int(length)
 
 
 class _TunnelTLS:
@@ -130,12 +302,15 @@ class _TunnelTLS:
         return b"".join(chunks)
 
 
-async def _pump(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session: _TunnelTLS
-) -> None:
+async def _pump(gate: RequestGate, writer: asyncio.StreamWriter, session: _TunnelTLS) -> None:
     async def browser_to_dashboard() -> None:
-        while data := await reader.read(_CHUNK):
-            await session.send(data)
+        # A later request that is refused ends the connection: the dashboard may be
+        # answering an earlier one, so the proxy cannot answer in between.
+        try:
+            while data := await gate.read():
+                await session.send(data)
+        except Refused as refusal:
+            logger.warning("dashboard proxy: refused a request: %s", refusal.reason)
 
     async def dashboard_to_browser() -> None:
         while True:

@@ -32,6 +32,11 @@ __all__ = ["BootPlanner", "default_docker_image", "shippable_config"]
 
 #: How long a cloud may take to create a VM after its user-data is made.
 _CREATION_MARGIN = datetime.timedelta(minutes=10)
+#: The scheduler's own ``--idle-timeout`` is the cluster's ``idle_timeout`` plus this.
+#: The client, which polls the scheduler's idleness, closes the cluster first and
+#: deletes every VM; the scheduler ending itself is only the backstop for a client that
+#: did not (its event loop blocked), and must not race the client's orderly close.
+SCHEDULER_IDLE_GRACE = datetime.timedelta(minutes=2)
 
 
 def default_docker_image() -> str:
@@ -79,7 +84,11 @@ class BootPlanner:
         self.given_security: Security | None = None
         self.client_security: Security | None = None
         if options.security is True:
-            self.credentials = ClusterCredentials(cluster_id, options.max_lifetime)
+            self.credentials = ClusterCredentials(
+                cluster_id,
+                options.max_lifetime,
+                certificate_lifetime=options.certificate_lifetime,
+            )
             self.client_security = self.credentials.client_security()
             # A token is good for its VM's boot, plus the time a cloud takes to make it.
             self.enrollment = Enrollment(
@@ -118,12 +127,17 @@ class BootPlanner:
                 str(options.scheduler_port),
                 "--protocol",
                 self.protocol,
+                *_idle_flags(options.idle_timeout),
                 *self._scheduler_flags,
             )
             dashboard: int | None = options.dashboard_port
-            # With the cluster's own CA the dashboard takes client certificates only and
-            # is reached through the scheduler's port (see dashboard.py): VM-local.
-            dashboard_host = "127.0.0.1" if self.credentials is not None else ""
+            # Dask's HTTP servers speak plain HTTP unless told otherwise, so with TLS they
+            # listen on the VM's loopback only. With the cluster's own CA the dashboard
+            # also takes client certificates only and is reached through the scheduler's
+            # port (see dashboard.py); with a user's own Security it is the VM's alone
+            # (an SSH tunnel reaches it). Only security=False serves it on the network,
+            # as plain as everything else there.
+            dashboard_host = "127.0.0.1" if self.protocol == "tls" else ""
         else:
             if scheduler_address is None:
                 raise ValueError("a worker's boot plan needs the scheduler's address")
@@ -138,10 +152,12 @@ class BootPlanner:
                 f"{options.worker_death_timeout.total_seconds():.0f}s",
                 *self._worker_flags,
             )
-            # The worker's HTTP server (/health, /metrics) is for the VM itself unless a
-            # worker dashboard was asked for.
+            # The worker's HTTP server (/health, /metrics, and the worker's dashboard when
+            # asked for) is plain HTTP: for the VM itself only, unless security=False
+            # (plain text everywhere) and a worker dashboard was asked for.
             dashboard = 0
-            dashboard_host = "" if "--dashboard" in self._worker_flags else "127.0.0.1"
+            public = self.protocol == "tcp" and "--dashboard" in self._worker_flags
+            dashboard_host = "" if public else "127.0.0.1"
         runtime = self.runtime
         if isinstance(runtime, DockerRuntime) and self.driver.gpus(role):
             runtime = dataclasses.replace(runtime, gpus=True)
@@ -238,6 +254,13 @@ def _runtime(options: ClusterOptions, native_python: str) -> DockerRuntime | Nat
     )
 
 
+def _idle_flags(idle_timeout: datetime.timedelta | None) -> tuple[str, ...]:
+    """The scheduler's backstop idle timeout (see :data:`SCHEDULER_IDLE_GRACE`)."""
+    if idle_timeout is None:
+        return ()
+    return ("--idle-timeout", f"{(idle_timeout + SCHEDULER_IDLE_GRACE).total_seconds():.0f}s")
+
+
 def _cli_flags(command: str, options: Mapping[str, Any], option_name: str) -> list[str]:
     """Turn ``{"nthreads": 2, "nanny": False}`` into ``dask worker`` flags, checked.
 
@@ -255,6 +278,8 @@ def _cli_flags(command: str, options: Mapping[str, Any], option_name: str) -> li
                 known[flag[2:]] = param
     reserved = {"tls-ca-file", "tls-cert", "tls-key", "host", "protocol", "name", "port"}
     reserved |= {"dashboard-address", "scheduler-file", "death-timeout"}
+    if command == "scheduler":
+        reserved.add("idle-timeout")  # the cluster's own idle_timeout sets it
     flags: list[str] = []
     for key, value in options.items():
         flag = key.replace("_", "-")

@@ -8,10 +8,12 @@ import urllib.request
 
 import pytest
 from distributed import Client
+from distributed.security import Security
 from tornado.websocket import websocket_connect
 
 from dask_secure_cloud import LocalVMCluster, cloudinit
-from dask_secure_cloud.credentials import Role
+from dask_secure_cloud.cluster import preview
+from dask_secure_cloud.credentials import ClusterCredentials, Role
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -54,17 +56,20 @@ async def test_dashboard_is_served_to_this_client_alone(vm_dir, tmp_path):
         finally:
             ws.close()
 
-        # At the scheduler VM's own HTTP port: a browser, with or without the CA, and a
-        # worker's certificate are refused; the client's certificate is the control.
+        # The scheduler VM's HTTP server listens on the VM's loopback (this machine's
+        # stands in for it), not at the VM's address. There, a browser, with or without
+        # the CA, and a worker's certificate are refused; the client's is the control.
         credentials = cluster._credentials
         host = cluster.scheduler_address.split("//")[1].rsplit(":", 1)[0]
         port = cluster.scheduler_info["services"]["dashboard"]
-        direct = f"https://{host}:{port}/status"
+        direct = f"https://127.0.0.1:{port}/status"
         ca = credentials.ca_cert_pem
         worker = leaf_files(tmp_path, credentials.issue(Role.WORKER, "worker-0"))
         client = leaf_files(tmp_path, credentials.issue(Role.CLIENT, "browser"))
         refusals = [
             (f"http://{host}:{port}/status", None),
+            (f"https://{host}:{port}/status", tls_context(ca, client)),
+            (f"http://127.0.0.1:{port}/status", None),
             (direct, tls_context(ca)),
             (direct, tls_context(ca, worker)),
         ]
@@ -85,9 +90,59 @@ async def test_worker_http_servers_listen_on_the_vm_only(vm_dir):
             ((address, bound),) = (
                 await client.run(lambda dask_worker: dask_worker.http_server.address)
             ).items()
-        # A process VM's own address (on a cloud VM, 127.0.0.1), never every interface.
-        assert bound == address.split("//")[1].rsplit(":", 1)[0] != "0.0.0.0"
-    # On a cloud VM the same line binds the VM's loopback.
+        # Loopback, on a process VM as on a cloud VM: never the VM's address.
+        assert bound == "127.0.0.1" != address.split("//")[1].rsplit(":", 1)[0]
     files = cloudinit.parse(cluster.planner.user_data_now[Role.WORKER])["write_files"]
     (boot,) = [cloudinit.decode_file(f) for f in files if f["path"].endswith("boot.sh")]
-    assert b'--dashboard-address "${DSC_VM_ADDRESS:-127.0.0.1}:0"' in boot
+    assert b'--dashboard-address "127.0.0.1:0"' in boot
+
+
+def _dashboard_address(user_data: bytes) -> str:
+    files = cloudinit.parse(user_data)["write_files"]
+    (boot,) = [cloudinit.decode_file(f) for f in files if f["path"].endswith("boot.sh")]
+    return re.search(rb'--dashboard-address "([^"]*)"', boot).group(1).decode()
+
+
+def _own_security(tmp_path) -> Security:
+    mine = ClusterCredentials("my-own-pki")
+    paths = {}
+    for leaf in (mine.issue(role, role.value) for role in Role):
+        for kind, text in (("cert", leaf.cert_pem), ("key", leaf.key_pem)):
+            path = tmp_path / f"{leaf.role.value}.{kind}"
+            path.write_text(text)
+            paths[f"tls_{leaf.role.value}_{kind}"] = str(path)
+    (tmp_path / "ca.pem").write_text(mine.ca_cert_pem)
+    return Security(tls_ca_file=str(tmp_path / "ca.pem"), require_encryption=True, **paths)
+
+
+@pytest.mark.parametrize(
+    ("security", "worker_dashboard", "scheduler", "worker"),
+    [
+        pytest.param(True, False, "127.0.0.1:8787", "127.0.0.1:0", id="own-ca"),
+        pytest.param(True, True, "127.0.0.1:8787", "127.0.0.1:0", id="own-ca-worker-dashboard"),
+        pytest.param("given", True, "127.0.0.1:8787", "127.0.0.1:0", id="users-security"),
+        # security=False: plain tcp:// everywhere, on trusted networks only; the
+        # dashboards that were asked for are served at the VM's address, as plain.
+        pytest.param(False, False, "${DSC_VM_ADDRESS:-}:8787", "127.0.0.1:0", id="no-tls"),
+        pytest.param(
+            False, True, "${DSC_VM_ADDRESS:-}:8787", "${DSC_VM_ADDRESS:-}:0", id="no-tls-dashboard"
+        ),
+    ],
+)
+def test_plain_http_servers_listen_on_loopback_unless_security_is_off(
+    security, worker_dashboard, scheduler, worker, tmp_path
+):
+    """Dask's HTTP servers speak plain HTTP: with TLS (the cluster's CA or a user's own
+    ``Security``) they listen on the VM's loopback, whatever ``worker_options`` say."""
+    if security == "given":
+        security = _own_security(tmp_path)
+    found = preview(
+        LocalVMCluster,
+        security=security,
+        worker_options={"dashboard": worker_dashboard},
+        scheduler_port=8786,
+        dashboard_port=8787,
+        directory=str(tmp_path / "vms"),
+    )
+    assert _dashboard_address(found.user_data[Role.SCHEDULER]) == scheduler
+    assert _dashboard_address(found.user_data[Role.WORKER]) == worker

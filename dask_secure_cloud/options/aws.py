@@ -3,22 +3,42 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from .base import _matching, _strings_to_strings, _text, _texts, _whole, option
+from ..errors import OptionError
+from .base import _matching, _strings_to_strings, _text, _texts, _url, _whole, option
 from .shared import VPCOptions
+
+
+def _ec2_tags(value: Any, name: str) -> dict[str, str]:
+    """EC2's own limits on tags, so a bad tag fails before anything is made."""
+    tags = _strings_to_strings(value, name)
+    for key, text in tags.items():
+        if len(key) > 128 or len(text) > 256 or key.lower().startswith("aws:"):
+            raise OptionError(
+                f"{name}: {key!r}: {text!r} is not an EC2 tag (keys up to 128 characters, "
+                "not starting with 'aws:'; values up to 256)"
+            )
+    if len(tags) > 48:
+        raise OptionError(f"{name}: EC2 allows 50 tags per resource, the cluster uses 2")
+    return tags
 
 
 @dataclasses.dataclass(frozen=True)
 class EC2Options(VPCOptions):
     provider: ClassVar[str] = "aws"
 
-    region: str = option("us-east-1", "AWS region, for example ``'eu-west-1'``.", types="string")
+    region: str = option(
+        "us-east-1",
+        "AWS region, for example ``'eu-west-1'``.",
+        types="string",
+        check=_matching(r"[a-z]{2}(-[a-z]+)+-[0-9]+", "eu-west-1", "an AWS region"),
+    )
     endpoint_url: str | None = option(
         None,
         "Another EC2 endpoint (LocalStack, a test stand-in). ``AWS_ENDPOINT_URL_EC2`` works too.",
         types=("string", "null"),
-        check=_text,
+        check=_url,
         note="null: botocore's (AWS_ENDPOINT_URL_EC2 works too)",
     )
     scheduler_instance_type: str = option(
@@ -84,5 +104,5 @@ class EC2Options(VPCOptions):
         note="GiB, encrypted, deleted with the instance",
     )
     tags: dict[str, str] = option(
-        {}, "Extra tags for every resource.", types="object", check=_strings_to_strings
+        {}, "Extra tags for every resource.", types="object", check=_ec2_tags
     )

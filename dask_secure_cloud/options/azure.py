@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from ..errors import OptionError
@@ -12,8 +11,10 @@ from .base import (
     _matching,
     _network,
     _number,
+    _path,
     _strings_to_strings,
     _text,
+    _url,
     _whole,
     option,
 )
@@ -43,10 +44,18 @@ def _vm_size(value: Any, name: str) -> str:
     return value
 
 
+def _spot_price(value: Any, name: str) -> float:
+    price = _number(value, name)
+    if price != -1 and price <= 0:
+        raise OptionError(
+            f"{name} must be -1 (up to the on-demand price) or a price above 0, got {value!r}"
+        )
+    return price
+
+
 @dataclasses.dataclass(frozen=True)
 class AzureOptions(VPCOptions):
     provider: ClassVar[str] = "azure"
-    changed_defaults: ClassVar[Mapping[str, Any]] = {"use_private_ip": True}
 
     resource_group: str | None = option(
         None,
@@ -85,14 +94,14 @@ class AzureOptions(VPCOptions):
         None,
         "Another resource-manager endpoint (Azure Stack, a test stand-in).",
         types=("string", "null"),
-        check=_text,
+        check=_url,
         note="null: the cloud's endpoint",
     )
     ca_bundle: str | None = option(
         None,
         "A CA bundle to verify the endpoint's TLS certificate with (a TLS-inspecting proxy).",
         types=("string", "null"),
-        check=_text,
+        check=_path,
     )
     scheduler_vm_size: str = option(
         "Standard_D2s_v5", "VM size of the scheduler.", types="string", check=_vm_size
@@ -125,7 +134,7 @@ class AzureOptions(VPCOptions):
         -1,
         "Highest hourly price for Spot workers; ``-1`` pays up to the on-demand price.",
         types="number",
-        check=_number,
+        check=_spot_price,
         note="-1: up to the on-demand price",
     )
     tags: dict[str, str] = option(
@@ -136,6 +145,7 @@ class AzureOptions(VPCOptions):
         """
         An existing virtual network (name in the resource group, or resource id); never
         modified or deleted. Default: a vnet made for (and deleted with) the cluster.
+        Required with ``use_private_ip=True``: the vnet the client runs in or reaches.
         """,
         types=("string", "null"),
         check=_text,

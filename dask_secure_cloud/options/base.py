@@ -7,8 +7,10 @@ import datetime
 import difflib
 import inspect
 import ipaddress
+import math
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -68,7 +70,25 @@ def _boolean(value: Any, name: str) -> bool:
 def _text(value: Any, name: str) -> str:
     if not isinstance(value, str) or not value:
         raise OptionError(f"{name} must be a non-empty string, got {value!r}")
+    if "\0" in value:
+        raise OptionError(f"{name} must not contain a NUL character, got {value!r}")
     return value
+
+
+def _url(value: Any, name: str) -> str:
+    """An ``http://`` or ``https://`` URL with a host: what every endpoint option is
+    handed to (an SDK, ``urllib``), so a bare host or a typo fails here, not mid-start."""
+    text = _text(value, name)
+    try:
+        parts = urllib.parse.urlsplit(text)
+        parts.port  # noqa: B018 (a malformed port raises here)
+    except ValueError as e:
+        raise OptionError(
+            f"{name} must be a URL such as 'https://host:port', got {value!r} ({e})"
+        ) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or text != text.strip():
+        raise OptionError(f"{name} must be an http:// or https:// URL with a host, got {value!r}")
+    return text
 
 
 def _path(value: Any, name: str) -> str:
@@ -89,19 +109,30 @@ def _whole(minimum: int, unit: str = "") -> Check:
 def _number(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise OptionError(f"{name} must be a number, got {value!r}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise OptionError(f"{name} must be a finite number, got {value!r}")
+    return number
 
 
 def duration(value: Any, name: str) -> datetime.timedelta:
+    """A positive duration: a ``timedelta``, seconds, or Dask's text (``"12h"``)."""
+    wanted = f"{name} must be a duration such as '12h', '30m' or a number of seconds"
     if isinstance(value, datetime.timedelta):
         delta = value
+    elif isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise OptionError(f"{wanted}, got {value!r}")
     else:
         try:
-            delta = datetime.timedelta(seconds=dask.utils.parse_timedelta(value, default="s"))
-        except (TypeError, ValueError, KeyError) as e:
-            raise OptionError(
-                f"{name} must be a duration such as '12h' or '30m', got {value!r}"
-            ) from e
+            seconds = dask.utils.parse_timedelta(value, default="s")
+            delta = datetime.timedelta(seconds=seconds)
+        except (TypeError, ValueError, KeyError, IndexError) as e:
+            raise OptionError(f"{wanted}, got {value!r}") from e
+        except OverflowError as e:
+            raise OptionError(f"{wanted} shorter than a million days, got {value!r}") from e
     if delta <= datetime.timedelta(0):
         raise OptionError(f"{name} must be positive, got {value!r}")
     return delta
@@ -113,33 +144,95 @@ def port(value: Any, name: str) -> int:
     return value
 
 
-def _texts(what: str) -> Check:
-    """A list of strings, held as a tuple; a bare string is refused, not split."""
+def _texts(what: str, *, empty_items: bool = False) -> Check:
+    """A list of strings, held as a tuple; a bare string is refused, not split, and so is
+    an empty item unless ``empty_items``."""
 
     def check(value: Any, name: str) -> tuple[str, ...]:
-        if isinstance(value, str) or not isinstance(value, Sequence):
+        if isinstance(value, str | bytes | bytearray) or not isinstance(value, Sequence):
             raise OptionError(
                 f"{name} must be a list of {what}, got {value!r}; wrap a single one in a list"
             )
-        if not all(isinstance(item, str) for item in value):
-            raise OptionError(f"{name} must be a list of {what}, got {value!r}")
+        for item in value:
+            if not isinstance(item, str) or not (item or empty_items) or "\0" in item:
+                raise OptionError(
+                    f"{name} must be a list of {what} (non-empty strings), got {value!r}: "
+                    f"{item!r} is not one"
+                )
         return tuple(value)
 
     return check
 
 
 def _mapping(value: Any, name: str) -> dict[str, Any]:
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise OptionError(f"{name} must be a mapping with string keys, got {value!r}")
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and k for k in value):
+        raise OptionError(
+            f"{name} must be a mapping with non-empty string keys, got {value!r}; "
+            "for example {'key': 'value'}"
+        )
     return dict(value)
 
 
 def _strings_to_strings(value: Any, name: str) -> dict[str, str]:
     found = _mapping(value, name)
-    if not all(isinstance(v, str) for v in found.values()):
-        raise OptionError(f"{name} must map strings to strings, got {value!r}")
+    for key, item in found.items():
+        if not isinstance(item, str):
+            raise OptionError(
+                f"{name} must map strings to strings, got {key!r}: {item!r}; "
+                f"write it as a string, for example {{{key!r}: {str(item)!r}}}"
+            )
     if CLUSTER_TAG in found:
         raise OptionError(f"{name}: {CLUSTER_TAG!r} is set by the cluster itself")
+    return found
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _environment(value: Any, name: str) -> dict[str, str]:
+    """Variable names a shell and Docker take, to string values. A number is refused
+    rather than turned into text: whether ``1.0`` should read ``"1.0"`` or ``"1"`` is
+    the caller's to say."""
+    found = _mapping(value, name)
+    for key, item in found.items():
+        if not _ENV_NAME.fullmatch(key):
+            raise OptionError(
+                f"{name}: {key!r} is not a variable name; use ASCII letters, digits and "
+                "'_', not starting with a digit"
+            )
+        if not isinstance(item, str):
+            raise OptionError(
+                f"{name}: {key} must be a string, got {item!r}; an environment holds "
+                f"text only, for example {{{key!r}: {str(item)!r}}}"
+            )
+        if "\0" in item:
+            raise OptionError(f"{name}: {key} must not contain a NUL character")
+    return found
+
+
+def _word(item: Any) -> bool:
+    """Whether ``item`` can be one argument of a command: text, or a finite number."""
+    if isinstance(item, str):
+        return "\0" not in item
+    if isinstance(item, bool):
+        return False
+    return isinstance(item, int) or (isinstance(item, float) and math.isfinite(item))
+
+
+def _command_options(value: Any, name: str) -> dict[str, Any]:
+    """Options of a ``dask`` command: each a flag (``True``/``False``), a string or
+    number, or a list of them for an option given more than once. Which options the
+    command has is checked against the command itself (``plan._cli_flags``)."""
+    found = _mapping(value, name)
+    for key, item in found.items():
+        if isinstance(item, bool):
+            continue
+        items = list(item) if isinstance(item, list | tuple) else [item]
+        if not items or not all(_word(i) for i in items):
+            raise OptionError(
+                f"{name}: {key!r} must be True/False (a flag), a string or number, or a "
+                f"list of strings or numbers (an option given more than once), got {item!r}"
+            )
     return found
 
 
@@ -191,10 +284,14 @@ def _cidrs(value: Any, name: str) -> tuple[str, ...]:
 
 
 def _network(value: Any, name: str) -> str:
+    # ipaddress takes an int (1 is 0.0.0.1/32) too: only text is a network here.
+    wanted = f"{name} must be a network such as '10.77.0.0/16', got {value!r}"
+    if not isinstance(value, str):
+        raise OptionError(wanted)
     try:
         return str(ipaddress.ip_network(value))
-    except (TypeError, ValueError) as e:
-        raise OptionError(f"{name} must be a network such as '10.77.0.0/16', got {value!r}") from e
+    except ValueError as e:
+        raise OptionError(f"{wanted} ({e})") from e
 
 
 #: The tag (or label) key every resource of a cluster carries (``driver.CLUSTER_TAG``).
@@ -203,7 +300,7 @@ CLUSTER_TAG = "dask-secure-cloud-cluster"
 
 def _choice(*values: str) -> Check:
     def check(value: Any, name: str) -> str:
-        if value not in values:
+        if not isinstance(value, str) or value not in values:
             close = difflib.get_close_matches(str(value), values, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise OptionError(f"{name} must be one of {', '.join(values)}; got {value!r}.{hint}")

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from ..errors import OptionError
-from .base import _boolean, _text, _texts, option
+from .base import _boolean, _path, _text, _texts, _url, option
 from .shared import CloudOptions
 
 _DO_TAG = re.compile(r"[a-zA-Z0-9_\-:]{1,255}")
@@ -29,10 +29,16 @@ def _droplet_tags(value: Any, name: str) -> tuple[str, ...]:
 
 
 def _ssh_keys(value: Any, name: str) -> tuple[str | int, ...]:
-    if isinstance(value, str) or not isinstance(value, Sequence):
+    if isinstance(value, str | bytes | bytearray) or not isinstance(value, Sequence):
         raise OptionError(f"{name} must be a list of SSH key ids or fingerprints, got {value!r}")
-    if not all(isinstance(k, str | int) and not isinstance(k, bool) for k in value):
-        raise OptionError(f"{name} must be a list of SSH key ids or fingerprints, got {value!r}")
+    for key in value:
+        if isinstance(key, bool) or not (
+            (isinstance(key, int) and key > 0) or (isinstance(key, str) and key)
+        ):
+            raise OptionError(
+                f"{name} must be a list of SSH key ids (positive numbers) or fingerprints "
+                f"(strings), got {value!r}: {key!r} is neither"
+            )
     return tuple(value)
 
 
@@ -53,14 +59,14 @@ class DropletOptions(CloudOptions):
         None,
         "Another API base URL (a proxy, a test stand-in).",
         types=("string", "null"),
-        check=_text,
+        check=_url,
         note="null: https://api.digitalocean.com",
     )
     ca_bundle: str | None = option(
         None,
         "A CA bundle to verify the API's TLS certificate with (a TLS-inspecting proxy).",
         types=("string", "null"),
-        check=_text,
+        check=_path,
     )
     region: str = option(
         "nyc3", "Region slug, for example ``'ams3'``.", types="string", check=_text

@@ -22,6 +22,7 @@ from .shared import VPCOptions
 
 _GCP_LABEL_KEY = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 _GCP_LABEL_VALUE = re.compile(r"[a-z0-9_-]{0,63}")
+_GCP_NETWORK_TAG = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 def _gcp_labels(value: Any, name: str) -> dict[str, str]:
@@ -33,6 +34,29 @@ def _gcp_labels(value: Any, name: str) -> dict[str, str]:
                 "'-' and '_', at most 63 characters; keys start with a letter)"
             )
     return labels
+
+
+def _time_limit(value: Any, name: str) -> datetime.timedelta:
+    """A VM time limit within Compute Engine's bounds, so a wrong one fails here and not
+    at the first VM."""
+    limit = duration(value, name)
+    if not datetime.timedelta(seconds=30) <= limit <= datetime.timedelta(days=120):
+        raise OptionError(
+            f"{name} must be from 30s to 120d, Compute Engine's bounds on a VM's run "
+            f"time limit, got {value!r}"
+        )
+    return limit
+
+
+def _network_tags(value: Any, name: str) -> tuple[str, ...]:
+    tags = _texts("network tags")(value, name)
+    for tag in tags:
+        if not _GCP_NETWORK_TAG.fullmatch(tag):
+            raise OptionError(
+                f"{name}: {tag!r} is not a network tag (lowercase letters, digits and '-', "
+                "at most 63 characters, starting with a letter)"
+            )
+    return tags
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +128,7 @@ class GCPOptions(VPCOptions):
         {}, "Extra labels for every resource.", types="object", check=_gcp_labels
     )
     network_tags: tuple[str, ...] = option(
-        [], "Extra network tags for every VM.", types="array", check=_texts("network tags")
+        [], "Extra network tags for every VM.", types="array", check=_network_tags
     )
     service_account: str | None = option(
         None,
@@ -121,10 +145,15 @@ class GCPOptions(VPCOptions):
     )
     max_run_duration: datetime.timedelta | None = option(
         None,
-        "Compute Engine deletes each VM after this long, whatever happens to the client.",
+        """
+        Compute Engine deletes each VM once it has run this long (30s to 120d). Default:
+        each VM is deleted at the end of ``max_lifetime`` (its ``terminationTime``),
+        whatever happens to the client. Either deadline applies only while the VM runs:
+        a VM whose OS powered off stays, its disk billing, until it is deleted.
+        """,
         types=("string", "number", "null"),
-        check=duration,
-        note="e.g. 8h: Compute Engine deletes each VM after that",
+        check=_time_limit,
+        note="e.g. 8h: Compute Engine deletes each VM after running that long",
     )
     api_endpoint: str | None = option(
         None,

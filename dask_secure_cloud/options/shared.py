@@ -13,11 +13,13 @@ from .base import (
     _boolean,
     _choice,
     _cidrs,
-    _mapping,
+    _command_options,
+    _environment,
     _security,
     _text,
     _texts,
     _tristate,
+    _url,
     _whole,
     duration,
     option,
@@ -26,6 +28,29 @@ from .base import (
 
 if TYPE_CHECKING:
     from distributed.security import Security
+
+
+def check_requirements(value: Any, name: str) -> tuple[str, ...]:
+    """A list of PEP 508 requirements (``pandas>=2``, ``s3fs[boto3]``): the VM gives each
+    to pip as one argument, so a pip option or two requirements in one item are refused
+    here, before anything is made, rather than failing a boot minutes later."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    items = _texts("requirements")(value, name)
+    fix = (
+        "give one PEP 508 requirement per item, for example "
+        "['xarray==2024.6.0', 'pandas>=2', 's3fs[boto3]']; pip's own settings "
+        "(an index URL) go in env_vars, e.g. PIP_INDEX_URL"
+    )
+    for item in items:
+        if not item.strip() or not item.isprintable():
+            raise OptionError(f"{name}: {item!r} is not a requirement; {fix}")
+        try:
+            Requirement(item)
+        except InvalidRequirement as e:
+            why = str(e).splitlines()[0]
+            raise OptionError(f"{name}: {item!r} is not a requirement ({why}); {fix}") from e
+    return items
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,36 +156,37 @@ class ClusterOptions:
         [],
         """
         ``runtime="native"``: requirements installed on each VM at boot, next to this
-        client's dask and distributed. With ``runtime="docker"``, build them into
+        client's dask and distributed, one PEP 508 requirement per item
+        (``["pandas>=2", "s3fs[boto3]"]``). With ``runtime="docker"``, build them into
         ``docker_image`` instead.
         """,
         types="array",
-        check=_texts("requirements"),
+        check=check_requirements,
         note="runtime native: installed on each VM at boot, with dask",
     )
     env_vars: dict[str, str] = option(
         {},
         "Environment of the Dask process, written to a 0600 file (not the command line).",
         types="object",
-        check=_mapping,
+        check=_environment,
     )
     extra_bootstrap: tuple[str, ...] = option(
         [],
         "Shell lines run on each VM before Dask starts.",
         types="array",
-        check=_texts("shell lines"),
+        check=_texts("shell lines", empty_items=True),
     )
     worker_options: dict[str, Any] = option(
         {},
         "Options of ``dask worker``, checked against the command before any VM starts.",
         types="object",
-        check=_mapping,
+        check=_command_options,
     )
     scheduler_options: dict[str, Any] = option(
         {},
         "Options of ``dask scheduler``, checked against the command before any VM starts.",
         types="object",
-        check=_mapping,
+        check=_command_options,
     )
     scheduler_port: int = option(8786, "The scheduler's TCP port.", types="integer", check=port)
     dashboard_port: int = option(
@@ -192,6 +218,21 @@ class ClusterOptions:
         types=DURATION,
         check=duration,
         note="a scheduler whose client is gone this long ends its VM",
+    )
+    idle_timeout: datetime.timedelta | None = option(
+        "1h",
+        """
+        The cluster closes, deleting every VM, once its scheduler has run no task for this
+        long (Dask's own idleness: nothing processing, queued or waiting), even while this
+        client lives: the lease keeps a forgotten notebook's cluster alive, this ends it.
+        A connected client and data held in memory are not activity. One hour outlasts a
+        meeting or a lunch break, so a notebook user comes back to the data they
+        persisted; a forgotten cluster bills one idle hour, not a weekend. ``None``:
+        never.
+        """,
+        types=("string", "number", "null"),
+        check=duration,
+        note="null: never; idle this long (no task), the cluster deletes its VMs",
     )
     ship_config: tuple[str, ...] = option(
         [
@@ -239,6 +280,11 @@ class ClusterOptions:
                 f"certificate_lifetime ({self.certificate_lifetime}) is longer than "
                 f"max_lifetime ({self.max_lifetime}); no certificate outlives the cluster's "
                 "CA: shorten certificate_lifetime or raise max_lifetime"
+            )
+        if self.scheduler_port == self.dashboard_port:
+            raise OptionError(
+                f"scheduler_port and dashboard_port are both {self.scheduler_port}: the "
+                "scheduler's comm and its dashboard need a port each; change one of them"
             )
         if self.runtime == "docker" and self.pip_packages:
             raise OptionError(
@@ -292,7 +338,7 @@ class CloudOptions(ClusterOptions):
         "https://checkip.amazonaws.com",
         "Where this machine's public address is looked up, for ``allowed_cidrs``' default.",
         types="string",
-        check=_text,
+        check=_url,
     )
 
     def __post_init__(self) -> None:
@@ -346,5 +392,5 @@ class VPCOptions(CloudOptions):
         "http://169.254.169.254",
         "The instance metadata service spot workers ask whether they are being reclaimed.",
         types="string",
-        check=_text,
+        check=_url,
     )
