@@ -18,6 +18,11 @@ the JupyterLab Dask extension, through jupyter-server-proxy, forwards the browse
 must be a loopback origin. Anything else gets a short 4xx from the proxy itself and no
 connection to the scheduler. The heads are split exactly as the dashboard's Tornado
 server splits them, so what is checked is what the dashboard reads.
+
+With ``security=False`` the dashboard is plain HTTP at the scheduler's address, and
+the same proxy relays to it over plain TCP (:meth:`DashboardProxy.plain`): the
+JupyterLab panes go through jupyter-server-proxy, which serves only loopback names, and
+the scheduler's address (``127.x.y.1`` for a local VM, an IP on a cloud) is none.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import logging
 import re
 import ssl
 import urllib.parse
-from typing import Any
+from typing import Any, Protocol
 
 from distributed.comm import connect
 from tornado import httputil
@@ -53,14 +58,35 @@ _PORT = re.compile(r":[0-9]{1,5}")
 
 class DashboardProxy:
     """Serve ``http://127.0.0.1:PORT/`` as the scheduler's dashboard, for this process's
-    browser tabs and the JupyterLab Dask extension."""
+    browser tabs and the JupyterLab Dask extension.
 
-    def __init__(self, scheduler_address: str, connection_args: dict[str, Any]) -> None:
+    Made with the scheduler's address and the cluster's client TLS arguments, it reaches
+    the dashboard through the scheduler's port (above). Made with :meth:`plain`, for a
+    cluster with ``security=False``, it relays to the dashboard's own plain HTTP port:
+    jupyter-server-proxy, which the extension's panes go through, serves only
+    ``localhost``/``127.0.0.1`` and refused the scheduler's address with a 403. Either
+    way each request is checked as above before a byte of it is sent on.
+    """
+
+    def __init__(
+        self,
+        scheduler_address: str,
+        connection_args: dict[str, Any],
+        *,
+        plain_target: tuple[str, int] | None = None,
+    ) -> None:
         self.scheduler_address = scheduler_address
         self.connection_args = connection_args
+        #: ``(host, port)`` of a plain-HTTP dashboard to relay to, instead of the tunnel.
+        self.plain_target = plain_target
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self.port: int | None = None
+
+    @classmethod
+    def plain(cls, host: str, port: int) -> DashboardProxy:
+        """A relay to the plain-HTTP dashboard at ``host:port`` (``security=False``)."""
+        return cls("", {}, plain_target=(host, port))
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -83,26 +109,23 @@ class DashboardProxy:
         assert task is not None
         self._connections.add(task)
         gate = RequestGate(reader)
-        comm = None
+        upstream: _Upstream | None = None
         try:
             # The first request is checked before the scheduler is contacted at all.
             first = await asyncio.wait_for(gate.read(), _HEAD_TIMEOUT)
             if not first:
                 return
             try:
-                comm = await connect(self.scheduler_address, timeout=10, **self.connection_args)
+                upstream = await self._open()
             except OSError as e:
                 logger.warning("dashboard proxy: cannot reach the scheduler: %s", e)
                 return
-            await comm.write({"op": "secure_cloud_dashboard", "reply": False})
-            session = _TunnelTLS(comm, self.connection_args["ssl_context"])
-            await session.handshake()
-            await session.send(first)
-            await _pump(gate, writer, session)
+            await upstream.send(first)
+            await _pump(gate, writer, upstream)
         except Refused as refusal:
             logger.warning("dashboard proxy: refused a request: %s", refusal.reason)
             with contextlib.suppress(OSError):
-                if comm is None:  # nothing of the dashboard's was sent on it yet
+                if upstream is None:  # nothing of the dashboard's was sent on it yet
                     writer.write(refusal.response())
                     await writer.drain()
         except asyncio.TimeoutError:
@@ -114,8 +137,24 @@ class DashboardProxy:
         finally:
             self._connections.discard(task)
             writer.close()
-            if comm is not None:
-                await comm.close()
+            if upstream is not None:
+                await upstream.close()
+
+    async def _open(self) -> _Upstream:
+        """A connection to the dashboard for one browser connection."""
+        if self.plain_target is not None:
+            host, port = self.plain_target
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+            return _PlainTCP(reader, writer)
+        comm = await connect(self.scheduler_address, timeout=10, **self.connection_args)
+        try:
+            await comm.write({"op": "secure_cloud_dashboard", "reply": False})
+            session = _TunnelTLS(comm, self.connection_args["ssl_context"])
+            await session.handshake()
+        except BaseException:
+            await comm.close()
+            raise
+        return session
 
 
 class Refused(Exception):
@@ -253,6 +292,50 @@ def _content_length(headers: httputil.HTTPHeaders) -> int:
     return int(length)
 
 
+class _Upstream(Protocol):
+    """The dashboard's side of one connection, as :func:`_pump` drives it."""
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def receive(self) -> bool: ...
+
+    def plaintext(self) -> bytes: ...
+
+    async def flush(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class _PlainTCP:
+    """A plain TCP connection to a dashboard served as plain HTTP (``security=False``)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self._received = b""
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def receive(self) -> bool:
+        """Read what the dashboard sent next; False once it closed its side."""
+        self._received = await self.reader.read(_CHUNK)
+        return bool(self._received)
+
+    def plaintext(self) -> bytes:
+        data, self._received = self._received, b""
+        return data
+
+    async def flush(self) -> None:
+        """Nothing to flush: bytes go out as they are sent."""
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
+
 class _TunnelTLS:
     """A TLS client session whose records travel as frames of a Dask comm."""
 
@@ -293,6 +376,9 @@ class _TunnelTLS:
         self.tls.write(data)
         await self.flush()
 
+    async def close(self) -> None:
+        await self.comm.close()
+
     def plaintext(self) -> bytes:
         """What the dashboard sent that is ready to read."""
         chunks = []
@@ -302,7 +388,7 @@ class _TunnelTLS:
         return b"".join(chunks)
 
 
-async def _pump(gate: RequestGate, writer: asyncio.StreamWriter, session: _TunnelTLS) -> None:
+async def _pump(gate: RequestGate, writer: asyncio.StreamWriter, session: _Upstream) -> None:
     async def browser_to_dashboard() -> None:
         # A later request that is refused ends the connection: the dashboard may be
         # answering an earlier one, so the proxy cannot answer in between.

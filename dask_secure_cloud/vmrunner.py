@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -227,21 +228,37 @@ def boot(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    vm = LocalVM(
-        vm_id=vm_id,
-        cluster_id=cluster_id,
-        name=name,
-        role=role,
-        address=address,
-        directory=str(vm_dir),
-        pgid=process.pid,
-    )
-    (vm_dir / _RECORD).write_text(json.dumps(asdict(vm)))
-    # The child calls setsid() as it starts: until then it is not yet in its own group.
-    deadline = time.monotonic() + 2
-    while not vm.processes() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.001)
+    try:
+        vm = LocalVM(
+            vm_id=vm_id,
+            cluster_id=cluster_id,
+            name=name,
+            role=role,
+            address=address,
+            directory=str(vm_dir),
+            pgid=process.pid,
+        )
+        (vm_dir / _RECORD).write_text(json.dumps(asdict(vm)))
+        # The child calls setsid() as it starts: until then it is not yet in its own group.
+        deadline = time.monotonic() + 2
+        while not vm.processes() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+    finally:
+        # After the loop: its poll() would not see the shell end while a waiter holds it.
+        _reap_when_done(process, vm_id)
     return vm
+
+
+def _reap_when_done(process: subprocess.Popen[bytes], vm_id: str) -> None:
+    """Collect runcmd's shell when it ends, so it never lingers as a zombie.
+
+    The shell usually ends right after the boot script has put Dask in the background,
+    but it may also live as long as the VM: a thread of its own waits for it, so neither
+    the caller (often an event loop's executor) nor anybody else ever blocks on it. A
+    Popen dropped unwaited is only collected at some later Popen, and the last VMs'
+    shells stayed ``<defunct>`` under the owning process.
+    """
+    threading.Thread(target=process.wait, name=f"reap runcmd of {vm_id}", daemon=True).start()
 
 
 def find_vms(base: str | os.PathLike[str], cluster_id: str | None = None) -> list[LocalVM]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -18,10 +20,18 @@ from typing import Any
 
 import dask.config
 import pytest
+from dask.system import CPU_COUNT
 from dask_labextension.manager import DaskClusterManager
 from distributed import Client
+from distributed.system import MEMORY_LIMIT
+from test_vmrunner import no_zombie_children, zombie_children
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import websocket_connect
 
-from dask_secure_cloud import audit
+from dask_secure_cloud import LocalVMCluster, audit
+from dask_secure_cloud.credentials import Role
+from dask_secure_cloud.options import LocalOptions, resolve
+from dask_secure_cloud.providers.local import _SharingPlanner, machine_share
 
 from conftest import vm_processes
 
@@ -274,3 +284,142 @@ def test_sigterm_to_jupyter_server_closes_its_clusters(tmp_path, vm_dir):
     log = server.log.read_text()
     assert f"Closed cluster {cluster_id}" in log, log
     print(f"SIGTERM to no VM left: {took:.1f}s")
+
+
+# -- scaling from zero, as the sidebar does (issue 25, item 4) ----------------------------
+
+
+def test_machine_share_splits_cores_and_memory_between_worker_processes():
+    gib = 1 << 30
+    assert machine_share({}, 3, cores=2, memory=24 * gib) == {
+        "nthreads": 1,
+        "memory_limit": 8 * gib,
+    }
+    assert machine_share({}, 2, cores=8, memory=8 * gib) == {"nthreads": 4, "memory_limit": 4 * gib}
+    # Before any worker is asked for, one worker's share: the whole machine.
+    assert machine_share({}, 0, cores=2, memory=gib) == {"nthreads": 2, "memory_limit": gib}
+    # nworkers processes per VM share that VM's part.
+    assert machine_share({"nworkers": 2}, 2, cores=8, memory=8 * gib) == {
+        "nthreads": 2,
+        "memory_limit": 2 * gib,
+    }
+    # What the user set is theirs; "auto" processes are sized by Dask itself.
+    assert machine_share({"nthreads": 4, "memory-limit": "2GB"}, 3) == {}
+    assert machine_share({"memory_limit": "2GB"}, 2, cores=8) == {"nthreads": 4}
+    assert machine_share({"nworkers": "auto"}, 2) == {}
+
+
+def _worker_flags(planner: Any) -> list[str]:
+    command = planner.plan(Role.WORKER, "worker-9", "tls://127.0.0.1:8786").command
+    return list(command[2:])  # after "worker" and the scheduler's address
+
+
+def test_a_worker_vm_gets_its_share_at_the_cluster_size_when_it_is_made(tmp_path):
+    """The planner of ``LocalVMCluster`` asks the cluster's size as each worker VM is
+    made: started with none and scaled to three, as started with three."""
+    options, driver = LocalVMCluster.setup(
+        resolve(LocalOptions, {"directory": str(tmp_path)}, owner="test")
+    )
+    size = [0]
+    planner = _SharingPlanner(
+        options, "dsc-test", driver, native_python=sys.executable, workers=lambda: size[0]
+    )
+    size[0] = 3
+    share = machine_share({}, 3)
+    flags = _worker_flags(planner)
+    assert ["--nthreads", str(share["nthreads"])] == flags[flags.index("--nthreads") :][:2]
+    assert ["--memory-limit", str(share["memory_limit"])] == (
+        flags[flags.index("--memory-limit") :][:2]
+    )
+    started_with_three = _SharingPlanner(
+        dataclasses.replace(options, n_workers=3),
+        "dsc-test",
+        driver,
+        native_python=sys.executable,
+        workers=lambda: 3,
+    )
+    assert _worker_flags(started_with_three) == flags
+    # The scheduler is not a worker; and what worker_options set is left alone.
+    assert "--nthreads" not in planner.plan(Role.SCHEDULER, "scheduler", None).command
+    own = _SharingPlanner(
+        dataclasses.replace(options, worker_options={"nthreads": 7, "memory_limit": "1GB"}),
+        "dsc-test",
+        driver,
+        native_python=sys.executable,
+        workers=lambda: 3,
+    )
+    assert _worker_flags(own).count("--nthreads") == 1
+    assert "7" in _worker_flags(own) and "1GB" in _worker_flags(own)
+
+
+async def test_scaled_from_zero_workers_split_the_machine_and_leave_no_zombie(vm_dir):
+    """The sidebar's way: no worker at the start, then "scale to 3". Each worker gets a
+    third of the memory and its share of the cores (never more cores than the machine
+    has, unless there are more workers than cores: one thread each); and no shell of a
+    VM's boot is left ``<defunct>`` under this process."""
+    before = zombie_children()
+    async with LocalVMCluster(n_workers=0, directory=vm_dir, asynchronous=True) as cluster:
+        cluster.scale(3)
+        async with Client(cluster, asynchronous=True) as client:
+            await client.wait_for_workers(3, timeout=120)
+            workers = await client.run_on_scheduler(
+                lambda dask_scheduler: [
+                    {"nthreads": w.nthreads, "memory_limit": w.memory_limit}
+                    for w in dask_scheduler.workers.values()
+                ]
+            )
+        share = machine_share({}, 3)
+        assert [w["nthreads"] for w in workers] == [share["nthreads"]] * 3
+        assert [w["memory_limit"] for w in workers] == [share["memory_limit"]] * 3
+        assert sum(w["nthreads"] for w in workers) <= max(CPU_COUNT, 3)
+        assert sum(w["memory_limit"] for w in workers) <= MEMORY_LIMIT
+        assert await asyncio.to_thread(no_zombie_children, 5.0, before), zombie_children()
+        cluster_id = cluster.cluster_id
+    await _wait(lambda: not vm_processes(cluster_id), timeout=30)
+    assert await asyncio.to_thread(no_zombie_children, 5.0, before), zombie_children()
+
+
+# -- the panes with TLS off (issue 25, item 5) ------------------------------------------
+
+
+def test_dashboard_panes_through_jupyter_with_security_false(tmp_path, vm_dir):
+    """With ``security=False`` the dashboard is plain HTTP at the scheduler's address
+    (``127.x.y.1``), which jupyter-server-proxy refuses (403): ``dashboard_link`` is the
+    cluster's relay on ``127.0.0.1``, and the panes load through the Jupyter server, the
+    Bokeh websocket included."""
+    factory = local_factory(vm_dir)
+    factory["kwargs"]["security"] = False
+    server = JupyterServer(tmp_path, factory)
+    try:
+        model = server.request("PUT", "/dask/clusters")  # what "+ NEW" sends
+        assert model["scheduler_address"].startswith("tcp://")
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/status", model["dashboard_link"])
+        pane = f"/dask/dashboard/{model['id']}"
+        plots = json.loads(_get(server, f"{pane}/individual-plots.json"))
+        assert "/individual-task-stream" in plots.values()
+        page = _get(server, f"{pane}/individual-task-stream")
+        bokeh = re.search(rb'"token":\s*"([^"]+)"', page)[1].decode()
+
+        async def websocket() -> str:
+            url = server.url.replace("http://", "ws://") + f"{pane}/individual-task-stream/ws"
+            request = HTTPRequest(url, headers={"Authorization": f"token {server.token}"})
+            ws = await websocket_connect(request, subprotocols=["bokeh", bokeh])
+            try:
+                return await asyncio.wait_for(ws.read_message(), 20)
+            finally:
+                ws.close()
+
+        assert '"msgtype": "ACK"' in asyncio.run(websocket())
+        server.request("DELETE", f"/dask/clusters/{model['id']}")  # SHUTDOWN
+        assert not [p for p in vm_dir.iterdir() if vm_processes(p.name)]
+    finally:
+        server.close()
+
+
+def _get(server: JupyterServer, path: str) -> bytes:
+    request = urllib.request.Request(
+        server.url + path, headers={"Authorization": f"token {server.token}"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.status == 200
+        return response.read()

@@ -1,11 +1,13 @@
 """The JupyterLab Dask sidebar, end to end, in a real browser (headless Chromium).
 
 What a user does: "+ NEW" in the Dask sidebar makes a ``LocalVMCluster`` in the Jupyter
-server; the cluster card's "inject client code" button writes ``Client("tls://...")``
-into a notebook; running it in the notebook's kernel (another process) connects by
-address through the security loader, and ``client.submit(sum, [1, 2])`` computes; a
-dashboard pane renders a plot; SIGTERM to the server leaves no VM process. A screenshot
-is kept in the test's directory when it fails.
+server (with no worker); SCALE on its card to 3 shows 3 workers that split the machine;
+the card's "inject client code" button writes ``Client("tls://...")`` into a notebook;
+running it in the notebook's kernel (another process) connects by address through the
+security loader, and ``client.submit(sum, [1, 2])`` computes; a dashboard pane renders
+a plot; SHUTDOWN on the card leaves no VM process. A screenshot is kept in the test's
+directory when it fails (``failure.png``). SIGTERM to the server is
+``test_jupyterlab.py::test_sigterm_to_jupyter_server_closes_its_clusters``.
 """
 
 from __future__ import annotations
@@ -14,18 +16,23 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from dask.system import CPU_COUNT
+from dask.utils import parse_bytes
+from distributed.system import MEMORY_LIMIT
 from selenium import webdriver
 from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from test_jupyterlab import JupyterServer, local_factory
+from test_vmrunner import zombie_children
+
+from dask_secure_cloud.providers.local import machine_share
 
 from conftest import vm_processes
 
@@ -50,8 +57,8 @@ CHROMIUM_FLAGS = [
     "--window-size=1400,900",
 ]
 
-#: Workers the cluster is scaled to from its card (this machine's cores are shared).
-WORKERS = 1
+#: Workers the cluster is scaled to from its card, as issue 25 did.
+WORKERS = 3
 
 NOTEBOOK = {
     "cells": [],
@@ -125,8 +132,24 @@ def _outputs(driver: Any) -> list[str]:
     return [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output")]
 
 
-def test_sidebar_new_inject_compute_sigterm(tmp_path, vm_dir, browser, request):
+def _card(driver: Any) -> Any:
+    return _one(driver, ".dask-ClusterListingItem")
+
+
+def _card_stat(driver: Any, label: str) -> str:
+    """The value of one of the card's lines, ``Number of Cores: 2`` for ``Number of
+    Cores``."""
+    for line in _card(driver).find_elements(By.CSS_SELECTOR, ".dask-ClusterListingItem-stats"):
+        name, _, value = line.text.partition(":")
+        if name.strip() == label:
+            return value.strip()
+    raise AssertionError(f"no {label!r} on the card: {_card(driver).text}")
+
+
+def test_sidebar_new_scale_inject_compute_pane_shutdown(tmp_path, vm_dir, browser):
     server = JupyterServer(tmp_path, local_factory(vm_dir), app="jupyterlab")
+    cluster_id = None
+    started = time.monotonic()
     try:
         server.request("PUT", "/api/contents/dask.ipynb", {"type": "notebook", "content": NOTEBOOK})
         browser.get(f"{server.url}/lab/tree/dask.ipynb?token={server.token}")
@@ -160,17 +183,16 @@ def test_sidebar_new_inject_compute_sigterm(tmp_path, vm_dir, browser, request):
             ),
         )
         new.click()
-        card = _until(
-            "a cluster card", lambda: _one(browser, ".dask-ClusterListingItem"), timeout=180
-        )
+        card = _until("a cluster card", lambda: _card(browser), timeout=180)
         (cluster_id,) = _until(
             "the cluster's VM directory", lambda: [p.name for p in vm_dir.iterdir()]
         )
         assert vm_processes(cluster_id)
         assert "tls://" in card.text
 
-        # The sidebar starts clusters with no worker: SCALE from the card.
-        _one(browser, ".dask-ClusterListingItem-scale").click()
+        # The sidebar starts clusters with no worker: SCALE from the card. Each worker
+        # gets its share of the machine, as if the cluster had started with them all.
+        _card(browser).find_element(By.CSS_SELECTOR, ".dask-ClusterListingItem-scale").click()
         workers = _until(
             "the scaling dialog", lambda: _one(browser, ".jp-Dialog .dask-ScalingInput")
         )
@@ -179,14 +201,19 @@ def test_sidebar_new_inject_compute_sigterm(tmp_path, vm_dir, browser, request):
         _one(browser, ".jp-Dialog .jp-Dialog-button.jp-mod-accept").click()
         _until(
             f"{WORKERS} workers on the card",
-            lambda: (
-                f"Number of Workers: {WORKERS}" in _one(browser, ".dask-ClusterListingItem").text
-            ),
+            lambda: _card_stat(browser, "Number of Workers") == str(WORKERS),
             timeout=180,
         )
+        share = machine_share({}, WORKERS)
+        cores = int(_card_stat(browser, "Number of Cores"))
+        memory = parse_bytes(_card_stat(browser, "Memory").replace(" ", ""))
+        # One thread at least per worker, as LocalCluster: no more cores than the
+        # machine's, unless it has fewer cores than workers.
+        assert cores == WORKERS * share["nthreads"] <= max(CPU_COUNT, WORKERS), card.text
+        assert memory <= MEMORY_LIMIT * 1.01, card.text  # as the card rounds it
 
         # Its "inject client code" button writes Client("tls://...") into the notebook.
-        _one(browser, ".dask-ClusterListingItem-code").click()
+        _card(browser).find_element(By.CSS_SELECTOR, ".dask-ClusterListingItem-code").click()
         _until(
             "the injected code",
             lambda: any(
@@ -232,12 +259,20 @@ def test_sidebar_new_inject_compute_sigterm(tmp_path, vm_dir, browser, request):
         time.sleep(2)  # let the plot draw before the picture
         _screenshot(browser, tmp_path, "jupyterlab-task-stream.png")
 
+        # SHUTDOWN from the card: the card goes, and every VM with it.
+        _card(browser).find_element(By.CSS_SELECTOR, ".dask-ClusterListingItem-stop").click()
         sent = time.monotonic()
-        server.stop(signal.SIGTERM)
+        _until("the card to go", lambda: not _card(browser), timeout=60)
         while vm_processes(cluster_id):
             assert time.monotonic() - sent < 60, server.log.read_text()
             time.sleep(0.2)
-        print(f"SIGTERM to no VM left: {time.monotonic() - sent:.1f}s")
+        print(f"SHUTDOWN to no VM left: {time.monotonic() - sent:.1f}s")
+        # No VM's boot shell is left <defunct> under the Jupyter server either.
+        _until(
+            "no zombie under the Jupyter server",
+            lambda: not zombie_children(server.process.pid),
+            timeout=5,
+        )
     except BaseException:
         with contextlib.suppress(WebDriverException):
             browser.save_screenshot(str(tmp_path / "failure.png"))
@@ -245,7 +280,7 @@ def test_sidebar_new_inject_compute_sigterm(tmp_path, vm_dir, browser, request):
         raise
     finally:
         server.close()
-    assert f"Closed cluster {cluster_id}" in server.log.read_text()
+    print(f"the whole test: {time.monotonic() - started:.1f}s")
     events = [json.loads(line) for line in server.audit_log.read_text().splitlines()]
     issued = [e for e in events if e["event"] == "local_client_certificate"]
     assert issued and issued[0]["name"].startswith("kernel-"), issued

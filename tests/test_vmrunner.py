@@ -2,6 +2,8 @@ import os
 import stat
 import sys
 import time
+from collections.abc import Collection
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +110,58 @@ def test_refuses_what_it_cannot_do_faithfully(tmp_path, text, match):
     with pytest.raises((UnsupportedUserData, ValueError), match=match):
         _boot(tmp_path, text)
     assert not (tmp_path / "c" / "vm").exists()
+
+
+def zombie_children(pid: int | str = "self") -> list[int]:
+    """The children of process ``pid`` (this one by default) that ended and were never
+    waited for (``<defunct>``)."""
+    children = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children |= {int(pid) for pid in (task / "children").read_text().split()}
+        except OSError:  # the thread ended meanwhile
+            continue
+    found = []
+    for child in sorted(children):
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state == "Z":
+            found.append(child)
+    return found
+
+
+def no_zombie_children(timeout: float = 5.0, besides: Collection[int] = ()) -> bool:
+    """True once no child of this process is a zombie, but those in ``besides`` (what
+    earlier tests in this process may have left): a shell that ends is reaped at once,
+    so one left after ``timeout`` was never going to be."""
+    deadline = time.monotonic() + timeout
+    while set(zombie_children()) - set(besides):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_runcmd_shell_is_reaped_when_it_ends(tmp_path):
+    """runcmd's shell ends once it has put the VM's processes in the background, as the
+    boot script does; it must not stay ``<defunct>`` under the process that booted it."""
+    before = zombie_children()
+    vms = [
+        _boot(tmp_path, "#cloud-config\nruncmd:\n- sleep 300 &\n- sleep 0.3\n", name=f"vm{i}")
+        for i in range(3)
+    ]
+    try:
+        for vm in vms:
+            shell = vm.pgid
+            deadline = time.monotonic() + 5
+            while Path(f"/proc/{shell}").exists() and shell not in zombie_children():
+                assert time.monotonic() < deadline, "runcmd's shell did not end"
+                time.sleep(0.02)
+            assert vm.is_running()  # its sleep goes on, in the VM's process group
+        assert no_zombie_children(besides=before), zombie_children()
+    finally:
+        for vm in vms:
+            vm.stop()
+    assert no_zombie_children(besides=before), zombie_children()

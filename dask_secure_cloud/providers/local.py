@@ -21,19 +21,23 @@ import random
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from dask.system import CPU_COUNT
+from distributed.system import MEMORY_LIMIT
+
 from .. import audit
-from ..cloudinit import LIMITS
+from ..cloudinit import LIMITS, BootPlan
 from ..cluster import VMCluster
 from ..credentials import Role
 from ..driver import VM, ClusterSummary, Driver, VMRequest, summarize
 from ..options import ClusterOptions, LocalOptions
+from ..plan import BootPlanner
 from ..vmrunner import LocalVM, boot, find_vms
 
-__all__ = ["LocalDriver", "LocalVMCluster", "loopback_subnet"]
+__all__ = ["LocalDriver", "LocalVMCluster", "loopback_subnet", "machine_share"]
 
 
 def _bindable(host: str, port: int) -> bool:
@@ -183,15 +187,23 @@ class LocalDriver(Driver):
         return await asyncio.to_thread(local.console_output) if local else ""
 
     async def clusters(self) -> list[ClusterSummary]:
-        def scan() -> list[tuple[str, datetime.datetime | None, str | None]]:
+        """Every VM directory, with its state: a VM whose processes ended keeps its
+        directory (and its key) until it is deleted, so it is listed, as
+        ``"terminated"``: it costs nothing."""
+
+        def scan() -> list[tuple[str, datetime.datetime | None, str | None, str]]:
             found = []
             for vm in find_vms(self.directory):
                 try:
                     stamp = os.stat(vm.directory).st_mtime
                 except OSError:
                     continue
+                try:
+                    state = "running" if vm.is_running() else "terminated"
+                except OSError:  # /proc could not be read: nothing learnt
+                    state = "unknown"
                 created = datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc)
-                found.append((vm.cluster_id, created, audit.creator()))
+                found.append((vm.cluster_id, created, audit.creator(), state))
             return found
 
         return summarize(await asyncio.to_thread(scan))
@@ -199,6 +211,59 @@ class LocalDriver(Driver):
     async def release(self, cluster_id: str) -> None:
         with contextlib.suppress(OSError):
             (self.directory / cluster_id).rmdir()
+
+
+def machine_share(
+    worker_options: Mapping[str, Any],
+    workers: int,
+    *,
+    cores: int | None = None,
+    memory: int | None = None,
+) -> dict[str, int]:
+    """Each worker process's share of this machine when ``workers`` worker VMs share it:
+    the ``nthreads`` and ``memory_limit`` that ``worker_options`` leave unset.
+
+    Left to Dask, every worker takes all cores and all memory, as if it had a VM of its
+    own: three of them claimed 6 cores and 70 GiB of a 2-core, 24 GiB machine. Cores are
+    split as ``LocalCluster`` splits them (at least one thread each), memory evenly, by
+    the processes of every VM (``nworkers`` per VM). An ``nworkers`` that is not a
+    number ("auto") leaves both to Dask, which sizes its own processes.
+    """
+    cores = CPU_COUNT if cores is None else cores
+    memory = MEMORY_LIMIT if memory is None else memory
+    given = {key.replace("-", "_") for key in worker_options}
+    per_vm = worker_options.get("nworkers", 1)
+    if isinstance(per_vm, bool) or not isinstance(per_vm, int) or per_vm < 1:
+        return {}
+    processes = max(1, workers) * per_vm
+    share = {}
+    if "nthreads" not in given:
+        share["nthreads"] = max(1, cores // processes)
+    if "memory_limit" not in given:
+        share["memory_limit"] = max(1, memory // processes)
+    return share
+
+
+class _SharingPlanner(BootPlanner):
+    """Tells each worker VM, as it is made, its share of the machine at the cluster's
+    size at that moment: a cluster started with no worker (the JupyterLab sidebar's) and
+    scaled to three splits the machine as one started with three."""
+
+    def __init__(self, *args: Any, workers: Callable[[], int], **kwargs: Any) -> None:
+        self._workers = workers
+        super().__init__(*args, **kwargs)
+
+    def plan(self, role: Role, name: str, scheduler_address: str | None) -> BootPlan:
+        plan = super().plan(role, name, scheduler_address)
+        if role is not Role.WORKER:
+            return plan
+        share = machine_share(self.options.worker_options, self._workers())
+        flags = [word for key, value in share.items() for word in (_flag(key), str(value))]
+        return dataclasses.replace(plan, command=(*plan.command, *flags))
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def default_directory() -> Path:
@@ -216,7 +281,9 @@ class LocalVMCluster(VMCluster):
     """A secure Dask cluster of local "VMs", booted exactly as cloud VMs are.
 
     By default the VMs run the client's own Python (``runtime="native"``) rather than a
-    container, and split this machine's cores between the workers.
+    container, and split this machine's cores and memory between the workers: each
+    worker VM gets its share of the cluster's size when it is made (``scale`` included),
+    unless ``worker_options`` set ``nthreads`` or ``memory_limit``.
 
     Examples
     --------
@@ -238,6 +305,22 @@ class LocalVMCluster(VMCluster):
         # (a Jupyter kernel, an IDE) is not on PATH, and its packages are the ones wanted.
         return sys.executable
 
+    def make_planner(self, options: Any) -> BootPlanner:
+        return _SharingPlanner(
+            options,
+            self.cluster_id,
+            self.driver,
+            native_python=self.native_python(options),
+            workers=self._requested_workers,
+        )
+
+    def _requested_workers(self) -> int:
+        """The cluster's size as asked for now: ``scale(n)`` (the sidebar's, adaptive's)
+        writes ``worker_spec`` before it makes the new workers; before the start, the
+        ``n_workers`` option."""
+        spec = getattr(self, "worker_spec", None)
+        return len(spec) if spec is not None else self.options.n_workers
+
     @classmethod
     def setup(
         cls, options: LocalOptions, driver: Driver | None = None, **extra: Any
@@ -247,10 +330,6 @@ class LocalVMCluster(VMCluster):
         if subnet is None:
             # One shared address: the scheduler's ports must be free ones.
             changes.update(scheduler_port=_free_port(), dashboard_port=_free_port())
-        if options.n_workers > 0 and "nthreads" not in options.worker_options:
-            # The "VMs" share this machine's cores: split them, as LocalCluster does.
-            nthreads = max(1, (os.cpu_count() or 1) // options.n_workers)
-            changes["worker_options"] = {**options.worker_options, "nthreads": nthreads}
         options = dataclasses.replace(options, **changes)
         directory = options.directory or default_directory()
         return options, driver or LocalDriver(directory, subnet)
