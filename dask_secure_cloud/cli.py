@@ -205,30 +205,58 @@ _OPTION_OPTION = click.option(
 # -- list --------------------------------------------------------------------------------
 
 
+def _client(summary: Any) -> str:
+    """``alive (pid 4242)``, ``gone`` or ``unknown``: see ``liveness.py``."""
+    from .liveness import Client, client_of
+
+    state, pid = client_of(summary)
+    return f"alive (pid {pid})" if state is Client.ALIVE and pid else state.value
+
+
+def _counted(counts: Any) -> str:
+    """``2 running VM, 1 disk``; ``-`` when there is nothing."""
+    return ", ".join(f"{n} {what}" for what, n in counts.items()) or "-"
+
+
+def _other(summary: Any) -> str:
+    """The non-VM resources: ``3 (2 firewall, 1 network)`` where the kinds are known."""
+    if not summary.resources:
+        return str(summary.other)
+    return f"{summary.other} ({_counted(dict(sorted(summary.resources.items())))})"
+
+
 @main.command(name="list")
 @_PROVIDER_OPTION
 @_OPTION_OPTION
 def list_clusters(providers: Sequence[str], pairs: Sequence[str]) -> None:
-    """Clusters that exist now, found by their tags: provider, id, age, VMs, other
-    resources (firewalls, networks, disks) and creator. A cluster whose start was killed
-    before its first VM shows 0 VMs and what it had made."""
+    """Clusters that exist now, found by their tags: provider, id, age, whether its
+    client is alive (gone: `cleanup --expired` ends it), its VMs, its other resources
+    (firewalls, networks, disks, addresses), what of all that bills, and its creator.
+
+    A cluster whose start was killed before its first VM shows 0 VMs and what it had
+    made. A VM powered off may still bill (a stopped Azure VM, a TERMINATED Compute
+    Engine instance's disk, a droplet that is off): BILLS says so.
+    """
 
     async def run() -> None:
         found = await _found(providers or sorted(CLUSTER_CLASSES), _options(pairs))
         try:
-            rows = [("PROVIDER", "CLUSTER", "AGE", "VMS", "OTHER", "CREATOR")]
+            header = ("PROVIDER", "CLUSTER", "AGE", "CLIENT", "VMS", "OTHER", "BILLS", "CREATOR")
+            rows = [header]
             for provider, summary, _ in found:
                 rows.append(
                     (
                         provider,
                         summary.cluster_id,
                         _age(summary.created),
+                        _client(summary),
                         str(summary.vms),
-                        str(summary.other),
+                        _other(summary),
+                        _counted(summary.billing()),
                         summary.creator or "?",
                     )
                 )
-            widths = [max(len(r[i]) for r in rows) for i in range(6)]
+            widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
             for row in rows:
                 click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         finally:
@@ -249,25 +277,34 @@ def list_clusters(providers: Sequence[str], pairs: Sequence[str]) -> None:
     metavar="DURATION",
     help="Every cluster older than this, e.g. 12h (instead of naming clusters).",
 )
+@click.option(
+    "--expired",
+    is_flag=True,
+    help="Every cluster of yours, made on this machine, whose client process is gone "
+    "(CLIENT gone in `list`): nothing renews its lease or will close it.",
+)
 @click.option("--yes", is_flag=True, help="Delete without asking.")
 @_PROVIDER_OPTION
 @_OPTION_OPTION
 def cleanup(
     cluster_ids: Sequence[str],
     older_than: str | None,
+    expired: bool,
     yes: bool,
     providers: Sequence[str],
     pairs: Sequence[str],
 ) -> None:
-    """Delete every resource of the named clusters, or of all clusters older than an age.
+    """Delete every resource of the named clusters, of all clusters older than an age,
+    or of every cluster of yours whose client is gone (--expired).
 
     Shows what it will delete and asks first, unless --yes.
     """
     from .cluster import ResourcesLeftError, delete_cluster
     from .driver import CloudError
+    from .liveness import Client, client_of, drop
 
-    if bool(cluster_ids) == bool(older_than):
-        raise click.UsageError("name cluster ids, or give --older-than, not both")
+    if sum((bool(cluster_ids), bool(older_than), expired)) != 1:
+        raise click.UsageError("name cluster ids, or give --older-than or --expired: one of them")
     cutoff = None
     if older_than:
         try:
@@ -279,6 +316,8 @@ def cleanup(
     def chosen(summary: Any) -> bool:
         if cluster_ids:
             return summary.cluster_id in cluster_ids
+        if expired:
+            return client_of(summary)[0] is Client.GONE
         created = summary.created
         if created is not None and created.tzinfo is None:
             created = created.replace(tzinfo=datetime.timezone.utc)
@@ -300,7 +339,8 @@ def cleanup(
                 click.echo(
                     f"  {provider}  {summary.cluster_id}  {summary.vms} VM(s) and "
                     f"{summary.other} other resource(s), age {_age(summary.created)}, "
-                    f"creator {summary.creator or '?'}"
+                    f"client {_client(summary)}, creator {summary.creator or '?'}; "
+                    f"bills: {_counted(summary.billing())}"
                 )
             if not yes and not click.confirm("Delete them?", default=False):
                 click.echo("Nothing deleted.")
@@ -315,6 +355,7 @@ def cleanup(
                         "cleanup", summary.cluster_id, provider=provider, ok=False, error=str(e)
                     )
                     continue
+                drop(summary.cluster_id)
                 click.echo(f"{summary.cluster_id}: deleted {len(deleted)} VM(s) and its network")
                 await audit.record_async(
                     "cleanup", summary.cluster_id, provider=provider, ok=True, vms_deleted=deleted

@@ -33,7 +33,7 @@ from distributed.deploy.spec import ProcessInterface, SpecCluster
 from distributed.security import Security
 from tornado.ioloop import PeriodicCallback
 
-from . import audit, images, loader, names, owned
+from . import audit, images, liveness, loader, names, owned
 from .cloudinit import DockerRuntime
 from .credentials import Role
 from .dashboard import DashboardProxy
@@ -77,7 +77,9 @@ def preview(cls: type[VMCluster], **options: Any) -> Preview:
     ``cls(**options)`` would, then stop before any VM, thread or event loop starts."""
     name = options.pop("name", None)
     extra = {k: options.pop(k) for k in list(options) if k in cls.extra_keywords}
-    resolved, driver = cls.setup(resolve(cls.Options, options, owner=cls.__name__), **extra)
+    resolved, driver = cls.setup(
+        resolve(cls.Options, _explicit_none(options), owner=cls.__name__), **extra
+    )
     cluster_id = names.check_cluster_id(name) if name else "dsc-preview"
     planner = BootPlanner(resolved, cluster_id, driver, native_python=cls.native_python(resolved))
     user_data = {
@@ -85,6 +87,14 @@ def preview(cls: type[VMCluster], **options: Any) -> Preview:
         for role in (Role.SCHEDULER, Role.WORKER)
     }
     return Preview(cls.Options.provider or cls.provider, cluster_id, driver, user_data)
+
+
+def _explicit_none(options: dict[str, Any]) -> dict[str, Any]:
+    """``idle_timeout=None`` given as a keyword means "never", as in Dask; to
+    :func:`resolve` a ``None`` means "not given" (then the config or the default)."""
+    if "idle_timeout" in options and options["idle_timeout"] is None:
+        return {**options, "idle_timeout": False}
+    return options
 
 
 class _VM(ProcessInterface):
@@ -256,6 +266,13 @@ class VMCluster(SpecCluster):
         """The VMs' interpreter for ``runtime="native"`` when ``python`` is not set."""
         return "python3"
 
+    def make_planner(self, options: Any) -> BootPlanner:
+        """What this cluster's VMs are told at boot. ``LocalVMCluster`` overrides it: its
+        workers share one machine, so each one's size depends on the cluster's."""
+        return BootPlanner(
+            options, self.cluster_id, self.driver, native_python=self.native_python(options)
+        )
+
     def __init__(
         self,
         driver: Driver | None = None,
@@ -266,7 +283,7 @@ class VMCluster(SpecCluster):
         **options: Any,
     ) -> None:
         extra = {k: options.pop(k) for k in list(options) if k in self.extra_keywords}
-        resolved = resolve(self.Options, options, owner=type(self).__name__)
+        resolved = resolve(self.Options, _explicit_none(options), owner=type(self).__name__)
         self.cluster_id = names.check_cluster_id(name) if name else f"dsc-{uuid.uuid4().hex[:10]}"
         resolved, self.driver = self.setup(resolved, driver, **extra)
         self.options = resolved
@@ -285,9 +302,7 @@ class VMCluster(SpecCluster):
             offline_image=resolved.offline_image,
             creator=audit.creator(),
         )
-        self.planner = BootPlanner(
-            resolved, self.cluster_id, self.driver, native_python=self.native_python(resolved)
-        )
+        self.planner = self.make_planner(resolved)
         self.protocol = self.planner.protocol
         self._credentials = self.planner.credentials
         self._given_security = self.planner.given_security
@@ -336,6 +351,12 @@ class VMCluster(SpecCluster):
         )
         # Owned until its close confirms nothing is left; at exit, closed (owned.py).
         owned.register(self)
+        # Whether this client is alive, for `dask secure-cloud list` (liveness.py).
+        liveness.claim(self.cluster_id, self.provider)
+        #: The idle period the scheduler last reported (its ``idle_since``), and when this
+        #: client first saw it (monotonic): see _check_idle.
+        self._idle_seen: tuple[float, float] | None = None
+        self._leftover_check: asyncio.Task[None] | None = None
         workers = {
             f"worker-{i}": {"cls": WorkerVM, "options": {"cluster": self}}
             for i in range(resolved.n_workers)
@@ -419,8 +440,10 @@ class VMCluster(SpecCluster):
             vm = getattr(self.workers.get(name), "vm", None)
             if vm is None:
                 lines.append(f"{name}: its Dask worker left and its VM was deleted")
+            elif self.fleet.state(vm) == "stopped":
+                lines.append(f"{name}: VM stopped (it still bills), its Dask worker is gone")
             elif self.fleet.state(vm) == "terminated":
-                lines.append(f"{name}: VM stopped, its Dask worker is gone")
+                lines.append(f"{name}: VM terminated, its Dask worker is gone")
             else:
                 lines.append(f"{name}: VM running, its Dask worker is gone")
         return lines
@@ -465,6 +488,10 @@ class VMCluster(SpecCluster):
             self.periodic_callbacks["certificate-renewal"] = PeriodicCallback(
                 self._renewal.tick, interval.total_seconds() * 1000
             )
+        if self.options.idle_timeout is not None:
+            self.periodic_callbacks["secure-cloud-idle"] = PeriodicCallback(
+                self._check_idle, idle_poll_interval(self.options.idle_timeout) * 1000
+            )
 
     async def _start(self) -> None:
         self._add_upkeep()
@@ -479,12 +506,32 @@ class VMCluster(SpecCluster):
                 await self._dashboard.start()
                 # This user's other processes may connect by address (loader.py).
                 loader.offer(self)
+            elif self.options.security is False and (port := self._plain_dashboard_port()):
+                # Plain HTTP at the scheduler's address, which jupyter-server-proxy (the
+                # JupyterLab panes) refuses: relay it on 127.0.0.1 (dashboard.py).
+                self._dashboard = DashboardProxy.plain(
+                    get_address_host(self.scheduler_address), port
+                )
+                await self._dashboard.start()
+            # Warn of this user's clusters on this cloud whose client is gone: after the
+            # start, so it can neither fail nor interleave with it, and waited for a few
+            # seconds at most (one listing), so that it is done, its cloud calls with it,
+            # when the caller gets the cluster; a slower cloud finishes in the background.
+            self._leftover_check = asyncio.ensure_future(
+                liveness.warn_leftovers(self.driver, self.provider, self.cluster_id)
+            )
+            await asyncio.wait({self._leftover_check}, timeout=liveness.LEFTOVER_WAIT)
         except RuntimeError as e:
             message = str(e)
             if self._cleanup_error is not None:
                 message += f"; and cleanup could not be confirmed: {self._cleanup_error}"
             await audit.record_async("start_failed", self.cluster_id, error=message)
-            raise ClusterStartError(message) from e.__cause__
+            cause = e.__cause__
+            # The fleet wraps a step's failure in a ClusterStartError naming the step:
+            # the user's error is caused by what failed (a NoRouteOutError, say).
+            while isinstance(cause, ClusterStartError) and cause.__cause__ is not None:
+                cause = cause.__cause__
+            raise ClusterStartError(message) from cause
         except BaseException:
             await asyncio.shield(self._abort())
             raise
@@ -522,6 +569,11 @@ class VMCluster(SpecCluster):
         """
         failed_start = self.status == Status.failed
         loader.withdraw(self.cluster_id)
+        check = getattr(self, "_leftover_check", None)
+        if check is not None and not check.done():
+            check.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await check
         if self._worker_enrollment is not None:
             await self._worker_enrollment.close()
         if self._dashboard is not None:
@@ -544,6 +596,7 @@ class VMCluster(SpecCluster):
             logger.error("Cluster %s: cleanup after the failed start: %s", self.cluster_id, e)
         else:
             owned.release(self.cluster_id)
+            liveness.drop(self.cluster_id)
 
     async def _close_gracefully(self) -> None:
         if self.status == Status.running and not await self._scheduler_reachable():
@@ -631,6 +684,49 @@ class VMCluster(SpecCluster):
                 "Cluster %s: could not renew the scheduler's lease: %s", self.cluster_id, e
             )
 
+    async def _check_idle(self) -> None:
+        """Close the cluster, deleting every VM, once its scheduler has been idle for
+        ``idle_timeout``: the lease keeps a live but forgotten client's cluster running.
+
+        Idleness is Dask's own (the scheduler's ``check_idle``: no task processing,
+        queued or unrunnable). It is timed on this client's clock from when this client
+        first saw the idle period, so a VM's clock skew cannot end a cluster early; the
+        cluster ends within one poll after ``idle_timeout``. A scheduler unreachable after
+        that long idle (it ended itself: plan.SCHEDULER_IDLE_GRACE) is closed too."""
+        timeout = self.options.idle_timeout
+        if timeout is None or self.status != Status.running or self.scheduler_comm is None:
+            return
+        now = time.monotonic()
+        try:
+            idle_since = await self.scheduler_comm.check_idle()
+        except OSError:
+            if self._idle_seen is None:
+                return  # unreachable, and not known idle: the lease warns of it
+        else:
+            if idle_since is None:
+                self._idle_seen = None
+                return
+            if self._idle_seen is None or self._idle_seen[0] != idle_since:
+                self._idle_seen = (idle_since, now)
+        if self._idle_seen is None:
+            return
+        idle_for = now - self._idle_seen[1]
+        if idle_for < timeout.total_seconds() or self.status != Status.running:
+            return
+        message = (
+            f"Cluster {self.cluster_id}: idle for {_human(timeout)} (idle_timeout): closing "
+            "it and deleting its VMs"
+        )
+        logger.warning(message)
+        self._cluster_manager_logs.append((datetime.datetime.now(), message))
+        await audit.record_async(
+            "idle_timeout",
+            self.cluster_id,
+            idle_seconds=round(idle_for),
+            idle_timeout=timeout.total_seconds(),
+        )
+        await self._close()
+
     # -- certificates ---------------------------------------------------------------------
 
     def _check_expiry(self) -> None:
@@ -648,15 +744,23 @@ class VMCluster(SpecCluster):
             logger.warning(message)
             warnings.warn(message, stacklevel=2)
 
+    def _plain_dashboard_port(self) -> int | None:
+        """The port of the scheduler's plain-HTTP dashboard, if it serves one."""
+        port = self.scheduler_info.get("services", {}).get("dashboard")
+        return int(port) if port else None
+
     @property
     def dashboard_link(self) -> str:
-        """The scheduler's dashboard, on this machine: with the cluster's own CA a proxy
-        on ``127.0.0.1`` forwards it over mutual TLS (see ``dashboard.py``)."""
-        if self._credentials is None:
-            # A user's own Security: the dashboard is the scheduler VM's alone (its
-            # loopback); no link from here would answer.
-            return super().dashboard_link if self.options.security is False else ""
-        return self._dashboard.link if self._dashboard is not None else ""
+        """The scheduler's dashboard, on this machine: a proxy on ``127.0.0.1`` forwards
+        it, over mutual TLS with the cluster's own CA, as plain HTTP with
+        ``security=False`` (see ``dashboard.py``)."""
+        if self._dashboard is not None:
+            return self._dashboard.link
+        if self._credentials is None and self.options.security is False:
+            return super().dashboard_link
+        # A user's own Security: the dashboard is the scheduler VM's alone (its
+        # loopback); no link from here would answer.
+        return ""
 
     def portable_security(
         self, name: str, lifetime: datetime.timedelta | str | float | None = None
@@ -706,6 +810,9 @@ class VMCluster(SpecCluster):
             "location": self.driver.where() or "-",
             "vms": f"{scheduler + workers} ({scheduler} scheduler, {workers} workers)",
             "tls": "off" if self.protocol == "tcp" else "on",
+            "idle_timeout": (
+                "off" if self.options.idle_timeout is None else _human(self.options.idle_timeout)
+            ),
         }
         if getattr(self, "_workers_gone", None):
             summary["workers gone"] = "; ".join(self._workers_gone_report())
@@ -740,3 +847,18 @@ class VMCluster(SpecCluster):
             "certificate of its own; cluster.security holds this client's key and does "
             "not travel)."
         )
+
+
+def idle_poll_interval(idle_timeout: datetime.timedelta) -> float:
+    """Seconds between the client's polls of the scheduler's idleness: a tenth of the
+    timeout, at least half a second and at most a minute."""
+    return min(max(idle_timeout.total_seconds() / 10, 0.5), 60.0)
+
+
+def _human(delta: datetime.timedelta) -> str:
+    """``1h``, ``20m``, ``1h 30m``, ``5s``: a duration as the options write it."""
+    seconds = round(delta.total_seconds())
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [f"{n}{unit}" for n, unit in ((hours, "h"), (minutes, "m"), (seconds, "s")) if n]
+    return " ".join(parts) or "0s"

@@ -13,7 +13,7 @@ import datetime
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from .cloudinit import UserDataLimit
 from .credentials import Role
@@ -104,9 +104,18 @@ class InterruptionNotice:
     token_url: str | None = None
 
 
+#: VM state words (see :meth:`Driver.state`) that bill: powered off is not gone.
+#: ``"unknown"`` counts, since a VM whose state was not learnt may well be running.
+BILLING_STATES = frozenset({"running", "stopped", "unknown"})
+#: Kinds of a cluster's other resources that bill while they exist. Firewalls,
+#: security groups, networks and network interfaces cost nothing by themselves.
+BILLING_KINDS = frozenset({"disk", "address"})
+
+
 @dataclass(frozen=True)
 class ClusterSummary:
-    """A cluster found by its tags, for ``dask secure-cloud list``."""
+    """A cluster found by its tags, for ``dask secure-cloud list``: what exists, and
+    what of it bills."""
 
     cluster_id: str
     vms: int
@@ -115,25 +124,53 @@ class ClusterSummary:
     #: Other resources still tagged with the cluster (firewalls, networks, addresses,
     #: disks): after a start killed before its first VM, they are all that is left.
     other: int = 0
+    #: Its VMs by state word (:meth:`Driver.state`'s words) where the listing tells; a
+    #: VM the listing says nothing of counts as ``"unknown"``.
+    vm_states: Mapping[str, int] = field(default_factory=dict)
+    #: Its other resources by kind (``"disk"``, ``"address"``, ``"firewall"``,
+    #: ``"network"``, ``"interface"``), where the listing tells; ``other`` counts all.
+    resources: Mapping[str, int] = field(default_factory=dict)
+
+    def billing(self) -> dict[str, int]:
+        """What of the cluster bills now, by what it is (``"running VM"``, ``"stopped
+        VM"``, ``"disk"``, ...): VMs in a :data:`BILLING_STATES` word, and resources of a
+        :data:`BILLING_KINDS` kind. Empty when nothing bills."""
+        states = dict(self.vm_states)
+        untold = self.vms - sum(states.values())
+        if untold > 0:
+            states["unknown"] = states.get("unknown", 0) + untold
+        found = {f"{state} VM": n for state, n in sorted(states.items()) if state in BILLING_STATES}
+        found |= {kind: n for kind, n in sorted(self.resources.items()) if kind in BILLING_KINDS}
+        return {what: n for what, n in found.items() if n > 0}
 
 
 def summarize(
-    found: Iterable[tuple[str, datetime.datetime | None, str | None]],
-    others: Iterable[str] = (),
+    found: Iterable[tuple[Any, ...]],
+    others: Iterable[str | tuple[str, str]] = (),
 ) -> list[ClusterSummary]:
-    """Group ``(cluster id, VM creation time, creator)`` per cluster (its oldest VM dates
-    it) and count the cluster ids of its other tagged resources."""
-    groups: dict[str, list[tuple[datetime.datetime | None, str | None]]] = {}
-    for cluster_id, created, creator in found:
-        groups.setdefault(cluster_id, []).append((created, creator))
+    """Group each VM's ``(cluster id, creation time, creator[, state word])`` per
+    cluster (its oldest VM dates it), and count its other tagged resources, each given
+    as a cluster id or as ``(cluster id, kind)`` (:attr:`ClusterSummary.resources`)."""
+    groups: dict[str, list[tuple[datetime.datetime | None, str | None, str | None]]] = {}
+    for cluster_id, created, creator, *state in found:
+        groups.setdefault(cluster_id, []).append((created, creator, state[0] if state else None))
     counts: dict[str, int] = {}
-    for cluster_id in others:
+    kinds: dict[str, dict[str, int]] = {}
+    for other in others:
+        cluster_id, kind = (other, None) if isinstance(other, str) else other
         counts[cluster_id] = counts.get(cluster_id, 0) + 1
+        if kind is not None:
+            by_kind = kinds.setdefault(cluster_id, {})
+            by_kind[kind] = by_kind.get(kind, 0) + 1
         groups.setdefault(cluster_id, [])
     summaries = []
     for cluster_id, vms in sorted(groups.items()):
-        times = [t for t, _ in vms if t is not None]
-        creators = [c for _, c in vms if c]
+        times = [t for t, _, _ in vms if t is not None]
+        creators = [c for _, c, _ in vms if c]
+        states: dict[str, int] = {}
+        for _, _, state in vms:
+            if state is not None:
+                states[state] = states.get(state, 0) + 1
         summaries.append(
             ClusterSummary(
                 cluster_id,
@@ -141,6 +178,8 @@ def summarize(
                 min(times) if times else None,
                 creators[0] if creators else None,
                 counts.get(cluster_id, 0),
+                states,
+                kinds.get(cluster_id, {}),
             )
         )
     return summaries
@@ -235,17 +274,24 @@ class Driver(abc.ABC):
         watcher polls while VMs boot. A VM missing from it, once listed, has ended.
 
         The default calls every listed VM running; a driver whose listing tells a VM that
-        powered itself off (stopped, shutting down) reports it as ``"terminated"``."""
+        powered itself off reports it in the words of :meth:`state`: ``"stopped"`` where
+        the cloud keeps (and bills) it, ``"terminated"`` where it ended."""
         return {vm.id: "running" for vm in await self.list(cluster_id)}
 
     async def state(self, vm: VM) -> str:
-        """What the cloud says of ``vm`` now, in one of three words.
+        """What the cloud says of ``vm`` now, in one of four words.
 
-        ``"running"``: it exists and has not ended. ``"terminated"``: the cloud says it
-        ended or stopped by itself, or that it is gone (a :class:`NotFoundError`
+        ``"running"``: it exists and has not ended. ``"stopped"``: it ended by itself (its
+        OS powered off) but the cloud keeps it, and bills for it: an Azure VM "Stopped"
+        (compute still billed) or deallocated, a Compute Engine instance TERMINATED (its
+        disk billed), a droplet "off" (billed in full). Powered off is not gone: the
+        caller treats it as ended for boot failures and deletes it as any VM it owns.
+        ``"terminated"``: the cloud says it ended and keeps nothing that bills (an EC2
+        instance terminated on shutdown), or that it is gone (a :class:`NotFoundError`
         answer). ``"unknown"``: anything else, above all a poll that failed (throttled,
         a network error, a 5xx): a failed poll says nothing about the VM and is never
-        ``"terminated"``. The caller polls again, so a poll is not retried at length."""
+        ``"terminated"`` nor ``"stopped"``. The caller polls again, so a poll is not
+        retried at length."""
         return "unknown"
 
     async def console_output(self, vm: VM) -> str:

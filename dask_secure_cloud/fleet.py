@@ -7,7 +7,8 @@ for the whole cluster, and the sweep that ends every start and every close.
 The watcher lists the cluster's VMs once every ``driver.watch_interval`` seconds while any VM
 is booting, however many there are: 200 booting workers cost one listing per interval,
 not 200 state calls a second. A VM that the listing showed and no longer shows, or that
-it reports ended, has terminated (it powered itself off: a failed boot). A listing that
+it reports ended (``"terminated"``, or ``"stopped"``: powered off but still kept, and
+billed, by its cloud), has ended by itself: a failed boot. A listing that
 fails or is throttled teaches nothing, and a VM never listed yet is not presumed gone
 (clouds list new VMs with a delay).
 """
@@ -32,10 +33,13 @@ from .enrollment import EnrollmentRefused, ask_directly
 from .errors import ClusterStartError, ResourcesLeftError, VMBootError
 from .plan import BootPlanner
 
-__all__ = ["Fleet", "delete_cluster"]
+__all__ = ["ENDED", "Fleet", "delete_cluster"]
 
 logger = logging.getLogger(__name__)
 
+#: The states (``Driver.state``'s words) of a VM that ended by itself: gone, or powered
+#: off and still kept (and billed) by its cloud, which the sweep deletes all the same.
+ENDED = frozenset({"terminated", "stopped"})
 #: The pause between attempts to reach a booting scheduler. An attempt that finds
 #: nothing listening costs a refused connection, so they can be frequent: the cluster
 #: is ready as soon as the scheduler listens, not a retry pause later.
@@ -231,8 +235,8 @@ class Fleet:
             await asyncio.sleep(self.watch_interval)
 
     def state(self, vm: VM) -> str:
-        """What the watcher last learnt of ``vm``: ``"running"``, ``"terminated"`` or
-        ``"unknown"``."""
+        """What the watcher last learnt of ``vm``: ``"running"``, ``"stopped"``,
+        ``"terminated"`` or ``"unknown"`` (see ``Driver.state``)."""
         return self._states.get(vm.id, "unknown")
 
     async def renewed(self, name: str, cert_pem: str) -> None:
@@ -284,10 +288,10 @@ class Fleet:
                 elif await answers(address, connection_args):
                     return
                 state = self.state(vm)
-                if state == "terminated" or time.monotonic() > deadline:
+                if state in ENDED or time.monotonic() > deadline:
                     why = (
                         "stopped"
-                        if state == "terminated"
+                        if state in ENDED
                         else f"was not reachable at {address} within "
                         f"{self.boot_timeout:.0f}s (boot_timeout)"
                     )
@@ -308,7 +312,7 @@ class Fleet:
             while time.monotonic() < deadline:
                 if joined():
                     return
-                if self.state(vm) == "terminated":
+                if self.state(vm) in ENDED:
                     break
                 await asyncio.sleep(1)
         if closing() or self.closing:

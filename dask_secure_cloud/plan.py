@@ -130,7 +130,10 @@ class BootPlanner:
                 *_idle_flags(options.idle_timeout),
                 *self._scheduler_flags,
             )
-            dashboard: int | None = options.dashboard_port
+            # With the cluster's own CA the dashboard is reached only through the
+            # scheduler's tunnel, which finds its port: any free one on the VM's loopback
+            # (local VMs share this machine's 127.0.0.1; a fixed port would collide).
+            dashboard: int | None = 0 if self.credentials is not None else options.dashboard_port
             # Dask's HTTP servers speak plain HTTP unless told otherwise, so with TLS they
             # listen on the VM's loopback only. With the cluster's own CA the dashboard
             # also takes client certificates only and is reached through the scheduler's

@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 
@@ -79,6 +80,14 @@ def _cli(*args: str, env: dict[str, str], stdin: str | None = None):
     )
 
 
+def _row(listing: str, cluster_id: str) -> dict[str, str]:
+    """``list``'s row of ``cluster_id``, by column: cells are two or more spaces apart."""
+    lines = listing.splitlines()
+    header = re.split(r"\s{2,}", lines[0].strip())
+    row = next(line for line in lines if cluster_id in line)
+    return dict(zip(header, re.split(r"\s{2,}", row.strip()), strict=True))
+
+
 def test_list_and_cleanup_a_local_cluster_whose_client_was_killed(tmp_path, audit_log):
     from conftest import vm_processes
 
@@ -92,9 +101,11 @@ def test_list_and_cleanup_a_local_cluster_whose_client_was_killed(tmp_path, audi
 
     listed = _cli("list", "--provider", "local", env=env)
     assert listed.returncode == 0, listed.stderr
-    row = next(line for line in listed.stdout.splitlines() if cluster_id in line)
-    assert row.split()[0] == "local" and row.split()[-3] == "2"  # scheduler + 1 worker
-    assert "@" in row.split()[-1]  # the creator
+    row = _row(listed.stdout, cluster_id)
+    assert row["PROVIDER"] == "local" and row["VMS"] == "2"  # scheduler + 1 worker
+    assert row["CLIENT"] == "gone"  # killed: nothing renews its lease
+    assert row["BILLS"] == "2 running VM"  # its processes run on, until the lease ends
+    assert "@" in row["CREATOR"]
 
     refused = _cli("cleanup", cluster_id, "--provider", "local", env=env, stdin="n\n")
     assert refused.returncode == 1 and "Nothing deleted" in refused.stdout
@@ -139,12 +150,16 @@ def test_list_and_cleanup_on_digitalocean_after_the_client_was_killed(tmp_path, 
 
         listed = _cli("list", "--provider", "digitalocean", env=env)
         assert listed.returncode == 0, listed.stderr
-        row = next(line for line in listed.stdout.splitlines() if cluster_id in line)
-        assert row.split()[0] == "digitalocean" and row.split()[-3] == "2"
-        assert int(row.split()[-2]) == 3  # its two firewalls and its VPC
+        row = _row(listed.stdout, cluster_id)
+        assert row["PROVIDER"] == "digitalocean" and row["VMS"] == "2"
+        assert row["OTHER"].split()[0] == "3"  # its two firewalls and its VPC
+        assert row["CLIENT"] == "gone" and row["BILLS"] == "2 running VM"
 
         refused = _cli("cleanup", cluster_id, "--provider", "digitalocean", env=env, stdin="n\n")
         assert refused.returncode == 1
+        expired = _cli("cleanup", "--expired", "--provider", "digitalocean", env=env, stdin="n\n")
+        assert expired.returncode == 1 and cluster_id in expired.stdout
+        assert "client gone" in expired.stdout and "bills: 2 running VM" in expired.stdout
         assert len(stand_in.droplets) == 2 and stand_in.firewalls and stand_in.vpcs
 
         done = _cli("cleanup", "--older-than", "1s", "--provider", "digitalocean", "--yes", env=env)

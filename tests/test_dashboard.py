@@ -118,8 +118,9 @@ def _own_security(tmp_path) -> Security:
 @pytest.mark.parametrize(
     ("security", "worker_dashboard", "scheduler", "worker"),
     [
-        pytest.param(True, False, "127.0.0.1:8787", "127.0.0.1:0", id="own-ca"),
-        pytest.param(True, True, "127.0.0.1:8787", "127.0.0.1:0", id="own-ca-worker-dashboard"),
+        # The cluster's own CA: reached through the scheduler's tunnel, on any free port.
+        pytest.param(True, False, "127.0.0.1:0", "127.0.0.1:0", id="own-ca"),
+        pytest.param(True, True, "127.0.0.1:0", "127.0.0.1:0", id="own-ca-worker-dashboard"),
         pytest.param("given", True, "127.0.0.1:8787", "127.0.0.1:0", id="users-security"),
         # security=False: plain tcp:// everywhere, on trusted networks only; the
         # dashboards that were asked for are served at the VM's address, as plain.

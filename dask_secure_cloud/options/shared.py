@@ -53,6 +53,15 @@ def check_requirements(value: Any, name: str) -> tuple[str, ...]:
     return items
 
 
+def _idle_timeout(value: Any, name: str) -> datetime.timedelta | None:
+    """A duration, or ``False`` for no idle timeout (``None`` means "not given" to
+    :func:`resolve`, so the cluster turns an explicit ``idle_timeout=None`` into
+    ``False``)."""
+    if value is False:
+        return None
+    return duration(value, name)
+
+
 @dataclasses.dataclass(frozen=True)
 class ClusterOptions:
     """The options every cluster class has, ``LocalVMCluster`` included."""
@@ -227,12 +236,13 @@ class ClusterOptions:
         client lives: the lease keeps a forgotten notebook's cluster alive, this ends it.
         A connected client and data held in memory are not activity. One hour outlasts a
         meeting or a lunch break, so a notebook user comes back to the data they
-        persisted; a forgotten cluster bills one idle hour, not a weekend. ``None``:
-        never.
+        persisted; a forgotten cluster bills one idle hour, not a weekend.
+        ``idle_timeout=None`` as a keyword, or ``false`` anywhere: never (a ``null`` in
+        the dask config means the default, as for every option).
         """,
-        types=("string", "number", "null"),
-        check=duration,
-        note="null: never; idle this long (no task), the cluster deletes its VMs",
+        types=("string", "number", "boolean", "null"),
+        check=_idle_timeout,
+        note="false: never; idle this long (no task), the cluster deletes its VMs",
     )
     ship_config: tuple[str, ...] = option(
         [

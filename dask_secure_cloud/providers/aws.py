@@ -53,8 +53,12 @@ logger = logging.getLogger(__name__)
 UBUNTU_OWNER = "099720109477"
 UBUNTU_NAME = "ubuntu/images/hvm-ssd*/ubuntu-noble-24.04-{arch}-server-*"
 _LIVE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]
-#: An instance in these states has ended, or is ending: its OS powered off.
-_ENDED_STATES = frozenset({"shutting-down", "terminated", "stopping", "stopped"})
+#: An instance in these states has ended, or is ending: its OS powered off and EC2
+#: terminated it (``InstanceInitiatedShutdownBehavior=terminate``): nothing bills.
+_ENDED_STATES = frozenset({"shutting-down", "terminated"})
+#: An instance in these states still exists, and its EBS volumes bill: someone stopped
+#: it through the API or the console (a shutdown from its OS terminates it).
+_STOPPED_STATES = frozenset({"stopping", "stopped"})
 
 # EC2 error codes -> what the user should change.
 _ADVICE = {
@@ -70,6 +74,16 @@ _ADVICE = {
     "AuthFailure": "the AWS credentials were rejected: check the profile or keys in use",
     "InvalidParameterValue": "check the option named in the message",
 }
+
+
+def _word(state: str) -> str:
+    """An instance state as ``Driver.state`` words it: ``"stopped"`` where it still
+    exists and bills (its volumes), ``"terminated"`` where it ended and nothing bills."""
+    if state in _ENDED_STATES:
+        return "terminated"
+    if state in _STOPPED_STATES:
+        return "stopped"
+    return "running"
 
 
 def known_regions() -> set[str]:
@@ -651,6 +665,7 @@ class EC2Driver(driver.Driver):
                             tags[driver.CLUSTER_TAG],
                             instance.get("LaunchTime"),
                             tags.get(driver.CREATOR_TAG),
+                            _listed_state(instance.get("State", {}).get("Name")),
                         )
                     )
         groups = (
@@ -660,21 +675,20 @@ class EC2Driver(driver.Driver):
             )
         )["SecurityGroups"]
         others = [
-            {t["Key"]: t["Value"] for t in group.get("Tags", [])}[driver.CLUSTER_TAG]
+            ({t["Key"]: t["Value"] for t in group.get("Tags", [])}[driver.CLUSTER_TAG], "firewall")
             for group in groups
         ]
         return driver.summarize(found, others)
 
     async def states(self, cluster_id: str) -> dict[str, str]:
         """One DescribeInstances for the whole cluster: an instance shutting down or
-        stopped powered itself off."""
+        terminated powered itself off; a stopped one was stopped through the API."""
         found: dict[str, str] = {}
         filters = [{"Name": f"tag:{driver.CLUSTER_TAG}", "Values": [cluster_id]}]
         async for page in self._paginate("describe_instances", Filters=filters):
             for reservation in page["Reservations"]:
                 for instance in reservation["Instances"]:
-                    ended = instance["State"]["Name"] in _ENDED_STATES
-                    found[instance["InstanceId"]] = "terminated" if ended else "running"
+                    found[instance["InstanceId"]] = _word(instance["State"]["Name"])
         return found
 
     async def state(self, vm: driver.VM) -> str:
@@ -684,9 +698,7 @@ class EC2Driver(driver.Driver):
             return "terminated"
         except driver.CloudError:  # throttled, refused, unreachable: nothing learnt
             return "unknown"
-        if name in _ENDED_STATES:
-            return "terminated"
-        return "running"
+        return _word(name)
 
     async def console_output(self, vm: driver.VM) -> str:
         with contextlib.suppress(driver.CloudError):
@@ -738,3 +750,16 @@ class EC2Cluster(VMCluster):
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise OptionError(f"region {options.region!r} is not an EC2 region.{hint}")
         return super().make_driver(options, **extra)
+
+
+def _listed_state(name: str | None) -> str:
+    """An instance's state in :meth:`Driver.state`'s words, for ``list``. Shutting down
+    ends in terminated (the cluster's instances terminate on shutdown) and bills no
+    more; a stopped instance is one a person stopped, and its volume still bills."""
+    if name in ("pending", "running"):
+        return "running"
+    if name in ("stopping", "stopped"):
+        return "stopped"
+    if name in ("shutting-down", "terminated"):
+        return "terminated"
+    return "unknown"

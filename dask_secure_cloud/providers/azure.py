@@ -168,7 +168,7 @@ def _arm_error(what: str, error: HttpResponseError, resource_group: str) -> driv
         return driver.InUseError(message)
     if error.status_code == 404:
         return driver.NotFoundError(message)
-    if error.status_code == 403 or code in _FORBIDDEN_CODES:
+    if error.status_code in (401, 403) or code in _FORBIDDEN_CODES:
         return driver.ForbiddenError(message)
     return driver.CloudError(message)
 
@@ -235,6 +235,9 @@ def throwaway_ssh_key() -> str:
 
 
 #: Power states of a VM whose OS shut down (or that was deallocated).
+#: A VM in these power states ended by itself (its OS shut down) or was deallocated, but
+#: still exists: stopped, its compute still bills; either way its disk, NIC and public
+#: address do, until the VM and they are deleted.
 _STOPPED = frozenset({"PowerState/stopped", "PowerState/deallocated", "PowerState/deallocating"})
 
 
@@ -1046,9 +1049,13 @@ class AzureDriver(driver.Driver):
         compute, _ = self._clients()
 
         async def collect() -> list[Any]:
+            # With their instance views: a VM whose OS shut down is "Stopped", allocated
+            # and billing, which only the power state tells.
             return [
                 v
-                async for v in compute.virtual_machines.list(self.options.resource_group)
+                async for v in compute.virtual_machines.list(
+                    self.options.resource_group, expand="instanceView"
+                )
                 if driver.CLUSTER_TAG in (v.tags or {})
             ]
 
@@ -1056,17 +1063,17 @@ class AzureDriver(driver.Driver):
         _, net = self._clients()
         group = self.options.resource_group
 
-        async def tagged_others() -> list[str]:
+        async def tagged_others() -> list[tuple[str, str]]:
             found = []
-            for pager in (
-                net.network_interfaces.list(group),
-                net.public_ip_addresses.list(group),
-                compute.disks.list_by_resource_group(group),
-                net.network_security_groups.list(group),
-                net.virtual_networks.list(group),
+            for kind, pager in (
+                ("interface", net.network_interfaces.list(group)),
+                ("address", net.public_ip_addresses.list(group)),
+                ("disk", compute.disks.list_by_resource_group(group)),
+                ("firewall", net.network_security_groups.list(group)),
+                ("network", net.virtual_networks.list(group)),
             ):
                 found += [
-                    r.tags[driver.CLUSTER_TAG]
+                    (r.tags[driver.CLUSTER_TAG], kind)
                     async for r in pager
                     if driver.CLUSTER_TAG in (r.tags or {})
                 ]
@@ -1075,7 +1082,12 @@ class AzureDriver(driver.Driver):
         others = await self._arm("listing the cluster's resources", tagged_others())
         return driver.summarize(
             (
-                (v.tags[driver.CLUSTER_TAG], v.time_created, v.tags.get(driver.CREATOR_TAG))
+                (
+                    v.tags[driver.CLUSTER_TAG],
+                    v.time_created,
+                    v.tags.get(driver.CREATOR_TAG),
+                    _listed_state(v.instance_view),
+                )
                 for v in vms
             ),
             others,
@@ -1083,7 +1095,7 @@ class AzureDriver(driver.Driver):
 
     async def states(self, cluster_id: str) -> dict[str, str]:
         """One listing of the resource group's VMs with their instance views: a VM whose
-        OS shut down is Stopped, still allocated."""
+        OS shut down is Stopped, still allocated and billed for its compute."""
         if self.subscription_id is None:
             return {}
         compute, _ = self._clients()
@@ -1095,7 +1107,7 @@ class AzureDriver(driver.Driver):
         found = {}
         for vm in vms:
             codes = {s.code for s in (vm.instance_view.statuses if vm.instance_view else [])}
-            found[vm.id] = "terminated" if codes & _STOPPED else "running"
+            found[vm.id] = "stopped" if codes & _STOPPED else "running"
         return found
 
     async def state(self, vm: driver.VM) -> str:
@@ -1115,7 +1127,7 @@ class AzureDriver(driver.Driver):
             return "unknown"
         codes = {s.code for s in view.statuses or []}
         if codes & _STOPPED:
-            return "terminated"
+            return "stopped"
         return "running"
 
     async def console_output(self, vm: driver.VM) -> str:
@@ -1209,3 +1221,17 @@ class AzureVMCluster(VMCluster):
     Options = AzureOptions
     driver_class = AzureDriver
     extra_keywords = ("credential",)
+
+
+def _listed_state(view: Any) -> str:
+    """A VM's power state in :meth:`Driver.state`'s words, for ``list``. "Stopped" is
+    still allocated and its compute bills; "deallocated" bills no compute (its disk and
+    address, listed apart, still do)."""
+    codes = {s.code for s in (view.statuses or [])} if view is not None else set()
+    if codes & {"PowerState/running", "PowerState/starting"}:
+        return "running"
+    if codes & {"PowerState/stopped", "PowerState/stopping"}:
+        return "stopped"
+    if codes & {"PowerState/deallocated", "PowerState/deallocating"}:
+        return "deallocated"
+    return "unknown"

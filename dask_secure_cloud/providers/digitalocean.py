@@ -307,7 +307,9 @@ class DropletDriver(driver.Driver):
             droplet = (
                 await self._call("reading a droplet", "droplets", "get", droplet_id=droplet_id)
             )["droplet"]
-            return droplet["status"] == "active" and bool(_addresses(droplet)[0])
+            # Past "new": active, or already "off" when its boot powered it off at once
+            # (the watcher reports that as a failed boot; waiting on would never end).
+            return droplet["status"] != "new" and bool(_addresses(droplet)[0])
 
         await self.poll_until(active, f"droplet {body['name']} to be active", interval=1)
         private, public = _addresses(droplet)
@@ -378,6 +380,7 @@ class DropletDriver(driver.Driver):
                         if created
                         else None,
                         creator,
+                        _listed_state(droplet.get("status")),
                     )
                 )
         # A firewall carries the tag it applies to, so its cluster's id verbatim; a VPC
@@ -386,25 +389,23 @@ class DropletDriver(driver.Driver):
         vpcs = await self._all("listing VPCs", "vpcs", "vpcs")
         vpc_prefix = made_name(_CLUSTER_PREFIX)
         others = [
-            cluster
+            (cluster, "firewall")
             for rule in firewalls
             if (cluster := _cluster_of(rule.get("tags") or [])) is not None
         ] + [
-            vpc["name"].removeprefix(vpc_prefix)
+            (vpc["name"].removeprefix(vpc_prefix), "network")
             for vpc in vpcs
             if vpc.get("name", "").startswith(vpc_prefix)
         ]
         return driver.summarize(found, others)
 
     async def states(self, cluster_id: str) -> dict[str, str]:
-        """One droplet listing by the cluster's tag: a droplet that powered off is "off"."""
+        """One droplet listing by the cluster's tag: a droplet that powered off is "off",
+        and billed in full until it is destroyed."""
         droplets = await self._all(
             "listing droplets", "droplets", "droplets", tag_name=cluster_tag(cluster_id)
         )
-        return {
-            str(d["id"]): "terminated" if d["status"] in ("off", "archive") else "running"
-            for d in droplets
-        }
+        return {str(d["id"]): _word(d["status"]) for d in droplets}
 
     async def state(self, vm: driver.VM) -> str:
         try:
@@ -417,7 +418,7 @@ class DropletDriver(driver.Driver):
             return "terminated"  # deleted
         except driver.CloudError:  # throttled, refused, unreachable: nothing learnt
             return "unknown"
-        return "terminated" if droplet["status"] in ("off", "archive") else "running"
+        return _word(droplet["status"])
 
     async def console_output(self, vm: driver.VM) -> str:
         """DigitalOcean's API has no console output, unlike the other clouds'. What it
@@ -484,6 +485,16 @@ class DropletDriver(driver.Driver):
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+#: Droplet statuses of a droplet that powered off: it still exists, and DigitalOcean
+#: bills a powered-off droplet in full until it is destroyed.
+_STOPPED_STATUSES = frozenset({"off", "archive"})
+
+
+def _word(status: str) -> str:
+    """A droplet's status as ``Driver.state`` words it."""
+    return "stopped" if status in _STOPPED_STATUSES else "running"
 
 
 def _droplet_name(cluster_id: str, name: str) -> str:
@@ -578,3 +589,15 @@ class DropletCluster(VMCluster):
         # Every droplet has a public address.
         network = NetworkPolicy.from_options(options, always_public=True)
         return DropletDriver(options, token=token, network=network)
+
+
+def _listed_state(status: str | None) -> str:
+    """A droplet's status in :meth:`Driver.state`'s words, for ``list``: a droplet that
+    is "off" still exists and bills in full, until it is destroyed."""
+    if status in ("new", "active"):
+        return "running"
+    if status == "off":
+        return "stopped"
+    if status == "archive":
+        return "terminated"
+    return "unknown"

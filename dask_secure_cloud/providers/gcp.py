@@ -5,8 +5,13 @@ REST transport, run in threads (it has no async client); firewall rules per clus
 target the cluster's own network tags; an external address for a VM only where its
 subnetwork has no Cloud NAT (read from the region's routers and the network's routes
 before anything is made, see :mod:`dask_secure_cloud.egress`); GPUs as
-``guestAccelerators``; spot workers; and a lease (``max_run_duration``) after which
-Compute Engine deletes a forgotten VM by itself.
+``guestAccelerators``; spot workers; and a deadline after which Compute Engine deletes
+a forgotten VM by itself, whatever became of the client: ``scheduling.terminationTime``
+at the end of the cluster's ``max_lifetime`` (its CA's end), or ``max_run_duration``
+after the VM started where that option is set. Compute Engine applies either only
+while the VM runs: it clears the deadline when the VM stops, so a VM whose OS powered
+off (its lease or certificate ran out) stays TERMINATED, its boot disk billing, until
+it is deleted (``dask secure-cloud cleanup``).
 
 A fresh project's ``default`` network allows SSH, RDP and ICMP from anywhere to every
 instance (priority 65534). A worker with an external address would accept them, so the
@@ -63,8 +68,9 @@ _QUOTA = frozenset({"quotaExceeded", "limitExceeded"})
 _OPERATION_IN_USE = frozenset({"RESOURCE_IN_USE_BY_ANOTHER_RESOURCE"})
 _OPERATION_NOT_FOUND = frozenset({"RESOURCE_NOT_FOUND"})
 #: The firewall rules of a cluster, by the suffix after its network tag.
-#: An instance in these states has stopped: its OS powered off, or it was preempted.
-_ENDED_STATUSES = frozenset({"STOPPING", "TERMINATED", "SUSPENDED"})
+#: An instance in these states has stopped (its OS powered off, or it was preempted)
+#: but still exists: its boot disk bills until the instance is deleted.
+_STOPPED_STATUSES = frozenset({"STOPPING", "TERMINATED", "SUSPENDING", "SUSPENDED"})
 _RULES = ("deny", "client", "internal")
 _RULE_NAME = re.compile(rf"^dask-secure-cloud-(?P<id>[a-z][a-z0-9-]*)-(?:{'|'.join(_RULES)})$")
 
@@ -94,6 +100,13 @@ ALLOW_PRIORITY = 100
 #: The cluster's "deny all ingress from 0.0.0.0/0" rule: beats a fresh project's
 #: default-allow-* rules (65534) and rules made with the usual default priority (1000).
 DENY_PRIORITY = 110
+#: Compute Engine's bounds on a VM's time limit (``terminationTime``,
+#: ``maxRunDuration``): at least 30 seconds, at most 120 days.
+MIN_TIME_LIMIT = datetime.timedelta(seconds=30)
+MAX_TIME_LIMIT = datetime.timedelta(days=120)
+#: A VM is not made with less than this left before the cluster's deadline: Compute
+#: Engine's shortest limit, and time for the request to reach it.
+_MIN_TIME_LEFT = MIN_TIME_LIMIT + datetime.timedelta(seconds=10)
 #: Cloud NAT settings that translate every subnetwork's primary range in the region.
 _NAT_ALL_SUBNETWORKS = ("ALL_SUBNETWORKS_ALL_IP_RANGES", "ALL_SUBNETWORKS_ALL_PRIMARY_IP_RANGES")
 _INTERNET_GATEWAY = "/global/gateways/default-internet-gateway"
@@ -144,6 +157,12 @@ class GCPDriver(driver.Driver):
         self.network_policy = network
         run = options.max_run_duration
         self.max_run_duration = run.total_seconds() if run is not None else None
+        #: When Compute Engine deletes every VM of the cluster (``terminationTime``),
+        #: unless ``max_run_duration`` is set: the end of ``max_lifetime`` from now. The
+        #: driver is made before the cluster's CA, so this is never after the CA's end.
+        self.deadline = (
+            datetime.datetime.now(datetime.timezone.utc) + options.max_lifetime
+        ).replace(microsecond=0)
         self.credentials = credentials
         #: True, False, or None to decide from the subnetwork's ways out.
         self.worker_public_ip = network.worker_public_ip
@@ -533,7 +552,9 @@ class GCPDriver(driver.Driver):
             scheduling.on_host_maintenance = "TERMINATE"
         if self.max_run_duration:
             scheduling.max_run_duration = compute_v1.Duration(seconds=int(self.max_run_duration))
-            scheduling.instance_termination_action = "DELETE"
+        else:
+            scheduling.termination_time = self._termination_time()
+        scheduling.instance_termination_action = "DELETE"
         instance = compute_v1.Instance(
             name=f"{_network_tag(request.cluster_id)}-{request.name}",
             machine_type=f"zones/{self.options.zone}/machineTypes/{self.machine_types[request.role]}",
@@ -574,6 +595,20 @@ class GCPDriver(driver.Driver):
                 compute_v1.ServiceAccount(email=self.options.service_account, scopes=self.scopes)
             ]
         return instance
+
+    def _termination_time(self) -> str:
+        """The VM's ``terminationTime`` (RFC 3339): the cluster's deadline, or 120 days
+        from now where that is sooner (Compute Engine's longest time limit)."""
+        now = datetime.datetime.now(datetime.timezone.utc)
+        left = self.deadline - now
+        if left < _MIN_TIME_LEFT:
+            raise driver.CloudError(
+                f"the cluster's max_lifetime ends in {max(left.total_seconds(), 0):.0f}s, "
+                "when Compute Engine deletes its VMs: no new VM is started; start a new "
+                "cluster, with a longer max_lifetime for long-running work"
+            )
+        deadline = min(self.deadline, (now + MAX_TIME_LIMIT).replace(microsecond=0))
+        return deadline.strftime("%Y-%m-%dT%H:%M:%SZ")
 
     def _tags(self, request: driver.VMRequest) -> list[str]:
         """The cluster's tag on every VM; the scheduler's tag (the creator's way in) on
@@ -685,14 +720,16 @@ class GCPDriver(driver.Driver):
                 if i.creation_timestamp
                 else None,
                 i.labels.get(driver.CREATOR_TAG),
+                _listed_state(i.status),
             )
             for i in instances
             if driver.CLUSTER_TAG in i.labels
         ]
-        return driver.summarize(found, others)
+        return driver.summarize(found, [(cluster_id, "firewall") for cluster_id in others])
 
     async def states(self, cluster_id: str) -> dict[str, str]:
-        """One instances.list for the whole cluster: a stopped instance still exists."""
+        """One instances.list for the whole cluster: a stopped (TERMINATED) instance
+        still exists, and its boot disk bills, until it is deleted."""
         pages = await self._call(
             "InstancesClient",
             "list",
@@ -706,7 +743,7 @@ class GCPDriver(driver.Driver):
         )
         instances = await asyncio.to_thread(list, pages)
         return {
-            i.name: "terminated" if i.status in _ENDED_STATUSES else "running" for i in instances
+            i.name: "stopped" if i.status in _STOPPED_STATUSES else "running" for i in instances
         }
 
     async def state(self, vm: driver.VM) -> str:
@@ -724,7 +761,7 @@ class GCPDriver(driver.Driver):
             return "terminated"  # deleted: by its lease, as a spot VM, or by us
         except driver.CloudError:  # throttled, refused, unreachable: nothing learnt
             return "unknown"
-        return "terminated" if found.status in _ENDED_STATUSES else "running"
+        return "stopped" if found.status in _STOPPED_STATUSES else "running"
 
     async def console_output(self, vm: driver.VM) -> str:
         try:
@@ -851,3 +888,13 @@ class GCPCluster(VMCluster):
     Options = GCPOptions
     driver_class = GCPDriver
     extra_keywords = ("credentials",)
+
+
+def _listed_state(status: str | None) -> str:
+    """An instance's status in :meth:`Driver.state`'s words, for ``list``: a TERMINATED
+    (or suspended) instance still exists, and its disk bills until it is deleted."""
+    if status in ("PROVISIONING", "STAGING", "RUNNING", "REPAIRING"):
+        return "running"
+    if status in ("STOPPING", "TERMINATED", "SUSPENDING", "SUSPENDED"):
+        return "stopped"
+    return "unknown"

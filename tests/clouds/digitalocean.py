@@ -16,6 +16,10 @@ process VMs' addresses are this machine's, and a guest test passes its own netwo
 (``vpc_pool="10.77.0.0/25"``, smaller than a /20, is given whole). Like a real droplet,
 every droplet has a public IPv4 network besides its private one, and its default route
 goes out through it: the booter is told so (``egress``) from the droplet's networks.
+
+A droplet whose OS powered off is ``"off"``, and stays, with its addresses, until it is
+destroyed: DigitalOcean bills a powered-off droplet in full ("Droplets that are powered
+off are still billable. To stop incurring charges on a Droplet, destroy it.").
 """
 
 from __future__ import annotations
@@ -368,7 +372,17 @@ class DigitalOceanStandIn(HTTPSStandIn):
         if droplet["status"] == "new":
             droplet["status"] = "active"
             droplet["networks"]["v4"] = list(droplet["_networks"])
+        self._power(droplet)
         return droplet
+
+    def _power(self, droplet: dict[str, Any]) -> None:
+        """An active droplet whose OS powered off is "off": still there, still billed.
+        A booter that runs nothing (one that only records what it was asked to boot)
+        gives no power state to read: its droplets stay as they are."""
+        vm = self.booter.vms.get(droplet["_vm"])
+        running = getattr(vm, "is_running", None)
+        if droplet["status"] == "active" and running is not None and not running():
+            droplet["status"] = "off"
 
     def _delete_droplet(self, droplet_id: int) -> None:
         droplet = self.droplets.pop(droplet_id, None)
@@ -538,6 +552,8 @@ class DigitalOceanStandIn(HTTPSStandIn):
             return self.create_droplet(raw)
         if call == "droplets.list":
             tag = query.get("tag_name")
+            for droplet in self.droplets.values():
+                self._power(droplet)
             found = [
                 self._public(d) for d in self.droplets.values() if tag is None or tag in d["tags"]
             ]

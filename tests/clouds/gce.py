@@ -14,7 +14,16 @@ the default route to the internet gateway, no Cloud Router and so no Cloud NAT, 
 default-allow-{internal,ssh,rdp,icmp} firewall rules.
 
 Each inserted instance is booted from its ``user-data`` metadata by the booter it was
-given (process VMs, or QEMU guests), on an address of its subnetwork. Whether the VM has
+given (process VMs, or QEMU guests), on an address of its subnetwork.
+
+The stand-in keeps what Compute Engine keeps. An instance whose OS powered off is
+TERMINATED, not gone: it is still listed, with its boot disk (in :attr:`disks`, which
+bills), until it is deleted. A time limit (``scheduling.terminationTime`` or
+``maxRunDuration``, 30 seconds to 120 days, not both) is enforced as Compute Engine
+documents it: the instance's ``resourceStatus.scheduling.terminationTimestamp`` is set
+while it runs and its ``instanceTerminationAction`` (DELETE: the instance and its
+auto-delete disk; STOP) is taken at that time; the timestamp is cleared when the
+instance stops, so a TERMINATED instance is never deleted by its time limit. Whether the VM has
 a route out comes from this model of the network alone: an external address and a
 0.0.0.0/0 route to the default internet gateway, or a Cloud NAT covering its subnetwork
 (which sends through that same route). :meth:`GCEStandIn.ingress_allowed` evaluates the
@@ -23,6 +32,7 @@ firewall rules as Compute Engine does, so tests can ask who may reach a VM.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import json
 import re
@@ -97,6 +107,8 @@ class GCEStandIn:
         self.region = zone.rsplit("-", 1)[0]
         self.subnet = ipaddress.ip_network(subnet_cidr)
         self.instances: dict[str, dict[str, Any]] = {}
+        #: Zonal persistent disks by name: each instance's boot disk, made with it.
+        self.disks: dict[str, dict[str, Any]] = {}
         self.networks: dict[str, dict[str, Any]] = {}
         self.subnetworks: dict[str, dict[str, Any]] = {}
         self.routes: dict[str, dict[str, Any]] = {}
@@ -112,6 +124,7 @@ class GCEStandIn:
         self._external = (f"203.0.113.{i}" for i in range(2, 255))
         self._lock = threading.Lock()
         self._state_lock = threading.Lock()
+        self._stopping = threading.Event()
         self._fresh_project()
 
     # -- the project as a new one is ------------------------------------------------------
@@ -440,6 +453,10 @@ class GCEStandIn:
             raise APIError(400, "invalid", "test stand-in: boot disk must be auto-deleted")
         if len(instance.network_interfaces) != 1:
             raise APIError(400, "invalid", "test stand-in: one network interface per instance")
+        limit = _time_limit(instance.scheduling)
+        disk_name = instance.disks[0].initialize_params.disk_name or instance.name
+        if disk_name in self.disks:
+            raise APIError(409, "alreadyExists", f"The resource 'disks/{disk_name}' already exists")
         nic = instance.network_interfaces[0]
         network, subnetwork = self._placement(nic)
         for config in nic.access_configs:
@@ -459,8 +476,29 @@ class GCEStandIn:
             status="RUNNING",
             selfLink=target,
             zone=self.zone,
-            creationTimestamp=time.strftime("%Y-%m-%dT%H:%M:%S.000-00:00", time.gmtime()),
+            creationTimestamp=_timestamp(time.time()),
+            lastStartTimestamp=_timestamp(time.time()),
         )
+        params = instance.disks[0].initialize_params
+        self.disks[disk_name] = {
+            "kind": "compute#disk",
+            "name": disk_name,
+            "sizeGb": str(params.disk_size_gb or 10),
+            "type": params.disk_type or "pd-standard",
+            "status": "READY",
+            "users": [target],
+            "selfLink": self._link(f"zones/{self.zone}/disks/{disk_name}"),
+        }
+        record["disks"][0].update(
+            source=self.disks[disk_name]["selfLink"], deviceName=disk_name, autoDelete=True
+        )
+        record["_disk"] = disk_name
+        if limit is not None:
+            deadline = limit if isinstance(limit, float) else time.time() + limit.total_seconds()
+            record["_deadline"] = deadline
+            record["resourceStatus"] = {
+                "scheduling": {"terminationTimestamp": _timestamp(deadline)}
+            }
         record_nic = record["networkInterfaces"][0]
         record_nic.update(
             network=self._link(f"global/networks/{network}"),
@@ -488,16 +526,58 @@ class GCEStandIn:
         return self._operation("insert", target, "zone")
 
     def delete_instance(self, name: str) -> dict[str, Any]:
-        record = self.instances.pop(name, None)
-        if record is None:
+        if name not in self.instances:
             raise APIError(
                 404,
                 "notFound",
                 f"The resource 'projects/{self.project}/zones/{self.zone}/instances/{name}' was not found",
             )
+        self._remove(name)
+        return self._operation("delete", name, "zone")
+
+    def _remove(self, name: str) -> None:
+        """Delete an instance, its VM and its auto-delete boot disk."""
+        record = self.instances.pop(name)
         self.booter.stop(record["_vm"])
         reach.forget(record["networkInterfaces"][0]["networkIP"])
-        return self._operation("delete", name, "zone")
+        if record["disks"][0].get("autoDelete"):
+            self.disks.pop(record["_disk"], None)
+        else:
+            self.disks[record["_disk"]]["users"] = []
+
+    # -- what happens without a request ---------------------------------------------------
+
+    def _stop_instance(self, record: dict[str, Any]) -> None:
+        """The instance is TERMINATED: it and its disk stay; its time limit is cleared."""
+        record["status"] = "TERMINATED"
+        record["lastStopTimestamp"] = _timestamp(time.time())
+        record.pop("resourceStatus", None)
+        record.pop("_deadline", None)
+
+    def advance(self) -> None:
+        """Bring every instance up to now: one whose OS powered off is TERMINATED; one
+        still running past its time limit is deleted (or stopped) as its
+        ``instanceTerminationAction`` says. Called before each request and every quarter
+        of a second."""
+        now = time.time()
+        for name, record in list(self.instances.items()):
+            if record["status"] != "RUNNING":
+                continue
+            vm = self.booter.vms.get(record["_vm"])
+            if vm is not None and not vm.is_running():
+                self._stop_instance(record)
+            elif record.get("_deadline") is not None and now >= record["_deadline"]:
+                action = record.get("scheduling", {}).get("instanceTerminationAction")
+                if action == "DELETE":
+                    self._remove(name)
+                else:
+                    self._stop_instance(record)
+                    self.booter.stop(record["_vm"])
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(0.25):
+            with self._state_lock:
+                self.advance()
 
     def list_instances(self, query: dict[str, str]) -> dict[str, Any]:
         items = [
@@ -699,6 +779,8 @@ class GCEStandIn:
             ("GET", rf"^{zone}/instances/([^/]+)$", "instances.get"),
             ("DELETE", rf"^{zone}/instances/([^/]+)$", "instances.delete"),
             ("POST", rf"^{zone}/operations/([^/]+)/wait$", "zoneOperations.wait"),
+            ("GET", rf"^{zone}/disks$", "disks.list"),
+            ("GET", rf"^{zone}/disks/([^/]+)$", "disks.get"),
         ]
         if "/projects/ubuntu-os-cloud/global/images/family/" in path:
             rest, call, args = path, "images.getFromFamily", [path.rsplit("/", 1)[1]]
@@ -717,6 +799,7 @@ class GCEStandIn:
         if fault:
             raise APIError(*fault)
         with self._state_lock:  # one request at a time changes the project
+            self.advance()
             return 200, self._dispatch(call, args, query, body)
 
     def _dispatch(self, call: str, args: list[str], query: dict[str, str], body: bytes) -> Any:
@@ -786,6 +869,13 @@ class GCEStandIn:
             }
         if call == "instances.delete":
             return self.delete_instance(args[0])
+        if call == "disks.list":
+            items = [d for d in self.disks.values() if _matches(d, query.get("filter", ""))]
+            return {"kind": "compute#diskList", "items": items}
+        if call == "disks.get":
+            if args[0] not in self.disks:
+                raise APIError(404, "notFound", f"The resource 'disks/{args[0]}' was not found")
+            return self.disks[args[0]]
         raise APIError(404, "notFound", call)
 
     def _network_call(
@@ -827,9 +917,13 @@ class GCEStandIn:
     def start(self) -> str:
         self._server = JSONServer(self._answer)
         self.url = self._server.url
+        self._watcher = threading.Thread(target=self._watch, daemon=True)
+        self._watcher.start()
         return self.url
 
     def stop(self) -> None:
+        self._stopping.set()
+        self._watcher.join(5)
         self._server.stop()
         self.booter.stop_all()
 
@@ -845,6 +939,52 @@ def _nat_subnetworks(nat: dict[str, Any], primary: bool) -> set[str]:
         if not primary
         or {"ALL_IP_RANGES", "PRIMARY_IP_RANGE"} & set(entry.get("sourceIpRangesToNat", []))
     }
+
+
+#: Compute Engine's bounds on a VM's time limit, in seconds.
+MIN_TIME_LIMIT, MAX_TIME_LIMIT = 30, 120 * 24 * 3600
+
+
+def _timestamp(when: float) -> str:
+    """An RFC 3339 timestamp as Compute Engine writes them."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000-00:00", time.gmtime(when))
+
+
+def _time_limit(scheduling: Any) -> float | datetime.timedelta | None:
+    """The instance's time limit, checked as Compute Engine checks it: ``terminationTime``
+    (an RFC 3339 time, as an epoch) or ``maxRunDuration`` (counted from when it runs),
+    one of them at most, from 30 seconds to 120 days away."""
+    when = scheduling.termination_time
+    run = scheduling.max_run_duration if "max_run_duration" in scheduling else None
+    if when and run is not None:
+        raise APIError(
+            400, "invalid", "Only one of terminationTime and maxRunDuration may be specified."
+        )
+    if when:
+        try:
+            deadline = datetime.datetime.fromisoformat(when)
+        except ValueError as e:
+            raise _invalid("resource.scheduling.terminationTime", when) from e
+        if deadline.tzinfo is None:
+            raise _invalid("resource.scheduling.terminationTime", when, "No time zone given.")
+        left = deadline.timestamp() - time.time()
+        if not MIN_TIME_LIMIT <= left <= MAX_TIME_LIMIT:
+            raise _invalid(
+                "resource.scheduling.terminationTime",
+                when,
+                "It must be from 30 seconds to 120 days in the future.",
+            )
+        return deadline.timestamp()
+    if run is not None:
+        seconds = run.seconds + run.nanos / 1e9
+        if not MIN_TIME_LIMIT <= seconds <= MAX_TIME_LIMIT:
+            raise _invalid(
+                "resource.scheduling.maxRunDuration.seconds",
+                run.seconds,
+                "It must be from 30 seconds to 120 days.",
+            )
+        return datetime.timedelta(seconds=seconds)
+    return None
 
 
 def _covers(entry: dict[str, Any], protocol: str, port: int | None) -> bool:
