@@ -43,6 +43,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(pytest.mark.xdist_group(group))
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """On a pytest-xdist worker with ``--dist loadgroup``, every test must now carry its
+    group in its node id (``...@guests``, which pytest-xdist adds once the groups above
+    are set): otherwise the groups are silently ignored, and two workers start guest
+    networks at once."""
+    config = session.config
+    if not getattr(config.option, "loadgroup", False) or not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    items = session.items
+    ungrouped = [item.nodeid for item in items if "@" not in item.nodeid.rsplit("]", 1)[-1]]
+    if ungrouped:
+        raise pytest.UsageError(
+            f"pytest-xdist did not apply --dist loadgroup to {len(ungrouped)} tests (for "
+            f"example {ungrouped[0]}): this pytest and pytest-xdist do not work together; "
+            "see the pin in setup.cfg"
+        )
+
+
 # -- the Azure Resource Manager stand-in, for test_azure and test_jupyterlab ---------------
 
 SUBSCRIPTION = "5f1b3c2e-8d6a-4b7e-9c0f-1a2b3c4d5e6f"

@@ -101,12 +101,14 @@ async def test_outside_the_cloud_reaches_public_addresses_only_through_their_fir
     server.setblocking(False)
     reach.declare("127.77.0.5", "203.0.113.250", lambda source, p: p == port)
     try:
-        with pytest.raises(ConnectionRefusedError, match="private address"):
+        with pytest.raises(ConnectionRefusedError):
             await asyncio.open_connection("127.77.0.5", port)
+        assert "127.77.0.5 is a private address" in reach.refusals[-1]
         _, writer = await asyncio.open_connection("203.0.113.250", port)
         writer.close()
-        with pytest.raises(ConnectionRefusedError, match=r"does not admit 198\.51\.100\.7"):
+        with pytest.raises(ConnectionRefusedError):
             await asyncio.open_connection("203.0.113.250", port + 1)
+        assert "does not admit 198.51.100.7" in reach.refusals[-1]
         # The address the clusters open the scheduler to is the one the firewall sees.
         assert await scheduler_sources(
             None, open_to_world=False, public_ip_url=outside_the_cloud

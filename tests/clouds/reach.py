@@ -99,9 +99,25 @@ def outside() -> Iterator[None]:
         _outside = False
 
 
+#: A bound socket that never listens: a connection routed to it is refused by the
+#: kernel, later and the way a real refusal comes (tornado, for one, reads a refusal
+#: raised from ``connect`` itself as a stream that is not idle).
+_REFUSER = socket.socket()
+_REFUSER.bind(("127.0.0.1", 0))
+#: Why each refused connection was refused, newest last: for tests and for debugging.
+refusals: list[str] = []
+
+
+def _refuse(why: str) -> Any:
+    with _lock:
+        refusals.append(why)
+        del refusals[:-100]
+    return _REFUSER.getsockname()
+
+
 def _route(address: Any) -> Any:
-    """Where a connection to ``address`` goes, as the cloud's edge decides; raises
-    :class:`ConnectionRefusedError` for what a firewall would stop."""
+    """Where a connection to ``address`` goes, as the cloud's edge decides; what a
+    firewall would stop goes to an address that refuses it (see :data:`refusals`)."""
     if not isinstance(address, tuple) or len(address) < 2 or not isinstance(address[0], str):
         return address  # a Unix socket, or a form this model does not cover
     host, port = address[0], address[1]
@@ -110,13 +126,13 @@ def _route(address: Any) -> Any:
         private = host in _private
     if public is not None:
         if public.admits is not None and not public.admits(CLIENT_ADDRESS, int(port)):
-            raise ConnectionRefusedError(
+            return _refuse(
                 f"stand-in cloud: the firewall of {host} does not admit {CLIENT_ADDRESS} "
                 f"on port {port}"
             )
         return (public.private, port, *address[2:])
     if private and _outside:
-        raise ConnectionRefusedError(
+        return _refuse(
             f"stand-in cloud: {host} is a private address, unreachable from outside the "
             "cloud's network (the test runs outside_the_cloud)"
         )
