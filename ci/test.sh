@@ -33,7 +33,10 @@ if [ -n "$missing" ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
-PIP_DISABLE_PIP_VERSION_CHECK=1 "$PYTHON" -m pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+# Installed as a user installs it (not editable): `pip install .` also puts the package's
+# dask config (etc/dask: the security loader) into the environment, and the tests that
+# start Jupyter servers and kernels use what it installed.
+PIP_DISABLE_PIP_VERSION_CHECK=1 "$PYTHON" -m pip install -q --upgrade --upgrade-strategy eager ".[test]"
 
 "$PYTHON" -m ruff check .
 "$PYTHON" -m ruff format --check .

@@ -49,7 +49,9 @@ REACH_PAUSE = 0.05
 REACH_TIMEOUT = 2.0
 
 
-async def answers(address: str, connection_args: Mapping[str, Any]) -> bool:
+async def answers(
+    address: str, connection_args: Mapping[str, Any], timeout: float = REACH_TIMEOUT
+) -> bool:
     """Whether a Dask server at ``address`` completes a (TLS) handshake now: one attempt.
 
     ``distributed.comm.connect`` retries with pauses that grow to half its timeout,
@@ -57,24 +59,28 @@ async def answers(address: str, connection_args: Mapping[str, Any]) -> bool:
     an attempt cut short mid-handshake makes the server log a failed handshake. So this
     makes one connection with a timeout no healthy handshake reaches, and completes
     Dask's handshake before closing, as ``connect`` does, so that the server logs
-    nothing.
+    nothing. An attempt that fails is aborted, never closed gracefully: a graceful close
+    waits for a peer that has not answered, and could wait for ever.
     """
     scheme, location = parse_address(address)
     connector = get_backend(scheme).get_connector()
     try:
         comm = await asyncio.wait_for(
-            connector.connect(location, deserialize=False, **connection_args), REACH_TIMEOUT
+            connector.connect(location, deserialize=False, **connection_args), timeout
         )
     except (OSError, asyncio.TimeoutError):
         return False
     try:
-        await asyncio.wait_for(comm.write(comm.handshake_info()), REACH_TIMEOUT)
-        await asyncio.wait_for(comm.read(), REACH_TIMEOUT)
-        return True
+        await asyncio.wait_for(comm.write(comm.handshake_info()), timeout)
+        await asyncio.wait_for(comm.read(), timeout)
     except (OSError, asyncio.TimeoutError):
+        comm.abort()
         return False
-    finally:
-        await comm.close()
+    try:
+        await asyncio.wait_for(comm.close(), timeout)
+    except (OSError, asyncio.TimeoutError):
+        comm.abort()
+    return True
 
 
 async def delete_cluster(driver: Driver, cluster_id: str) -> list[str]:
@@ -260,6 +266,7 @@ class Fleet:
         enrollment = self.planner.enrollment
         host, port = parse_host_port(parse_address(address)[1])
         refused: list[str] = []
+        reach_timeout = REACH_TIMEOUT
 
         async def enrol() -> None:
             assert enrollment is not None
@@ -285,8 +292,14 @@ class Fleet:
                     await enrol()
                     # Its Dask starts only once certified: no hurry before then.
                     pause = 0.2 if enrollment.certificate(vm.name) is None else 0.0
-                elif await answers(address, connection_args):
-                    return
+                else:
+                    started = time.monotonic()
+                    if await answers(address, connection_args, reach_timeout):
+                        return
+                    if time.monotonic() - started >= reach_timeout:
+                        # It listens but answers slowly (a busy VM): a handshake cut
+                        # short at the same point every time would never complete.
+                        reach_timeout = min(2 * reach_timeout, 30.0)
                 state = self.state(vm)
                 if state in ENDED or time.monotonic() > deadline:
                     why = (

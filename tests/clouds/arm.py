@@ -983,7 +983,7 @@ class AzureStandIn(HTTPSStandIn):
         """The NIC's network security group as it stands when a connection comes in."""
 
         def admits(source: str, port: int) -> bool:
-            with self._lock:
+            with reach.briefly(self._lock):
                 nic = self.resources.get(nic_id.lower())
                 nsg_id = ((nic or {}).get("properties") or {}).get("networkSecurityGroup") or {}
                 nsg = self.resources.get(nsg_id.get("id", "").lower())

@@ -398,7 +398,7 @@ class DigitalOceanStandIn(HTTPSStandIn):
 
         def admits(source: str, port: int) -> bool:
             address = ipaddress.ip_address(source)
-            with self._state_lock:
+            with reach.briefly(self._state_lock):
                 droplet = self.droplets.get(droplet_id)
                 if droplet is None:
                     return False

@@ -376,7 +376,7 @@ class GCEStandIn:
         instance's external address (``clouds.reach``)."""
 
         def admits(source: str, port: int) -> bool:
-            with self._state_lock:
+            with reach.briefly(self._state_lock):
                 if instance not in self.instances:
                     return False
                 return self.ingress_allowed(instance, source, "tcp", port)
