@@ -68,6 +68,8 @@ _BY_TYPE: dict[tuple[str, ...], list[tuple[str, Any]]] = {
 }
 _BY_TYPE[("string", "number", "null")] = _BY_TYPE[("string", "number")]
 _BY_TYPE[("boolean", "null")] = _BY_TYPE[("boolean",)]
+#: A duration that false turns off (idle_timeout): True is no duration.
+_BY_TYPE[("string", "number", "boolean", "null")] = _BY_TYPE[("string", "number")]
 
 #: Values a type's list would get wrong for one option (it accepts them), and values
 #: only some options refuse.
