@@ -83,9 +83,15 @@ def test_runcmd_runs_in_a_clean_environment_on_the_vm_address(tmp_path, monkeypa
 
 def test_stop_ends_every_process_and_deletes_the_vm(tmp_path):
     vm = _boot(tmp_path, "#cloud-config\nruncmd:\n- (sleep 300 & sleep 300) &\n- sleep 300 &\n")
-    assert len(vm.processes()) >= 2
-    assert find_vms(tmp_path, "c") == [vm]
-    vm.stop()
+    try:
+        # boot() returns once the VM's first process runs; the rest start right after.
+        deadline = time.monotonic() + 10
+        while len(vm.processes()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(vm.processes()) >= 3
+        assert find_vms(tmp_path, "c") == [vm]
+    finally:
+        vm.stop()
     assert vm_processes("c") == []
     assert not os.path.exists(vm.directory)
     assert find_vms(tmp_path, "c") == []
@@ -93,9 +99,19 @@ def test_stop_ends_every_process_and_deletes_the_vm(tmp_path):
 
 def test_stop_kills_what_ignores_sigterm(tmp_path):
     vm = _boot(tmp_path, "#cloud-config\nruncmd:\n- sh -c 'trap \"\" TERM; sleep 300' &\n")
-    time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while not any(b"sleep" in _cmdline(pid) for pid in vm.processes()):
+        assert time.monotonic() < deadline, "the process that ignores SIGTERM never started"
+        time.sleep(0.05)
     vm.stop(grace=0.5)
     assert vm_processes("c") == []
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 @pytest.mark.parametrize(
