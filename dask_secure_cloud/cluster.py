@@ -176,6 +176,10 @@ class WorkerVM(_VM):
         )
         await super().start()
 
+    def booting(self) -> bool:
+        """Whether this VM's worker has yet to join (its boot watch still runs)."""
+        return self._watchdog is not None and not self._watchdog.done()
+
     async def close(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
@@ -684,6 +688,16 @@ class VMCluster(SpecCluster):
                 "Cluster %s: could not renew the scheduler's lease: %s", self.cluster_id, e
             )
 
+    def _workers_booting(self) -> bool:
+        """Whether a worker VM asked for has not joined yet (nor failed to within
+        ``boot_timeout``): the scheduler has nothing to run then, but the user is waiting
+        for workers, so the idle clock must not run."""
+        if any(name not in self.workers for name in self.worker_spec):
+            return True
+        return any(
+            isinstance(vm, WorkerVM) and vm.booting() for vm in self.workers.values()
+        )
+
     async def _check_idle(self) -> None:
         """Close the cluster, deleting every VM, once its scheduler has been idle for
         ``idle_timeout``: the lease keeps a live but forgotten client's cluster running.
@@ -697,6 +711,9 @@ class VMCluster(SpecCluster):
         if timeout is None or self.status != Status.running or self.scheduler_comm is None:
             return
         now = time.monotonic()
+        if self._workers_booting():
+            self._idle_seen = None  # a cluster waiting for its workers is not idle
+            return
         try:
             idle_since = await self.scheduler_comm.check_idle()
         except OSError:

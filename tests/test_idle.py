@@ -54,6 +54,27 @@ async def test_an_idle_cluster_with_a_live_client_ends_and_leaves_nothing(
     assert any("idle for 3s (idle_timeout)" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_cluster_waiting_for_its_workers_is_not_idle(vm_dir):
+    """Workers asked for and still booting: the scheduler has nothing to run, yet the
+    user is waiting, so a boot longer than ``idle_timeout`` must not end the cluster."""
+    async with LocalVMCluster(
+        n_workers=0,
+        directory=vm_dir,
+        idle_timeout="2s",
+        extra_bootstrap=["sleep 6"],  # every VM boots for longer than idle_timeout
+        asynchronous=True,
+    ) as cluster:
+        cluster.scale(1)
+        async with Client(cluster, asynchronous=True) as client:
+            await client.wait_for_workers(1, timeout=90)
+            assert cluster.status.name == "running"
+            assert await client.submit(sum, [1, 2]) == 3
+        deadline = time.monotonic() + 60
+        while cluster.status.name != "closed" and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
+        assert cluster.status.name == "closed"  # and once idle, it still ends
+
+
 def test_the_scheduler_gets_a_later_backstop_and_users_cannot_set_it_twice():
     shown = preview(LocalVMCluster, idle_timeout="10m")
     scheduler = next(iter(shown.user_data.values()))
