@@ -694,9 +694,7 @@ class VMCluster(SpecCluster):
         for workers, so the idle clock must not run."""
         if any(name not in self.workers for name in self.worker_spec):
             return True
-        return any(
-            isinstance(vm, WorkerVM) and vm.booting() for vm in self.workers.values()
-        )
+        return any(isinstance(vm, WorkerVM) and vm.booting() for vm in self.workers.values())
 
     async def _check_idle(self) -> None:
         """Close the cluster, deleting every VM, once its scheduler has been idle for
