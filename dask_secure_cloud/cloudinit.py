@@ -40,7 +40,7 @@ import yaml
 from . import preloads
 from .bootscript import render_script
 from .credentials import LeafCredentials, Role
-from .errors import OptionError, SecureCloudError
+from .errors import OptionError, UserDataTooLarge
 from .options.shared import check_requirements
 
 __all__ = [
@@ -106,10 +106,6 @@ LIMITS: dict[str, UserDataLimit] = {
     "digitalocean": UserDataLimit("DigitalOcean user_data", 65_536),
     "local": UserDataLimit("LocalVM", 65_536),
 }
-
-
-class UserDataTooLarge(SecureCloudError, ValueError):
-    """Rendered user-data exceeds the cloud's limit. The message names the biggest parts."""
 
 
 @dataclass(frozen=True)

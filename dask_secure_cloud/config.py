@@ -20,7 +20,7 @@ from typing import Any
 import dask.config
 import yaml
 
-from .errors import SecureCloudError
+from .errors import ConfigError
 from .options.base import _from_config
 from .options.files import config_defaults, config_schema
 
@@ -39,10 +39,6 @@ dask.config.update_defaults(_DEFAULTS)
 
 # Shared keys any provider may read (the shipped defaults name them all).
 _SHARED = {k for k, v in _DEFAULTS["secure-cloud"].items() if not isinstance(v, dict)}
-
-
-class ConfigError(SecureCloudError, ValueError):
-    """A dask config key or value under ``secure-cloud`` is wrong."""
 
 
 def _norm(key: str) -> str:

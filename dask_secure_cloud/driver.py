@@ -17,7 +17,13 @@ from typing import Any, ClassVar
 
 from .cloudinit import UserDataLimit
 from .credentials import Role
-from .errors import SecureCloudError
+from .errors import (
+    CloudError,
+    ForbiddenError,
+    InUseError,
+    NotFoundError,
+    ThrottledError,
+)
 
 __all__ = [
     "VM",
@@ -37,34 +43,6 @@ __all__ = [
 CLUSTER_TAG = "dask-secure-cloud-cluster"
 #: Who started the cluster (``user@host``), where the cloud's tags can carry it.
 CREATOR_TAG = "dask-secure-cloud-creator"
-
-
-class CloudError(SecureCloudError, RuntimeError):
-    """The cloud refused a request. The message names the option to change, if any.
-
-    Drivers raise one of the subclasses below where the cloud's answer says which case it
-    is (by status or error code, never by message text), so the core can act on it: skip
-    what is already gone, wait out what is in use or throttled, stop on what is forbidden.
-    """
-
-
-class NotFoundError(CloudError):
-    """The resource does not exist (any more): for a delete, the work is done."""
-
-
-class InUseError(CloudError):
-    """The resource is still referenced by another (a NIC by a VM being deleted, a network
-    by its last VMs): deleting it again a little later succeeds."""
-
-
-class ForbiddenError(CloudError):
-    """The credentials may not do this: retrying cannot help; the message says which
-    permission or scope is missing."""
-
-
-class ThrottledError(CloudError):
-    """The cloud asked us to slow down, after the SDK's own retries: nothing is known
-    about the resource, and the same call may succeed later."""
 
 
 @dataclass(frozen=True)
@@ -268,6 +246,19 @@ class Driver(abc.ABC):
         """Where VMs of ``role`` hear they are about to be reclaimed; ``None`` when they
         are not spot or preemptible VMs."""
         return None
+
+    def lease_end(self) -> str:
+        """Source text the scheduler runs when its lease ends, before it closes: it
+        defines ``on_expiry(resources)`` (standard library only), given what
+        :meth:`lease_arguments` last passed. Empty: the VMs only power off, which is
+        enough where the cloud deletes a VM that powers off (EC2)."""
+        return ""
+
+    def lease_arguments(self) -> dict[str, Any]:
+        """Keyword arguments of each lease renewal: ``resources`` for :meth:`lease_end`.
+        Only what the scheduler's lease preload accepts, so empty unless ``lease_end``
+        is not."""
+        return {}
 
     async def states(self, cluster_id: str) -> Mapping[str, str]:
         """Each of the cluster's VMs' state by VM id, from one listing: what the cluster's

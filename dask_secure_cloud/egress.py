@@ -25,13 +25,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .credentials import Role
-from .driver import CloudError
+from .errors import NoRouteOutError
 
 __all__ = ["Exits", "NoRouteOutError", "decide_public_addresses", "public_address", "way_out"]
-
-
-class NoRouteOutError(CloudError):
-    """VMs of a role would have no route out of their network: refused before any is made."""
 
 
 @dataclass(frozen=True)

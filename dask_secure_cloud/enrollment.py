@@ -47,7 +47,7 @@ from cryptography.x509.oid import NameOID
 from . import audit
 from .credentials import CLOCK_SKEW, ClusterCredentials, Role
 from .enroll import LINE_LIMIT, proof
-from .errors import SecureCloudError
+from .errors import EnrollmentRefused
 
 __all__ = [
     "Enrollment",
@@ -67,10 +67,6 @@ _QUOTE = 200
 #: Distinct refusals logged and audited per VM: one refused for ever new reasons (its
 #: own error text) stops there.
 _AUDITED_REFUSALS = 10
-
-
-class EnrollmentRefused(SecureCloudError):
-    """A VM's answer was not accepted: wrong name, wrong proof, used or expired token."""
 
 
 @dataclass

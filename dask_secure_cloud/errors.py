@@ -1,19 +1,57 @@
-"""The one base class of every error dask-secure-cloud raises on purpose.
+"""Every error dask-secure-cloud raises on purpose, in one tree.
 
 ``except SecureCloudError`` catches them all, whatever they also are: each keeps the
 builtin it has always been (``RuntimeError`` for what went wrong with a cloud or a
 cluster, ``ValueError`` for what the caller asked), so code that caught those still does.
+
+A cloud's own errors reach users only as a :class:`CloudError` of the kind the cloud's
+error *code* says (never its message text): each provider has one table from its codes
+to these kinds (``error_kinds`` in its module), read by :func:`cloud_error`.
+
+::
+
+    SecureCloudError
+    ├── OptionError (ValueError)          an option refused before anything is made
+    │   ├── UnknownOptionError (TypeError)
+    │   └── NetworkPolicyError            an exposure refused until opted into
+    ├── ConfigError (ValueError)          a dask config key or value under secure-cloud
+    ├── UserDataTooLarge (ValueError)     over the cloud's user-data limit
+    ├── UnsupportedUserData (ValueError)  a local VM cannot run this user-data faithfully
+    ├── EnrollmentRefused                 a VM's enrolment answer was not accepted
+    ├── ClusterStartError (RuntimeError)  the cluster could not start; nothing is left
+    ├── VMBootError (RuntimeError)        a VM did not come up in time
+    ├── ResourcesLeftError (RuntimeError) closing left resources, listed
+    └── CloudError (RuntimeError)         the cloud refused a request
+        ├── NotFoundError                 gone (for a delete: done)
+        ├── InUseError                    still referenced: retry a little later
+        ├── ForbiddenError                the credentials may not: never retried
+        ├── ThrottledError                slow down: the same call may succeed later
+        └── NoRouteOutError               VMs would have no route out: refused first
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 __all__ = [
+    "CloudError",
     "ClusterStartError",
+    "ConfigError",
+    "EnrollmentRefused",
+    "ForbiddenError",
+    "InUseError",
+    "NetworkPolicyError",
+    "NoRouteOutError",
+    "NotFoundError",
     "OptionError",
     "ResourcesLeftError",
     "SecureCloudError",
+    "ThrottledError",
     "UnknownOptionError",
+    "UnsupportedUserData",
+    "UserDataTooLarge",
     "VMBootError",
+    "cloud_error",
 ]
 
 
@@ -31,6 +69,26 @@ class UnknownOptionError(OptionError, TypeError):
     real option."""
 
 
+class NetworkPolicyError(OptionError):
+    """The requested exposure is refused until the caller opts in explicitly."""
+
+
+class ConfigError(SecureCloudError, ValueError):
+    """A dask config key or value under ``secure-cloud`` is wrong."""
+
+
+class UserDataTooLarge(SecureCloudError, ValueError):
+    """Rendered user-data exceeds the cloud's limit. The message names the biggest parts."""
+
+
+class UnsupportedUserData(SecureCloudError, ValueError):
+    """The user-data asks for something this runner cannot do faithfully."""
+
+
+class EnrollmentRefused(SecureCloudError):
+    """A VM's answer was not accepted: wrong name, wrong proof, used or expired token."""
+
+
 class ClusterStartError(SecureCloudError, RuntimeError):
     """The cluster could not start; everything it made has been deleted."""
 
@@ -41,3 +99,57 @@ class VMBootError(SecureCloudError, RuntimeError):
 
 class ResourcesLeftError(SecureCloudError, RuntimeError):
     """Closing did not delete every VM of the cluster. The message lists them."""
+
+
+class CloudError(SecureCloudError, RuntimeError):
+    """The cloud refused a request. The message names the option to change, if any;
+    ``code`` is the cloud's own error code, where it gave one.
+
+    Drivers raise one of the subclasses below where the cloud's answer says which case it
+    is (by status or error code, never by message text), so the core can act on it: skip
+    what is already gone, wait out what is in use or throttled, stop on what is forbidden.
+    """
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class NotFoundError(CloudError):
+    """The resource does not exist (any more): for a delete, the work is done."""
+
+
+class InUseError(CloudError):
+    """The resource is still referenced by another (a NIC by a VM being deleted, a network
+    by its last VMs): deleting it again a little later succeeds."""
+
+
+class ForbiddenError(CloudError):
+    """The credentials may not do this: retrying cannot help; the message says which
+    permission or scope is missing."""
+
+
+class ThrottledError(CloudError):
+    """The cloud asked us to slow down, after the SDK's own retries: nothing is known
+    about the resource, and the same call may succeed later."""
+
+
+class NoRouteOutError(CloudError):
+    """VMs of a role would have no route out of their network: refused before any is made."""
+
+
+#: A provider's table: its error code -> the kind of CloudError it is.
+ErrorKinds = Mapping[str, type[CloudError]]
+
+
+def cloud_error(
+    message: str,
+    code: str,
+    kinds: ErrorKinds,
+    by_suffix: Callable[[str], type[CloudError] | None] | None = None,
+) -> CloudError:
+    """The :class:`CloudError` of the kind ``code`` has in a provider's table ``kinds``
+    (or, for codes a cloud builds from parts such as EC2's ``*.NotFound``, that
+    ``by_suffix`` names); a plain :class:`CloudError` for any other code."""
+    kind = kinds.get(code) or (by_suffix(code) if by_suffix else None) or CloudError
+    return kind(message, code)

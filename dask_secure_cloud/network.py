@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import OptionError
+from .errors import NetworkPolicyError
 
 if TYPE_CHECKING:
     from .options import CloudOptions
@@ -30,10 +30,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _WORLD = {"0.0.0.0/0", "::/0"}
-
-
-class NetworkPolicyError(OptionError):
-    """The requested exposure is refused until the caller opts in explicitly."""
 
 
 def parse_cidrs(values: Sequence[str] | None, option_name: str = "allowed_cidrs") -> list[str]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .cloudinit import decode_file, parse
-from .errors import SecureCloudError
+from .errors import UnsupportedUserData
 
 __all__ = ["LocalVM", "UnsupportedUserData", "boot", "find_vms"]
 
@@ -38,10 +38,6 @@ _SUPPORTED = {"write_files", "runcmd"}
 # Variables a new VM would have, and the ones Python needs to find its packages here.
 _PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV", "TZ")
 _RECORD = "vm.json"
-
-
-class UnsupportedUserData(SecureCloudError, ValueError):
-    """The user-data asks for something this runner cannot do faithfully."""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import logging
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
-from .. import driver
+from .. import driver, errors
 from ..cloudinit import LIMITS
 from ..cluster import VMCluster
 from ..credentials import Role
@@ -96,77 +96,59 @@ def known_regions() -> set[str]:
     }
 
 
-class EC2Error(driver.CloudError):
-    """An EC2 error, with the API's error code to decide on (never its message text).
-
-    Where the code tells the case, the error is also one of the shared kinds:
-    :class:`EC2NotFoundError`, :class:`EC2InUseError`, :class:`EC2ForbiddenError`,
-    :class:`EC2ThrottledError` (see :func:`ec2_error`)."""
-
-    def __init__(self, message: str, code: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class EC2NotFoundError(EC2Error, driver.NotFoundError):
-    """``*.NotFound``: the instance, group, subnet... does not exist (any more)."""
-
-
-class EC2InUseError(EC2Error, driver.InUseError):
-    """``DependencyViolation``, ``*.InUse``: still referenced (a security group by the
-    network interface of an instance that is terminating)."""
-
-
-class EC2ForbiddenError(EC2Error, driver.ForbiddenError):
-    """``UnauthorizedOperation``, ``AuthFailure``, ``OptInRequired``...: the credentials
-    or the account may not do this."""
-
-
-class EC2ThrottledError(EC2Error, driver.ThrottledError):
-    """``RequestLimitExceeded`` and the other throttling codes, after botocore's retries."""
-
-
-#: EC2 error codes of each shared kind, besides the ``.NotFound`` and ``.InUse`` suffixes.
-_NOT_FOUND_CODES = frozenset({"InvalidInstanceID.NotFound", "InvalidGroup.NotFound"})
-_IN_USE_CODES = frozenset({"DependencyViolation", "VolumeInUse"})
-_FORBIDDEN_CODES = frozenset(
-    {
-        "UnauthorizedOperation",
-        "AuthFailure",
-        "OptInRequired",
-        "Blocked",
-        "PendingVerification",
-        "SignatureDoesNotMatch",
-        "InvalidClientTokenId",
-        "MissingAuthenticationToken",
-    }
-)
-_THROTTLED_CODES = frozenset(
-    {
-        "RequestLimitExceeded",
-        "Throttling",
-        "ThrottlingException",
-        "RequestThrottled",
-        "RequestThrottledException",
-        "TooManyRequestsException",
-        "EC2ThrottledException",
-        "BandwidthLimitExceeded",
-    }
-)
+#: EC2's error codes -> the kind of CloudError each is (see errors.cloud_error); codes
+#: ending in ``.NotFound`` or ``.InUse`` are read by :func:`_kind_by_suffix`.
+error_kinds: errors.ErrorKinds = {
+    "InvalidInstanceID.NotFound": errors.NotFoundError,
+    "InvalidGroup.NotFound": errors.NotFoundError,
+    # Still referenced: a security group by the network interface of an instance that
+    # is terminating.
+    "DependencyViolation": errors.InUseError,
+    "VolumeInUse": errors.InUseError,
+    # The credentials or the account may not do this.
+    **dict.fromkeys(
+        (
+            "UnauthorizedOperation",
+            "AuthFailure",
+            "OptInRequired",
+            "Blocked",
+            "PendingVerification",
+            "SignatureDoesNotMatch",
+            "InvalidClientTokenId",
+            "MissingAuthenticationToken",
+        ),
+        errors.ForbiddenError,
+    ),
+    # Throttled, after botocore's own retries.
+    **dict.fromkeys(
+        (
+            "RequestLimitExceeded",
+            "Throttling",
+            "ThrottlingException",
+            "RequestThrottled",
+            "RequestThrottledException",
+            "TooManyRequestsException",
+            "EC2ThrottledException",
+            "BandwidthLimitExceeded",
+        ),
+        errors.ThrottledError,
+    ),
+}
 
 
-def ec2_error(message: str, code: str) -> EC2Error:
-    """The :class:`EC2Error` of the kind EC2's error ``code`` says."""
-    cls: type[EC2Error] = EC2Error
-    if code in _THROTTLED_CODES:
-        cls = EC2ThrottledError
-    elif code in _FORBIDDEN_CODES:
-        cls = EC2ForbiddenError
-    elif code in _IN_USE_CODES or code.endswith(".InUse"):
-        cls = EC2InUseError
-    elif code in _NOT_FOUND_CODES or code.endswith(".NotFound"):
-        cls = EC2NotFoundError
-    return cls(message, code)
+def _kind_by_suffix(code: str) -> type[errors.CloudError] | None:
+    """EC2 builds many codes from the resource's name: ``InvalidSubnetID.NotFound``,
+    ``InvalidIPAddress.InUse``."""
+    if code.endswith(".InUse"):
+        return errors.InUseError
+    if code.endswith(".NotFound"):
+        return errors.NotFoundError
+    return None
+
+
+def ec2_error(message: str, code: str) -> errors.CloudError:
+    """The :class:`~dask_secure_cloud.errors.CloudError` of the kind EC2's ``code`` says."""
+    return errors.cloud_error(message, code, error_kinds, _kind_by_suffix)
 
 
 @contextlib.contextmanager
@@ -593,7 +575,7 @@ class EC2Driver(driver.Driver):
         )["Reservations"]
         if not reservations or not reservations[0]["Instances"]:
             # EC2 forgets a terminated instance after a while.
-            raise EC2NotFoundError(
+            raise errors.NotFoundError(
                 f"EC2 describe_instances: instance {instance_id} is not listed",
                 "InvalidInstanceID.NotFound",
             )

@@ -34,7 +34,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from .. import driver
+from .. import driver, errors
 from ..cloudinit import LIMITS
 from ..cluster import VMCluster
 from ..credentials import Role
@@ -57,16 +57,27 @@ __all__ = ["GCPCluster", "GCPDriver"]
 
 logger = logging.getLogger(__name__)
 
-#: The ``reason`` of Compute Engine's errors (in ``error.errors[]``) that say what
-#: happened, whatever the HTTP status: Compute Engine answers its per-project rate
-#: limits with 403 ``rateLimitExceeded``, and a delete of a resource another one still
-#: uses with 400 ``resourceInUseByAnotherResource``.
-_RATE_LIMITED = frozenset({"rateLimitExceeded", "userRateLimitExceeded"})
-_IN_USE = frozenset({"resourceInUseByAnotherResource"})
+#: Compute Engine's error codes -> the kind of CloudError each is (see
+#: errors.cloud_error). A ``reason`` of ``error.errors[]`` (or an operation's error code)
+#: says what happened whatever the HTTP status, and is read first: Compute Engine
+#: answers its per-project rate limits with 403 ``rateLimitExceeded``, a delete of a
+#: resource another one still uses with 400 ``resourceInUseByAnotherResource``, and an
+#: exhausted quota with 403 ``quotaExceeded`` (not a permission to ask for). Then the
+#: HTTP status, as text.
+error_kinds: errors.ErrorKinds = {
+    "rateLimitExceeded": errors.ThrottledError,
+    "userRateLimitExceeded": errors.ThrottledError,
+    "resourceInUseByAnotherResource": errors.InUseError,
+    "RESOURCE_IN_USE_BY_ANOTHER_RESOURCE": errors.InUseError,
+    "RESOURCE_NOT_FOUND": errors.NotFoundError,
+    "quotaExceeded": errors.CloudError,
+    "limitExceeded": errors.CloudError,
+    "429": errors.ThrottledError,
+    "404": errors.NotFoundError,
+    "401": errors.ForbiddenError,
+    "403": errors.ForbiddenError,
+}
 _QUOTA = frozenset({"quotaExceeded", "limitExceeded"})
-#: The same cases, as an operation's error codes (``Operation.error.errors[].code``).
-_OPERATION_IN_USE = frozenset({"RESOURCE_IN_USE_BY_ANOTHER_RESOURCE"})
-_OPERATION_NOT_FOUND = frozenset({"RESOURCE_NOT_FOUND"})
 #: The firewall rules of a cluster, by the suffix after its network tag.
 #: An instance in these states has stopped (its OS powered off, or it was preempted)
 #: but still exists: its boot disk bills until the instance is deleted.
@@ -87,8 +98,8 @@ def _reasons(error: BaseException) -> set[str]:
 
 def _retryable(error: BaseException) -> bool:
     """Rate limits and "try again" answers, as the API asks to back off on them."""
-    return isinstance(error, (gexc.TooManyRequests, gexc.ServiceUnavailable)) or bool(
-        _reasons(error) & _RATE_LIMITED
+    return isinstance(error, (gexc.TooManyRequests, gexc.ServiceUnavailable)) or any(
+        error_kinds.get(reason) is errors.ThrottledError for reason in _reasons(error)
     )
 
 
@@ -116,24 +127,31 @@ def _message(error: BaseException) -> str:
     return getattr(error, "message", None) or str(error)
 
 
-def _translate(what: str, error: BaseException) -> driver.CloudError:
-    """A Google API error as the shared kind its type (HTTP status) or reason says."""
-    reasons = _reasons(error)
-    text = _message(error)
-    if isinstance(error, gexc.TooManyRequests) or reasons & _RATE_LIMITED:
-        return driver.ThrottledError(f"{what}: Compute Engine's rate limit was hit ({text})")
-    if isinstance(error, gexc.NotFound):
-        return driver.NotFoundError(f"{what} not found: {text}")
-    if reasons & _IN_USE:
-        return driver.InUseError(f"{what}: still in use ({text})")
-    if reasons & _QUOTA:
-        return driver.CloudError(f"{what}: a quota is exhausted ({text})")
-    if isinstance(error, (gexc.Forbidden, gexc.Unauthorized)):
-        return driver.ForbiddenError(
-            f"{what}: permission denied ({text}); give these credentials the roles listed "
-            "in the docs"
-        )
-    return driver.CloudError(f"{what} failed: {text}")
+def _code(error: BaseException) -> str:
+    """The code of ``error`` that :data:`error_kinds` knows: a reason first, else the
+    HTTP status."""
+    reasons = sorted(_reasons(error))
+    known = [r for r in reasons if r in error_kinds]
+    if known:
+        return known[0]
+    status = getattr(error, "code", None)
+    return str(int(status)) if isinstance(status, int) else (reasons[0] if reasons else "")
+
+
+def _translate(what: str, error: BaseException) -> errors.CloudError:
+    """A Google API error as the kind its reason or HTTP status says."""
+    code, text = _code(error), _message(error)
+    if code in _QUOTA:
+        message = f"{what}: a quota is exhausted ({text})"
+    else:
+        message = {
+            errors.ThrottledError: f"{what}: Compute Engine's rate limit was hit ({text})",
+            errors.NotFoundError: f"{what} not found: {text}",
+            errors.InUseError: f"{what}: still in use ({text})",
+            errors.ForbiddenError: f"{what}: permission denied ({text}); give these "
+            "credentials the roles listed in the docs",
+        }.get(error_kinds.get(code, errors.CloudError), f"{what} failed: {text}")
+    return errors.cloud_error(message, code, error_kinds)
 
 
 class GCPDriver(driver.Driver):
@@ -252,11 +270,7 @@ class GCPDriver(driver.Driver):
         if current.error and current.error.errors:
             first = current.error.errors[0]
             message = f"{what} failed: {first.code}: {first.message}"
-            if first.code in _OPERATION_IN_USE:
-                raise driver.InUseError(message)
-            if first.code in _OPERATION_NOT_FOUND:
-                raise driver.NotFoundError(message)
-            raise driver.CloudError(message)
+            raise errors.cloud_error(message, first.code, error_kinds)
 
     # -- before the first VM ------------------------------------------------------------
 
