@@ -24,8 +24,11 @@ from .errors import (
     NotFoundError,
     ThrottledError,
 )
+from .names import CLUSTER_TAG, CREATOR_TAG
 
 __all__ = [
+    "CLUSTER_TAG",
+    "CREATOR_TAG",
     "VM",
     "CloudError",
     "ClusterSummary",
@@ -38,11 +41,6 @@ __all__ = [
     "VMRequest",
     "summarize",
 ]
-
-#: The tag (or label) key every resource of a cluster carries.
-CLUSTER_TAG = "dask-secure-cloud-cluster"
-#: Who started the cluster (``user@host``), where the cloud's tags can carry it.
-CREATOR_TAG = "dask-secure-cloud-creator"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,12 @@ import re
 
 from .errors import OptionError
 
-__all__ = ["MAX_LENGTH", "check_cluster_id"]
+__all__ = ["CLUSTER_TAG", "CREATOR_TAG", "MAX_LENGTH", "check_cluster_id"]
+
+#: The tag (or label) key every resource of a cluster carries, the id its value.
+CLUSTER_TAG = "dask-secure-cloud-cluster"
+#: Who started the cluster (``user@host``), where the cloud's tags can carry it.
+CREATOR_TAG = "dask-secure-cloud-creator"
 
 #: Longest cluster id: ``dask-secure-cloud-`` (18) + id (30) + ``-worker-9999999`` (15)
 #: is 63, Compute Engine's limit for a name.

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import NetworkPolicyError
+from .options.base import WORLD, refuse_world
+from .options.base import cidrs as checked_cidrs
 
 if TYPE_CHECKING:
     from .options import CloudOptions
@@ -29,24 +31,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_WORLD = {"0.0.0.0/0", "::/0"}
-
 
 def parse_cidrs(values: Sequence[str] | None, option_name: str = "allowed_cidrs") -> list[str]:
-    """Normalise CIDRs, or raise naming the bad one."""
-    if values is None:
-        return []
-    if isinstance(values, str):
-        raise NetworkPolicyError(f"{option_name} must be a list of CIDRs, got {values!r}")
-    cidrs = []
-    for value in values:
-        try:
-            cidrs.append(str(ipaddress.ip_network(value, strict=False)))
-        except ValueError as e:
-            raise NetworkPolicyError(
-                f"{option_name}: {value!r} is not an address or CIDR such as '203.0.113.7/32'"
-            ) from e
-    return cidrs
+    """Normalise CIDRs, or raise naming the bad one (the options' own check)."""
+    return [] if values is None else list(checked_cidrs(values, option_name))
 
 
 def _lookup_public_ip(url: str) -> str:
@@ -77,12 +65,8 @@ async def scheduler_sources(
                 "pass allowed_cidrs=['203.0.113.7/32'] with the address the scheduler "
                 "should accept connections from"
             ) from e
-    if _WORLD & set(cidrs):
-        if not open_to_world:
-            raise NetworkPolicyError(
-                "allowed_cidrs opens the scheduler to the whole internet; if you really "
-                "mean it, also pass open_to_world=True"
-            )
+    refuse_world(cidrs, open_to_world=open_to_world)
+    if WORLD & set(cidrs):
         logger.warning("The scheduler's port and dashboard are open to the whole internet")
     return cidrs
 

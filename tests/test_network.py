@@ -5,6 +5,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from dask_secure_cloud.errors import OptionError
 from dask_secure_cloud.network import (
     NetworkPolicy,
     NetworkPolicyError,
@@ -58,8 +59,10 @@ async def test_failed_lookup_says_what_to_pass():
 
 def test_cidrs_are_normalised_or_named():
     assert parse_cidrs(["10.0.0.7", "10.1.0.0/16"]) == ["10.0.0.7/32", "10.1.0.0/16"]
-    with pytest.raises(NetworkPolicyError, match="must be a list"):
+    with pytest.raises(OptionError, match="must be a list"):  # as the option says
         parse_cidrs("10.0.0.0/8")
+    with pytest.raises(NetworkPolicyError, match="not an address or CIDR"):
+        parse_cidrs(["10.0.0.300"])
 
 
 def test_plain_tcp_on_a_public_address_needs_an_explicit_opt_in():

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from .aws import EC2Options
 from .azure import AzureOptions
-from .base import default, option, resolve, specs
+from .base import default, option, specs
 from .digitalocean import DropletOptions
 from .files import (
     OPTION_CLASSES,
@@ -38,6 +38,7 @@ from .files import (
 )
 from .gcp import GCPOptions
 from .local import LocalOptions
+from .resolving import resolve
 from .shared import CloudOptions, ClusterOptions
 
 __all__ = [

@@ -11,13 +11,14 @@ import math
 import os
 import re
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import dask.config
 import dask.utils
 
-from ..errors import OptionError, UnknownOptionError
+from ..errors import NetworkPolicyError, OptionError
+from ..names import CLUSTER_TAG
 
 Check = Callable[[Any, str], Any]
 
@@ -269,9 +270,9 @@ def _security(value: Any, name: str) -> Any:
     )
 
 
-def _cidrs(value: Any, name: str) -> tuple[str, ...]:
-    from ..network import NetworkPolicyError
-
+def cidrs(value: Any, name: str) -> tuple[str, ...]:
+    """Normalised CIDRs (an address alone is its /32 or /128), or the error naming the
+    bad one."""
     cidrs = []
     for item in _texts("CIDRs")(value, name):
         try:
@@ -283,6 +284,20 @@ def _cidrs(value: Any, name: str) -> tuple[str, ...]:
     return tuple(cidrs)
 
 
+#: CIDRs that admit every address.
+WORLD = frozenset({"0.0.0.0/0", "::/0"})
+
+
+def refuse_world(cidrs: Iterable[str], *, open_to_world: bool) -> None:
+    """Refuse CIDRs that open the scheduler to the whole internet, unless the caller said
+    so with ``open_to_world=True``."""
+    if WORLD & set(cidrs) and not open_to_world:
+        raise NetworkPolicyError(
+            "allowed_cidrs opens the scheduler to the whole internet; if you really "
+            "mean it, also pass open_to_world=True"
+        )
+
+
 def _network(value: Any, name: str) -> str:
     # ipaddress takes an int (1 is 0.0.0.1/32) too: only text is a network here.
     wanted = f"{name} must be a network such as '10.77.0.0/16', got {value!r}"
@@ -292,10 +307,6 @@ def _network(value: Any, name: str) -> str:
         return str(ipaddress.ip_network(value))
     except ValueError as e:
         raise OptionError(f"{wanted} ({e})") from e
-
-
-#: The tag (or label) key every resource of a cluster carries (``driver.CLUSTER_TAG``).
-CLUSTER_TAG = "dask-secure-cloud-cluster"
 
 
 def _choice(*values: str) -> Check:
@@ -344,36 +355,3 @@ def _from_config(provider: str, name: str) -> tuple[Any, str | None]:
         if value is not None:
             return value, key
     return None, None
-
-
-def resolve(cls: type[_T], keywords: Mapping[str, Any], *, owner: str = "") -> _T:
-    """The options of ``cls``: each keyword (``None``: not given) beats the dask config,
-    which beats the default; each value is then checked, wherever it came from, and an
-    error names the keyword or the config key to fix. Unknown keywords and misspelled
-    config keys are refused with the closest real name."""
-    from .. import config
-
-    names = [name for name, _ in specs(cls)]
-    owner = owner or cls.__name__
-    for given in keywords:
-        if given not in names:
-            close = difflib.get_close_matches(given, names, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise UnknownOptionError(f"{owner} has no option {given!r}.{hint}")
-    config.check_provider_keys(cls.provider, names)
-    values: dict[str, Any] = {}
-    for name, spec in specs(cls):
-        value, label = keywords.get(name), name
-        if value is None:
-            value, key = _from_config(cls.provider, name)
-            if key is not None:
-                label = f"{name} (dask config {key})"
-        if value is None:
-            value = default(cls, name)
-        if value is None:
-            if "null" not in spec.types:
-                raise OptionError(f"{owner}: {name} is required")
-        elif spec.check is not None:
-            value = spec.check(value, label)
-        values[name] = value
-    return cls(**values)

@@ -12,7 +12,6 @@ from .base import (
     DURATION,
     _boolean,
     _choice,
-    _cidrs,
     _command_options,
     _environment,
     _security,
@@ -21,9 +20,11 @@ from .base import (
     _tristate,
     _url,
     _whole,
+    cidrs,
     duration,
     option,
     port,
+    refuse_world,
 )
 
 if TYPE_CHECKING:
@@ -329,7 +330,7 @@ class CloudOptions(ClusterOptions):
         up at ``public_ip_url``.
         """,
         types=("array", "null"),
-        check=_cidrs,
+        check=cidrs,
         note="null: this machine's public address",
     )
     open_to_world: bool = option(
@@ -353,17 +354,7 @@ class CloudOptions(ClusterOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if (
-            self.allowed_cidrs
-            and {"0.0.0.0/0", "::/0"} & set(self.allowed_cidrs)
-            and not self.open_to_world
-        ):
-            from ..network import NetworkPolicyError
-
-            raise NetworkPolicyError(
-                "allowed_cidrs opens the scheduler to the whole internet; if you really "
-                "mean it, also pass open_to_world=True"
-            )
+        refuse_world(self.allowed_cidrs or (), open_to_world=self.open_to_world)
 
 
 WORKER_PUBLIC_IP = """
