@@ -11,41 +11,33 @@ from typing import TYPE_CHECKING, Any
 
 from . import config  # noqa: F401  (registers the dask config defaults)
 from .errors import (
+    CloudError,
     ClusterStartError,
+    ConfigError,
+    NetworkPolicyError,
+    NoRouteOutError,
     OptionError,
     ResourcesLeftError,
     SecureCloudError,
     UnknownOptionError,
+    UserDataTooLarge,
     VMBootError,
 )
+from .registry import PROVIDERS
 
 __version__ = "0.1.0"
 
+#: Imported when first used: each cluster class (and its cloud's SDK), and the rest.
 _LAZY = {
-    "LocalVMCluster": ".providers.local",
-    "EC2Cluster": ".providers.aws",
-    "GCPCluster": ".providers.gcp",
-    "AzureVMCluster": ".providers.azure",
-    "DropletCluster": ".providers.digitalocean",
-    "VMCluster": ".cluster",
-    "ClusterCredentials": ".credentials",
-    "CloudError": ".driver",
-    "NoRouteOutError": ".egress",
-    "ConfigError": ".config",
-    "NetworkPolicyError": ".network",
-    "UserDataTooLarge": ".cloudinit",
+    **{p.cluster_class: p.module for p in PROVIDERS.values()},
+    "VMCluster": f"{__name__}.cluster",
+    "ClusterCredentials": f"{__name__}.credentials",
 }
 
 __all__ = [
-    "AzureVMCluster",
     "CloudError",
-    "ClusterCredentials",
     "ClusterStartError",
     "ConfigError",
-    "DropletCluster",
-    "EC2Cluster",
-    "GCPCluster",
-    "LocalVMCluster",
     "NetworkPolicyError",
     "NoRouteOutError",
     "OptionError",
@@ -54,27 +46,22 @@ __all__ = [
     "UnknownOptionError",
     "UserDataTooLarge",
     "VMBootError",
-    "VMCluster",
     "__version__",
+    *_LAZY,
 ]
 
-if TYPE_CHECKING:
-    from .cloudinit import UserDataTooLarge
-    from .cluster import VMCluster
-    from .config import ConfigError
-    from .credentials import ClusterCredentials
-    from .driver import CloudError
-    from .egress import NoRouteOutError
-    from .network import NetworkPolicyError
-    from .providers.aws import EC2Cluster
-    from .providers.azure import AzureVMCluster
-    from .providers.digitalocean import DropletCluster
-    from .providers.gcp import GCPCluster
-    from .providers.local import LocalVMCluster
+if TYPE_CHECKING:  # for type checkers and editors, which cannot read _LAZY
+    from .cluster import VMCluster as VMCluster
+    from .credentials import ClusterCredentials as ClusterCredentials
+    from .providers.aws import EC2Cluster as EC2Cluster
+    from .providers.azure import AzureVMCluster as AzureVMCluster
+    from .providers.digitalocean import DropletCluster as DropletCluster
+    from .providers.gcp import GCPCluster as GCPCluster
+    from .providers.local import LocalVMCluster as LocalVMCluster
 
 
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'dask_secure_cloud' has no attribute {name!r}")
-    return getattr(importlib.import_module(module, __name__), name)
+    return getattr(importlib.import_module(module), name)

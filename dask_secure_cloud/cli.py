@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import importlib
 import re
 import time
 from collections.abc import Sequence
@@ -23,17 +22,10 @@ from . import audit, config
 from .cloudinit import decode_file, parse
 from .credentials import Role
 from .options.base import duration
+from .registry import PROVIDERS, cluster_class, options_class
 
 __all__ = ["main"]
 
-#: provider -> (module, cluster class), imported only when used.
-CLUSTER_CLASSES = {
-    "local": (".providers.local", "LocalVMCluster"),
-    "aws": (".providers.aws", "EC2Cluster"),
-    "gcp": (".providers.gcp", "GCPCluster"),
-    "azure": (".providers.azure", "AzureVMCluster"),
-    "digitalocean": (".providers.digitalocean", "DropletCluster"),
-}
 _SECRET_OPTIONS = {"token"}
 _PEM_PRIVATE = re.compile(
     r"-----BEGIN ([A-Z ]*)PRIVATE KEY-----.*?-----END \1PRIVATE KEY-----", re.DOTALL
@@ -128,11 +120,6 @@ def demo(n_workers: int, insecure: bool) -> None:
 # -- shared helpers ----------------------------------------------------------------------
 
 
-def _cluster_class(provider: str) -> Any:
-    module, name = CLUSTER_CLASSES[provider]
-    return getattr(importlib.import_module(module, __package__), name)
-
-
 def _options(pairs: Sequence[str]) -> dict[str, Any]:
     """``-o key=value`` pairs; values are read as YAML, so ``-o n_workers=2`` is an int."""
     options = {}
@@ -148,7 +135,7 @@ def _preview(provider: str, options: dict[str, Any]) -> Any:
     from .cluster import preview
 
     try:
-        return preview(_cluster_class(provider), **options)
+        return preview(cluster_class(provider), **options)
     except ImportError as e:
         raise click.ClickException(str(e)) from e
     except (ValueError, TypeError) as e:  # an option the cluster class refuses
@@ -189,7 +176,7 @@ _PROVIDER_OPTION = click.option(
     "--provider",
     "providers",
     multiple=True,
-    type=click.Choice(sorted(CLUSTER_CLASSES)),
+    type=click.Choice(sorted(PROVIDERS)),
     help="Look only here (repeatable). Default: every provider.",
 )
 _OPTION_OPTION = click.option(
@@ -239,7 +226,7 @@ def list_clusters(providers: Sequence[str], pairs: Sequence[str]) -> None:
     """
 
     async def run() -> None:
-        found = await _found(providers or sorted(CLUSTER_CLASSES), _options(pairs))
+        found = await _found(providers or sorted(PROVIDERS), _options(pairs))
         try:
             header = ("PROVIDER", "CLUSTER", "AGE", "CLIENT", "VMS", "OTHER", "BILLS", "CREATOR")
             rows = [header]
@@ -324,7 +311,7 @@ def cleanup(
         return created is not None and cutoff is not None and created < cutoff
 
     async def run() -> int:
-        found = await _found(providers or sorted(CLUSTER_CLASSES), _options(pairs))
+        found = await _found(providers or sorted(PROVIDERS), _options(pairs))
         failures = 0
         try:
             doomed = [(p, s, d) for p, s, d in found if chosen(s)]
@@ -393,7 +380,7 @@ def redact(user_data: bytes) -> str:
 @main.command(name="cloud-init")
 @click.option(
     "--provider",
-    type=click.Choice(sorted(CLUSTER_CLASSES)),
+    type=click.Choice(sorted(PROVIDERS)),
     default="local",
     show_default=True,
     help="Whose limits and defaults to use.",
@@ -418,14 +405,13 @@ def cloud_init(provider: str, role: str, pairs: Sequence[str]) -> None:
 
 
 @main.command(name="config")
-@click.argument("provider", type=click.Choice(sorted(CLUSTER_CLASSES)))
+@click.argument("provider", type=click.Choice(sorted(PROVIDERS)))
 def show_config(provider: str) -> None:
     """The effective options of PROVIDER's cluster class and where each comes from."""
-    from .options import OPTION_CLASSES, specs
+    from .options import specs
 
     # The options classes need no cloud SDK: this works without the provider's extra.
-    options_class = next(c for c in OPTION_CLASSES if c.provider == provider)
-    names = [name for name, _ in specs(options_class)]
+    names = [name for name, _ in specs(options_class(provider))]
     try:
         config.check_provider_keys(provider, names)
     except config.ConfigError as e:

@@ -42,6 +42,7 @@ from .bootscript import render_script
 from .credentials import LeafCredentials, Role
 from .errors import OptionError, UserDataTooLarge
 from .options.shared import check_requirements
+from .registry import PROVIDERS, UserDataLimit
 
 __all__ = [
     "LIMITS",
@@ -80,32 +81,8 @@ _SCRIPT_VARIABLES = frozenset(
 _HEADER = "#cloud-config\n"
 
 
-@dataclass(frozen=True)
-class UserDataLimit:
-    """A cloud's ceiling on user-data, and how that cloud measures it.
-
-    ``gzip``: the cloud carries user-data as bytes, so the whole document is gzipped
-    (cloud-init inflates it on every datasource) and its files are left as plain text:
-    one compression over every file beats one per file by a third. Clouds that carry
-    user-data as text get each file gzip+base64 encoded instead, where that is smaller.
-    """
-
-    cloud: str
-    max_bytes: int
-    gzip: bool = False
-
-    def measure(self, user_data: bytes) -> int:
-        return len(user_data)
-
-
-LIMITS: dict[str, UserDataLimit] = {
-    "aws": UserDataLimit("EC2", 16_384, gzip=True),
-    "gcp": UserDataLimit("GCE metadata value", 262_144),
-    # customData travels as base64 (up to 87,380 characters); the limit is on the bytes.
-    "azure": UserDataLimit("Azure customData", 65_535, gzip=True),
-    "digitalocean": UserDataLimit("DigitalOcean user_data", 65_536),
-    "local": UserDataLimit("LocalVM", 65_536),
-}
+#: Each provider's user-data limit (see registry.PROVIDERS).
+LIMITS: dict[str, UserDataLimit] = {name: p.user_data for name, p in PROVIDERS.items()}
 
 
 @dataclass(frozen=True)

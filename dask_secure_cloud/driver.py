@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .cloudinit import UserDataLimit
 from .credentials import Role
 from .errors import (
     CloudError,
@@ -25,6 +24,7 @@ from .errors import (
     ThrottledError,
 )
 from .names import CLUSTER_TAG, CREATOR_TAG
+from .registry import UserDataLimit
 
 __all__ = [
     "CLUSTER_TAG",

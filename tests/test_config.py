@@ -8,11 +8,12 @@ import dask.config
 import pytest
 
 from dask_secure_cloud import config
-from dask_secure_cloud.cli import CLUSTER_CLASSES, _cluster_class
 from dask_secure_cloud.cluster import preview
 from dask_secure_cloud.config import ConfigError
 from dask_secure_cloud.errors import OptionError
 from dask_secure_cloud.options import OPTION_CLASSES, defaults_yaml, resolve, schema_yaml, specs
+from dask_secure_cloud.registry import PROVIDERS
+from dask_secure_cloud.registry import cluster_class as _cluster_class
 
 #: Enough for each provider's class to be built offline (a preview starts nothing).
 REQUIRED = {
@@ -66,7 +67,7 @@ def _offline_gcp(monkeypatch):
     )
 
 
-@pytest.mark.parametrize("provider", sorted(CLUSTER_CLASSES))
+@pytest.mark.parametrize("provider", sorted(PROVIDERS))
 def test_keyword_beats_config_beats_default_for_every_provider(provider, monkeypatch):
     name, from_config, from_keyword, _ = PROBE[provider]
     cls = _cluster_class(provider)
@@ -83,7 +84,7 @@ def test_keyword_beats_config_beats_default_for_every_provider(provider, monkeyp
     assert _resolved(provider, name) == default
 
 
-@pytest.mark.parametrize("provider", sorted(CLUSTER_CLASSES))
+@pytest.mark.parametrize("provider", sorted(PROVIDERS))
 def test_environment_variables_override_for_every_provider(provider, monkeypatch):
     name, from_config, _, _ = PROBE[provider]
     variable = f"DASK_SECURE_CLOUD__{provider.upper()}__{name.upper()}"
@@ -102,7 +103,7 @@ def test_environment_variables_override_for_every_provider(provider, monkeypatch
         dask.config.refresh()
 
 
-@pytest.mark.parametrize("provider", sorted(CLUSTER_CLASSES))
+@pytest.mark.parametrize("provider", sorted(PROVIDERS))
 def test_misspelled_key_fails_with_a_suggestion_for_every_provider(provider):
     name = PROBE[provider][0]
     typo = name.replace("_", "-")[:-1] + "x"
@@ -147,7 +148,7 @@ def test_the_shipped_config_files_are_the_ones_the_options_classes_write():
         resolve(_options_class(provider), {"resource_group": "rg"} if provider == "azure" else {})
 
 
-@pytest.mark.parametrize("provider", sorted(CLUSTER_CLASSES))
+@pytest.mark.parametrize("provider", sorted(PROVIDERS))
 def test_a_misspelled_keyword_is_refused_with_the_real_name(provider):
     cls = _cluster_class(provider)
     name = PROBE[provider][0]

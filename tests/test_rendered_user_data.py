@@ -27,10 +27,11 @@ import pytest
 import yaml
 from google.auth.credentials import AnonymousCredentials
 
-from dask_secure_cloud.cli import CLUSTER_CLASSES, _cluster_class
 from dask_secure_cloud.cloudinit import decode_file, parse
 from dask_secure_cloud.cluster import preview
 from dask_secure_cloud.plan import default_docker_image
+from dask_secure_cloud.registry import PROVIDERS
+from dask_secure_cloud.registry import cluster_class as _cluster_class
 
 STORED = Path(__file__).parent / "rendered"
 SHARED = STORED / "shared"
@@ -110,7 +111,7 @@ def _shared(rendered: bytes) -> tuple[bytes, dict[str, bytes]]:
 
 CASES = [
     (provider, role, runtime, variant)
-    for provider in sorted(CLUSTER_CLASSES)
+    for provider in sorted(PROVIDERS)
     for role in ("scheduler", "worker")
     for runtime in RUNTIMES
     for variant in VARIANTS

@@ -9,22 +9,12 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .aws import EC2Options
-from .azure import AzureOptions
+from ..registry import PROVIDERS, options_class
 from .base import _key, _Spec, default, specs
-from .digitalocean import DropletOptions
-from .gcp import GCPOptions
-from .local import LocalOptions
 from .shared import CloudOptions, ClusterOptions
 
 #: Each provider's options, in the order the docs and config list them.
-OPTION_CLASSES: tuple[type[ClusterOptions], ...] = (
-    EC2Options,
-    GCPOptions,
-    AzureOptions,
-    DropletOptions,
-    LocalOptions,
-)
+OPTION_CLASSES: tuple[type[ClusterOptions], ...] = tuple(options_class(name) for name in PROVIDERS)
 
 
 # -- what is derived from the classes --------------------------------------------------------
