@@ -714,7 +714,7 @@ LOCAL = {"DestinationCidrBlock": "10.0.0.0/16", "GatewayId": "local", "State": "
     ],
 )
 def test_the_default_route_gives_the_ways_out(route, private, public):
-    from dask_secure_cloud.providers.aws import route_exits
+    from dask_secure_cloud.providers.aws.network import route_exits
 
     default = {"DestinationCidrBlock": "0.0.0.0/0", "State": "active", **route}
     exits = route_exits(_table(LOCAL, default, main=True), "subnet s of v")
@@ -722,7 +722,7 @@ def test_the_default_route_gives_the_ways_out(route, private, public):
 
 
 def test_a_subnet_uses_its_own_route_table_else_the_main_one():
-    from dask_secure_cloud.providers.aws import subnet_route_table
+    from dask_secure_cloud.providers.aws.network import subnet_route_table
 
     main = {**_table(LOCAL, main=True), "RouteTableId": "rtb-main"}
     own = {**_table(LOCAL, subnet="subnet-a"), "RouteTableId": "rtb-a"}

@@ -93,7 +93,7 @@ EC2_CODES = {
 @pytest.mark.parametrize("code", sorted(EC2_CODES))
 def test_an_ec2_error_code_is_its_kind(code: str) -> None:
     error = ClientError({"Error": {"Code": code, "Message": MISLEADING}}, "DeleteSecurityGroup")
-    with pytest.raises(CloudError) as info, aws._translated("DeleteSecurityGroup"):
+    with pytest.raises(CloudError) as info, aws.errors._translated("DeleteSecurityGroup"):
         raise error
     assert _kind(info.value) == EC2_CODES[code]
     assert info.value.code == code  # docs: the error's ``code`` is EC2's

@@ -1,57 +1,35 @@
-"""``EC2Cluster``: a secure Dask cluster on Amazon EC2, through aiobotocore.
-
-What is particular to AWS: two security groups per cluster (one every member carries,
-open only to the other members; one only the scheduler carries, opening its port and
-dashboard to the creator's address), IMDSv2 with a hop limit of 1, encrypted root
-volumes deleted with their instance, shutdown meaning terminate, spot workers that
-retire themselves on an interruption notice, and the cluster id as a tag on every
-instance, volume and security group.
-
-Whether a VM gets a public address is decided before anything is made, from the route
-table of its subnet (``egress.public_address``): a subnet that sends 0.0.0.0/0 to a NAT
-gateway (or a NAT instance, or a transit gateway) needs none; one that sends it to an
-internet gateway, as a new account's default VPC does, gives the VM a public address
-that only carries its outbound traffic, since no security group lets anything in from
-outside the cluster; a subnet with neither is refused.
-
-Credentials come from botocore's own chain (environment, profiles, SSO, instance role);
-none is ever sent to a VM. ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_EC2`` (or the
-``endpoint_url`` option) point the client at LocalStack or a test stand-in.
+"""The EC2 driver: instances, volumes and two security groups per cluster, found by
+the cluster tag.
 """
 
 from __future__ import annotations
 
 import contextlib
-import difflib
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
-from .. import driver, errors
-from ..cloudinit import LIMITS
-from ..cluster import VMCluster
-from ..credentials import Role
-from ..egress import Exits, decide_public_addresses
-from ..errors import OptionError
-from ..network import NetworkPolicy
-from ..options import EC2Options
+import botocore.session
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
 
-try:
-    import botocore.session
-    from aiobotocore.config import AioConfig
-    from aiobotocore.session import get_session
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-    from botocore.parsers import ResponseParserError
-except ImportError as e:  # pragma: no cover - depends on the extra
-    raise ImportError("EC2Cluster needs the aws extra: pip install 'dask-secure-cloud[aws]'") from e
-
-__all__ = ["EC2Cluster", "EC2Driver"]
+from ... import driver, errors
+from ...cloudinit import LIMITS
+from ...credentials import Role
+from ...egress import decide_public_addresses
+from ...network import NetworkPolicy
+from ...options import EC2Options
+from .errors import _translated
+from .network import _fixes, route_exits, subnet_route_table
 
 logger = logging.getLogger(__name__)
+
 
 #: Canonical's account, which publishes the official Ubuntu AMIs.
 UBUNTU_OWNER = "099720109477"
 UBUNTU_NAME = "ubuntu/images/hvm-ssd*/ubuntu-noble-24.04-{arch}-server-*"
+
+
 _LIVE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]
 #: An instance in these states has ended, or is ending: its OS powered off and EC2
 #: terminated it (``InstanceInitiatedShutdownBehavior=terminate``): nothing bills.
@@ -59,21 +37,6 @@ _ENDED_STATES = frozenset({"shutting-down", "terminated"})
 #: An instance in these states still exists, and its EBS volumes bill: someone stopped
 #: it through the API or the console (a shutdown from its OS terminates it).
 _STOPPED_STATES = frozenset({"stopping", "stopped"})
-
-# EC2 error codes -> what the user should change.
-_ADVICE = {
-    "InvalidInstanceType": "check scheduler_instance_type / worker_instance_type",
-    "InvalidAMIID.NotFound": "check ami: it must exist in this region",
-    "InvalidAMIID.Malformed": "check ami: it looks like 'ami-0123456789abcdef0'",
-    "InvalidSubnetID.NotFound": "check subnet_id: it must exist in this region",
-    "InvalidVpcID.NotFound": "check vpc: it must exist in this region",
-    "InstanceLimitExceeded": "ask AWS for a higher instance limit, or use fewer workers",
-    "VcpuLimitExceeded": "ask AWS for a higher vCPU quota, or use fewer or smaller instances",
-    "InsufficientInstanceCapacity": "try another instance type or availability zone",
-    "UnauthorizedOperation": "give these credentials the permissions listed in the docs",
-    "AuthFailure": "the AWS credentials were rejected: check the profile or keys in use",
-    "InvalidParameterValue": "check the option named in the message",
-}
 
 
 def _word(state: str) -> str:
@@ -94,144 +57,6 @@ def known_regions() -> set[str]:
         for partition in session.get_available_partitions()
         for region in session.get_available_regions("ec2", partition_name=partition)
     }
-
-
-#: EC2's error codes -> the kind of CloudError each is (see errors.cloud_error); codes
-#: ending in ``.NotFound`` or ``.InUse`` are read by :func:`_kind_by_suffix`.
-error_kinds: errors.ErrorKinds = {
-    "InvalidInstanceID.NotFound": errors.NotFoundError,
-    "InvalidGroup.NotFound": errors.NotFoundError,
-    # Still referenced: a security group by the network interface of an instance that
-    # is terminating.
-    "DependencyViolation": errors.InUseError,
-    "VolumeInUse": errors.InUseError,
-    # The credentials or the account may not do this.
-    **dict.fromkeys(
-        (
-            "UnauthorizedOperation",
-            "AuthFailure",
-            "OptInRequired",
-            "Blocked",
-            "PendingVerification",
-            "SignatureDoesNotMatch",
-            "InvalidClientTokenId",
-            "MissingAuthenticationToken",
-        ),
-        errors.ForbiddenError,
-    ),
-    # Throttled, after botocore's own retries.
-    **dict.fromkeys(
-        (
-            "RequestLimitExceeded",
-            "Throttling",
-            "ThrottlingException",
-            "RequestThrottled",
-            "RequestThrottledException",
-            "TooManyRequestsException",
-            "EC2ThrottledException",
-            "BandwidthLimitExceeded",
-        ),
-        errors.ThrottledError,
-    ),
-}
-
-
-def _kind_by_suffix(code: str) -> type[errors.CloudError] | None:
-    """EC2 builds many codes from the resource's name: ``InvalidSubnetID.NotFound``,
-    ``InvalidIPAddress.InUse``."""
-    if code.endswith(".InUse"):
-        return errors.InUseError
-    if code.endswith(".NotFound"):
-        return errors.NotFoundError
-    return None
-
-
-def ec2_error(message: str, code: str) -> errors.CloudError:
-    """The :class:`~dask_secure_cloud.errors.CloudError` of the kind EC2's ``code`` says."""
-    return errors.cloud_error(message, code, error_kinds, _kind_by_suffix)
-
-
-@contextlib.contextmanager
-def _translated(operation: str) -> Iterator[None]:
-    """Turn botocore's errors into a :class:`CloudError` that says what to change."""
-    try:
-        yield
-    except NoCredentialsError as e:
-        raise driver.CloudError(
-            "No AWS credentials found. Configure them as for the AWS CLI: "
-            "AWS_PROFILE or ~/.aws/credentials, AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY, SSO, or an instance role"
-        ) from e
-    except ClientError as e:
-        error = e.response.get("Error", {})
-        code, message = error.get("Code", "?"), error.get("Message", str(e))
-        advice = next((v for k, v in _ADVICE.items() if code.startswith(k)), None)
-        hint = f" ({advice})" if advice else ""
-        raise ec2_error(f"EC2 {operation} failed: {code}: {message}{hint}", code) from e
-    except BotoCoreError as e:  # no answer: a network error, a timeout
-        raise driver.CloudError(f"EC2 {operation} failed: {e}") from e
-    except ResponseParserError as e:  # an answer not from EC2 (a proxy's error page)
-        raise driver.CloudError(f"EC2 {operation} failed: the answer was not EC2's ({e})") from e
-
-
-def subnet_route_table(tables: Sequence[Mapping[str, Any]], subnet_id: str) -> Mapping[str, Any]:
-    """The route table a subnet uses: its explicit association, else the VPC's main one.
-
-    ``tables`` are every route table of the subnet's VPC, as DescribeRouteTables lists
-    them. A VPC always has a main route table, so one is found."""
-    main: Mapping[str, Any] | None = None
-    for table in tables:
-        for association in table.get("Associations", []):
-            if association.get("SubnetId") == subnet_id:
-                return table
-            if association.get("Main"):
-                main = table
-    if main is None:
-        raise driver.CloudError(f"subnet {subnet_id}: its VPC reports no main route table")
-    return main
-
-
-def route_exits(table: Mapping[str, Any], place: str) -> Exits:
-    """The ways out a route table's default route (0.0.0.0/0) offers a VM.
-
-    A NAT gateway, a NAT instance (an instance or network interface as the target) or a
-    transit gateway carry a private VM's traffic: the transit gateway is assumed to lead
-    out, as it does in a hub-and-spoke egress VPC. An internet gateway carries only a
-    public address's traffic. A route EC2 reports as ``blackhole`` (its NAT gateway
-    deleted or failed, its internet gateway detached) leads nowhere."""
-    for route in table.get("Routes", []):
-        if route.get("DestinationCidrBlock") != "0.0.0.0/0" or route.get("State") != "active":
-            continue
-        if route.get("NatGatewayId"):
-            return Exits(place, private=f"NAT gateway {route['NatGatewayId']}", public=None)
-        target = route.get("InstanceId") or route.get("NetworkInterfaceId")
-        if target:
-            return Exits(place, private=f"NAT instance {target}", public=None)
-        if route.get("TransitGatewayId"):
-            way = f"transit gateway {route['TransitGatewayId']}"
-            return Exits(place, private=way, public=None)
-        if str(route.get("GatewayId", "")).startswith("igw-"):
-            return Exits(place, private=None, public=f"internet gateway {route['GatewayId']}")
-    return Exits(place, private=None, public=None)
-
-
-def _fixes(role: Role, exits: Exits, table_id: str, vpc_id: str) -> list[str]:
-    """AWS's own remedies for a role with no way out, as text the user can paste."""
-    fixes = ["subnet_id=<a subnet whose route table sends 0.0.0.0/0 to a NAT gateway>"]
-    if exits.public is not None and role is Role.WORKER:
-        fixes.append(
-            "worker_public_ip=None (the default) or True: workers get a public address "
-            "for their outbound traffic, and no inbound connection from outside the cluster"
-        )
-    if exits.public is None:
-        fixes.append(
-            "subnet_id=<a subnet whose route table sends 0.0.0.0/0 to an internet gateway>"
-        )
-        fixes.append(
-            f"add a route 0.0.0.0/0 to route table {table_id}: to a NAT gateway, or to an "
-            f"internet gateway attached to {vpc_id}"
-        )
-    return fixes
 
 
 class EC2Driver(driver.Driver):
@@ -710,28 +535,6 @@ class EC2Driver(driver.Driver):
     async def close(self) -> None:
         await self._stack.aclose()
         self._client = self._poll_client = None
-
-
-class EC2Cluster(VMCluster):
-    """A secure Dask cluster on Amazon EC2.
-
-    By default in the region's default VPC, on the newest official Ubuntu 24.04 LTS AMI,
-    with two security groups per cluster: members to members, and the creator's address
-    to the scheduler's port only.
-    """
-
-    provider = "aws"
-    Options = EC2Options
-    driver_class = EC2Driver
-
-    @classmethod
-    def make_driver(cls, options: EC2Options, **extra: Any) -> EC2Driver:
-        regions = known_regions()
-        if options.region not in regions:
-            close = difflib.get_close_matches(options.region, sorted(regions), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise OptionError(f"region {options.region!r} is not an EC2 region.{hint}")
-        return super().make_driver(options, **extra)
 
 
 def _listed_state(name: str | None) -> str:
