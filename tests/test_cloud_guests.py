@@ -16,16 +16,23 @@ Under TCG on two shared cores a guest boots in one to two minutes, and installin
 Docker or Dask at boot takes several more, so each cloud proves a different part of the
 boot path: EC2 the default runtime (Docker installed, the pinned image pulled) on three
 stock guests, Compute Engine the native runtime installing Dask on a stock image, Azure
-and DigitalOcean baked images (DigitalOcean the lease path, Azure a Spot eviction). Together
-with ``test_guests.py`` (failures) every runtime is proven on a stock image, and every
-cloud on guests.
+and DigitalOcean baked images (DigitalOcean a SIGKILLed client's end state, Azure a Spot
+eviction). Together with ``test_guests.py`` (failures) every runtime is proven on a stock
+image, and every cloud on guests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import boto3
 import dask
@@ -34,7 +41,7 @@ import pytest
 from distributed import Client
 from google.auth.credentials import AnonymousCredentials
 
-from dask_secure_cloud import AzureVMCluster, DropletCluster, EC2Cluster, GCPCluster
+from dask_secure_cloud import AzureVMCluster, EC2Cluster, GCPCluster, liveness
 from dask_secure_cloud.cloudinit import secrets_in
 from dask_secure_cloud.cluster import VMCluster, default_docker_image
 from dask_secure_cloud.providers.digitalocean import cluster_tag, made_name
@@ -45,6 +52,7 @@ from clouds.ec2 import EC2StandIn, make_network
 from clouds.gce import GCEStandIn
 from clouds.guest.booter import GuestBooter, GuestVM
 from clouds.guest.common import HOST_ADDRESS
+from clouds.guest.fixtures import CONNECT_TIMEOUT
 from clouds.guest.image import baked_image, stock_image
 from clouds.guest.internet import Services
 from clouds.guest.mirror_pypi import USER_REQUIREMENTS
@@ -71,8 +79,16 @@ REGION = "us-east-1"
 #: default) have AppArmor and its profiles already; a Debian kernel that enforces it
 #: without the package is the boot script's special case, proven in ``test_guests.py``.
 APPARMOR = False
-#: The lease path in a minute or two rather than the default twenty.
-LEASE = {"lease_timeout": "60s", "worker_death_timeout": "60s"}
+#: A killed client's cluster ends in a minute or two rather than the default twenty. Not
+#: shorter: the scheduler's lease runs from its start, and the client's first renewal
+#: comes a quarter lease after it has connected, which on a loaded TCG guest can take
+#: tens of seconds. A worker follows its scheduler within seconds (its connection
+#: breaks); its death timeout is only the backstop.
+LEASE_SECONDS = 60
+LEASE = {"lease_timeout": f"{LEASE_SECONDS}s", "worker_death_timeout": f"{LEASE_SECONDS}s"}
+#: From the kill to the last power-off: the lease, the scheduler's check of it (every
+#: 10 s), each guest's shutdown (10-20 s under TCG), with room for a loaded machine.
+ENDS_WITHIN = 480
 
 
 async def _computes_over_tls(
@@ -102,22 +118,6 @@ async def _renewed_on_guests(cluster: VMCluster, names: set[str]) -> None:
     while set(cluster._renewal.count) != names:
         assert time.monotonic() < deadline, f"renewed only {cluster._renewal.count}"
         await asyncio.sleep(1)
-
-
-async def _lease_ends(cluster: VMCluster, guests: list[GuestVM]) -> dict[str, float | None]:
-    """Stop renewing the scheduler's lease, as a killed client would, and wait for every
-    guest to power itself off: the scheduler ends itself, its workers follow.
-
-    Returns, per guest, the seconds from its Dask process's end to its power-off."""
-    cluster.periodic_callbacks["secure-cloud-lease"].stop()
-    stopped = time.monotonic()
-    # The lease, the workers' death timeout, then each guest's shutdown (a minute under
-    # TCG).
-    deadline = stopped + 480
-    for guest in guests:
-        await asyncio.to_thread(guest.wait_stopped, max(deadline - time.monotonic(), 1))
-        print(f"{guest.name} powered off {time.monotonic() - stopped:.0f}s after the lease stopped")
-    return {guest.name: guest.dask_exit_to_power_off() for guest in guests}
 
 
 def _why_not_off(guests: list[GuestVM], off: dict[str, float | None]) -> str:
@@ -308,7 +308,36 @@ async def test_gcp_defaults_with_native_runtime_install_dask_on_stock_guests(
     _no_guest_left(booter, guest_network, guest_services)
 
 
-# -- DigitalOcean: a baked image boots with nothing to install -----------------------------
+# -- DigitalOcean: a baked image boots with nothing to install; a killed client ---------
+
+#: A DigitalOcean client in a process of its own (this interpreter), as a user's script or
+#: notebook kernel: it starts the cluster, runs a task on every worker over TLS, says what
+#: it saw, and waits to be killed. The stand-in's endpoint reaches it through the dask
+#: config in its environment, as it reaches ``dask secure-cloud list`` and ``cleanup``;
+#: the cluster's own options come as JSON.
+_DROPLET_CLIENT = """
+import json, sys, time
+from distributed import Client
+from dask_secure_cloud import DropletCluster
+
+cluster = DropletCluster(**json.loads(sys.argv[1]))
+with Client(cluster) as client:
+    client.wait_for_workers(1, timeout=600)
+    workers = sorted(client.scheduler_info()["workers"])
+    futures = [
+        client.submit(sum, range(i, i + 10), workers=[a], pure=False)
+        for i, a in enumerate(workers)
+    ]
+    seen = {
+        "cluster_id": cluster.cluster_id,
+        "scheduler": cluster.scheduler_address,
+        "workers": workers,
+        "sums": client.gather(futures),
+        "dask": client.get_versions(check=True)["scheduler"]["packages"]["dask"],
+    }
+print(json.dumps(seen), flush=True)
+time.sleep(3600)
+"""
 
 
 @pytest.fixture
@@ -337,32 +366,157 @@ def do_guests(
         stand_in.stop()
 
 
-async def test_digitalocean_defaults_on_baked_guests_compute_and_fetch_nothing(
-    do_guests, guest_network, guest_services
+def _droplet_config(options: dict[str, Any], audit_log: Path) -> dict[str, str]:
+    """The environment of the client's process and of the CLI after it: ``options`` as
+    DigitalOcean's dask config; the test's audit log, next to which the client leaves
+    its record (whether it lives: ``liveness.py``); and Dask's connections as patient as
+    ``patient_connections`` makes them here (the VMs get them with the shipped config)."""
+    env = {
+        **os.environ,
+        "DASK_SECURE_CLOUD__AUDIT_LOG": str(audit_log),
+        "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": CONNECT_TIMEOUT,
+    }
+    for key, value in options.items():
+        env[f"DASK_SECURE_CLOUD__DIGITALOCEAN__{key.upper()}"] = str(value)
+    return env
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``dask secure-cloud ARGS``, as the user runs it after the client died."""
+    return subprocess.run(
+        [sys.executable, "-m", "dask_secure_cloud", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+
+
+def _listed(listing: str, cluster_id: str) -> dict[str, str]:
+    """The row of ``dask secure-cloud list`` for ``cluster_id``, by column name (columns
+    are two or more spaces apart)."""
+    header, *rows = listing.splitlines()
+    names = re.split(r"\s{2,}", header.strip())
+    for row in rows:
+        cells = re.split(r"\s{2,}", row.strip())
+        if cells[1:2] == [cluster_id]:
+            return dict(zip(names, cells, strict=True))
+    raise AssertionError(f"{cluster_id} is not listed:\n{listing}")
+
+
+def _seen_at(guest: GuestVM, pattern: str) -> float | None:
+    """When (``time.monotonic()``) the first console line matching ``pattern`` was seen."""
+    return next(
+        (guest.started + t for t, line in guest.timed_lines() if re.search(pattern, line)), None
+    )
+
+
+def test_digitalocean_baked_guests_compute_then_a_killed_client_leaves_off_droplets(
+    do_guests, guest_network, guest_services, audit_log, tmp_path
 ):
-    """``DropletCluster(runtime="native")`` on guests of a baked image: every droplet has
-    its public interface as a way out, yet boots without fetching anything. Then the
-    client stops renewing the lease, as a killed client would: the scheduler ends
-    itself, its worker follows, and each guest powers itself off."""
+    """``DropletCluster(runtime="native")`` on guests of a baked image, started by a
+    client in a process of its own: every droplet has its public interface as a way out,
+    yet boots without fetching anything, and the cluster computes over TLS.
+
+    Then the client is SIGKILLed, as a crash or a stopped notebook kernel kills it, so
+    nothing but the VMs can end the cluster: the scheduler ends itself once the lease
+    runs out, its worker follows, and each guest's OS powers itself off (the kernel's
+    last words on its console; its qemu exits by itself). Powered off is not gone on
+    DigitalOcean: both droplets are "off", still there and billed in full.
+    ``dask secure-cloud list`` shows the cluster with its client gone and two stopped
+    VMs billing; ``cleanup --expired`` destroys them with the cluster's firewalls and
+    VPC, and nothing is left."""
     stand_in, booter, options = do_guests
-    since = time.time()
-    async with DropletCluster(
-        n_workers=1, runtime="native", **LEASE, asynchronous=True, **options
-    ) as cluster:
-        await _computes_over_tls(cluster, workers=1)
-        assert booter.egress == {"scheduler": True, "worker-0": True}
-        guests = list(booter.vms.values())
-        off = await _lease_ends(cluster, guests)
-        cluster_id = cluster.cluster_id
+    env = _droplet_config(options, audit_log)
+    since, started = time.time(), time.monotonic()
+    log = tmp_path / "client.log"
+    with open(log, "w") as stderr:
+        cluster_options = {"n_workers": 1, "runtime": "native", **LEASE}
+        child = subprocess.Popen(
+            [sys.executable, "-c", _DROPLET_CLIENT, json.dumps(cluster_options)],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=env,
+        )
+    try:
+        said = child.stdout.readline()
+        guests = sorted(booter.vms.values(), key=lambda g: g.name)
+        running = {g.name: g.is_running() for g in guests}
+    finally:
+        child.kill()  # SIGKILL: nothing of the client runs after this
+        child.wait()
+    killed = time.monotonic()
+    assert said.startswith("{"), (child.returncode, log.read_text()[-5000:])
+    seen = json.loads(said)
+    cluster_id = seen["cluster_id"]
+    print(
+        f"{cluster_id}: the client computed and was killed {killed - started:.0f}s after it started"
+    )
+    # It computed over TLS on the guests' 10.77.0.x addresses, with this client's dask.
+    assert seen["scheduler"].startswith("tls://10.77.0."), seen
+    assert len(seen["workers"]) == 1, seen
+    assert all(a.startswith("tls://10.77.0.") for a in seen["workers"]), seen
+    assert seen["sums"] == [sum(range(10))] and seen["dask"] == dask.__version__, seen
+    assert booter.egress == {"scheduler": True, "worker-0": True}
+    assert running == {"scheduler": True, "worker-0": True}  # nothing ended before the kill
+
+    for guest in guests:
+        guest.wait_stopped(max(killed + ENDS_WITHIN - time.monotonic(), 1))
+    off = {g.name: g.dask_exit_to_power_off() for g in guests}
     print(f"seconds from Dask's end to power-off: {off}")
     assert all(s is not None and s < 120 for s in off.values()), (off, _why_not_off(guests, off))
-    assert _fetched(guest_services, since) == []
+    ended = {g.name: _seen_at(g, r"dask-secure-cloud: dask \w+ exited ") for g in guests}
     for guest in guests:
-        assert "python-env: done in" in guest.console_text(), guest.name
+        console = guest.console_text()
+        print(
+            f"{guest.name}: Dask ended {ended[guest.name] - killed:.0f}s and the guest was "
+            f"off {guest.started + guest.timed_lines()[-1][0] - killed:.0f}s after the kill"
+        )
+        # The guest's own OS powered it off: the boot script asked, the kernel did it, and
+        # qemu exited by itself (-no-reboot), not on a signal.
+        assert "dask-secure-cloud: powering off" in console, (guest.name, console[-3000:])
+        assert "reboot: Power down" in console, (guest.name, console[-3000:])
+        assert guest.process.returncode == 0, (guest.name, guest.process.returncode)
+        qemu_log = (Path(guest.directory) / "qemu.log").read_text(errors="replace")
+        assert "terminating on signal" not in qemu_log, (guest.name, qemu_log)
+    # The lease ended it: the scheduler outlived the kill by most of a lease (its last
+    # renewal came at most a quarter lease, and one slow call, before the kill), and its
+    # worker followed; both within the documented lease_timeout + worker_death_timeout
+    # of the kill, give or take a loaded machine's minute.
+    after_kill = {name: at - killed for name, at in ended.items()}
+    assert after_kill["scheduler"] >= LEASE_SECONDS / 2, after_kill
+    assert ended["worker-0"] >= ended["scheduler"], after_kill
+    assert after_kill["worker-0"] <= 2 * LEASE_SECONDS + 60, after_kill
+    # The stand-in stopped no guest: each is still a droplet of the account.
+    assert set(booter.vms) == {g.vm_id for g in guests}
+
+    all_off = time.monotonic()
+    listed = _cli(env, "list", "--provider", "digitalocean")
+    assert listed.returncode == 0, listed.stderr
+    row = _listed(listed.stdout, cluster_id)
+    assert row["CLIENT"] == "gone" and row["VMS"] == "2", row
+    assert row["BILLS"] == "2 stopped VM", row
     tag = cluster_tag(cluster_id)
+    droplets = [d for d in stand_in.droplets.values() if tag in d["tags"]]
+    assert sorted(d["status"] for d in droplets) == ["off", "off"], droplets
+
+    done = _cli(env, "cleanup", "--expired", "--yes", "--provider", "digitalocean")
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert f"{cluster_id}  2 VM(s)" in done.stdout, done.stdout
+    assert "client gone" in done.stdout and "bills: 2 stopped VM" in done.stdout, done.stdout
+    assert f"{cluster_id}: deleted 2 VM(s)" in done.stdout, done.stdout
     assert not [d for d in stand_in.droplets.values() if tag in d["tags"]]
     assert not [f for f in stand_in.firewalls.values() if cluster_id in f["name"]]
     assert not [v for v in stand_in.vpcs.values() if v["name"] == made_name(tag)]
+    assert not (liveness.records_dir() / f"{cluster_id}.json").exists()
+    after = _cli(env, "list", "--provider", "digitalocean")
+    assert after.returncode == 0 and cluster_id not in after.stdout, after
+    print(f"list, cleanup and list again took {time.monotonic() - all_off:.0f}s")
+
+    assert _fetched(guest_services, since) == []
+    for guest in guests:
+        assert "python-env: done in" in guest.console_text(), guest.name
     _enrolled(booter, guests)
     _no_guest_left(booter, guest_network, guest_services)
 
