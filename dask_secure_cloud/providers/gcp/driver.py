@@ -1,28 +1,5 @@
-"""``GCPCluster``: a secure Dask cluster on Google Compute Engine.
-
-What is particular to Google Cloud: the official ``google-cloud-compute`` client on its
-REST transport, run in threads (it has no async client); firewall rules per cluster that
-target the cluster's own network tags; an external address for a VM only where its
-subnetwork has no Cloud NAT (read from the region's routers and the network's routes
-before anything is made, see :mod:`dask_secure_cloud.egress`); GPUs as
-``guestAccelerators``; spot workers; and a deadline after which Compute Engine deletes
-a forgotten VM by itself, whatever became of the client: ``scheduling.terminationTime``
-at the end of the cluster's ``max_lifetime`` (its CA's end), or ``max_run_duration``
-after the VM started where that option is set. Compute Engine applies either only
-while the VM runs: it clears the deadline when the VM stops, so a VM whose OS powered
-off (its lease or certificate ran out) stays TERMINATED, its boot disk billing, until
-it is deleted (``dask secure-cloud cleanup``).
-
-A fresh project's ``default`` network allows SSH, RDP and ICMP from anywhere to every
-instance (priority 65534). A worker with an external address would accept them, so the
-cluster's own rules deny every ingress from ``0.0.0.0/0`` to its tag at a priority that
-beats those and the usual user rules (1000), and allow, at a higher one, only the
-cluster's members to each other and the creator's CIDRs to the scheduler's two ports.
-
-Every client the driver builds, including the operations clients it waits with, gets
-the ``api_endpoint`` option, so nothing ever reaches another host. The driver never
-calls ``ExtendedOperation.result()``: the library builds that operations client itself,
-without the caller's endpoint.
+"""The Compute Engine driver: instances and firewall rules of one cluster, found by
+its label and name.
 """
 
 from __future__ import annotations
@@ -31,130 +8,49 @@ import asyncio
 import datetime
 import logging
 import re
-from collections.abc import Sequence
 from typing import Any
 
-from .. import driver, errors
-from ..cloudinit import LIMITS
-from ..cluster import VMCluster
-from ..credentials import Role
-from ..egress import Exits, decide_public_addresses
-from ..network import NetworkPolicy
-from ..options import GCPOptions
+import google.auth
+import google.auth.exceptions
+import requests
+from google.api_core import exceptions as gexc
+from google.api_core.client_options import ClientOptions
+from google.cloud import compute_v1
 
-try:
-    import google.auth
-    import google.auth.exceptions
-    import requests
-    from google.api_core import exceptions as gexc
-    from google.api_core import retry
-    from google.api_core.client_options import ClientOptions
-    from google.cloud import compute_v1
-except ImportError as e:  # pragma: no cover - depends on the extra
-    raise ImportError("GCPCluster needs the gcp extra: pip install 'dask-secure-cloud[gcp]'") from e
-
-__all__ = ["GCPCluster", "GCPDriver"]
+from ... import driver, errors
+from ...cloudinit import LIMITS
+from ...credentials import Role
+from ...network import NetworkPolicy
+from ...options import GCPOptions
+from .errors import _THROTTLED, _translate, error_kinds
+from .network import (
+    _RULE_NAME,
+    _RULES,
+    NetworkSteps,
+    _network_tag,
+    _scheduler_tag,
+)
 
 logger = logging.getLogger(__name__)
 
-#: Compute Engine's error codes -> the kind of CloudError each is (see
-#: errors.cloud_error). A ``reason`` of ``error.errors[]`` (or an operation's error code)
-#: says what happened whatever the HTTP status, and is read first: Compute Engine
-#: answers its per-project rate limits with 403 ``rateLimitExceeded``, a delete of a
-#: resource another one still uses with 400 ``resourceInUseByAnotherResource``, and an
-#: exhausted quota with 403 ``quotaExceeded`` (not a permission to ask for). Then the
-#: HTTP status, as text.
-error_kinds: errors.ErrorKinds = {
-    "rateLimitExceeded": errors.ThrottledError,
-    "userRateLimitExceeded": errors.ThrottledError,
-    "resourceInUseByAnotherResource": errors.InUseError,
-    "RESOURCE_IN_USE_BY_ANOTHER_RESOURCE": errors.InUseError,
-    "RESOURCE_NOT_FOUND": errors.NotFoundError,
-    "quotaExceeded": errors.CloudError,
-    "limitExceeded": errors.CloudError,
-    "429": errors.ThrottledError,
-    "404": errors.NotFoundError,
-    "401": errors.ForbiddenError,
-    "403": errors.ForbiddenError,
-}
-_QUOTA = frozenset({"quotaExceeded", "limitExceeded"})
-#: The firewall rules of a cluster, by the suffix after its network tag.
+
 #: An instance in these states has stopped (its OS powered off, or it was preempted)
 #: but still exists: its boot disk bills until the instance is deleted.
 _STOPPED_STATUSES = frozenset({"STOPPING", "TERMINATED", "SUSPENDING", "SUSPENDED"})
-_RULES = ("deny", "client", "internal")
-_RULE_NAME = re.compile(rf"^dask-secure-cloud-(?P<id>[a-z][a-z0-9-]*)-(?:{'|'.join(_RULES)})$")
 
 
-def _reasons(error: BaseException) -> set[str]:
-    """The machine-readable reasons of a Google API error (never its message text)."""
-    if not isinstance(error, gexc.GoogleAPICallError):
-        return set()
-    found = {str(e.get("reason")) for e in error.errors or () if isinstance(e, dict)}
-    if error.reason:
-        found.add(error.reason)
-    return found
-
-
-def _retryable(error: BaseException) -> bool:
-    """Rate limits and "try again" answers, as the API asks to back off on them."""
-    return isinstance(error, (gexc.TooManyRequests, gexc.ServiceUnavailable)) or any(
-        error_kinds.get(reason) is errors.ThrottledError for reason in _reasons(error)
-    )
-
-
-#: Compute Engine's REST methods have no default retry: back off on rate limits and
-#: "try again" answers, as the API asks, for up to two minutes.
-_THROTTLED = retry.Retry(predicate=_retryable, initial=0.5, maximum=10.0, timeout=120.0)
-#: The cluster's allow rules: above its own deny rule (lower number wins).
-ALLOW_PRIORITY = 100
-#: The cluster's "deny all ingress from 0.0.0.0/0" rule: beats a fresh project's
-#: default-allow-* rules (65534) and rules made with the usual default priority (1000).
-DENY_PRIORITY = 110
 #: Compute Engine's bounds on a VM's time limit (``terminationTime``,
 #: ``maxRunDuration``): at least 30 seconds, at most 120 days.
 MIN_TIME_LIMIT = datetime.timedelta(seconds=30)
 MAX_TIME_LIMIT = datetime.timedelta(days=120)
+
+
 #: A VM is not made with less than this left before the cluster's deadline: Compute
 #: Engine's shortest limit, and time for the request to reach it.
 _MIN_TIME_LEFT = MIN_TIME_LIMIT + datetime.timedelta(seconds=10)
-#: Cloud NAT settings that translate every subnetwork's primary range in the region.
-_NAT_ALL_SUBNETWORKS = ("ALL_SUBNETWORKS_ALL_IP_RANGES", "ALL_SUBNETWORKS_ALL_PRIMARY_IP_RANGES")
-_INTERNET_GATEWAY = "/global/gateways/default-internet-gateway"
 
 
-def _message(error: BaseException) -> str:
-    return getattr(error, "message", None) or str(error)
-
-
-def _code(error: BaseException) -> str:
-    """The code of ``error`` that :data:`error_kinds` knows: a reason first, else the
-    HTTP status."""
-    reasons = sorted(_reasons(error))
-    known = [r for r in reasons if r in error_kinds]
-    if known:
-        return known[0]
-    status = getattr(error, "code", None)
-    return str(int(status)) if isinstance(status, int) else (reasons[0] if reasons else "")
-
-
-def _translate(what: str, error: BaseException) -> errors.CloudError:
-    """A Google API error as the kind its reason or HTTP status says."""
-    code, text = _code(error), _message(error)
-    if code in _QUOTA:
-        message = f"{what}: a quota is exhausted ({text})"
-    else:
-        message = {
-            errors.ThrottledError: f"{what}: Compute Engine's rate limit was hit ({text})",
-            errors.NotFoundError: f"{what} not found: {text}",
-            errors.InUseError: f"{what}: still in use ({text})",
-            errors.ForbiddenError: f"{what}: permission denied ({text}); give these "
-            "credentials the roles listed in the docs",
-        }.get(error_kinds.get(code, errors.CloudError), f"{what} failed: {text}")
-    return errors.cloud_error(message, code, error_kinds)
-
-
-class GCPDriver(driver.Driver):
+class GCPDriver(NetworkSteps, driver.Driver):
     """Instances and firewall rules of one cluster, found by its label and name."""
 
     provider = "gcp"
@@ -293,9 +189,6 @@ class GCPDriver(driver.Driver):
     def region(self) -> str:
         return self.options.zone.rsplit("-", 1)[0]
 
-    def _network_link(self) -> str:
-        return f"projects/{self.project}/global/networks/{self.options.network}"
-
     async def prepare(self, cluster_id: str) -> None:
         """Read-only checks first (zone, machine types, image, the ways out), then the
         firewall: a refusal leaves nothing behind."""
@@ -328,185 +221,7 @@ class GCPDriver(driver.Driver):
             )
             await self._wait(operation, f"firewall {rule.name}", zonal=False)
 
-    def _firewall_rules(self, cluster_id: str, sources: Sequence[str]) -> list[Any]:
-        """The deny rule first, so no moment exists where only allows are in place.
-
-        Only the scheduler's tag gets the creator's CIDRs: a worker with an external
-        address accepts nothing from outside the cluster."""
-        tag = _network_tag(cluster_id)
-        network = self._network_link()
-        return [
-            compute_v1.Firewall(
-                name=f"{tag}-deny",
-                network=network,
-                description=(
-                    f"dask-secure-cloud {cluster_id}: nothing from outside the cluster, "
-                    "whatever the network's other rules allow"
-                ),
-                direction="INGRESS",
-                priority=DENY_PRIORITY,
-                source_ranges=["0.0.0.0/0"],
-                target_tags=[tag],
-                denied=[compute_v1.Denied(I_p_protocol="all")],
-            ),
-            compute_v1.Firewall(
-                name=f"{tag}-client",
-                network=network,
-                description=f"dask-secure-cloud {cluster_id}: scheduler port and dashboard",
-                direction="INGRESS",
-                priority=ALLOW_PRIORITY,
-                source_ranges=list(sources),
-                target_tags=[_scheduler_tag(cluster_id)],
-                allowed=[
-                    compute_v1.Allowed(I_p_protocol="tcp", ports=[str(p) for p in self.ports])
-                ],
-            ),
-            compute_v1.Firewall(
-                name=f"{tag}-internal",
-                network=network,
-                description=f"dask-secure-cloud {cluster_id}: between the cluster's VMs",
-                direction="INGRESS",
-                priority=ALLOW_PRIORITY,
-                source_tags=[tag],
-                target_tags=[tag],
-                allowed=[compute_v1.Allowed(I_p_protocol="tcp", ports=["0-65535"])],
-            ),
-        ]
-
     # -- the ways out -------------------------------------------------------------------
-
-    async def _decide_addresses(self) -> None:
-        """Which roles get an external address, from the subnetwork's ways out.
-
-        Refuses (``NoRouteOutError``) before anything is made when a role would have
-        none."""
-        exits = await self._exits()
-        self._public = decide_public_addresses(
-            exits,
-            use_private_ip=self.network_policy.use_private_ip,
-            worker_public_ip=self.worker_public_ip,
-            offline_image=self.offline_image,
-            fixes=lambda role: self._fixes(role, exits),
-            logger=logger,
-        )
-
-    def _fixes(self, role: Role, exits: Exits) -> list[str]:
-        """Compute Engine's remedies, as options to paste."""
-        fixes = [
-            f"subnetwork=<a subnetwork of network {self.options.network} in {self.region} that a "
-            "Cloud NAT covers> (gcloud compute routers nats create ... "
-            "--nat-all-subnet-ip-ranges, on a router of that network)",
-            "network=<a network with a 0.0.0.0/0 route to default-internet-gateway>",
-        ]
-        if role is Role.WORKER and exits.public is not None:
-            fixes.insert(
-                0,
-                "worker_public_ip=None (the default) or True: workers get an ephemeral "
-                f"external address and go out through {exits.public}, while the "
-                "cluster's firewall denies every connection from outside the cluster",
-            )
-        return fixes
-
-    async def _exits(self) -> Exits:
-        """The ways out of the VMs' subnetwork: a Cloud NAT covering it, a default
-        internet route. Both need that route: Cloud NAT sends through it too."""
-        subnet = await self._subnetwork()
-        place = f"subnetwork {subnet.name} of network {self.options.network} in {self.region}"
-        routers = await self._call(
-            "RoutersClient",
-            "list",
-            f"routers in {self.region}",
-            request=compute_v1.ListRoutersRequest(project=self.project, region=self.region),
-        )
-        routes = await self._call(
-            "RoutesClient",
-            "list",
-            f"routes of network {self.options.network!r}",
-            request=compute_v1.ListRoutesRequest(
-                project=self.project,
-                filter=(
-                    f'network eq ".*/projects/{self.project}/global/networks/'
-                    f'{self.options.network}"'
-                ),
-            ),
-        )
-        nat = _covering_nat(await asyncio.to_thread(list, routers), self.options.network, subnet)
-        route = _internet_route(
-            await asyncio.to_thread(list, routes), self.options.network, set(self.network_tags)
-        )
-        if route is None:
-            if nat is not None:
-                place += (
-                    f" ({nat} is there, but it has no 0.0.0.0/0 route to "
-                    "default-internet-gateway to send through)"
-                )
-            return Exits(place, private=None, public=None)
-        return Exits(place, private=nat, public=f"the default internet gateway (route {route})")
-
-    async def _network_subnets(self) -> list[Any]:
-        """The subnetworks of the cluster's network in the zone's region (read once)."""
-        if self._subnets is None:
-            pages = await self._call(
-                "SubnetworksClient",
-                "list",
-                f"subnetworks of network {self.options.network!r}",
-                project=self.project,
-                region=self.region,
-            )
-            self._subnets = [
-                s
-                for s in await asyncio.to_thread(list, pages)
-                if s.network.endswith(f"/global/networks/{self.options.network}")
-            ]
-        return self._subnets
-
-    async def _subnetwork(self) -> Any:
-        """The subnetwork the VMs get their addresses from, as Compute Engine picks it."""
-        if self.options.subnetwork:
-            subnet = await self._call(
-                "SubnetworksClient",
-                "get",
-                f"subnetwork {self.options.subnetwork!r}",
-                project=self.project,
-                region=self.region,
-                subnetwork=self.options.subnetwork,
-            )
-            if not subnet.network.endswith(f"/global/networks/{self.options.network}"):
-                raise driver.CloudError(
-                    f"subnetwork {self.options.subnetwork!r} belongs to network "
-                    f"{subnet.network.rsplit('/', 1)[-1]!r}, not {self.options.network!r}: pass "
-                    "network= with its network"
-                )
-            return subnet
-        subnets = await self._network_subnets()
-        # An auto-mode network's subnetwork in a region carries the network's name.
-        chosen = (
-            subnets if len(subnets) == 1 else [s for s in subnets if s.name == self.options.network]
-        )
-        if not subnets:
-            raise driver.CloudError(
-                f"network {self.options.network!r} has no subnetwork in {self.region}: "
-                "pass subnetwork="
-            )
-        if len(chosen) != 1:
-            names = ", ".join(s.name for s in subnets) or "none"
-            raise driver.CloudError(
-                f"network {self.options.network!r} has {len(subnets)} subnetworks in {self.region} "
-                f"({names}): pass subnetwork="
-            )
-        return chosen[0]
-
-    async def _subnet_ranges(self) -> list[str]:
-        """The address ranges of the cluster's subnetwork, or of the network's in region."""
-        if self.options.subnetwork:
-            return [(await self._subnetwork()).ip_cidr_range]
-        ranges = [s.ip_cidr_range for s in await self._network_subnets()]
-        if not ranges:
-            raise driver.CloudError(
-                f"network {self.options.network!r} has no subnetwork in {self.region}: "
-                "pass subnetwork="
-            )
-        return ranges
 
     async def _resolve_image(self) -> None:
         match = re.fullmatch(
@@ -826,82 +541,8 @@ class GCPDriver(driver.Driver):
         self._clients.clear()
 
 
-def _network_tag(cluster_id: str) -> str:
-    """The network tag (and name prefix) of a cluster's VMs and firewall rules."""
-    return f"dask-secure-cloud-{cluster_id}"
-
-
-def _scheduler_tag(cluster_id: str) -> str:
-    """The network tag of the scheduler alone: the creator's CIDRs reach only it.
-
-    ``--`` ends the cluster id (no id has two hyphens in a row, see
-    :mod:`dask_secure_cloud.names`): with a single hyphen this would be the tag every VM
-    of a cluster called ``<id>-scheduler`` carries, and its rules would reach them."""
-    return f"{_network_tag(cluster_id)}--scheduler"
-
-
-def _covering_nat(routers: Sequence[Any], network: str, subnet: Any) -> str | None:
-    """The Cloud NAT (public, for VMs) that translates ``subnet``'s primary range."""
-    for router in routers:
-        if not router.network.endswith(f"/global/networks/{network}"):
-            continue
-        for nat in router.nats:
-            if nat.type_ == "PRIVATE":
-                continue  # NAT between networks, not to the internet
-            if nat.endpoint_types and "ENDPOINT_TYPE_VM" not in nat.endpoint_types:
-                continue
-            mode = nat.source_subnetwork_ip_ranges_to_nat
-            covered = mode in _NAT_ALL_SUBNETWORKS or (
-                mode == "LIST_OF_SUBNETWORKS"
-                and any(
-                    _same_subnet(entry.name, subnet)
-                    and {"ALL_IP_RANGES", "PRIMARY_IP_RANGE"} & set(entry.source_ip_ranges_to_nat)
-                    for entry in nat.subnetworks
-                )
-            )
-            if covered:
-                return f"Cloud NAT {nat.name} on router {router.name}"
-    return None
-
-
-def _same_subnet(link: str, subnet: Any) -> bool:
-    """Whether a subnetwork URL (full or partial) names ``subnet``."""
-    tail = "/".join(link.rstrip("/").split("/")[-4:])
-    return (subnet.self_link or "").endswith(tail) or tail == (
-        f"regions/{subnet.region.rsplit('/', 1)[-1]}/subnetworks/{subnet.name}"
-    )
-
-
-def _internet_route(routes: Sequence[Any], network: str, tags: set[str]) -> str | None:
-    """The name of a 0.0.0.0/0 route to the default internet gateway that applies to the
-    cluster's VMs (a route with tags applies only to instances carrying one of them)."""
-    for route in routes:
-        if (
-            route.network.endswith(f"/global/networks/{network}")
-            and route.dest_range == "0.0.0.0/0"
-            and route.next_hop_gateway.endswith(_INTERNET_GATEWAY)
-            and (not route.tags or tags & set(route.tags))
-        ):
-            return route.name
-    return None
-
-
 def _label_value(text: str) -> str:
     return re.sub(r"[^a-z0-9_-]", "-", text.lower())[:63]
-
-
-class GCPCluster(VMCluster):
-    """A secure Dask cluster on Google Compute Engine.
-
-    By default on the project's ``default`` network, on the Ubuntu 24.04 LTS image
-    family, with VMs that hold no Google credentials. ``credentials=`` takes a
-    ``google.auth`` credentials object instead of the application default credentials.
-    """
-
-    provider = "gcp"
-    Options = GCPOptions
-    driver_class = GCPDriver
-    extra_keywords = ("credentials",)
 
 
 def _listed_state(status: str | None) -> str:
