@@ -265,7 +265,7 @@ async def test_a_digitalocean_status_is_its_kind(case: str, monkeypatch) -> None
 
 async def test_digitalocean_throttling_is_throttled_only_after_the_drivers_waits(monkeypatch):
     """docs: 429 is throttled "after the driver's own waits": every attempt is made."""
-    from dask_secure_cloud.providers import digitalocean
+    from dask_secure_cloud.providers.digitalocean import driver as digitalocean
 
     driver = preview(DropletCluster, token="dop_v1_x").driver
     attempts: list[int] = []

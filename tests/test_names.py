@@ -11,7 +11,7 @@ import pytest
 from dask_secure_cloud.driver import CREATOR_TAG
 from dask_secure_cloud.errors import OptionError
 from dask_secure_cloud.names import MAX_LENGTH, check_cluster_id
-from dask_secure_cloud.providers import digitalocean
+from dask_secure_cloud.providers.digitalocean import tags as digitalocean
 from dask_secure_cloud.providers.gcp import network as gcp
 
 #: Compute Engine resource names and network tags (RFC 1035), and label values.

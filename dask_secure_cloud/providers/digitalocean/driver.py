@@ -1,17 +1,5 @@
-"""``DropletCluster``: a secure Dask cluster on DigitalOcean droplets, through ``pydo.aio``.
-
-What is particular to DigitalOcean: every droplet has a public IPv4 address, which is
-also its way out (to install Docker and pull the image), so no droplet lacks a route out
-and none needs a NAT. The cluster's two cloud firewalls are what keep droplets private:
-one, applied by the cluster's tag, lets droplets of the cluster reach each other on every
-port and nothing else in; the other, applied by a tag only the scheduler carries, opens
-the scheduler port and dashboard to the creator's address. Workers reach the scheduler
-over the VPC's private addresses.
-A VPC is made per cluster unless one is given. User-data is plain text of at most
-64 KiB, so files inside it are gzip+base64 encoded by ``cloudinit``.
-
-The API token comes from the ``token`` option, the dask config or ``DIGITALOCEAN_TOKEN``
-and never reaches a droplet: it is neither in user-data nor in the shipped dask config.
+"""The DigitalOcean driver: droplets, two cloud firewalls and a VPC per cluster,
+found by the cluster's tags.
 """
 
 from __future__ import annotations
@@ -20,65 +8,34 @@ import asyncio
 import datetime
 import difflib
 import logging
-import os
-import re
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-from .. import driver, errors
-from ..cloudinit import LIMITS
-from ..cluster import VMCluster
-from ..credentials import Role
-from ..egress import Exits, decide_public_addresses
-from ..errors import OptionError
-from ..network import NetworkPolicy
-from ..options import DropletOptions
+from azure.core.exceptions import AzureError, HttpResponseError
+from pydo.aio import Client
 
-try:
-    from azure.core.exceptions import AzureError, HttpResponseError
-    from pydo.aio import Client
-except ImportError as e:  # pragma: no cover - depends on the extra
-    raise ImportError(
-        "DropletCluster needs the digitalocean extra: pip install 'dask-secure-cloud[digitalocean]'"
-    ) from e
+from ... import driver, errors
+from ...cloudinit import LIMITS
+from ...credentials import Role
+from ...egress import Exits, decide_public_addresses
+from ...network import NetworkPolicy
+from ...options import DropletOptions
+from .errors import _json, _reset_delay, error_kinds
+from .network import _firewalls
+from .tags import (
+    _CLUSTER_PREFIX,
+    _cluster_of,
+    _creator_tag,
+    _droplet_name,
+    cluster_tag,
+    made_name,
+    scheduler_tag,
+)
 
-__all__ = ["DropletCluster", "DropletDriver"]
-
-_RETRIES = 6
 logger = logging.getLogger(__name__)
 
-
-#: The tags of a cluster carry its id verbatim after a ``:``, which no cluster id and no
-#: other tag of ours (``dask-secure-cloud-scheduler``, ``dask-secure-cloud-worker``: a
-#: droplet's role) has: whatever a cluster is called, its tags are its own.
-_CLUSTER_PREFIX = "dask-secure-cloud:"
-_SCHEDULER_PREFIX = "dask-secure-cloud-scheduler:"
-
-
-def cluster_tag(cluster_id: str) -> str:
-    """The tag every droplet of the cluster carries, and its firewalls apply to."""
-    return f"{_CLUSTER_PREFIX}{cluster_id}"
-
-
-def scheduler_tag(cluster_id: str) -> str:
-    """The tag only this cluster's scheduler carries: its firewall opens the scheduler's
-    ports to the creator, so those ports are closed on every worker."""
-    return f"{_SCHEDULER_PREFIX}{cluster_id}"
-
-
-def made_name(tag: str) -> str:
-    """The name of a firewall or VPC made for ``tag``: names allow ``.``, not ``:``."""
-    return tag.replace(":", ".")
-
-
-def _cluster_of(tags: Sequence[str]) -> str | None:
-    """The cluster id a droplet's or firewall's tags carry, if any."""
-    for tag in tags:
-        for prefix in (_CLUSTER_PREFIX, _SCHEDULER_PREFIX):
-            if tag.startswith(prefix):
-                return tag.removeprefix(prefix)
-    return None
+#: Tries of a call DigitalOcean answers 429 (rate limited), waiting as it says.
+_RETRIES = 6
 
 
 class DropletDriver(driver.Driver):
@@ -495,51 +452,6 @@ def _word(status: str) -> str:
     return "stopped" if status in _STOPPED_STATUSES else "running"
 
 
-def _droplet_name(cluster_id: str, name: str) -> str:
-    """A droplet's name (its hostname): letters, digits, ``-`` and ``.`` only."""
-    return f"dask-secure-cloud-{cluster_id}-{name}"
-
-
-def _firewalls(
-    cluster_id: str, sources: Sequence[str], ports: Sequence[int]
-) -> list[dict[str, Any]]:
-    """The cluster's two cloud firewalls. DigitalOcean applies every firewall whose tag a
-    droplet carries, so the scheduler's ports open to ``sources`` go on a firewall of the
-    scheduler's own tag: on the cluster's tag they would open them on every worker too."""
-    tag = cluster_tag(cluster_id)
-    everywhere = {"addresses": ["0.0.0.0/0", "::/0"]}
-    return [
-        {
-            "name": made_name(tag),
-            "tags": [tag],
-            "inbound_rules": [
-                {"protocol": "tcp", "ports": "all", "sources": {"tags": [tag]}},
-                {"protocol": "udp", "ports": "all", "sources": {"tags": [tag]}},
-            ],
-            "outbound_rules": [
-                {"protocol": "tcp", "ports": "all", "destinations": everywhere},
-                {"protocol": "udp", "ports": "all", "destinations": everywhere},
-                {"protocol": "icmp", "destinations": everywhere},
-            ],
-        },
-        {
-            "name": made_name(scheduler_tag(cluster_id)),
-            "tags": [scheduler_tag(cluster_id)],
-            "inbound_rules": [
-                {"protocol": "tcp", "ports": str(port), "sources": {"addresses": list(sources)}}
-                for port in ports
-            ],
-        },
-    ]
-
-
-def _creator_tag(creator: str | None) -> list[str]:
-    """DigitalOcean tags allow letters, digits, '-', '_' and ':' only."""
-    if not creator:
-        return []
-    return [f"{driver.CREATOR_TAG}:{re.sub(r'[^a-zA-Z0-9_-]', '_', creator)}"[:255]]
-
-
 def _addresses(droplet: Mapping[str, Any]) -> tuple[str | None, str | None]:
     private = public = None
     for net in (droplet.get("networks") or {}).get("v4") or []:
@@ -548,56 +460,6 @@ def _addresses(droplet: Mapping[str, Any]) -> tuple[str | None, str | None]:
         elif net.get("type") == "public":
             public = net["ip_address"]
     return private, public
-
-
-#: DigitalOcean's HTTP statuses -> the kind of CloudError each is (see
-#: errors.cloud_error); the API's error ``id`` is not documented as a stable set.
-error_kinds: errors.ErrorKinds = {
-    "404": errors.NotFoundError,
-    "409": errors.InUseError,
-    "401": errors.ForbiddenError,
-    "403": errors.ForbiddenError,
-    "429": errors.ThrottledError,
-}
-
-
-def _json(error: HttpResponseError) -> dict[str, Any]:
-    try:
-        body = error.response.json() if error.response is not None else None
-    except ValueError:
-        body = None
-    return body if isinstance(body, dict) else {"message": str(error)}
-
-
-def _reset_delay(headers: Mapping[str, str], attempt: int) -> float:
-    """Seconds until ``ratelimit-reset`` (an epoch time), else exponential backoff."""
-    reset = (headers or {}).get("ratelimit-reset")
-    if reset and reset.isdigit():
-        return min(max(int(reset) - time.time(), 0.1), 60.0)
-    return min(2.0**attempt, 30.0)
-
-
-class DropletCluster(VMCluster):
-    """A secure Dask cluster on DigitalOcean droplets.
-
-    Every droplet has a public address; the cluster's firewalls admit nothing from
-    outside the cluster but the creator's address to the scheduler's port.
-    """
-
-    provider = "digitalocean"
-    Options = DropletOptions
-
-    @classmethod
-    def make_driver(cls, options: DropletOptions, **extra: Any) -> DropletDriver:
-        token = options.token or os.environ.get("DIGITALOCEAN_TOKEN")
-        if not token:
-            raise OptionError(
-                "No DigitalOcean API token: set DIGITALOCEAN_TOKEN, the dask config key "
-                "secure-cloud.digitalocean.token, or pass token="
-            )
-        # Every droplet has a public address.
-        network = NetworkPolicy.from_options(options, always_public=True)
-        return DropletDriver(options, token=token, network=network)
 
 
 def _listed_state(status: str | None) -> str:
