@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .credentials import Role
+from .egress import Exits
 from .errors import (
     CloudError,
     ForbiddenError,
@@ -210,10 +211,34 @@ class Driver(abc.ABC):
         self.creator = creator
 
     async def prepare(self, cluster_id: str) -> None:
-        """Make what the cluster's VMs need before the first one (network, firewall).
+        """Make what the cluster's VMs need before the first one, in the same named
+        steps on every cloud: the three that only read or decide come first, so a
+        refusal leaves nothing behind; :meth:`make_network` is the first that writes.
+        A driver fills in the steps, not this order."""
+        await self.check_request()
+        exits = await self.read_exits()
+        if exits is not None:
+            self.decide_public(exits)
+        await self.make_network(cluster_id)
 
-        Checks that only read (quotas, whether each role's VMs will have a route out:
-        ``egress.public_address``) come first, so a refusal leaves nothing behind."""
+    async def check_request(self) -> None:
+        """Read only: what the VMs ask for exists here and fits (region or zone, machine
+        sizes, image, quotas). Refuse, naming the option, before anything is made."""
+
+    async def read_exits(self) -> Exits | None:
+        """Read only: the network the VMs join and the ways out it offers them (a NAT, an
+        internet gateway, a public interface). ``None``: VMs need no way out here."""
+        return None
+
+    def decide_public(self, exits: Exits) -> None:
+        """Decide, per role, whether its VMs get a public address, from ``exits``
+        (``egress.decide_public_addresses``), refusing a role with no way out
+        (``NoRouteOutError``)."""
+
+    async def make_network(self, cluster_id: str) -> None:
+        """The first write: what the cluster's VMs need around them (firewall rules,
+        security groups, a network), tagged with ``cluster_id`` so that ``release`` and
+        ``cleanup`` find it."""
 
     @abc.abstractmethod
     async def create(self, request: VMRequest) -> VM:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,21 @@ def test_type_checkers_see_every_cluster_class():
     named = {a.name for n in block.body if isinstance(n, ast.ImportFrom) for a in n.names}
     expected = {p.cluster_class for p in registry.PROVIDERS.values()}
     assert named - {"VMCluster", "ClusterCredentials"} == expected
+
+
+#: The clouds whose driver prepares a cluster through the contract's template.
+ON_THE_TEMPLATE = ["aws", "digitalocean", "gcp"]
+STEPS = ("check_request", "read_exits", "decide_public", "make_network")
+
+
+@pytest.mark.parametrize("provider", ON_THE_TEMPLATE)
+def test_every_cloud_prepares_in_the_same_named_steps(provider):
+    """One sequence, one shape: a driver fills in the steps, never the order (the
+    read-only ones first, so a refusal leaves nothing behind)."""
+    from dask_secure_cloud.driver import Driver
+
+    package = importlib.import_module(registry.PROVIDERS[provider].module)
+    (driver_class,) = [getattr(package, n) for n in package.__all__ if n.endswith("Driver")]
+    assert driver_class.prepare is Driver.prepare
+    for step in STEPS:
+        assert getattr(driver_class, step) is not getattr(Driver, step), step

@@ -16,7 +16,7 @@ from aiobotocore.session import get_session
 from ... import driver, errors
 from ...cloudinit import LIMITS
 from ...credentials import Role
-from ...egress import decide_public_addresses
+from ...egress import Exits, decide_public_addresses
 from ...network import NetworkPolicy
 from ...options import EC2Options
 from .errors import _translated
@@ -87,6 +87,8 @@ class EC2Driver(driver.Driver):
         self._public: dict[Role, bool] = {}
         self._gpus: dict[Role, bool] = {}
         self._arch: dict[Role, str] = {}
+        #: The VPC (its id, its CIDR) and route table the instances use: read_exits.
+        self._vpc_id = self._vpc_cidr = self._route_table_id = ""
 
     # -- the SDK ------------------------------------------------------------------------
 
@@ -140,11 +142,49 @@ class EC2Driver(driver.Driver):
     def where(self) -> str:
         return self.options.region
 
-    async def prepare(self, cluster_id: str) -> None:
-        vpc_id, vpc_cidr = await self._resolve_network()
+    async def check_request(self) -> None:
         await self._check_instance_types()
         await self._resolve_ami()
-        await self._decide_public_addresses(vpc_id)  # the last read-only check
+
+    async def read_exits(self) -> Exits:
+        """The VPC and subnet the instances join, and the ways out the subnet's route
+        table offers them."""
+        self._vpc_id, self._vpc_cidr = await self._resolve_network()
+        tables: list[dict[str, Any]] = []
+        filters = [{"Name": "vpc-id", "Values": [self._vpc_id]}]
+        async for page in self._paginate("describe_route_tables", Filters=filters):
+            tables.extend(page["RouteTables"])
+        subnet_id = str(self.subnet_id)
+        table = subnet_route_table(tables, subnet_id)
+        self._route_table_id = table["RouteTableId"]
+        return route_exits(table, f"subnet {subnet_id} of {self._vpc_id}")
+
+    def decide_public(self, exits: Exits) -> None:
+        vpc_id, table_id = self._vpc_id, self._route_table_id
+        self._public = decide_public_addresses(
+            exits,
+            use_private_ip=self.network.use_private_ip,
+            worker_public_ip=self.worker_public_ip,
+            offline_image=self.offline_image,
+            fixes=lambda role: _fixes(role, exits, table_id, vpc_id),
+            logger=logger,
+        )
+        if not self.network.use_private_ip and exits.public is None:
+            # Replies to the client would leave through the NAT, not the address it used.
+            logger.warning(
+                "%s sends 0.0.0.0/0 to %s, not to an internet gateway: the scheduler's "
+                "public address will not answer the client. Use a subnet whose route "
+                "table sends 0.0.0.0/0 to an internet gateway, or use_private_ip=True "
+                "from inside the VPC",
+                exits.place,
+                exits.private or "nothing",
+            )
+
+    async def make_network(self, cluster_id: str) -> None:
+        """Two security groups: one every member carries, open to the other members
+        only; one only the scheduler carries, open to the client's CIDRs on its ports.
+        Or the security groups the user gave."""
+        vpc_id, vpc_cidr = self._vpc_id, self._vpc_cidr
         if self.security_groups:
             self._group_ids = {role: list(self.security_groups) for role in Role}
             return
@@ -202,35 +242,6 @@ class EC2Driver(driver.Driver):
             ],
         )
         return group["GroupId"]
-
-    async def _decide_public_addresses(self, vpc_id: str) -> None:
-        """Read the subnet's route table and decide, per role, whether its VMs get a
-        public address; refuse (before anything is made) a subnet with no way out."""
-        tables: list[dict[str, Any]] = []
-        filters = [{"Name": "vpc-id", "Values": [vpc_id]}]
-        async for page in self._paginate("describe_route_tables", Filters=filters):
-            tables.extend(page["RouteTables"])
-        subnet_id = str(self.subnet_id)
-        table = subnet_route_table(tables, subnet_id)
-        exits = route_exits(table, f"subnet {subnet_id} of {vpc_id}")
-        self._public = decide_public_addresses(
-            exits,
-            use_private_ip=self.network.use_private_ip,
-            worker_public_ip=self.worker_public_ip,
-            offline_image=self.offline_image,
-            fixes=lambda role: _fixes(role, exits, table["RouteTableId"], vpc_id),
-            logger=logger,
-        )
-        if not self.network.use_private_ip and exits.public is None:
-            # Replies to the client would leave through the NAT, not the address it used.
-            logger.warning(
-                "%s sends 0.0.0.0/0 to %s, not to an internet gateway: the scheduler's "
-                "public address will not answer the client. Use a subnet whose route "
-                "table sends 0.0.0.0/0 to an internet gateway, or use_private_ip=True "
-                "from inside the VPC",
-                exits.place,
-                exits.private or "nothing",
-            )
 
     async def _resolve_network(self) -> tuple[str, str]:
         if self.subnet_id:

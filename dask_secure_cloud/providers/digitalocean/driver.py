@@ -165,7 +165,9 @@ class DropletDriver(driver.Driver):
                 "Ask DigitalOcean to raise the limit, or start fewer workers (n_workers)"
             )
 
-    async def prepare(self, cluster_id: str) -> None:
+    async def check_request(self) -> None:
+        """The region exists, offers each role's size, and the account's droplet limit
+        leaves room for the cluster."""
         regions = {r["slug"]: r for r in await self._all("listing regions", "regions", "regions")}
         if self.options.region not in regions:
             close = difflib.get_close_matches(self.options.region, sorted(regions), n=1)
@@ -182,7 +184,10 @@ class DropletDriver(driver.Driver):
                     f"{role.value}_size {size!r} is not offered in {self.options.region}.{hint}"
                 )
         await self._check_droplet_limit()
-        self._check_egress()
+
+    async def make_network(self, cluster_id: str) -> None:
+        """The cluster's tags, its VPC (unless the user gave one) and its two cloud
+        firewalls."""
         tag = cluster_tag(cluster_id)
         for name in (tag, scheduler_tag(cluster_id)):
             await self._call(f"creating tag {name}", "tags", "create", body={"name": name})
@@ -207,17 +212,19 @@ class DropletDriver(driver.Driver):
         for body in _firewalls(cluster_id, sources, self.ports):
             await self._call(f"creating firewall {body['name']}", "firewalls", "create", body=body)
 
-    def _check_egress(self) -> None:
+    async def read_exits(self) -> Exits:
         """Every droplet has a public IPv4 address on its public interface, whatever its
-        VPC, and that is its way out: asked of the shared rule all the same (nothing to
-        read, so nothing can be refused), so each role's way out is logged as on every
-        cloud."""
+        VPC, and that is its way out: nothing to read, so nothing can be refused."""
         vpc = f"VPC {self.vpc_uuid}" if self.vpc_uuid else "the cluster's own VPC"
-        exits = Exits(
+        return Exits(
             place=f"{vpc} in region {self.options.region}",
             private=None,
             public="the droplet's public interface",
         )
+
+    def decide_public(self, exits: Exits) -> None:
+        """Asked of the shared rule all the same, so that each role's way out is logged
+        as on every cloud."""
         decide_public_addresses(
             exits,
             use_private_ip=False,

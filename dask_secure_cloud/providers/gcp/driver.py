@@ -189,9 +189,8 @@ class GCPDriver(NetworkSteps, driver.Driver):
     def region(self) -> str:
         return self.options.zone.rsplit("-", 1)[0]
 
-    async def prepare(self, cluster_id: str) -> None:
-        """Read-only checks first (zone, machine types, image, the ways out), then the
-        firewall: a refusal leaves nothing behind."""
+    async def check_request(self) -> None:
+        """The zone, each role's machine type in it, and the image exist."""
         await self._call(
             "ZonesClient",
             "get",
@@ -209,7 +208,10 @@ class GCPDriver(NetworkSteps, driver.Driver):
                 machine_type=machine_type,
             )
         await self._resolve_image()
-        await self._decide_addresses()
+
+    async def make_network(self, cluster_id: str) -> None:
+        """The cluster's firewall rules: deny all from outside, the client to the
+        scheduler's ports, members to members."""
         sources = await self.network_policy.scheduler_sources(self._subnet_ranges)
         for rule in self._firewall_rules(cluster_id, sources):
             operation = await self._call(

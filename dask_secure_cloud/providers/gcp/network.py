@@ -154,12 +154,14 @@ class NetworkSteps:
             ),
         ]
 
-    async def _decide_addresses(self) -> None:
+    async def read_exits(self) -> Exits:
+        return await self._exits()
+
+    def decide_public(self, exits: Exits) -> None:
         """Which roles get an external address, from the subnetwork's ways out.
 
         Refuses (``NoRouteOutError``) before anything is made when a role would have
         none."""
-        exits = await self._exits()
         self._public = decide_public_addresses(
             exits,
             use_private_ip=self.network_policy.use_private_ip,
