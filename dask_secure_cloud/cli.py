@@ -12,7 +12,7 @@ import asyncio
 import datetime
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import click
@@ -22,6 +22,7 @@ from . import audit, config
 from .cloudinit import decode_file, parse
 from .credentials import Role
 from .options.base import duration
+from .pricing import money
 from .registry import PROVIDERS, cluster_class, options_class
 
 __all__ = ["main"]
@@ -212,6 +213,27 @@ def _other(summary: Any) -> str:
     return f"{summary.other} ({_counted(dict(sorted(summary.resources.items())))})"
 
 
+def _estimates() -> dict[str, dict[str, Any]]:
+    """Each cluster's last hourly estimate in this machine's audit log (made at its
+    start, from the cloud's price list), by cluster id."""
+    return {e["cluster_id"]: e for e in audit.read() if e.get("event") == "cost_estimate"}
+
+
+def _cost(summary: Any, estimates: Mapping[str, Mapping[str, Any]]) -> str:
+    """What the cluster's running VMs cost per hour, from its estimate at start: ``-``
+    for a cluster started elsewhere (no estimate here), ``unknown`` where it had none."""
+    found = estimates.get(summary.cluster_id)
+    if found is None:
+        return "-"
+    scheduler, worker = found.get("scheduler_hourly"), found.get("worker_hourly")
+    if scheduler is None or worker is None:
+        return "unknown"
+    running = dict(summary.vm_states).get("running", 0) if summary.vm_states else summary.vms
+    if running == 0:
+        return "-"
+    return f"{money(scheduler + worker * max(running - 1, 0))}/h"
+
+
 @main.command(name="list")
 @_PROVIDER_OPTION
 @_OPTION_OPTION
@@ -222,13 +244,25 @@ def list_clusters(providers: Sequence[str], pairs: Sequence[str]) -> None:
 
     A cluster whose start was killed before its first VM shows 0 VMs and what it had
     made. A VM powered off may still bill (a stopped Azure VM, a TERMINATED Compute
-    Engine instance's disk, a droplet that is off): BILLS says so.
+    Engine instance's disk, a droplet that is off): BILLS says so. COST/H is what its
+    running VMs cost per hour, from the estimate made at its start on this machine.
     """
+    estimates = _estimates()
 
     async def run() -> None:
         found = await _found(providers or sorted(PROVIDERS), _options(pairs))
         try:
-            header = ("PROVIDER", "CLUSTER", "AGE", "CLIENT", "VMS", "OTHER", "BILLS", "CREATOR")
+            header = (
+                "PROVIDER",
+                "CLUSTER",
+                "AGE",
+                "CLIENT",
+                "VMS",
+                "OTHER",
+                "BILLS",
+                "COST/H",
+                "CREATOR",
+            )
             rows = [header]
             for provider, summary, _ in found:
                 rows.append(
@@ -240,6 +274,7 @@ def list_clusters(providers: Sequence[str], pairs: Sequence[str]) -> None:
                         str(summary.vms),
                         _other(summary),
                         _counted(summary.billing()),
+                        _cost(summary, estimates),
                         summary.creator or "?",
                     )
                 )

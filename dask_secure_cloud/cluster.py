@@ -17,6 +17,7 @@ import datetime
 import html
 import inspect
 import logging
+import math
 import textwrap
 import time
 import uuid
@@ -26,6 +27,7 @@ from typing import Any, ClassVar
 
 import dask
 import distributed
+from dask.utils import parse_bytes
 from distributed.comm import connect, get_address_host
 from distributed.core import Status
 from distributed.deploy.cluster import Cluster, Log, Logs
@@ -33,7 +35,7 @@ from distributed.deploy.spec import ProcessInterface, SpecCluster
 from distributed.security import Security
 from tornado.ioloop import PeriodicCallback
 
-from . import audit, images, liveness, loader, names, owned
+from . import audit, images, liveness, loader, names, owned, pricing
 from .cloudinit import DockerRuntime
 from .credentials import Role
 from .dashboard import DashboardProxy
@@ -45,6 +47,7 @@ from .network import NetworkPolicy
 from .options import ClusterOptions, docstring_parameters, keyword_signature, resolve
 from .plan import BootPlanner, default_docker_image, shippable_config
 from .renewal import Renewal, renewal_interval
+from .replacement import Replacements
 
 __all__ = [
     "ClusterStartError",
@@ -70,6 +73,12 @@ class Preview:
     cluster_id: str
     driver: Driver
     user_data: Mapping[Role, bytes]
+    options: Any = None
+
+    def cost(self) -> pricing.Estimate:
+        """The cluster's hourly cost at its ``n_workers``, from the cloud's price list
+        (asked here, not when the preview is made: ``list`` and ``cleanup`` need none)."""
+        return pricing.estimate(self.options, self.options.n_workers, self.driver)
 
 
 def preview(cls: type[VMCluster], **options: Any) -> Preview:
@@ -86,7 +95,7 @@ def preview(cls: type[VMCluster], **options: Any) -> Preview:
         role: planner.user_data(role, "preview", "tls://0.0.0.0:1")
         for role in (Role.SCHEDULER, Role.WORKER)
     }
-    return Preview(cls.Options.provider or cls.provider, cluster_id, driver, user_data)
+    return Preview(cls.Options.provider or cls.provider, cluster_id, driver, user_data, resolved)
 
 
 def _explicit_none(options: dict[str, Any]) -> dict[str, Any]:
@@ -130,6 +139,7 @@ class SchedulerVM(_VM):
 
     async def start(self) -> None:
         cluster, fleet = self.cluster, self.cluster.fleet
+        await cluster._check_cost()  # before anything is made, the network included
         await fleet.prepare()
         self.vm = vm = await fleet.create(Role.SCHEDULER, self.name, None)
         self.address = cluster.planner.scheduler_address(vm.private_ip)
@@ -164,14 +174,25 @@ class WorkerVM(_VM):
 
     async def start(self) -> None:
         cluster = self.cluster
-        self.vm = vm = await cluster.fleet.create(Role.WORKER, self.name, self.scheduler)
+        try:
+            self.vm = vm = await cluster.fleet.create(Role.WORKER, self.name, self.scheduler)
+        except ClusterStartError as e:
+            # A replacement the cloud refused is one more lost worker (replacement.py).
+            if not cluster._replacements.launch_failed(self.name, e):
+                raise
+            await super().start()
+            return
         if cluster._worker_enrollment is not None:
             cluster._worker_enrollment.add(vm.name, vm.private_ip)
         self._watchdog = asyncio.create_task(
             cluster.fleet.watch_worker_boot(
                 vm,
-                joined=lambda: cluster._address_of(vm) is not None,
+                # Joined once is joined: one that left since is lost, not a failed boot.
+                joined=lambda: (
+                    self.name in cluster._workers_seen or cluster._address_of(vm) is not None
+                ),
                 closing=lambda: cluster.status != Status.running,
+                on_failed=lambda state: cluster._replacements.boot_failed(self.name, vm, state),
             )
         )
         await super().start()
@@ -333,6 +354,14 @@ class VMCluster(SpecCluster):
         #: ones whose worker is gone since (see _notice_workers_gone).
         self._workers_seen: set[str] = set()
         self._workers_gone: set[str] = set()
+        #: The number of the next new worker's name (see _new_worker_name).
+        self._next_worker = resolved.n_workers
+        #: Lost workers are replaced (replacement.py).
+        self._replacements = Replacements(
+            self,
+            limit=resolved.max_replacements,
+            stable_after=resolved.boot_timeout.total_seconds(),
+        )
         self._log(
             f"Cluster {self.cluster_id}: {self.protocol}, "
             + (
@@ -415,9 +444,9 @@ class VMCluster(SpecCluster):
     def _notice_workers_gone(self) -> None:
         """Report each worker VM whose Dask worker joined and is gone while the VM stays
         (removed from the scheduler, or its process died): in the log at once, and in
-        ``repr`` until it is back. ``SpecCluster`` deletes such a VM after
-        ``distributed.deploy.lost-worker-timeout``; nothing replaces it yet. A worker
-        the cluster itself retires (``scale``) has left ``worker_spec`` first."""
+        ``repr`` until it is back or replaced. The replacement policy watches it from
+        then on (``replacement.py``). A worker the cluster itself retires (``scale``)
+        has left ``worker_spec`` first, and is neither reported nor replaced."""
         if self.status != Status.running:
             return
         present = self._worker_addresses()
@@ -427,6 +456,7 @@ class VMCluster(SpecCluster):
                 self._workers_gone.discard(name)
         for name in present:
             self._workers_seen.add(name)
+            self._replacements.joined(name)
             if name in self._workers_gone:
                 self._workers_gone.discard(name)
                 self._log(f"{name}: its Dask worker is back")
@@ -436,6 +466,7 @@ class VMCluster(SpecCluster):
             logger.warning("Cluster %s: %s", self.cluster_id, message)
             if hasattr(self, "_cluster_manager_logs"):
                 self._cluster_manager_logs.append((datetime.datetime.now(), message))
+            self._replacements.worker_gone(name, getattr(self.workers.get(name), "vm", None))
 
     def _workers_gone_report(self) -> list[str]:
         """One line per worker VM whose Dask worker is gone, saying where its VM is."""
@@ -450,10 +481,15 @@ class VMCluster(SpecCluster):
                 lines.append(f"{name}: VM terminated, its Dask worker is gone")
             else:
                 lines.append(f"{name}: VM running, its Dask worker is gone")
-        return lines
+        return lines + self._replacements.given_up
 
     def _new_worker_name(self, worker_number: int) -> str:
-        return f"worker-{worker_number}"
+        """A worker name this cluster never gave before. ``SpecCluster`` would give the
+        number of a worker that left its spec again, but a name is a VM's identity: its
+        certificate, its directory, the scheduler's record of its worker."""
+        number = max(worker_number, self._next_worker)
+        self._next_worker = number + 1
+        return f"worker-{number}"
 
     def __await__(self) -> Generator[Any, Any, VMCluster]:
         async def _() -> VMCluster:
@@ -563,6 +599,100 @@ class VMCluster(SpecCluster):
             f"docker_image {image!r} does not exist in its registry: check its name and tag"
         )
 
+    # -- cost ---------------------------------------------------------------------------
+
+    async def _check_cost(self) -> None:
+        """Price the cluster before anything exists (the log line, the reprs, ``list``)
+        and refuse a start above ``max_hourly_cost``. Price lists are read in a thread:
+        their clients block."""
+        workers = len(self.worker_spec)
+        cost = await asyncio.to_thread(pricing.estimate, self.options, workers, self.driver)
+        self._cost: pricing.Estimate | None = cost
+        self._log(f"Cluster {self.cluster_id}: hourly cost {cost.describe(workers)}")
+        await audit.record_async(
+            "cost_estimate",
+            self.cluster_id,
+            scheduler_hourly=cost.scheduler.hourly,
+            worker_hourly=cost.worker.hourly,
+            workers=workers,
+            hourly=cost.hourly(workers),
+            currency=cost.currency,
+            unknown=cost.unknown() or None,
+        )
+        error = await asyncio.to_thread(self._cost_refusal, workers, "start")
+        if error is not None:
+            raise error
+        adaptive = getattr(self, "_adaptive", None)  # adapt() called before the start
+        limit = self._workers_within_cap()
+        if adaptive is not None and limit is not None and adaptive.maximum > limit:
+            adaptive.maximum = limit
+
+    def _cost_refusal(self, workers: int, action: str) -> pricing.CostLimitError | None:
+        """The error refusing ``action`` at ``workers`` workers, recorded in the audit
+        log, or ``None`` when no cap is set or the cost fits it."""
+        cap = self.options.max_hourly_cost
+        cost = getattr(self, "_cost", None)
+        if cap is None or cost is None:
+            return None
+        error = pricing.refusal(cost, cap, workers, action)
+        if error is None:
+            return None
+        logger.warning("Cluster %s: %s", self.cluster_id, error)
+        fields = {
+            "action": action,
+            "workers": workers,
+            "hourly": cost.hourly(workers),
+            "max_hourly_cost": cap,
+            "unknown": cost.unknown() or None,
+        }
+        if self.asynchronous and getattr(self, "loop", None) is not None:
+            self.loop.add_callback(audit.record_async, "cost_refused", self.cluster_id, **fields)
+        else:
+            audit.record("cost_refused", self.cluster_id, **fields)
+        return error
+
+    def _workers_within_cap(self) -> int | None:
+        """The most workers ``max_hourly_cost`` allows, or ``None`` without a cap (or
+        before the cluster is priced)."""
+        cap = self.options.max_hourly_cost
+        cost = getattr(self, "_cost", None)
+        if cap is None or cost is None:
+            return None
+        return pricing.workers_within(cost, cap)
+
+    def scale(self, n: int = 0, memory: str | None = None, cores: int | None = None) -> Any:
+        """``SpecCluster.scale``, refused before any VM is made when the cluster would
+        cost more than ``max_hourly_cost``."""
+        target = n
+        if memory is not None:
+            target = max(target, math.ceil(parse_bytes(memory) / self._memory_per_worker()))
+        if cores is not None:
+            target = max(target, math.ceil(cores / self._threads_per_worker()))
+        if target > len(self.worker_spec):  # only growth can break the cap
+            error = self._cost_refusal(target, f"scale({target})")
+            if error is not None:
+                raise error
+        return super().scale(n, memory=memory, cores=cores)
+
+    def adapt(
+        self, *args: Any, minimum: float = 0, maximum: float = math.inf, **kwargs: Any
+    ) -> Any:
+        """``SpecCluster.adapt`` within ``max_hourly_cost``: a ``minimum`` or ``maximum``
+        above what the cap allows is refused; with no ``maximum`` the cap sets it."""
+        limit = self._workers_within_cap()
+        if limit is not None:
+            for name, value in (("minimum", minimum), ("maximum", maximum)):
+                if value != math.inf and value > limit:
+                    error = self._cost_refusal(int(value), f"adapt({name}={value})")
+                    if error is not None:
+                        raise error
+            if maximum == math.inf:
+                maximum = limit
+                self._log(
+                    f"Cluster {self.cluster_id}: adapting up to {limit} workers (max_hourly_cost)"
+                )
+        return super().adapt(*args, minimum=minimum, maximum=maximum, **kwargs)
+
     async def _close(self) -> None:
         """Shut down gracefully where possible; then delete every VM, whatever happened.
 
@@ -580,6 +710,7 @@ class VMCluster(SpecCluster):
                 await check
         if self._worker_enrollment is not None:
             await self._worker_enrollment.close()
+        await self._replacements.close()
         if self._dashboard is not None:
             await self._dashboard.close()
             self._dashboard = None
@@ -678,11 +809,12 @@ class VMCluster(SpecCluster):
         return await self.scheduler_comm.secure_cloud_enroll_relay(requests=requests)
 
     async def _renew_lease(self) -> None:
-        """Tell the scheduler its cluster manager is alive (see ``lease_timeout``)."""
+        """Tell the scheduler its cluster manager is alive (see ``lease_timeout``), and
+        what the driver wants it to end when the lease does (``Driver.lease_arguments``)."""
         if self.scheduler_comm is None or self.status != Status.running:
             return
         try:
-            await self.scheduler_comm.secure_cloud_lease()
+            await self.scheduler_comm.secure_cloud_lease(**self.driver.lease_arguments())
         except OSError as e:
             logger.warning(
                 "Cluster %s: could not renew the scheduler's lease: %s", self.cluster_id, e
@@ -829,8 +961,11 @@ class VMCluster(SpecCluster):
                 "off" if self.options.idle_timeout is None else _human(self.options.idle_timeout)
             ),
         }
-        if getattr(self, "_workers_gone", None):
-            summary["workers gone"] = "; ".join(self._workers_gone_report())
+        cost = getattr(self, "_cost", None)
+        if cost is not None:
+            summary["cost"] = cost.short(len(getattr(self, "worker_spec", {}) or {}))
+        if getattr(self, "_replacements", None) and (gone := self._workers_gone_report()):
+            summary["workers gone"] = "; ".join(gone)
         if self._credentials is not None:
             summary["ca"] = self._credentials.ca_fingerprint
             summary["expires"] = f"{self._credentials.not_after:%Y-%m-%d %H:%M} UTC"
@@ -850,9 +985,17 @@ class VMCluster(SpecCluster):
         rows = "".join(
             f"<tr><th style='text-align: left'>{html.escape(k)}</th>"
             f"<td style='text-align: left'>{html.escape(v)}</td></tr>"
-            for k, v in self._summary().items()
+            for k, v in self._html_summary().items()
         )
         return super()._repr_html_(cluster_status=f"<table>{rows}</table>{cluster_status or ''}")
+
+    def _html_summary(self) -> dict[str, str]:
+        """The summary with the cost spelled out: how it adds up, its source and age."""
+        summary = self._summary()
+        cost = getattr(self, "_cost", None)
+        if cost is not None:
+            summary["cost"] = cost.describe(len(getattr(self, "worker_spec", {}) or {}))
+        return summary
 
     def __reduce__(self) -> Any:
         raise TypeError(

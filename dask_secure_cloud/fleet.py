@@ -10,7 +10,8 @@ not 200 state calls a second. A VM that the listing showed and no longer shows, 
 it reports ended (``"terminated"``, or ``"stopped"``: powered off but still kept, and
 billed, by its cloud), has ended by itself: a failed boot. A listing that
 fails or is throttled teaches nothing, and a VM never listed yet is not presumed gone
-(clouds list new VMs with a delay).
+(clouds list new VMs with a delay). The same listing serves the watch of a worker whose
+Dask worker left (:meth:`Fleet.watch_lost_worker`): whether its VM ended too.
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ REACH_PAUSE = 0.05
 #: How long one attempt may take: a TCP connection, a TLS handshake and Dask's, from
 #: across the internet to a VM whose scheduler is still starting up.
 REACH_TIMEOUT = 2.0
+#: Seconds a worker that left is given before its VM's state is looked at. ``adapt``
+#: retires a worker through the scheduler first and takes it out of the cluster's spec
+#: a moment later: meanwhile the worker has left and is still wanted, and is not lost.
+LOST_SETTLE = 2.0
+#: Seconds between looks at a worker that left (the listing itself comes once per
+#: ``watch_interval``).
+LOST_POLL = 0.5
 
 
 async def answers(
@@ -126,7 +134,9 @@ class Fleet:
         # The watcher: each VM's last known state by id, and which ids a listing showed.
         self._states: dict[str, str] = {}
         self._seen: set[str] = set()
-        self._booting = 0
+        #: How many VMs are watched now (booting, or whose worker left): the watcher
+        #: lists the cluster's VMs while any is.
+        self._watched = 0
         self._watcher: asyncio.Task[None] | None = None
 
     # -- making VMs ---------------------------------------------------------------------
@@ -219,17 +229,17 @@ class Fleet:
 
     @contextlib.asynccontextmanager
     async def _watching(self) -> AsyncIterator[None]:
-        self._booting += 1
+        self._watched += 1
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.create_task(self._watch())
         try:
             yield
         finally:
-            self._booting -= 1
+            self._watched -= 1
 
     async def _watch(self) -> None:
-        """One listing per interval while anything boots; nothing when nothing does."""
-        while self._booting > 0 and not self.closing:
+        """One listing per interval while anything is watched; nothing when nothing is."""
+        while self._watched > 0 and not self.closing:
             try:
                 states = await self.driver.states(self.cluster_id)
             except (CloudError, OSError) as e:  # throttled or failed: nothing learnt
@@ -317,9 +327,15 @@ class Fleet:
                 await asyncio.sleep(pause)
 
     async def watch_worker_boot(
-        self, vm: VM, joined: Callable[[], bool], closing: Callable[[], bool]
+        self,
+        vm: VM,
+        joined: Callable[[], bool],
+        closing: Callable[[], bool],
+        on_failed: Callable[[str], None] | None = None,
     ) -> None:
-        """Report a worker VM that has not joined within ``boot_timeout``."""
+        """Report a worker VM that has not joined within ``boot_timeout``, or whose VM
+        ended before it joined; then ``on_failed`` with the VM's state word, so the
+        cluster can replace it."""
         deadline = time.monotonic() + self.boot_timeout
         async with self._watching():
             while time.monotonic() < deadline:
@@ -330,14 +346,36 @@ class Fleet:
                 await asyncio.sleep(1)
         if closing() or self.closing:
             return  # closing: the VM ended because we asked it to
+        state = self.state(vm)
         console = await self.console_output(vm)
         logger.error(
-            "Worker VM %s did not join the scheduler within %.0fs (boot_timeout). "
-            "Console output:\n%s",
+            "Worker VM %s did not join the scheduler %s. Console output:\n%s",
             vm.name,
-            self.boot_timeout,
+            f"(its VM {state})"
+            if state in ENDED
+            else f"within {self.boot_timeout:.0f}s (boot_timeout)",
             tail(console),
         )
+        if on_failed is not None and not (closing() or self.closing):
+            on_failed(state)
+
+    async def watch_lost_worker(self, vm: VM, back: Callable[[], bool], grace: float) -> str | None:
+        """Wait until the worker VM ``vm``, whose Dask worker left, counts as lost: its
+        VM ended, or its worker stayed away ``grace`` seconds (a worker may come back:
+        a nanny restarts a crashed one, a network heals). Returns the VM's state word
+        then; ``None`` once ``back()`` (its worker returned, or the cluster no longer
+        wants it) or the cluster closes.
+
+        Nothing is decided within :data:`LOST_SETTLE` of the worker leaving."""
+        started = time.monotonic()
+        async with self._watching():
+            await asyncio.sleep(LOST_SETTLE)
+            while not self.closing and not back():
+                state = self.state(vm)
+                if state in ENDED or time.monotonic() - started >= grace:
+                    return state
+                await asyncio.sleep(LOST_POLL)
+        return None
 
     async def console_output(self, vm: VM) -> str:
         try:

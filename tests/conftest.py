@@ -218,6 +218,13 @@ def audit_log(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
+def _price_cache(tmp_path_factory, monkeypatch):
+    """Each test's price cache is its own (``pricing.cache``), never the user's, and is
+    inherited by the processes a test starts."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(autouse=True)
 def _no_network_beyond_loopback(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", _loopback_only)
     reach.install(monkeypatch)  # a VM's public address leads to its private one

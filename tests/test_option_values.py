@@ -70,6 +70,8 @@ _BY_TYPE[("string", "number", "null")] = _BY_TYPE[("string", "number")]
 _BY_TYPE[("boolean", "null")] = _BY_TYPE[("boolean",)]
 #: A duration that false turns off (idle_timeout): True is no duration.
 _BY_TYPE[("string", "number", "boolean", "null")] = _BY_TYPE[("string", "number")]
+#: A price that false turns off (max_hourly_cost): True is no price.
+_BY_TYPE[("number", "boolean", "null")] = _BY_TYPE[("number",)]
 
 #: Values a type's list would get wrong for one option (it accepts them), and values
 #: only some options refuse.
@@ -107,6 +109,7 @@ _SPECIFIC: dict[str, list[tuple[str, Any]]] = {
     "allowed_cidrs": [("not-a-cidr", ["10.0.0.0/33"])],
     "disk_size": [("too-small", 1)],
     "filesystem_size": [("too-small", 1)],
+    "max_hourly_cost": [("zero", 0), ("negative", -1.5), ("text", "2 USD")],
 }
 
 

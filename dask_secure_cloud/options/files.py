@@ -29,7 +29,16 @@ _CONFIG_ONLY = {
         None,
         None,
         "null: audit.jsonl in the user data directory; false: none",
-    )
+    ),
+    "price-sources": _Spec(
+        {},
+        "Other addresses of the clouds' price lists, by cloud (aws, gcp, azure): a "
+        "mirror, a proxy, a test stand-in. Empty: each cloud's public one.",
+        ("object",),
+        None,
+        None,
+        "{cloud: URL} of another price list; empty: each cloud's public one",
+    ),
 }
 #: Options of the clouds that one shared config key sets for all of them.
 _SHARED_CLOUD_OPTIONS = ("public_ip_url",)

@@ -14,6 +14,7 @@ from .base import (
     _choice,
     _command_options,
     _environment,
+    _number,
     _security,
     _text,
     _texts,
@@ -61,6 +62,20 @@ def _idle_timeout(value: Any, name: str) -> datetime.timedelta | None:
     if value is False:
         return None
     return duration(value, name)
+
+
+def _hourly_cost(value: Any, name: str) -> float | None:
+    """A price per hour in USD above 0, or ``False`` for no cap (``None`` means "not
+    given" to :func:`resolve`, so a cap set in the config is lifted with ``False``)."""
+    if value is False:
+        return None
+    price = _number(value, name)
+    if price <= 0:
+        raise OptionError(
+            f"{name} must be a price per hour in USD above 0, such as 2.5, or False for no "
+            f"cap; got {value!r}"
+        )
+    return price
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +233,21 @@ class ClusterOptions:
         types=DURATION,
         check=duration,
     )
+    max_replacements: int = option(
+        3,
+        """
+        How many times in a row a lost worker is replaced. A worker VM reclaimed by its
+        cloud (spot), crashed, or not up within ``boot_timeout`` is deleted and a worker
+        of a new name starts in its place, so the cluster keeps the size asked of it
+        (``n_workers``, ``scale``, ``adapt``); a worker scaled down is never replaced.
+        A worker that stayed connected for ``boot_timeout`` starts a new row, so a spot
+        worker is replaced each time it is reclaimed, while one that never comes up is
+        given up after this many tries. ``0``: never replace.
+        """,
+        types="integer",
+        check=_whole(0),
+        note="a lost worker (spot, crash, failed boot) is replaced this many times in a row",
+    )
     lease_timeout: datetime.timedelta = option(
         "20m",
         """
@@ -244,6 +274,20 @@ class ClusterOptions:
         types=("string", "number", "boolean", "null"),
         check=_idle_timeout,
         note="false: never; idle this long (no task), the cluster deletes its VMs",
+    )
+    max_hourly_cost: float | None = option(
+        None,
+        """
+        The most the cluster may cost per hour, in USD, from the cloud's own price list:
+        a start, ``scale(n)`` or ``adapt(maximum=...)`` that would cost more is refused
+        before anything is made, and adaptive scaling stays within it. Where a price
+        cannot be had the cap refuses too (a cap that cannot be checked is not one);
+        ``False`` lifts a cap set in the dask config. Data transfer and storage you make
+        yourself are not counted (see "Cost" in the docs).
+        """,
+        types=("number", "boolean", "null"),
+        check=_hourly_cost,
+        note="USD per hour; null: no cap; a start, scale or adapt above it is refused",
     )
     ship_config: tuple[str, ...] = option(
         [

@@ -40,6 +40,8 @@ from . import reach
 from .booter import StandInBooter
 from .jsonapi import HTTPSStandIn
 
+#: Each size's ``price_hourly`` as /v2/sizes lists it (USD).
+SIZE_PRICES = {"s-1vcpu-1gb": 0.00893, "s-2vcpu-4gb": 0.03571, "s-4vcpu-8gb": 0.07143}
 REGIONS = {
     "nyc3": ["s-1vcpu-1gb", "s-2vcpu-4gb", "s-4vcpu-8gb"],
     "ams3": ["s-1vcpu-1gb", "s-2vcpu-4gb"],
@@ -487,7 +489,10 @@ class DigitalOceanStandIn(HTTPSStandIn):
             ]
             return 200, _paged("regions", regions, query)
         if call == "sizes.list":
-            sizes = [{"slug": s} for s in sorted({z for zs in REGIONS.values() for z in zs})]
+            sizes = [
+                {"slug": s, "price_hourly": SIZE_PRICES[s], "price_monthly": SIZE_PRICES[s] * 672}
+                for s in sorted({z for zs in REGIONS.values() for z in zs})
+            ]
             return 200, _paged("sizes", sizes, query)
         if call == "tags.create":
             body = self._body("tag", raw)

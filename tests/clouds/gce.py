@@ -59,6 +59,15 @@ MACHINE_TYPES = {
     "e2-standard-4",
     "n2-standard-8",
 }
+#: (vCPUs, memory in MB) of each, as machineTypes.get reports them.
+MACHINE_SHAPES = {
+    "e2-micro": (2, 1024),
+    "e2-small": (2, 2048),
+    "e2-medium": (2, 4096),
+    "e2-standard-2": (2, 8192),
+    "e2-standard-4": (4, 16384),
+    "n2-standard-8": (8, 32768),
+}
 BASE = "https://www.googleapis.com/compute/v1"
 INTERNET_GATEWAY = "global/gateways/default-internet-gateway"
 #: The calls that change the project; the rest only read.
@@ -826,7 +835,14 @@ class GCEStandIn:
                     "notFound",
                     f"The resource 'projects/{self.project}/zones/{self.zone}/machineTypes/{args[0]}' was not found",
                 )
-            return {"kind": "compute#machineType", "name": args[0], "guestCpus": 2}
+            cpus, memory = MACHINE_SHAPES[args[0]]
+            return {
+                "kind": "compute#machineType",
+                "name": args[0],
+                "guestCpus": cpus,
+                "memoryMb": memory,
+                "isSharedCpu": args[0] in ("e2-micro", "e2-small", "e2-medium"),
+            }
         if call == "images.getFromFamily":
             return {
                 "kind": "compute#image",
