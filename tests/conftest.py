@@ -5,15 +5,21 @@ import os
 import random
 import socket
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from dask_secure_cloud.cloudinit import decode_file, parse
+# Helpers and stand-in starters live in modules of their own (helpers.py, standins.py);
+# these names stay importable from here for the modules that still do so.
+from helpers import (  # noqa: F401
+    answers_without_certificate,
+    any_vm_processes,
+    decoded_files,
+    vm_processes,
+)
 
 from clouds import reach
-from clouds.arm import AzureStandIn
-from clouds.booter import Booter, VMBooter
+from clouds.booter import VMBooter
+from standins import CLIENT_ID, SECRET, SUBSCRIPTION, TENANT, start_azure  # noqa: F401
 
 pytest_plugins = ["clouds.guest.fixtures"]
 
@@ -61,49 +67,6 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         )
 
 
-# -- the Azure Resource Manager stand-in, for test_azure and test_jupyterlab ---------------
-
-SUBSCRIPTION = "5f1b3c2e-8d6a-4b7e-9c0f-1a2b3c4d5e6f"
-TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
-CLIENT_ID = "0d6c1a52-3f4e-4b8a-9e7d-6c5b4a3f2e1d"
-SECRET = "client-secret-never-on-a-vm"
-
-
-def start_azure(
-    booter: Booter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, address_prefix: str
-) -> tuple[AzureStandIn, dict[str, Any]]:
-    """The ARM stand-in booting its VMs with ``booter``, its resource group, and the
-    options an AzureVMCluster needs to use it (the vnet made in ``address_prefix``)."""
-    stand_in = AzureStandIn(
-        booter,
-        subscription=SUBSCRIPTION,
-        tenant=TENANT,
-        client_id=CLIENT_ID,
-        client_secret=SECRET,
-    )
-    url = stand_in.start()
-    stand_in.add_group("dask-rg", "westeurope")
-    bundle = tmp_path / "ca.pem"
-    stand_in.ca.cert_pem.write_to_path(str(bundle))
-    # DefaultAzureCredential's environment source signs in at the stand-in.
-    monkeypatch.setenv("AZURE_TENANT_ID", TENANT)
-    monkeypatch.setenv("AZURE_CLIENT_ID", CLIENT_ID)
-    monkeypatch.setenv("AZURE_CLIENT_SECRET", SECRET)
-    monkeypatch.setenv("AZURE_AUTHORITY_HOST", url)
-    options = {
-        "resource_group": "dask-rg",
-        "resource_manager_url": url,
-        "ca_bundle": str(bundle),
-        "scheduler_vm_size": "Standard_D2s_v5",
-        "worker_vm_size": "Standard_D4s_v5",
-        "address_prefix": address_prefix,
-        "boot_timeout": "60s",
-        # Where the cluster learns the client's address, to open the scheduler to it.
-        "public_ip_url": reach.checkip_url(),
-    }
-    return stand_in, options
-
-
 @pytest.fixture
 def azure(tmp_path, monkeypatch):
     stand_in, options = start_azure(
@@ -114,35 +77,6 @@ def azure(tmp_path, monkeypatch):
     )
     yield stand_in, options
     stand_in.stop()
-
-
-def vm_processes(cluster_id: str) -> list[int]:
-    """PIDs on this machine that belong to any VM of ``cluster_id``."""
-    marker = f"DSC_VM_ID={cluster_id}/".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue
-            if any(v.startswith(marker) for v in (entry / "environ").read_bytes().split(b"\0")):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
-def any_vm_processes(directory: Path) -> list[int]:
-    return [pid for cluster in _clusters(directory) for pid in vm_processes(cluster)]
-
-
-def _clusters(directory: Path) -> list[str]:
-    return [p.name for p in directory.iterdir()] if directory.exists() else []
-
-
-def decoded_files(user_data: bytes) -> dict[str, bytes]:
-    return {f["path"]: decode_file(f) for f in parse(user_data).get("write_files", [])}
 
 
 @pytest.fixture
@@ -237,23 +171,3 @@ def outside_the_cloud():
     Yields the ``public_ip_url`` that tells a cluster the client's address."""
     with reach.outside():
         yield reach.checkip_url()
-
-
-async def answers_without_certificate(address: str, ca_pem: str) -> bool:
-    """A TLS client with the right CA but no certificate: does the server talk to it?"""
-    import asyncio
-    import ssl
-
-    host, port = address.split("//")[1].rsplit(":", 1)
-    ctx = ssl.create_default_context(cadata=ca_pem)
-    ctx.check_hostname = False
-    try:
-        reader, writer = await asyncio.open_connection(host, int(port), ssl=ctx)
-    except (OSError, ssl.SSLError):
-        return False
-    try:
-        return bool(await asyncio.wait_for(reader.read(1), 3))
-    except (OSError, ssl.SSLError, asyncio.TimeoutError):
-        return False
-    finally:
-        writer.close()

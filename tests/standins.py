@@ -18,7 +18,9 @@ import boto3
 import pytest
 from google.auth.credentials import AnonymousCredentials
 
-from clouds.booter import VMBooter
+from clouds import reach
+from clouds.arm import AzureStandIn
+from clouds.booter import Booter, VMBooter
 from clouds.digitalocean import DigitalOceanStandIn
 from clouds.ec2 import EC2StandIn, make_network
 from clouds.gce import GCEStandIn
@@ -100,5 +102,48 @@ def start_digitalocean(
         "worker_size": "s-2vcpu-4gb",
         "use_private_ip": True,
         "boot_timeout": "60s",
+    }
+    return stand_in, options
+
+
+# -- Azure Resource Manager ----------------------------------------------------------
+
+SUBSCRIPTION = "5f1b3c2e-8d6a-4b7e-9c0f-1a2b3c4d5e6f"
+TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+CLIENT_ID = "0d6c1a52-3f4e-4b8a-9e7d-6c5b4a3f2e1d"
+SECRET = "client-secret-never-on-a-vm"
+
+
+def start_azure(
+    booter: Booter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, address_prefix: str
+) -> tuple[AzureStandIn, dict[str, Any]]:
+    """The ARM stand-in booting its VMs with ``booter``, its resource group, and the
+    options an AzureVMCluster needs to use it (the vnet made in ``address_prefix``)."""
+    stand_in = AzureStandIn(
+        booter,
+        subscription=SUBSCRIPTION,
+        tenant=TENANT,
+        client_id=CLIENT_ID,
+        client_secret=SECRET,
+    )
+    url = stand_in.start()
+    stand_in.add_group("dask-rg", "westeurope")
+    bundle = tmp_path / "ca.pem"
+    stand_in.ca.cert_pem.write_to_path(str(bundle))
+    # DefaultAzureCredential's environment source signs in at the stand-in.
+    monkeypatch.setenv("AZURE_TENANT_ID", TENANT)
+    monkeypatch.setenv("AZURE_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("AZURE_CLIENT_SECRET", SECRET)
+    monkeypatch.setenv("AZURE_AUTHORITY_HOST", url)
+    options = {
+        "resource_group": "dask-rg",
+        "resource_manager_url": url,
+        "ca_bundle": str(bundle),
+        "scheduler_vm_size": "Standard_D2s_v5",
+        "worker_vm_size": "Standard_D4s_v5",
+        "address_prefix": address_prefix,
+        "boot_timeout": "60s",
+        # Where the cluster learns the client's address, to open the scheduler to it.
+        "public_ip_url": reach.checkip_url(),
     }
     return stand_in, options

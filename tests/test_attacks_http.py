@@ -29,11 +29,10 @@ from typing import Any
 import psutil
 import pytest
 from distributed import Client
+from helpers import vm_processes
 from tornado.websocket import websocket_connect
 
 from dask_secure_cloud import LocalVMCluster, dashboard
-
-from conftest import vm_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

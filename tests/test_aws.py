@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import boto3
 import pytest
 from distributed import Client
+from helpers import decoded_files, vm_processes
 
 from dask_secure_cloud import EC2Cluster
 from dask_secure_cloud.cloudinit import secrets_in
@@ -28,7 +29,6 @@ from clouds.booter import VMBooter
 from clouds.ec2 import EC2StandIn, Network, make_network
 from clouds.naming import check_named_clusters, check_polls
 from clouds.reach import CLIENT_ADDRESS
-from conftest import decoded_files, vm_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 REGION = "us-east-1"

@@ -1,6 +1,6 @@
 """The boot script's own behaviour, run by ``sh`` through the local VM runner.
 
-What a stock image lacks (Docker, Dask) is proven on real guests in ``test_guests.py``;
+What a stock image lacks (Docker, Dask) is proven on real guests in ``test_guests_failed_boots.py``;
 here: each step and its duration reach the console, a failed step says which and why,
 a Dask process that dies leaves its last log lines on the console, and the client's
 interpreter is used however it was started.

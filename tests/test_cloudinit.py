@@ -8,6 +8,7 @@ import sys
 import dask
 import pytest
 from cryptography.hazmat.primitives import serialization
+from helpers import decoded_files
 
 from dask_secure_cloud.cloudinit import (
     LIMITS,
@@ -20,8 +21,6 @@ from dask_secure_cloud.cloudinit import (
 )
 from dask_secure_cloud.cluster import default_docker_image, shippable_config
 from dask_secure_cloud.credentials import ClusterCredentials, Role
-
-from conftest import decoded_files
 
 CREDS = ClusterCredentials("c1")
 RUNTIMES = {"docker": DockerRuntime(default_docker_image()), "native": NativeRuntime()}

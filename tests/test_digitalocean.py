@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from distributed import Client
+from helpers import decoded_files, vm_processes
 
 from dask_secure_cloud import DropletCluster, cloudinit
 from dask_secure_cloud.cluster import ClusterStartError
@@ -31,7 +32,6 @@ from clouds.booter import VMBooter
 from clouds.digitalocean import DigitalOceanStandIn
 from clouds.naming import check_named_clusters, check_polls
 from clouds.reach import CLIENT_ADDRESS
-from conftest import decoded_files, vm_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 TOKEN = "dop_v1_test_token_never_on_a_droplet"

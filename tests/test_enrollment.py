@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from distributed import Client
+from helpers import answers_without_certificate, decoded_files
 
 from dask_secure_cloud import LocalVMCluster, preloads
 from dask_secure_cloud.cloudinit import secrets_in
@@ -33,8 +34,6 @@ from dask_secure_cloud.enrollment import (
     ask_directly,
 )
 from dask_secure_cloud.peers import secure_cloud_enroll_relay
-
-from conftest import answers_without_certificate, decoded_files
 
 WINDOW = datetime.timedelta(minutes=10)
 LIFETIME = datetime.timedelta(hours=1)

@@ -12,11 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import vm_processes
 
 from dask_secure_cloud.fleet import delete_cluster
 from dask_secure_cloud.providers.local import LocalDriver
-
-from conftest import vm_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

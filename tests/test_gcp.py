@@ -13,6 +13,7 @@ from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import compute_v1
+from helpers import decoded_files, vm_processes
 
 from dask_secure_cloud import GCPCluster
 from dask_secure_cloud.cloudinit import secrets_in
@@ -24,7 +25,6 @@ from clouds.booter import VMBooter
 from clouds.gce import GCEStandIn, PreemptionNotice
 from clouds.naming import check_named_clusters, check_polls
 from clouds.reach import CLIENT_ADDRESS
-from conftest import decoded_files, vm_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 PROJECT, ZONE = "dsc-test-project", "us-central1-a"

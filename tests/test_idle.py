@@ -8,14 +8,13 @@ import time
 
 import pytest
 from distributed import Client
+from helpers import any_vm_processes, decoded_files, vm_processes
 
 from dask_secure_cloud import LocalVMCluster, audit
 from dask_secure_cloud.cluster import preview
 from dask_secure_cloud.errors import OptionError
 from dask_secure_cloud.options import ClusterOptions, resolve
 from dask_secure_cloud.plan import SCHEDULER_IDLE_GRACE
-
-from conftest import any_vm_processes, decoded_files, vm_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

@@ -12,12 +12,11 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from helpers import any_vm_processes
 
 from dask_secure_cloud import LocalVMCluster, plan
 from dask_secure_cloud.cluster import ClusterStartError
 from dask_secure_cloud.images import Presence, image_presence, parse_reference
-
-from conftest import any_vm_processes
 
 TAGS = {"dask/dask": {"2024.8.0-py3.11"}}
 

@@ -24,6 +24,7 @@ from dask.system import CPU_COUNT
 from dask_labextension.manager import DaskClusterManager
 from distributed import Client
 from distributed.system import MEMORY_LIMIT
+from helpers import vm_processes
 from test_vmrunner import no_zombie_children, zombie_children
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
@@ -32,8 +33,6 @@ from dask_secure_cloud import LocalVMCluster, audit
 from dask_secure_cloud.credentials import Role
 from dask_secure_cloud.options import LocalOptions, resolve
 from dask_secure_cloud.providers.local import _SharingPlanner, machine_share
-
-from conftest import vm_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -25,6 +25,7 @@ import pytest
 from dask.system import CPU_COUNT
 from dask.utils import parse_bytes
 from distributed.system import MEMORY_LIMIT
+from helpers import vm_processes
 from selenium import webdriver
 from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.common.by import By
@@ -33,8 +34,6 @@ from test_jupyterlab import JupyterServer, local_factory
 from test_vmrunner import zombie_children
 
 from dask_secure_cloud.providers.local import machine_share
-
-from conftest import vm_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 

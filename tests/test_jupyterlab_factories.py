@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from helpers import vm_processes
 from test_jupyterlab import _drive
 
 from dask_secure_cloud.providers.digitalocean import cluster_tag, scheduler_tag
 
-from conftest import vm_processes
 from standins import start_digitalocean, start_ec2, start_gce, stop_ec2
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

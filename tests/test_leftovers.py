@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+from helpers import vm_processes
 from test_aws import account, aws, stand_in  # noqa: F401 - fixtures
 from test_digitalocean import do  # noqa: F401 - a fixture
 from test_gcp import gce  # noqa: F401 - a fixture
@@ -23,7 +24,6 @@ from dask_secure_cloud.driver import CREATOR_TAG, ClusterSummary, VMRequest
 from dask_secure_cloud.liveness import Client
 
 from clouds.naming import RUNS
-from conftest import vm_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

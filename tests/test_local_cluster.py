@@ -18,14 +18,13 @@ from cryptography.hazmat.primitives import serialization
 from distributed import Client
 from distributed.comm import connect
 from distributed.security import Security
+from helpers import answers_without_certificate, any_vm_processes, decoded_files, vm_processes
 
 from dask_secure_cloud import LocalVMCluster
 from dask_secure_cloud.cloudinit import UserDataTooLarge
 from dask_secure_cloud.cluster import ClusterStartError, VMBootError
 from dask_secure_cloud.config import ConfigError
 from dask_secure_cloud.credentials import ClusterCredentials, Role
-
-from conftest import answers_without_certificate, any_vm_processes, decoded_files, vm_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -211,7 +210,7 @@ async def test_users_own_security_is_used_as_given(vm_dir, tmp_path):
 async def test_docker_user_data_passes_image_env_and_tls_to_the_container(vm_dir, monkeypatch):
     """The container command line the docker runtime renders: pinned image, env file, TLS
     paths. The docker stand-in runs it with this machine's Python, so this proves the
-    user-data's shape only; the real engine on a stock image is test_guests.py's."""
+    user-data's shape only; the real engine on a stock image is test_guests_failed_boots.py's."""
     from clouds.booter import SHIM_PATH
 
     monkeypatch.setenv("PATH", SHIM_PATH + os.pathsep + os.environ["PATH"])

@@ -15,13 +15,12 @@ from typing import Any
 
 import dask.config
 import pytest
+from helpers import any_vm_processes
 
 from dask_secure_cloud import AzureVMCluster, DropletCluster, EC2Cluster, GCPCluster, LocalVMCluster
 from dask_secure_cloud.cluster import VMCluster
 from dask_secure_cloud.errors import OptionError
 from dask_secure_cloud.options import OPTION_CLASSES, specs
-
-from conftest import any_vm_processes
 
 #: Loopback ports where nothing listens: were a value to slip through, no request could
 #: leave this machine.

@@ -19,6 +19,7 @@ from cryptography import x509
 from distributed import Client, Scheduler
 from distributed.comm import connect
 from distributed.security import Security
+from helpers import answers_without_certificate
 
 from dask_secure_cloud import LocalVMCluster, peers, preloads
 from dask_secure_cloud.credentials import (
@@ -28,8 +29,6 @@ from dask_secure_cloud.credentials import (
     parse_identity,
 )
 from dask_secure_cloud.errors import OptionError
-
-from conftest import answers_without_certificate
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

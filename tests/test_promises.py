@@ -38,6 +38,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from helpers import decoded_files
 
 from dask_secure_cloud import (
     AzureVMCluster,
@@ -55,7 +56,6 @@ from dask_secure_cloud.options import resolve
 from dask_secure_cloud.plan import BootPlanner
 from dask_secure_cloud.providers import azure as azure_provider
 
-from conftest import decoded_files
 from standins import start_ec2, stop_ec2
 
 pytestmark = pytest.mark.timeout(300)

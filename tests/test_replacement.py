@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from distributed import Client
+from helpers import vm_processes
 from test_fleet import CountingDriver, fleet_for, worker
 
 from dask_secure_cloud import (
@@ -42,7 +43,6 @@ from dask_secure_cloud.vmrunner import find_vms
 
 from clouds.arm import ScheduledEvents
 from clouds.gce import PreemptionNotice
-from conftest import vm_processes
 from standins import start_digitalocean, start_ec2, start_gce, stop_ec2
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]

@@ -6,12 +6,11 @@ from collections.abc import Collection
 from pathlib import Path
 
 import pytest
+from helpers import vm_processes
 
 from dask_secure_cloud.cloudinit import BootPlan, NativeRuntime, render
 from dask_secure_cloud.credentials import ClusterCredentials, Role
 from dask_secure_cloud.vmrunner import UnsupportedUserData, boot, find_vms
-
-from conftest import vm_processes
 
 
 def _boot(tmp_path, text: str, name="vm", **kwargs):

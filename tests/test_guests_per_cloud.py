@@ -17,8 +17,8 @@ Docker or Dask at boot takes several more, so each cloud proves a different part
 boot path: EC2 the default runtime (Docker installed, the pinned image pulled) on three
 stock guests, Compute Engine the native runtime installing Dask on a stock image, Azure
 and DigitalOcean baked images (DigitalOcean a SIGKILLed client's end state, Azure a Spot
-eviction). Together with ``test_guests.py`` (failures) every runtime is proven on a stock
-image, and every cloud on guests.
+eviction). Together with ``test_guests_failed_boots.py`` (failures) every runtime is
+proven on a stock image, and every cloud on guests.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import distributed
 import pytest
 from distributed import Client
 from google.auth.credentials import AnonymousCredentials
+from helpers import decoded_files
 
 from dask_secure_cloud import AzureVMCluster, EC2Cluster, GCPCluster, liveness
 from dask_secure_cloud.cloudinit import secrets_in
@@ -57,7 +58,7 @@ from clouds.guest.image import baked_image, stock_image
 from clouds.guest.internet import Services
 from clouds.guest.mirror_pypi import USER_REQUIREMENTS
 from clouds.guest.network import GuestNetwork
-from conftest import decoded_files, start_azure
+from standins import start_azure
 
 pytestmark = [
     pytest.mark.slow,
@@ -77,7 +78,7 @@ REGION = "us-east-1"
 #: Guests boot with AppArmor off (``apparmor=0``): installing the apparmor package on a
 #: TCG guest compiles every profile it ships, for minutes. Ubuntu's images (the clouds'
 #: default) have AppArmor and its profiles already; a Debian kernel that enforces it
-#: without the package is the boot script's special case, proven in ``test_guests.py``.
+#: without the package is the boot script's special case, proven in ``test_guests_failed_boots.py``.
 APPARMOR = False
 #: A killed client's cluster ends in a minute or two rather than the default twenty. Not
 #: shorter: the scheduler's lease runs from its start, and the client's first renewal

@@ -1,6 +1,6 @@
 """Failed boots on real Linux guests, reported from the console, with nothing left.
 
-The runtimes that work are proven per cloud in ``test_cloud_guests.py``; here the
+The runtimes that work are proven per cloud in ``test_guests_per_cloud.py``; here the
 cluster's own ``GuestDriver`` (the clouds' boot path, no cloud API) shows the two
 failures a user meets first, on a kernel that enforces AppArmor. Each VM is a QEMU
 guest of a stock-like Debian image (kernel, systemd, cloud-init, python3; no Docker, no
