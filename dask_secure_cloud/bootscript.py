@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Sequence
+from importlib import resources
 
 from .errors import OptionError
 
@@ -47,172 +48,20 @@ __all__ = ["STEP_PREFIX", "render_script"]
 #: Every line the script prints starts with this, so a console is easy to search.
 STEP_PREFIX = "dask-secure-cloud:"
 
-# Shell functions, in POSIX sh (dash on Debian and Ubuntu, busybox ash elsewhere: no
-# arrays, no ``local``, no ``$SECONDS``). A script carries only the parts its runtime uses.
-_COMMON = r"""
-say() { echo "dask-secure-cloud: $*"; }
-clock() {
-  if [ -r /proc/uptime ]; then read -r up _ </proc/uptime; echo "$up"; else date +%s; fi
-}
-since() { awk -v a="$1" -v b="$(clock)" 'BEGIN { printf "%.1f", b - a }'; }
-past_deadline() { [ "$(date +%s)" -ge "$DEADLINE" ]; }
-power_off() {
-  [ -n "$LOCAL" ] && return 0
-  shutdown -h "$1" >/dev/null 2>&1 || poweroff
-}
-on_exit() {
-  rc=$?
-  [ "$rc" -eq 0 ] && return
-  # A failed boot ends the enrollment still waiting (it may have ended already), and
-  # the Dask process waiting for it.
-  if [ -n "${ENROLL:-}" ]; then kill "$ENROLL" 2>/dev/null || true; fi
-  { : >"$D/boot-failed"; } 2>/dev/null || true
-  say "boot FAILED at step $STEP (exit $rc) after $(since "$T0")s"
-  # A short grace keeps the console readable for whoever is attached to it.
-  if [ -z "$LOCAL" ]; then say "powering off in 30s"; (sleep 30; power_off now) & fi
-}
-# step NAME COMMAND...: run one step with its output in $D/log/NAME.log; the step may
-# print a progress line on the console (this script's output) through file descriptor 3.
-step() {
-  STEP=$1; shift
-  t=$(clock)
-  say "$STEP: started"
-  if "$@" 3>&1 >>"$D/log/$STEP.log" 2>&1; then
-    say "$STEP: done in $(since "$t")s"
-  else
-    rc=$?
-    say "$STEP: FAILED in $(since "$t")s (exit $rc); last lines of its log:"
-    tail -n 30 "$D/log/$STEP.log" | sed 's/^/dask-secure-cloud: | /'
-    exit "$rc"
-  fi
-}
-# retry COMMAND...: 4 attempts with growing pauses (30 s in all), within the deadline:
-# enough for a mirror's hiccup, short enough that no route out fails the boot fast.
-retry() {
-  n=1
-  until "$@"; do
-    if [ "$n" -ge 4 ]; then echo "giving up after $n attempts"; return 1; fi
-    if past_deadline; then echo "giving up after $n attempts: boot deadline reached"; return 1; fi
-    echo "attempt $n failed; retrying in $((n * 5))s"
-    sleep $((n * 5)); n=$((n + 1))
-  done
-}
-apt_install() {
-  if [ -n "$LOCAL" ]; then
-    echo "would need $*, but never installs system packages on this machine (a local VM)"
-    return 1
-  fi
-  if ! command -v apt-get >/dev/null 2>&1; then
-    echo "needs $*, but this image has no apt-get: use an image that has them"
-    return 1
-  fi
-  say "$STEP: installing from the distribution's packages: $*" >&3
-  export DEBIAN_FRONTEND=noninteractive
-  # The dpkg lock is held by unattended-upgrades on a cloud VM's first boot: wait for it.
-  retry apt-get -q -o DPkg::Lock::Timeout=300 -o APT::Update::Error-Mode=any update &&
-    retry apt-get -q -y -o DPkg::Lock::Timeout=300 install --no-install-recommends "$@"
-}
-"""
-_DOCKER = r"""
-docker_engine() {
-  if command -v docker >/dev/null 2>&1; then
-    echo "already installed: $(docker --version)"
-  else
-    # With AppArmor on in the kernel, docker refuses to run a container unless it can
-    # load its profile, and apparmor is only a Recommends of docker.io.
-    set -- docker.io
-    if [ "$(cat /sys/module/apparmor/parameters/enabled 2>/dev/null)" = Y ] &&
-      ! command -v apparmor_parser >/dev/null 2>&1; then
-      set -- "$@" apparmor
-    fi
-    apt_install "$@" || return 1
-  fi
-  if [ -z "$LOCAL" ] && command -v systemctl >/dev/null 2>&1; then
-    systemctl start docker || return 1
-  fi
-  n=0
-  until docker info >/dev/null 2>&1; do
-    n=$((n + 1))
-    if [ "$n" -gt 60 ]; then docker info; return 1; fi
-    sleep 1
-  done
-}
-pull() {
-  n=1
-  until docker pull -q "$IMAGE" >"$D/log/pull.out" 2>&1; do
-    cat "$D/log/pull.out"
-    # A tag the registry does not have will not appear by retrying.
-    if grep -qiE 'manifest unknown|not found|does not exist' "$D/log/pull.out"; then
-      echo "the image $IMAGE does not exist: set docker_image to an image that does,"
-      echo "or runtime='native' to install this client's dask on the VM"
-      return 1
-    fi
-    if [ "$n" -ge 6 ]; then echo "giving up after $n attempts"; return 1; fi
-    if past_deadline; then echo "giving up after $n attempts: boot deadline reached"; return 1; fi
-    echo "attempt $n failed; retrying in $((n * 5))s"
-    sleep $((n * 5)); n=$((n + 1))
-  done
-  cat "$D/log/pull.out"
-}
-"""
-_GPU = r"""
-gpu_check() {
-  if ! command -v nvidia-smi >/dev/null 2>&1; then
-    echo "this VM asks for GPUs but its image has no NVIDIA driver (no nvidia-smi): use a"
-    echo "GPU image with the driver and the NVIDIA container toolkit (see the docs page of"
-    echo "your cloud for one), or a worker type without GPUs"
-    return 1
-  fi
-  nvidia-smi -L || return 1
-  for tool in nvidia-ctk nvidia-container-runtime nvidia-container-toolkit; do
-    command -v "$tool" >/dev/null 2>&1 && return 0
-  done
-  echo "the image has the NVIDIA driver but not the NVIDIA container toolkit, which"
-  echo "docker --gpus needs: use a GPU image that has it (see the docs page of your cloud)"
-  return 1
-}
-"""
-_NATIVE = r"""
-has_wanted_dask() {
-  "$1" - "$WANT_DASK" "$WANT_DISTRIBUTED" <<'PY' 2>/dev/null
-import sys
-from importlib.metadata import PackageNotFoundError, version
-try:
-    have = (version("dask"), version("distributed"))
-except PackageNotFoundError:
-    sys.exit(1)
-want = tuple(sys.argv[1:3])
-sys.exit(0 if all(w in ("", h) for w, h in zip(want, have)) else 1)
-PY
-}
-python_env() {
-  if [ ! -e "$D/requirements.txt" ] && has_wanted_dask "$PY"; then
-    echo "$PY already has dask ${WANT_DASK:-(any)} and distributed ${WANT_DISTRIBUTED:-(any)}"
-    return 0
-  fi
-  if ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
-    # Ubuntu's and Debian's cloud images ship python3 without venv.
-    apt_install python3-venv || return 1
-  fi
-  if [ ! -x "$D/venv/bin/python" ]; then
-    # System site-packages stay visible: whatever the image has baked in is kept.
-    "$PY" -m venv --system-site-packages "$D/venv" || return 1
-  fi
-  # A development build's local version (+g1234) is not on an index: pin its release.
-  set -- "dask${WANT_DASK:+==${WANT_DASK%%+*}}" \
-    "distributed${WANT_DISTRIBUTED:+==${WANT_DISTRIBUTED%%+*}}"
-  # pip_packages, one requirement a line: each line is one argument, never split,
-  # expanded or parsed by this shell (nor by pip's requirements-file syntax).
-  if [ -e "$D/requirements.txt" ]; then
-    while IFS= read -r req || [ -n "$req" ]; do set -- "$@" "$req"; done <"$D/requirements.txt"
-  fi
-  retry "$D/venv/bin/python" -m pip install -q --disable-pip-version-check \
-    --retries 3 --timeout 30 "$@" || return 1
-  "$D/venv/bin/python" -m pip list --disable-pip-version-check 2>/dev/null |
-    grep -iE '^(dask|distributed) '
-  PY="$D/venv/bin/python"
-}
-"""
+#: The shell parts of a boot script, in POSIX sh (dash on Debian and Ubuntu, busybox ash
+#: elsewhere: no arrays, no ``local``, no ``$SECONDS``), as real files that shellcheck
+#: reads (``vm/boot/*.sh``). A script carries only the parts its runtime uses.
+_PARTS = resources.files(f"{__package__}.vm").joinpath("boot")
+
+
+def _part(name: str) -> str:
+    """``vm/boot/<name>.sh`` from the line after its header (which ends with the line
+    saying so)."""
+    text = _PARTS.joinpath(f"{name}.sh").read_text()
+    return text.split(" from the next line on.\n", 1)[1]
+
+
+_COMMON, _DOCKER, _GPU, _NATIVE = (_part(n) for n in ("common", "docker", "gpu", "native"))
 
 
 def _assign(name: str, value: str) -> str:
@@ -319,10 +168,12 @@ def _dask_process(
 ) -> list[str]:
     """The lines that run Dask in the background, report how it ended, and power off."""
     lines = [
-        'HOST_ARGS=""',
-        'if [ -n "${DSC_VM_ADDRESS:-}" ]; then HOST_ARGS="--host $DSC_VM_ADDRESS"; fi',
         "(",
         "  set +e",
+        # A local VM's own address, as the subshell's arguments: one word each, never
+        # split or globbed (``launch`` ends with "$@").
+        "  set --",
+        '  if [ -n "${DSC_VM_ADDRESS:-}" ]; then set -- --host "$DSC_VM_ADDRESS"; fi',
         "  t=$(clock)",
         f'  {launch} >>"$D/dask.log" 2>&1 </dev/null',
         "  status=$?",

@@ -311,7 +311,7 @@ def _launch_line(plan: BootPlan) -> str:
         return f'"${match.group(1)}"' + (shlex.quote(rest) if rest else "")
 
     words = [ours(w) for w in prefix] + user + [ours(w) for w in args]
-    line = " ".join(words) + " $HOST_ARGS"
+    line = " ".join(words) + ' "$@"'
     if plan.dashboard_port is not None:
         # Loopback stays loopback on a process VM too (this machine's stands in for the
         # VM's); only "every interface" becomes a process VM's own address.
@@ -326,7 +326,8 @@ def _boot_script(plan: BootPlan) -> str:
         'export DASK_CONFIG="$D/config"',
     ]
     if plan.env and isinstance(plan.runtime, NativeRuntime):
-        prepare.append('set -a; . "$D/env"; set +a')
+        # Written with the script, read at boot: nothing for shellcheck to follow.
+        prepare += ["set -a", "# shellcheck source=/dev/null", '. "$D/env"', "set +a"]
     runtime = plan.runtime
     common = dict(
         home=VM_HOME,

@@ -208,7 +208,7 @@ def test_rendered_boot_scripts_pass_shellcheck(runtime, tmp_path):
     path = tmp_path / "boot.sh"
     path.write_bytes(script)
     result = subprocess.run(
-        ["shellcheck", "--shell=sh", "--severity=warning", str(path)],
+        ["shellcheck", "--shell=sh", "--severity=style", str(path)],
         capture_output=True,
         text=True,
     )

@@ -97,11 +97,13 @@ def canonical(user_data: bytes) -> bytes:
 
 def _shared(rendered: bytes) -> tuple[bytes, dict[str, bytes]]:
     """Large files (the modules shipped verbatim) stored once under their hash, so that
-    forty copies of the same module are one."""
+    forty copies of the same module are one. Not the boot script: it differs per case,
+    and its diff is what a reviewer reads."""
     parts = re.split(rb"(\n# ---- file [^\n]*\n)", rendered)
     kept, shared = [parts[0]], {}
     for header, content in zip(parts[1::2], parts[2::2], strict=True):
-        if len(content) > SHARED_OVER:
+        # The boot script stays in each copy, where a change to it shows as a diff.
+        if len(content) > SHARED_OVER and b"/boot.sh" not in header:
             digest = hashlib.sha256(content).hexdigest()[:20]
             shared[digest] = content
             content = f"<stored in shared/{digest}>\n".encode()

@@ -1,0 +1,42 @@
+# shellcheck shell=sh
+# The native runtime's step: this client's exact dask and distributed, and pip_packages.
+# Part of every VM's boot.sh (bootscript.render_script), from the next line on.
+has_wanted_dask() {
+  "$1" - "$WANT_DASK" "$WANT_DISTRIBUTED" <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import PackageNotFoundError, version
+try:
+    have = (version("dask"), version("distributed"))
+except PackageNotFoundError:
+    sys.exit(1)
+want = tuple(sys.argv[1:3])
+sys.exit(0 if all(w in ("", h) for w, h in zip(want, have)) else 1)
+PY
+}
+python_env() {
+  if [ ! -e "$D/requirements.txt" ] && has_wanted_dask "$PY"; then
+    echo "$PY already has dask ${WANT_DASK:-(any)} and distributed ${WANT_DISTRIBUTED:-(any)}"
+    return 0
+  fi
+  if ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    # Ubuntu's and Debian's cloud images ship python3 without venv.
+    apt_install python3-venv || return 1
+  fi
+  if [ ! -x "$D/venv/bin/python" ]; then
+    # System site-packages stay visible: whatever the image has baked in is kept.
+    "$PY" -m venv --system-site-packages "$D/venv" || return 1
+  fi
+  # A development build's local version (+g1234) is not on an index: pin its release.
+  set -- "dask${WANT_DASK:+==${WANT_DASK%%+*}}" \
+    "distributed${WANT_DISTRIBUTED:+==${WANT_DISTRIBUTED%%+*}}"
+  # pip_packages, one requirement a line: each line is one argument, never split,
+  # expanded or parsed by this shell (nor by pip's requirements-file syntax).
+  if [ -e "$D/requirements.txt" ]; then
+    while IFS= read -r req || [ -n "$req" ]; do set -- "$@" "$req"; done <"$D/requirements.txt"
+  fi
+  retry "$D/venv/bin/python" -m pip install -q --disable-pip-version-check \
+    --retries 3 --timeout 30 "$@" || return 1
+  "$D/venv/bin/python" -m pip list --disable-pip-version-check 2>/dev/null |
+    grep -iE '^(dask|distributed) '
+  PY="$D/venv/bin/python"
+}
