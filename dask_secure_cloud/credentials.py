@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import enum
 import logging
 import os
 import ssl
@@ -44,9 +43,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from distributed.security import Security
 
-from . import peers
 from .errors import OptionError
 from .options.base import duration
+from .vm import peers
+from .vm.peers import URI_SCHEME, Role
 
 __all__ = [
     "DEFAULT_CERTIFICATE_LIFETIME",
@@ -69,16 +69,6 @@ DEFAULT_CERTIFICATE_LIFETIME = datetime.timedelta(hours=4)
 #: Certificates start this far in the past so that a VM whose clock lags still accepts
 #: them.
 CLOCK_SKEW = datetime.timedelta(minutes=5)
-URI_SCHEME = "dask-secure-cloud"
-
-
-class Role(str, enum.Enum):
-    """What a certificate's holder is allowed to be in the cluster."""
-
-    SCHEDULER = "scheduler"
-    WORKER = "worker"
-    CLIENT = "client"
-
 
 # Schedulers and workers both accept and open connections; a client only opens them.
 _USAGES = {

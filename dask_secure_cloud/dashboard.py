@@ -38,7 +38,7 @@ from typing import Any, Protocol
 from distributed.comm import connect
 from tornado import httputil
 
-from . import peers
+from .vm import peers
 
 logger = logging.getLogger(__name__)
 

@@ -46,8 +46,8 @@ from cryptography.x509.oid import NameOID
 
 from . import audit
 from .credentials import CLOCK_SKEW, ClusterCredentials, Role
-from .enroll import LINE_LIMIT, proof
 from .errors import EnrollmentRefused
+from .vm.enroll import LINE_LIMIT, proof
 
 __all__ = [
     "Enrollment",

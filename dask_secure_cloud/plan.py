@@ -197,7 +197,7 @@ class BootPlanner:
             )
         if role is Role.SCHEDULER:
             lease = round(self.options.lease_timeout.total_seconds())
-            return {**files, "lease.py": preloads.lease(lease)}
+            return {**files, "lease.py": preloads.lease(lease, self.driver.lease_end())}
         notice = self.driver.interruption_notice(role)
         if notice is not None:
             files["spot.py"] = preloads.spot_interruption(

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from importlib import resources
 from typing import Any
 
-__all__ = ["enroll_script", "lease", "peer_checks", "spot_interruption"]
+__all__ = ["enroll_script", "lease", "peer_checks", "shipped_module", "spot_interruption"]
 
 _LEASE = """\
 # The cluster manager renews this lease. When it stops (the client was killed, the
@@ -42,6 +42,51 @@ def dask_setup(scheduler):
             logger.warning("lease expired: no cluster manager for %ss, closing", LEASE_SECONDS)
             callback.stop()
             asyncio.ensure_future(scheduler.close())
+
+    scheduler.handlers["secure_cloud_lease"] = secure_cloud_lease
+    callback = PeriodicCallback(check, min(10_000, LEASE_SECONDS * 250))
+    scheduler.periodic_callbacks["secure-cloud-lease"] = callback
+    callback.start()
+"""
+
+#: The lease of a cloud that keeps (and bills) a VM that powered off: ``on_expiry``,
+#: defined by the text before this one, deletes the VMs the last renewal named, in a
+#: thread, before the scheduler closes.
+_LEASE_WITH_END = """\
+# The cluster manager renews this lease, naming the cluster's VMs. When it stops (the
+# client was killed, the laptop closed), on_expiry deletes those VMs, then this one.
+import asyncio
+import logging
+import time
+
+from tornado.ioloop import PeriodicCallback
+
+LEASE_SECONDS = {seconds}
+logger = logging.getLogger("distributed.scheduler")
+
+
+def dask_setup(scheduler):
+    renewed = [time.monotonic()]
+    held = [[]]
+
+    def secure_cloud_lease(resources=None):
+        renewed[0] = time.monotonic()
+        if resources is not None:
+            held[0] = [str(r) for r in resources]
+        return LEASE_SECONDS
+
+    async def end():
+        try:
+            await asyncio.to_thread(on_expiry, list(held[0]))
+        except (OSError, ValueError, KeyError) as e:
+            logger.error("lease ended: deleting the cluster's VMs failed: %s", e)
+        await scheduler.close()
+
+    def check():
+        if time.monotonic() - renewed[0] > LEASE_SECONDS:
+            logger.warning("lease expired: no cluster manager for %ss, closing", LEASE_SECONDS)
+            callback.stop()
+            asyncio.ensure_future(end())
 
     scheduler.handlers["secure_cloud_lease"] = secure_cloud_lease
     callback = PeriodicCallback(check, min(10_000, LEASE_SECONDS * 250))
@@ -104,9 +149,20 @@ def dask_setup(worker):
 """
 
 
-def lease(seconds: int) -> str:
-    """Scheduler preload: close when no lease renewal came for ``seconds``."""
-    return _LEASE.format(seconds=int(seconds))
+def lease(seconds: int, on_expiry: str = "") -> str:
+    """Scheduler preload: close when no lease renewal came for ``seconds``.
+
+    ``on_expiry`` is source text (standard library only) that defines
+    ``on_expiry(resources)``: called in a thread, with the ``resources`` the last renewal
+    passed, before the scheduler closes (see ``Driver.lease_end``)."""
+    if not on_expiry:
+        return _LEASE.format(seconds=int(seconds))
+    return on_expiry + "\n" + _LEASE_WITH_END.format(seconds=int(seconds))
+
+
+def shipped_module(name: str, settings: Mapping[str, Any]) -> str:
+    """This package's module ``name`` as text for a VM, its ``SETTINGS`` given."""
+    return f"{_shipped(name)}\nSETTINGS = {dict(settings)!r}\n"
 
 
 def spot_interruption(
@@ -146,7 +202,7 @@ def _shipped(name: str) -> str:
     """This package's module ``name`` without docstrings and comments: the same code in
     less user-data (EC2 allows 16 KiB in all). Made once per process: every VM's
     user-data carries it, and parsing it costs tens of milliseconds."""
-    source = resources.files(__package__).joinpath(name).read_text()
+    source = resources.files(f"{__package__}.vm").joinpath(name).read_text()
     tree = ast.parse(source)
     for node in ast.walk(tree):
         body = getattr(node, "body", None)

@@ -8,18 +8,9 @@ from pathlib import Path
 
 import pytest
 
-# Helpers and stand-in starters live in modules of their own (helpers.py, standins.py);
-# these names stay importable from here for the modules that still do so.
-from helpers import (  # noqa: F401
-    answers_without_certificate,
-    any_vm_processes,
-    decoded_files,
-    vm_processes,
-)
-
 from clouds import reach
 from clouds.booter import VMBooter
-from standins import CLIENT_ID, SECRET, SUBSCRIPTION, TENANT, start_azure  # noqa: F401
+from standins import start_azure
 
 pytest_plugins = ["clouds.guest.fixtures"]
 

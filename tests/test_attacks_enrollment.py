@@ -33,15 +33,15 @@ from test_enrollment import LIFETIME, WINDOW, free_port, vm_side, wait_listening
 
 from dask_secure_cloud import LocalVMCluster, audit
 from dask_secure_cloud.credentials import ClusterCredentials, Role
-from dask_secure_cloud.enroll import LINE_LIMIT, MAX_CONNECTIONS, proof
 from dask_secure_cloud.enrollment import (
     Enrollment,
     EnrollmentRefused,
     RelayedEnrollment,
     ask_directly,
 )
-from dask_secure_cloud.peers import secure_cloud_enroll_relay
 from dask_secure_cloud.providers import local
+from dask_secure_cloud.vm.enroll import LINE_LIMIT, MAX_CONNECTIONS, proof
+from dask_secure_cloud.vm.peers import secure_cloud_enroll_relay
 
 # -- slow peers at the enrollment ports of a cluster's workers ----------------------------
 

@@ -10,6 +10,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import time
 
 import pytest
@@ -20,6 +21,7 @@ from azure.mgmt.network import models as nm
 from azure.mgmt.network.aio import NetworkManagementClient
 from azure.mgmt.network.models import NatGateway
 from distributed import Client
+from helpers import decoded_files, vm_processes
 
 from dask_secure_cloud import AzureVMCluster, audit
 from dask_secure_cloud.cloudinit import secrets_in
@@ -32,13 +34,29 @@ from dask_secure_cloud.providers.azure import _may_admit
 from clouds.arm import ARMError, AzureStandIn, ScheduledEvents, check_model, inbound_allowed
 from clouds.naming import check_named_clusters, check_polls
 from clouds.reach import CLIENT_ADDRESS
-from conftest import CLIENT_ID, SECRET, SUBSCRIPTION, TENANT, decoded_files, vm_processes
+from standins import CLIENT_ID, SECRET, SUBSCRIPTION, TENANT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def nothing_left(stand_in: AzureStandIn, cluster_id: str) -> bool:
-    return not stand_in.tagged(cluster_id) and not vm_processes(cluster_id)
+    """No resource tagged with the cluster, no VM process, and no role assignment on
+    any of the cluster's resources (an assignment carries no tag: its scope names it)."""
+    return (
+        not stand_in.tagged(cluster_id)
+        and not vm_processes(cluster_id)
+        and not assignments_of(stand_in, cluster_id)
+    )
+
+
+def assignments_of(stand_in: AzureStandIn, cluster_id: str) -> list[dict]:
+    """Role assignments scoped to one of the cluster's VMs, NICs, disks or addresses."""
+    own = re.compile(rf"{re.escape(cluster_id)}-(scheduler|worker-\d+)(-nic|-osdisk|-ip)?")
+    return [
+        a
+        for a in stand_in.assignments.values()
+        if own.fullmatch(a["properties"]["scope"].rsplit("/", 1)[-1])
+    ]
 
 
 def nsg_of(stand_in: AzureStandIn, role: str) -> dict:
@@ -356,6 +374,9 @@ START_CALLS = [
     ("PUT virtualMachines", False),
     ("PUT virtualMachines", True),
     ("PATCH disks", False),
+    ("GET permissions", False),
+    ("PUT userAssignedIdentities", False),
+    ("PUT roleAssignments", False),
 ]
 
 
@@ -367,6 +388,9 @@ async def test_failure_at_each_start_call_leaves_nothing(azure, call, in_operati
         await AzureVMCluster(n_workers=1, asynchronous=True, **options)
     assert call in stand_in.calls
     assert stand_in.resources == {} and stand_in.booter.vms == {}
+    # No role assignment is left either, on whatever scope (the caller's own is on the
+    # subscription).
+    assert [a for a in stand_in.assignments.values() if "/resourceGroups/" in a["id"]] == []
 
 
 async def test_failure_of_scale_up_keeps_the_cluster_and_cleans_up(azure):
@@ -394,6 +418,9 @@ async def test_failure_of_scale_up_keeps_the_cluster_and_cleans_up(azure):
         ("GET disks", False),
         ("DELETE networkSecurityGroups", False),
         ("DELETE virtualNetworks", False),
+        ("DELETE roleAssignments", False),
+        ("GET roleAssignments", False),
+        ("DELETE userAssignedIdentities", False),
     ],
 )
 async def test_failure_at_each_close_call_still_leaves_nothing(azure, call, in_operation):
@@ -403,6 +430,7 @@ async def test_failure_at_each_close_call_still_leaves_nothing(azure, call, in_o
     await cluster.close()
     assert call in stand_in.calls
     assert nothing_left(stand_in, cluster.cluster_id)
+    assert stand_in.of_kind("userassignedidentities") == []
     assert stand_in.resources == {}
 
 

@@ -89,7 +89,7 @@ def _row(listing: str, cluster_id: str) -> dict[str, str]:
 
 
 def test_list_and_cleanup_a_local_cluster_whose_client_was_killed(tmp_path, audit_log):
-    from conftest import vm_processes
+    from helpers import vm_processes
 
     env = {
         **os.environ,

@@ -26,14 +26,14 @@ from helpers import answers_without_certificate, decoded_files
 from dask_secure_cloud import LocalVMCluster, preloads
 from dask_secure_cloud.cloudinit import secrets_in
 from dask_secure_cloud.credentials import ClusterCredentials, Role, parse_identity
-from dask_secure_cloud.enroll import LINE_DEADLINE, MAX_CONNECTIONS, proof
 from dask_secure_cloud.enrollment import (
     Enrollment,
     EnrollmentRefused,
     RelayedEnrollment,
     ask_directly,
 )
-from dask_secure_cloud.peers import secure_cloud_enroll_relay
+from dask_secure_cloud.vm.enroll import LINE_DEADLINE, MAX_CONNECTIONS, proof
+from dask_secure_cloud.vm.peers import secure_cloud_enroll_relay
 
 WINDOW = datetime.timedelta(minutes=10)
 LIFETIME = datetime.timedelta(hours=1)

@@ -25,6 +25,7 @@ from typing import Any
 import boto3
 import pytest
 from google.auth.credentials import AnonymousCredentials
+from helpers import vm_processes
 from test_digitalocean import TOKEN, serve
 
 from dask_secure_cloud import AzureVMCluster, DropletCluster, EC2Cluster, GCPCluster
@@ -37,7 +38,7 @@ from clouds.booter import VMBooter
 from clouds.ec2 import EC2StandIn, make_network
 from clouds.gce import GCEStandIn
 from clouds.naming import RUNS
-from conftest import SUBSCRIPTION, start_azure, vm_processes
+from standins import SUBSCRIPTION, start_azure
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -311,14 +312,75 @@ def azure(tmp_path, monkeypatch):
             ],
         },
     }
-    yield stand_in, {**options, "vnet": "team-vnet", "subnet": "compute", "use_private_ip": True}
+    yield (
+        stand_in,
+        {
+            **options,
+            "vnet": "team-vnet",
+            "subnet": "compute",
+            "use_private_ip": True,
+            # Where the scheduler VM asks for its identity's token (169.254.169.254 on Azure).
+            "metadata_endpoint": stand_in.metadata(),
+        },
+    )
     stand_in.stop()
 
 
-def test_azure_a_killed_client_leaves_stopped_allocated_vms(azure):
-    """A VM whose OS shut down is "Stopped": still allocated, its compute still billed,
-    with its OS disk and NIC, until it is deallocated or deleted through the API."""
+def of_cluster(stand_in: Any, kind: str, cluster_id: str) -> list[dict[str, Any]]:
+    with stand_in._lock:
+        return [r for r in stand_in.of_kind(kind) if r["name"].startswith(f"{cluster_id}-")]
+
+
+def test_azure_a_killed_clients_scheduler_deletes_every_vm_with_its_own_identity(azure):
+    """By default (the caller may assign roles), the scheduler carries an identity made
+    for the cluster, whose roles reach only the cluster's VMs, NICs, disks and addresses.
+    When the lease ends it deletes the worker VMs, then its own: nothing that bills is
+    left, only free resources (NSGs, the identity and its role assignments), which
+    ``list`` shows billing nothing and cleanup deletes."""
     stand_in, options = azure
+    cluster_id = kill_a_computing_client(AzureVMCluster, options)
+    (identity,) = of_cluster(stand_in, "userassignedidentities", cluster_id)
+    client_id = identity["properties"]["clientId"]
+    took = wait_until(
+        lambda: not of_cluster(stand_in, "virtualmachines", cluster_id),
+        ENDS_WITHIN,
+        "VMs deleted",
+    )
+    print(f"every VM was deleted {took:.0f}s after the client was killed")
+    for kind in ("disks", "networkinterfaces", "publicipaddresses"):
+        assert of_cluster(stand_in, kind, cluster_id) == [], kind
+    assert not vm_processes(cluster_id)
+    # The scheduler VM asked for its token itself, from the metadata service.
+    assert [t["vm"] for t in stand_in.identity_tokens.values() if t["client_id"] == client_id]
+    assert {t["vm"] for t in stand_in.identity_tokens.values()} == {f"{cluster_id}-scheduler"}
+    driver = preview(AzureVMCluster, **options).driver
+
+    async def listed() -> Any:
+        try:
+            return next(c for c in await driver.clusters() if c.cluster_id == cluster_id)
+        finally:
+            await driver.close()
+
+    summary = asyncio.run(listed())
+    assert summary.vms == 0 and summary.billing() == {}, summary
+    assert summary.resources.get("identity") == 1, summary
+    principal = identity["properties"]["principalId"]
+    assert [a for a in stand_in.assignments.values() if a["properties"]["principalId"] == principal]
+    states, listed_vms = asyncio.run(states_then_cleanup(AzureVMCluster, options, cluster_id))
+    assert states == {} and listed_vms == 0
+    assert stand_in.tagged(cluster_id) == []
+    assert not [
+        a for a in stand_in.assignments.values() if a["properties"]["principalId"] == principal
+    ]
+
+
+def test_azure_a_killed_client_leaves_stopped_allocated_vms(azure):
+    """Without the scheduler's identity (``delete_on_lease_end=False``, or a caller
+    who may not assign roles), a VM whose OS shut down is "Stopped": still allocated,
+    its compute still billed, with its OS disk and NIC, until it is deallocated or
+    deleted through the API."""
+    stand_in, options = azure
+    options = {**options, "delete_on_lease_end": False}
     cluster_id = kill_a_computing_client(AzureVMCluster, options)
 
     def powers() -> set[str]:

@@ -21,7 +21,7 @@ from distributed.comm import connect
 from distributed.security import Security
 from helpers import answers_without_certificate
 
-from dask_secure_cloud import LocalVMCluster, peers, preloads
+from dask_secure_cloud import LocalVMCluster, preloads
 from dask_secure_cloud.credentials import (
     ClusterCredentials,
     ClusterSecurity,
@@ -29,6 +29,7 @@ from dask_secure_cloud.credentials import (
     parse_identity,
 )
 from dask_secure_cloud.errors import OptionError
+from dask_secure_cloud.vm import peers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, ClassVar
 
 from ..errors import OptionError
@@ -40,6 +41,38 @@ def _vm_size(value: Any, name: str) -> str:
     if not isinstance(value, str) or not value.startswith(("Standard_", "Basic_")):
         raise OptionError(
             f"{name} must be an Azure VM size such as 'Standard_D4s_v5', got {value!r}"
+        )
+    return value
+
+
+#: An ARM resource id of a user-assigned managed identity (names: 3 to 128 characters,
+#: letters, digits, hyphens and underscores, starting with a letter or digit).
+_IDENTITY_ID = re.compile(
+    r"/subscriptions/[0-9a-fA-F-]{36}/resourceGroups/[-\w._()]{1,90}/providers/"
+    r"Microsoft\.ManagedIdentity/userAssignedIdentities/[a-zA-Z0-9][-\w]{2,127}",
+    re.IGNORECASE,
+)
+
+
+def _identity_id(value: Any, name: str) -> str:
+    """The full resource id ARM wants in a VM's ``identity.userAssignedIdentities``: a
+    name alone, a client id or a principal id (GUIDs) is refused here, before anything
+    is made, rather than by ARM after the network exists."""
+    if not isinstance(value, str) or not _IDENTITY_ID.fullmatch(value):
+        raise OptionError(
+            f"{name} must be the resource id of a user-assigned managed identity, "
+            "'/subscriptions/<subscription id>/resourceGroups/<group>/providers/"
+            f"Microsoft.ManagedIdentity/userAssignedIdentities/<name>', got {value!r}. "
+            "Find it with: az identity show -g <group> -n <name> --query id -o tsv"
+        )
+    return value
+
+
+def _optional_boolean(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise OptionError(
+            f"{name} must be True, False or None (None: on when this identity may assign "
+            f"roles), got {value!r}"
         )
     return value
 
@@ -182,7 +215,27 @@ class AzureOptions(VPCOptions):
     )
     user_assigned_identity: str | None = option(
         None,
-        "Resource id of a user-assigned managed identity the VMs run as.",
+        """
+        Resource id of a user-assigned managed identity every VM runs as, so that code on
+        the workers reads Blob storage (or anything Entra ID guards) with a token from
+        the instance metadata service: no secret in user-data or ``env_vars``.
+        """,
         types=("string", "null"),
-        check=_text,
+        check=_identity_id,
+        note="null: the VMs run as no identity of yours",
+    )
+    delete_on_lease_end: bool | None = option(
+        None,
+        """
+        When the lease ends (the client was killed), the scheduler deletes every VM of
+        the cluster, and then its own, with a managed identity made for the cluster whose
+        roles reach only the cluster's VMs, NICs, disks and addresses. Without it those
+        VMs stop and stay allocated, billing until ``cleanup``. Needs
+        ``Microsoft.Authorization/roleAssignments/write`` on the resource group. ``None``:
+        on when the caller has it, else a warning and the VMs stop; ``True``: refuse to
+        start without it.
+        """,
+        types=("boolean", "null"),
+        check=_optional_boolean,
+        note="null: on when the caller may assign roles, else a warning",
     )

@@ -38,6 +38,7 @@ import binascii
 import enum
 import ipaddress
 import json
+import os
 import re
 import sys
 import threading
@@ -50,7 +51,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
 
+from azure.mgmt.authorization.v2022_04_01 import models as authorization_models
 from azure.mgmt.compute import models as compute_models
+from azure.mgmt.msi import models as msi_models
 from azure.mgmt.network import models as network_models
 
 from . import reach
@@ -93,7 +96,32 @@ MODELS = {
     "networkinterfaces": network_models.NetworkInterface,
     "virtualmachines": compute_models.VirtualMachine,
     "disks": compute_models.Disk,
+    "userassignedidentities": msi_models.Identity,
 }
+#: Azure's built-in roles this stand-in knows: id -> (name, actions, notActions), as
+#: "Azure built-in roles" lists them (Contributor's NotActions shortened to the ones
+#: about authorization).
+ROLES = {
+    "8e3af657-a8ff-443c-a75c-2fe8c4bcb635": ("Owner", ["*"], []),
+    "b24988ac-6180-42a0-ab88-20f7382dd24c": (
+        "Contributor",
+        ["*"],
+        [
+            "Microsoft.Authorization/*/Delete",
+            "Microsoft.Authorization/*/Write",
+            "Microsoft.Authorization/elevateAccess/Action",
+        ],
+    ),
+    "acdd72a7-3385-48ef-bd42-f606fba81ae7": ("Reader", ["*/read"], []),
+}
+ROLE_IDS = {name: role_id for role_id, (name, _, _) in ROLES.items()}
+_AUTHORIZATION_PATH = re.compile(
+    r"^(?P<scope>/subscriptions/[^/]+(?:/resourceGroups/[^/]+(?:/providers/[^/]+/[^/]+/[^/]+)?)?)"
+    r"/providers/Microsoft\.Authorization/(?P<what>roleAssignments|permissions)"
+    r"(?:/(?P<name>[^/]+))?$",
+    re.IGNORECASE,
+)
+_GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
 
 
 #: From this API version on, a new subnet that does not say is private
@@ -179,6 +207,43 @@ def check_model(cls: type, body: Any, where: str) -> None:
                 400, "InvalidRequestContent", f"'{where}.{key}' is read-only", f"{where}.{key}"
             )
         _check_value(hint, value, f"{where}.{key}")
+
+
+def check_msrest_model(cls: type, body: Any, where: str) -> None:
+    """``check_model`` for the SDKs still generated with msrest (managed identities,
+    authorization): members from the class's ``_attribute_map`` (``properties.x`` keys
+    nest), read-only and required ones from its ``_validation``."""
+    if not isinstance(body, dict):
+        raise ARMError(400, "InvalidRequestContent", f"{where} must be an object", where)
+    validation = getattr(cls, "_validation", {})
+    paths = {spec["key"]: attr for attr, spec in cls._attribute_map.items()}
+    flat: dict[str, Any] = {}
+    for key, value in body.items():
+        if key == "properties" and isinstance(value, dict):
+            flat |= {f"properties.{k}": v for k, v in value.items()}
+        else:
+            flat[key] = value
+    for key, value in flat.items():
+        attr = paths.get(key)
+        if attr is None:
+            raise ARMError(
+                400,
+                "InvalidRequestContent",
+                f"Could not find member '{key}' on object of type '{cls.__name__}'.",
+                f"{where}.{key}",
+            )
+        if validation.get(attr, {}).get("readonly"):
+            raise ARMError(400, "InvalidRequestContent", f"'{where}.{key}' is read-only")
+        kind = cls._attribute_map[attr]["type"]
+        if kind == "str" and not isinstance(value, str):
+            raise ARMError(400, "InvalidRequestContent", f"'{where}.{key}' must be a string")
+    for attr, rules in validation.items():
+        if rules.get("required") and cls._attribute_map[attr]["key"] not in flat:
+            raise ARMError(
+                400,
+                "InvalidRequestContent",
+                f"'{where}.{cls._attribute_map[attr]['key']}' is required",
+            )
 
 
 def _check_value(hint: Any, value: Any, where: str) -> None:
@@ -273,14 +338,333 @@ class AzureStandIn(HTTPSStandIn):
         self.calls: list[str] = []
         self.bodies: list[tuple[str, dict[str, Any]]] = []
         self.tokens_issued = 0
+        #: The signed-in service principal's object id; its roles are role assignments
+        #: like any other (Owner on the subscription unless :meth:`set_caller_role`).
+        self.caller = str(uuid.uuid4())
+        self.assignments: dict[str, dict[str, Any]] = {}  # role assignment id (lower) ->
+        #: Tokens the instance metadata service issued: token -> principal, client id,
+        #: resource (the audience), and the VM that asked.
+        self.identity_tokens: dict[str, dict[str, str]] = {}
+        self._metadata: InstanceMetadata | None = None
+        self._acting = self.caller
         self._faults: dict[tuple[str, int], tuple[ARMError, bool]] = {}
         self._counts: Counter[str] = Counter()
         self._lock = threading.RLock()
+        self.set_caller_role("Owner")
 
     # -- test helpers -------------------------------------------------------------------
 
     def add_group(self, name: str, location: str = "westeurope") -> None:
         self.groups[name.lower()] = location
+
+    def add_identity(self, name: str, group: str = "dask-rg") -> dict[str, Any]:
+        """A user-assigned managed identity of the user's, as ``az identity create``
+        makes it."""
+        identity_id = (
+            f"/subscriptions/{self.subscription}/resourceGroups/{group}/providers/"
+            f"Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
+        )
+        resource: dict[str, Any] = {
+            "id": identity_id,
+            "name": name,
+            "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+            "location": self.groups[group.lower()],
+            "tags": {},
+            "properties": {},
+            "_kind": "userassignedidentities",
+        }
+        with self._lock:
+            self._make_userassignedidentities(resource, resource["properties"])
+            self.resources[identity_id.lower()] = resource
+        return resource
+
+    def set_caller_role(self, role: str) -> None:
+        """Give the signed-in principal ``role`` (a name in :data:`ROLES`) on the
+        subscription, instead of what it had: Contributor may do all but assign roles."""
+        with self._lock:
+            for key, assignment in list(self.assignments.items()):
+                if assignment["properties"]["principalId"] == self.caller:
+                    del self.assignments[key]
+            scope = f"/subscriptions/{self.subscription}"
+            self._assign(scope, str(uuid.uuid4()), ROLE_IDS[role], self.caller, "User")
+
+    def metadata(self, address: str = "127.0.0.1") -> str:
+        """The URL of this cloud's instance metadata service, started on first use."""
+        if self._metadata is None:
+            self._metadata = InstanceMetadata(self, address)
+        return self._metadata.url
+
+    def stop(self) -> None:
+        if self._metadata is not None:
+            self._metadata.stop()
+        super().stop()
+
+    # -- role-based access control ------------------------------------------------------
+
+    def _assign(
+        self, scope: str, name: str, role_id: str, principal: str, principal_type: str
+    ) -> dict[str, Any]:
+        assignment_id = f"{scope}/providers/Microsoft.Authorization/roleAssignments/{name}"
+        assignment = {
+            "id": assignment_id,
+            "name": name,
+            "type": "Microsoft.Authorization/roleAssignments",
+            "properties": {
+                "scope": scope,
+                "roleDefinitionId": f"/subscriptions/{self.subscription}/providers/"
+                f"Microsoft.Authorization/roleDefinitions/{role_id}",
+                "principalId": principal,
+                "principalType": principal_type,
+                "createdOn": time.strftime("%Y-%m-%dT%H:%M:%S.0000000Z", time.gmtime()),
+            },
+        }
+        self.assignments[assignment_id.lower()] = assignment
+        return assignment
+
+    def _roles_at(self, principal: str, scope: str) -> list[tuple[list[str], list[str]]]:
+        """(actions, notActions) of each role ``principal`` holds at ``scope`` or above:
+        an assignment applies to its scope and everything beneath it."""
+        target = scope.lower().rstrip("/")
+        found = []
+        for assignment in self.assignments.values():
+            p = assignment["properties"]
+            at = p["scope"].lower().rstrip("/")
+            if p["principalId"] == principal and (target == at or target.startswith(at + "/")):
+                _, actions, not_actions = ROLES[p["roleDefinitionId"].rsplit("/", 1)[-1]]
+                found.append((actions, not_actions))
+        return found
+
+    def allowed(self, principal: str, action: str, scope: str) -> bool:
+        return any(
+            any(_wildcard(a, action) for a in actions)
+            and not any(_wildcard(n, action) for n in not_actions)
+            for actions, not_actions in self._roles_at(principal, scope)
+        )
+
+    def authorize(self, action: str, scope: str, *, linked: bool = False) -> None:
+        """Refuse, as ARM does, what the principal of the request being served may not
+        do at ``scope``. ``linked``: an action on another resource that the request
+        implies (a VM's NIC deleted with it, an identity attached to it)."""
+        principal = self._acting
+        if self.allowed(principal, action, scope):
+            return
+        if linked:
+            raise ARMError(
+                403,
+                "LinkedAuthorizationFailed",
+                f"The client '{principal}' with object id '{principal}' has permission to "
+                f"perform the request but does not have permission to perform action "
+                f"'{action}' on the linked scope(s) '{scope}' or the linked scope(s) are "
+                "invalid.",
+            )
+        raise ARMError(
+            403,
+            "AuthorizationFailed",
+            f"The client '{principal}' with object id '{principal}' does not have "
+            f"authorization to perform action '{action}' over scope '{scope}' or the scope "
+            "is invalid. If access was recently granted, please refresh your credentials.",
+        )
+
+    def _principal(self, headers: Any) -> str:
+        """Who the bearer token says is asking: the signed-in principal, or a managed
+        identity with a token the metadata service gave for this endpoint."""
+        header = headers.get("Authorization") or ""
+        if header == f"Bearer {self.token}":
+            return self.caller
+        granted = self.identity_tokens.get(header.removeprefix("Bearer "))
+        if granted is not None and granted["resource"].rstrip("/") == self.url:
+            return granted["principal"]
+        if granted is not None:
+            raise ARMError(
+                401,
+                "InvalidAuthenticationTokenAudience",
+                "The access token has been obtained for wrong audience or resource "
+                f"'{granted['resource']}'.",
+            )
+        raise ARMError(
+            401,
+            "AuthenticationFailed",
+            "Authentication failed. The 'Authorization' header is missing or invalid.",
+            headers={
+                "WWW-Authenticate": 'Bearer authorization_uri="https://login.example/", '
+                'error="invalid_token"'
+            },
+        )
+
+    def _scope_exists(self, scope: str) -> bool:
+        parts = scope.strip("/").split("/")
+        if len(parts) == 2:
+            return parts[1].lower() == self.subscription.lower()
+        if len(parts) == 4:
+            return parts[3].lower() in self.groups
+        return scope.lower() in self.resources
+
+    def _authorization(
+        self, method: str, match: re.Match[str], query: dict[str, str], raw: bytes
+    ) -> tuple[int, Any, dict[str, str]]:
+        """Role assignments (PUT, GET, DELETE, list) and the caller's permissions, at a
+        subscription, resource group or resource scope."""
+        scope, what, name = match["scope"], match["what"].lower(), match["name"]
+        if not self._scope_exists(scope) and not (method == "DELETE" and what != "permissions"):
+            raise ARMError(404, "ResourceNotFound", f"The scope '{scope}' does not exist.")
+        if what == "permissions":
+            self.authorize("Microsoft.Authorization/permissions/read", scope)
+            return (
+                200,
+                {
+                    "value": [
+                        {"actions": a, "notActions": n, "dataActions": [], "notDataActions": []}
+                        for a, n in self._roles_at(self._acting, scope)
+                    ]
+                },
+                {},
+            )
+        if name is None:
+            self.authorize("Microsoft.Authorization/roleAssignments/read", scope)
+            wanted = re.match(r"principalId eq '([^']+)'", query.get("$filter", ""))
+            target = scope.lower()
+            found = [
+                a
+                for a in self.assignments.values()
+                if (wanted is None or a["properties"]["principalId"] == wanted.group(1))
+                and (
+                    a["properties"]["scope"].lower().startswith(target)
+                    or target.startswith(a["properties"]["scope"].lower())
+                )
+            ]
+            return 200, {"value": found}, {}
+        assignment_id = f"{scope}/providers/Microsoft.Authorization/roleAssignments/{name}"
+        found = self.assignments.get(assignment_id.lower())
+        if method == "GET":
+            if found is None:
+                raise ARMError(404, "RoleAssignmentNotFound", "The role assignment was not found.")
+            return 200, found, {}
+        if method == "DELETE":
+            self.authorize("Microsoft.Authorization/roleAssignments/delete", scope)
+            if found is None:
+                return 204, None, {}
+            del self.assignments[assignment_id.lower()]
+            return 200, found, {}
+        if method != "PUT":
+            raise ARMError(405, "MethodNotAllowed", method)
+        self.authorize("Microsoft.Authorization/roleAssignments/write", scope)
+        if not _GUID.match(name):
+            raise ARMError(
+                400,
+                "InvalidRoleAssignmentId",
+                f"The role assignment ID '{name}' is not valid. The role assignment ID "
+                "must be a GUID.",
+            )
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError as e:
+            raise ARMError(400, "InvalidRequestContent", f"invalid JSON: {e}") from e
+        self.bodies.append(("roleassignments", body))
+        check_msrest_model(authorization_models.RoleAssignmentCreateParameters, body, "parameters")
+        properties = body["properties"]
+        role_id = properties["roleDefinitionId"].rsplit("/", 1)[-1]
+        prefix = (
+            f"/subscriptions/{self.subscription}/providers/Microsoft.Authorization/roleDefinitions/"
+        )
+        if role_id not in ROLES or not properties["roleDefinitionId"].lower().startswith(
+            prefix.lower()
+        ):
+            raise ARMError(
+                400,
+                "RoleDefinitionDoesNotExist",
+                f"The specified role definition with ID '{role_id}' does not exist.",
+            )
+        principal = properties["principalId"]
+        principals = {self.caller} | {
+            i["properties"]["principalId"] for i in self.of_kind("userassignedidentities")
+        }
+        if principal not in principals:
+            raise ARMError(
+                400,
+                "PrincipalNotFound",
+                f"Principal {principal} does not exist in the directory {self.tenant}.",
+            )
+        for other in self.assignments.values():
+            p = other["properties"]
+            if (
+                p["principalId"] == principal
+                and p["scope"].lower() == scope.lower()
+                and p["roleDefinitionId"].rsplit("/", 1)[-1] == role_id
+            ):
+                raise ARMError(409, "RoleAssignmentExists", "The role assignment already exists.")
+        made = self._assign(
+            scope, name, role_id, principal, properties.get("principalType") or "User"
+        )
+        return 201, made, {}
+
+    # -- the instance metadata service's managed identity tokens -------------------------
+
+    def identity_token(
+        self, vm: dict[str, Any] | None, query: dict[str, str]
+    ) -> tuple[int, dict[str, Any]]:
+        """What the metadata service answers ``vm`` asking for a token, as Azure's
+        "How to use managed identities ... to acquire an access token" describes it: of
+        the identity ``client_id`` (or ``msi_res_id``) names among the VM's own, or of
+        its only one; for ``resource``."""
+
+        def refuse(description: str) -> tuple[int, dict[str, Any]]:
+            return 400, {"error": "invalid_request", "error_description": description}
+
+        if "api-version" not in query:
+            return 400, {"error": "Bad request", "error_description": "api-version is required"}
+        if not query.get("resource"):
+            return refuse("Required query variable 'resource' is missing")
+        with self._lock:
+            attached = ((vm or {}).get("identity") or {}).get("userAssignedIdentities") or {}
+            identities = [
+                self.resources[i.lower()] for i in attached if i.lower() in self.resources
+            ]
+            if "client_id" in query:
+                identities = [
+                    i for i in identities if i["properties"]["clientId"] == query["client_id"]
+                ]
+            elif "msi_res_id" in query:
+                identities = [
+                    i for i in identities if i["id"].lower() == query["msi_res_id"].lower()
+                ]
+            elif len(identities) > 1:
+                return refuse(
+                    "Multiple user assigned identities exist, please specify the clientId / "
+                    "resourceId of the identity in the token request"
+                )
+            if not identities:
+                return refuse("Identity not found")
+            identity = identities[0]["properties"]
+            token = f"mi-{uuid.uuid4().hex}"
+            self.identity_tokens[token] = {
+                "principal": identity["principalId"],
+                "client_id": identity["clientId"],
+                "resource": query["resource"],
+                "vm": vm["name"] if vm else "",
+            }
+        now = int(time.time())
+        return 200, {
+            "access_token": token,
+            "client_id": identity["clientId"],
+            "expires_in": "86399",
+            "expires_on": str(now + 86399),
+            "ext_expires_in": "86399",
+            "not_before": str(now),
+            "resource": query["resource"],
+            "token_type": "Bearer",
+        }
+
+    def vm_calling(self, host: str, port: int, server_port: int) -> dict[str, Any] | None:
+        """The VM a connection to the metadata service comes from: a guest by its
+        address; a process VM, which shares this machine's loopback, by the process
+        that holds the connection's other end."""
+        with self._lock:
+            vms = self.of_kind("virtualmachines")
+        for vm in vms:
+            if vm.get("_address") == host:
+                return vm
+        vm_id = _process_vm_id(port, server_port)
+        return next((vm for vm in vms if vm.get("_vm") == vm_id), None) if vm_id else None
 
     def fail(
         self,
@@ -332,16 +716,7 @@ class AzureStandIn(HTTPSStandIn):
             return self._token(raw)
         if path.startswith("/blobs/"):
             return self._blob(path)
-        if headers.get("Authorization") != f"Bearer {self.token}":
-            raise ARMError(
-                401,
-                "AuthenticationFailed",
-                "Authentication failed. The 'Authorization' header is missing or invalid.",
-                headers={
-                    "WWW-Authenticate": 'Bearer authorization_uri="https://login.example/", '
-                    'error="invalid_token"'
-                },
-            )
+        principal = self._principal(headers)
         if "api-version" not in query:
             raise ARMError(
                 400,
@@ -357,12 +732,58 @@ class AzureStandIn(HTTPSStandIn):
                 f"The subscription '{path.split('/')[2]}' could not be found.",
             )
         rest = path[len(f"/subscriptions/{self.subscription}") :]
+        subscription = f"/subscriptions/{self.subscription}"
+        if m := _AUTHORIZATION_PATH.match(path):
+            return self._count(
+                f"{method} {m['what']}",
+                lambda: self._acting_as(
+                    principal, lambda: self._authorization(method, m, query, raw)
+                ),
+            )
         if m := re.match(r"^/resourcegroups/([^/]+)$", rest, re.IGNORECASE):
-            return self._count("GET resourceGroups", lambda: self._group(m.group(1)))
+            read = "Microsoft.Resources/subscriptions/resourceGroups/read"
+            if method == "DELETE":
+                # Deleting a resource group: this stand-in only ever refuses it.
+                return self._count(
+                    "DELETE resourceGroups",
+                    lambda: self._acting_as(
+                        principal,
+                        lambda: (
+                            self.authorize(
+                                "Microsoft.Resources/subscriptions/resourceGroups/delete", path
+                            )
+                            or (405, {"error": {"code": "NotSupported", "message": "stand-in"}})
+                        ),
+                    ),
+                )
+            return self._count(
+                "GET resourceGroups",
+                lambda: self._acting_as(
+                    principal, lambda: self.authorize(read, path) or self._group(m.group(1))
+                ),
+            )
         if re.match(r"^/providers/Microsoft.Compute/skus$", rest, re.IGNORECASE):
-            return self._count("GET skus", lambda: (200, self._skus(query)))
+            return self._count(
+                "GET skus",
+                lambda: self._acting_as(
+                    principal,
+                    lambda: (
+                        self.authorize("Microsoft.Compute/skus/read", subscription)
+                        or (200, self._skus(query))
+                    ),
+                ),
+            )
         if m := re.match(r"^/providers/Microsoft.Compute/locations/([^/]+)/usages$", rest):
-            return self._count("GET usages", lambda: (200, self._usages(m.group(1))))
+            return self._count(
+                "GET usages",
+                lambda: self._acting_as(
+                    principal,
+                    lambda: (
+                        self.authorize("Microsoft.Compute/locations/usages/read", subscription)
+                        or (200, self._usages(m.group(1)))
+                    ),
+                ),
+            )
         if m := re.match(r"^/providers/Microsoft\.\w+/locations/[^/]+/operations/([^/]+)$", rest):
             return 200, self._poll(m.group(1)), {}
         match = _RESOURCE_PATH.match(path)
@@ -378,8 +799,20 @@ class AzureStandIn(HTTPSStandIn):
                 f"Resource group '{match['group']}' could not be found.",
             )
         return self._count(
-            call, lambda: self._resource(method, match, query, raw, kind.lower(), action)
+            call,
+            lambda: self._acting_as(
+                principal, lambda: self._resource(method, match, query, raw, kind.lower(), action)
+            ),
         )
+
+    def _acting_as(self, principal: str, then: Any) -> Any:
+        """Serve one request (under the lock) as ``principal``: what :meth:`authorize`
+        checks, here and in what the request implies."""
+        self._acting = principal
+        try:
+            return then()
+        finally:
+            self._acting = self.caller
 
     def _count(self, call: str, then: Any) -> tuple[int, Any, dict[str, str]]:
         with self._lock:
@@ -575,9 +1008,11 @@ class AzureStandIn(HTTPSStandIn):
         kind: str,
         action: str | None,
     ) -> tuple[int, Any, dict[str, str]] | tuple[int, Any]:
+        namespace_kind = f"{match['ns']}/{match['kind']}"
         if match["name"] is None:
             if method != "GET":
                 raise ARMError(405, "MethodNotAllowed", f"{method} on a collection")
+            self.authorize(f"{namespace_kind}/read", path_scope(match))
             prefix = self._id(match).rsplit("/", 1)[0].lower() + "/"
             found = [
                 r
@@ -591,6 +1026,12 @@ class AzureStandIn(HTTPSStandIn):
                     item.setdefault("properties", {})["instanceView"] = self._instance_view(vm)
             return 200, {"value": items}
         resource_id = self._id(match)
+        verb = {"GET": "read", "PUT": "write", "PATCH": "write", "DELETE": "delete"}
+        if action is None:
+            self.authorize(f"{namespace_kind}/{verb.get(method, 'action')}", resource_id)
+        else:
+            suffix = "read" if method == "GET" else "action"
+            self.authorize(f"{namespace_kind}/{action}/{suffix}", resource_id)
         if action == "instanceView" and method == "GET":
             return 200, self._instance_view(self._get(resource_id))
         if action == "retrieveBootDiagnosticsData" and method == "POST":
@@ -617,7 +1058,10 @@ class AzureStandIn(HTTPSStandIn):
         raise ARMError(405, "MethodNotAllowed", method)
 
     def _check_common(self, match: re.Match[str], kind: str, body: dict[str, Any]) -> str:
-        check_model(MODELS[kind], body, "parameters")
+        if hasattr(MODELS[kind], "_attribute_map"):
+            check_msrest_model(MODELS[kind], body, "parameters")
+        else:
+            check_model(MODELS[kind], body, "parameters")
         name = match["name"]
         pattern = _VM_NAME if kind == "virtualmachines" else _NAME
         if not pattern.match(name):
@@ -672,6 +1116,9 @@ class AzureStandIn(HTTPSStandIn):
         if "identity" in body:
             resource["identity"] = body["identity"]
         getattr(self, f"_make_{kind}")(resource, properties)
+        if kind == "userassignedidentities":  # not a long-running operation
+            self.resources[resource_id.lower()] = resource
+            return (200 if existed else 201), self._public(resource), {}
         properties["provisioningState"] = "Updating" if existed else "Creating"
         self.resources[resource_id.lower()] = resource
 
@@ -771,8 +1218,11 @@ class AzureStandIn(HTTPSStandIn):
                 f"Disk {resource['name']} is attached to VM {resource['managedBy']}.",
             )
         if kind == "virtualmachines":
+            self._authorize_cascade(resource)
             self._delete_vm(resource)
         del self.resources[resource_id.lower()]
+        if kind == "userassignedidentities":
+            return 200, None, {}
         return (
             202,
             None,
@@ -1078,6 +1528,26 @@ class AzureStandIn(HTTPSStandIn):
             raise ARMError(
                 400, "InvalidParameter", "evictionPolicy is required for Spot priority VMs."
             )
+        identity = resource.get("identity") or {}
+        for identity_id, value in (identity.get("userAssignedIdentities") or {}).items():
+            found = self.resources.get(identity_id.lower())
+            if found is None or found["_kind"] != "userassignedidentities":
+                raise ARMError(
+                    400,
+                    "FailedIdentityOperation",
+                    f"Identity operation for resource '{resource['id']}' failed with error "
+                    f"'Failed to perform resource identity operation. Status: 'NotFound'. "
+                    f"Response: 'Resource '{identity_id}' does not exist.''.",
+                )
+            self.authorize(
+                "Microsoft.ManagedIdentity/userAssignedIdentities/assign/action",
+                found["id"],
+                linked=True,
+            )
+            value.update(
+                principalId=found["properties"]["principalId"],
+                clientId=found["properties"]["clientId"],
+            )
         nic_refs = (properties.get("networkProfile") or {}).get("networkInterfaces") or []
         if not nic_refs:
             raise ARMError(400, "InvalidParameter", "A VM needs a network interface.")
@@ -1122,6 +1592,42 @@ class AzureStandIn(HTTPSStandIn):
         resource["_power"] = {"code": "PowerState/running"}
         properties["vmId"] = str(uuid.uuid4())
         properties["timeCreated"] = time.strftime("%Y-%m-%dT%H:%M:%S.0000000+00:00", time.gmtime())
+
+    def _authorize_cascade(self, vm: dict[str, Any]) -> None:
+        """Deleting a VM deletes its NIC, public address and OS disk where their
+        ``deleteOption`` says ``Delete``: modelled as actions on each of them, which the
+        caller must be allowed (``LinkedAuthorizationFailed`` otherwise)."""
+        properties = vm["properties"]
+        for ref in properties["networkProfile"]["networkInterfaces"]:
+            nic = self.resources.get(ref["id"].lower())
+            if nic is None or (ref.get("properties") or {}).get("deleteOption") != "Delete":
+                continue
+            self.authorize("Microsoft.Network/networkInterfaces/delete", nic["id"], linked=True)
+            for config in nic["properties"]["ipConfigurations"]:
+                ip = (config["properties"].get("publicIPAddress") or {}).get("id")
+                address = self.resources.get((ip or "").lower())
+                if address and address["properties"].get("deleteOption") == "Delete":
+                    self.authorize(
+                        "Microsoft.Network/publicIPAddresses/delete", address["id"], linked=True
+                    )
+        os_disk = properties["storageProfile"]["osDisk"]
+        if os_disk.get("deleteOption") == "Delete" and os_disk["managedDisk"]["id"].lower() in (
+            self.resources
+        ):
+            self.authorize(
+                "Microsoft.Compute/disks/delete", os_disk["managedDisk"]["id"], linked=True
+            )
+
+    def _make_userassignedidentities(
+        self, resource: dict[str, Any], properties: dict[str, Any]
+    ) -> None:
+        existing = self.resources.get(resource["id"].lower())
+        if existing is not None:  # an update keeps the identity's principal
+            properties.update(existing["properties"])
+            return
+        properties.update(
+            tenantId=self.tenant, principalId=str(uuid.uuid4()), clientId=str(uuid.uuid4())
+        )
 
     def _delete_vm(self, vm: dict[str, Any]) -> None:
         self.booter.stop(vm["_vm"])
@@ -1246,6 +1752,97 @@ class ScheduledEvents:
 
     def evict(self) -> None:
         self.evicting.set()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def path_scope(match: re.Match[str]) -> str:
+    """The resource group of a collection path, the scope a listing is read at."""
+    return f"/subscriptions/{match['sub']}/resourceGroups/{match['group']}"
+
+
+def _wildcard(pattern: str, action: str) -> bool:
+    """Whether a role's action pattern (``*`` wildcards, any case) covers ``action``."""
+    regex = ".*".join(re.escape(part) for part in pattern.split("*"))
+    return re.fullmatch(regex, action, re.IGNORECASE) is not None
+
+
+def _process_vm_id(port: int, server_port: int) -> str | None:
+    """The ``DSC_VM_ID`` of the process holding the local end ``port`` of a connection
+    to ``server_port`` on this machine's loopback, from /proc."""
+    inode = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table, encoding="ascii").read().splitlines()[1:]  # noqa: SIM115
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, remote = fields[1].rsplit(":", 1)[1], fields[2].rsplit(":", 1)[1]
+            if int(local, 16) == port and int(remote, 16) == server_port:
+                inode = fields[9]
+                break
+        if inode:
+            break
+    if not inode:
+        return None
+    wanted = f"socket:[{inode}]"
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+            if not any(os.readlink(f"/proc/{entry}/fd/{fd}") == wanted for fd in fds):
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                for item in f.read().split(b"\0"):
+                    if item.startswith(b"DSC_VM_ID="):
+                        return item.removeprefix(b"DSC_VM_ID=").decode()
+        except OSError:
+            continue
+    return None
+
+
+class InstanceMetadata:
+    """Azure's instance metadata service as a stand-in's VMs see it: managed identity
+    tokens at ``/metadata/identity/oauth2/token`` (``Metadata: true`` required), each
+    bound to one identity of the calling VM and one ``resource``, which ARM then holds
+    to that identity's role assignments."""
+
+    def __init__(self, stand_in: AzureStandIn, address: str = "127.0.0.1") -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path, _, raw_query = self.path.partition("?")
+                query = {k: v[0] for k, v in parse_qs(raw_query).items()}
+                if self.headers.get("Metadata") != "true":
+                    status, body = (
+                        400,
+                        {
+                            "error": "invalid_request",
+                            "error_description": "Required metadata header not specified",
+                        },
+                    )
+                elif path != "/metadata/identity/oauth2/token":
+                    status, body = 404, {"error": "not_found"}
+                else:
+                    host, port = self.client_address[:2]
+                    vm = stand_in.vm_calling(host, port, self.server.server_address[1])
+                    status, body = stand_in.identity_token(vm, query)
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer((address, 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"http://{address}:{self._server.server_address[1]}"
 
     def stop(self) -> None:
         self._server.shutdown()

@@ -32,6 +32,7 @@ Dask preload (with a ``SETTINGS`` line appended), and the client uses it in-proc
 
 from __future__ import annotations
 
+import enum
 import functools
 import inspect
 import logging
@@ -45,7 +46,19 @@ from typing import Any
 
 logger = logging.getLogger("distributed.secure_cloud.peers")
 
-URI_PREFIX = "dask-secure-cloud://"
+#: A member's identity is the SAN URI ``dask-secure-cloud://CLUSTER/ROLE/NAME`` of its
+#: certificate; defined here, on the VM's side, and imported by the client.
+URI_SCHEME = "dask-secure-cloud"
+URI_PREFIX = f"{URI_SCHEME}://"
+
+
+class Role(str, enum.Enum):
+    """What a certificate's holder is allowed to be in the cluster."""
+
+    SCHEDULER = "scheduler"
+    WORKER = "worker"
+    CLIENT = "client"
+
 
 #: What a worker's own code calls on the scheduler (distributed's worker, nanny and
 #: P2P shuffle extension). Anything else is a client's power.
