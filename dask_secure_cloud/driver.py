@@ -215,17 +215,17 @@ class Driver(abc.ABC):
         steps on every cloud: the three that only read or decide come first, so a
         refusal leaves nothing behind; :meth:`make_network` is the first that writes.
         A driver fills in the steps, not this order."""
-        await self.check_request()
-        exits = await self.read_exits()
+        await self.check_request(cluster_id)
+        exits = await self.read_exits(cluster_id)
         if exits is not None:
             self.decide_public(exits)
         await self.make_network(cluster_id)
 
-    async def check_request(self) -> None:
+    async def check_request(self, cluster_id: str) -> None:
         """Read only: what the VMs ask for exists here and fits (region or zone, machine
         sizes, image, quotas). Refuse, naming the option, before anything is made."""
 
-    async def read_exits(self) -> Exits | None:
+    async def read_exits(self, cluster_id: str) -> Exits | None:
         """Read only: the network the VMs join and the ways out it offers them (a NAT, an
         internet gateway, a public interface). ``None``: VMs need no way out here."""
         return None

@@ -29,7 +29,7 @@ from dask_secure_cloud.cluster import ClusterStartError
 from dask_secure_cloud.credentials import Role
 from dask_secure_cloud.driver import VMRequest
 from dask_secure_cloud.network import NetworkPolicyError
-from dask_secure_cloud.providers.azure import _may_admit
+from dask_secure_cloud.providers.azure.network import _may_admit
 
 from clouds.arm import ARMError, AzureStandIn, ScheduledEvents, check_model, inbound_allowed
 from clouds.naming import check_named_clusters, check_polls

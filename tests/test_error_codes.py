@@ -207,7 +207,7 @@ ARM_ERRORS = {
 def test_an_arm_error_is_its_kind(case: str) -> None:
     status, code, kind = ARM_ERRORS[case]
     error = HttpResponseError(response=_arm_response(status, code))
-    assert _kind(azure._arm_error("delete x", error, "dask-rg")) == kind
+    assert _kind(azure.errors._arm_error("delete x", error, "dask-rg")) == kind
 
 
 ARM_GET_ERRORS = {

@@ -54,7 +54,7 @@ from dask_secure_cloud.credentials import CLOCK_SKEW, Role
 from dask_secure_cloud.egress import NoRouteOutError
 from dask_secure_cloud.options import resolve
 from dask_secure_cloud.plan import BootPlanner
-from dask_secure_cloud.providers import azure as azure_provider
+from dask_secure_cloud.providers.azure import identity as azure_provider
 
 from standins import start_ec2, stop_ec2
 

@@ -50,7 +50,7 @@ def test_type_checkers_see_every_cluster_class():
 
 
 #: The clouds whose driver prepares a cluster through the contract's template.
-ON_THE_TEMPLATE = ["aws", "digitalocean", "gcp"]
+ON_THE_TEMPLATE = ["aws", "azure", "digitalocean", "gcp"]
 STEPS = ("check_request", "read_exits", "decide_public", "make_network")
 
 

@@ -142,11 +142,11 @@ class EC2Driver(driver.Driver):
     def where(self) -> str:
         return self.options.region
 
-    async def check_request(self) -> None:
+    async def check_request(self, cluster_id: str) -> None:
         await self._check_instance_types()
         await self._resolve_ami()
 
-    async def read_exits(self) -> Exits:
+    async def read_exits(self, cluster_id: str) -> Exits:
         """The VPC and subnet the instances join, and the ways out the subnet's route
         table offers them."""
         self._vpc_id, self._vpc_cidr = await self._resolve_network()

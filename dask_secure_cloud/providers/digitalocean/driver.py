@@ -165,7 +165,7 @@ class DropletDriver(driver.Driver):
                 "Ask DigitalOcean to raise the limit, or start fewer workers (n_workers)"
             )
 
-    async def check_request(self) -> None:
+    async def check_request(self, cluster_id: str) -> None:
         """The region exists, offers each role's size, and the account's droplet limit
         leaves room for the cluster."""
         regions = {r["slug"]: r for r in await self._all("listing regions", "regions", "regions")}
@@ -212,7 +212,7 @@ class DropletDriver(driver.Driver):
         for body in _firewalls(cluster_id, sources, self.ports):
             await self._call(f"creating firewall {body['name']}", "firewalls", "create", body=body)
 
-    async def read_exits(self) -> Exits:
+    async def read_exits(self, cluster_id: str) -> Exits:
         """Every droplet has a public IPv4 address on its public interface, whatever its
         VPC, and that is its way out: nothing to read, so nothing can be refused."""
         vpc = f"VPC {self.vpc_uuid}" if self.vpc_uuid else "the cluster's own VPC"

@@ -189,7 +189,7 @@ class GCPDriver(NetworkSteps, driver.Driver):
     def region(self) -> str:
         return self.options.zone.rsplit("-", 1)[0]
 
-    async def check_request(self) -> None:
+    async def check_request(self, cluster_id: str) -> None:
         """The zone, each role's machine type in it, and the image exist."""
         await self._call(
             "ZonesClient",

@@ -154,7 +154,7 @@ class NetworkSteps:
             ),
         ]
 
-    async def read_exits(self) -> Exits:
+    async def read_exits(self, cluster_id: str) -> Exits:
         return await self._exits()
 
     def decide_public(self, exits: Exits) -> None:
