@@ -10,9 +10,16 @@ import pytest
 
 from clouds import reach
 from clouds.booter import VMBooter
+from clouds.guest.common import cache_root
 from standins import start_azure
 
 pytest_plugins = ["clouds.guest.fixtures"]
+
+# The guest bed's cache (images, mirrors, its test CA) is fixed for the whole run before
+# any test points XDG_CACHE_HOME elsewhere (each test's price cache is its own:
+# _price_cache): a test that rebuilt the bed's CA in its own cache would not be trusted by
+# the images and services the run already holds.
+os.environ.setdefault("DSC_TEST_CACHE", str(cache_root()))
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups into node ids

@@ -549,6 +549,9 @@ async def test_azure_defaults_on_baked_guests_and_a_spot_worker_evicted(
             # Renewed at half-life, within the test; long enough that a start slowed by
             # a worker guest booting beside it is not cut short by the first expiry.
             certificate_lifetime="150s",
+            # The evicted worker's retirement and power-off are what this test is about;
+            # its replacement is test_replacement.py's (on the stand-in).
+            max_replacements=0,
             asynchronous=True,
             **{**options, "boot_timeout": BOOT_TIMEOUT},
         ) as cluster:
