@@ -158,15 +158,20 @@ class AzureDriver(RequestChecks, InventorySteps, NetworkSteps, IdentitySteps, dr
             )
         return self._credential
 
+    def _sdk_options(self) -> dict[str, Any]:
+        """What every management client of this driver is made with: the cloud's
+        endpoint and scope, the polling interval, the transport (CA bundle)."""
+        return {
+            "base_url": self.resource_manager_url,
+            "credential_scopes": [self._scope()],
+            "polling_interval": self.polling_interval,
+            **self._transport_options(),
+        }
+
     def _clients(self) -> tuple[ComputeManagementClient, NetworkManagementClient]:
         if self._compute is None or self._net is None:
             assert self.subscription_id is not None
-            options = {
-                "base_url": self.resource_manager_url,
-                "credential_scopes": [self._scope()],
-                "polling_interval": self.polling_interval,
-                **self._transport_options(),
-            }
+            options = self._sdk_options()
             credential = self._get_credential()
             self._compute = ComputeManagementClient(credential, self.subscription_id, **options)
             self._net = NetworkManagementClient(credential, self.subscription_id, **options)

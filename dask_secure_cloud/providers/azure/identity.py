@@ -109,12 +109,7 @@ class IdentitySteps:
     ) -> tuple[ManagedServiceIdentityClient, AuthorizationManagementClient]:
         if self._msi is None or self._auth is None:
             assert self.subscription_id is not None
-            options = {
-                "base_url": self.resource_manager_url,
-                "credential_scopes": [self._scope()],
-                "polling_interval": self.polling_interval,
-                **self._transport_options(),
-            }
+            options = self._sdk_options()
             credential = self._get_credential()
             self._msi = ManagedServiceIdentityClient(credential, self.subscription_id, **options)
             self._auth = AuthorizationManagementClient(credential, self.subscription_id, **options)
