@@ -20,13 +20,16 @@ import json
 import logging
 import re
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import dask
+import distributed
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
-from .errors import OptionError
+from .errors import ClusterStartError, OptionError
 
-__all__ = ["ImageReference", "Presence", "image_presence", "parse_reference"]
+__all__ = ["ImageReference", "Presence", "image_presence", "parse_reference", "refuse_missing"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,3 +159,24 @@ async def _anonymous_token(
         return None
     token = body.get("token") or body.get("access_token")
     return token if isinstance(token, str) else None
+
+
+async def refuse_missing(image: str, is_default: bool, log: Callable[[str], None]) -> None:
+    """Refuse a start whose VMs would fail to pull ``image``, before any VM exists; when
+    the registry cannot tell, say so (``log``) and let the VMs try."""
+    presence = await image_presence(image)
+    if presence is Presence.PRESENT:
+        return
+    if presence is Presence.UNKNOWN:
+        log(f"Could not ask the registry whether {image} exists; the VMs will try")
+        return
+    if is_default:
+        raise ClusterStartError(
+            f"{image} does not exist: dask-docker does not publish an image for every "
+            "dask release and Python version. Set runtime='native' to install dask "
+            f"{dask.__version__} and distributed {distributed.__version__} on each VM "
+            "at boot, or docker_image= to an image with this client's versions."
+        )
+    raise ClusterStartError(
+        f"docker_image {image!r} does not exist in its registry: check its name and tag"
+    )
