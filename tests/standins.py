@@ -147,3 +147,31 @@ def start_azure(
         "public_ip_url": reach.checkip_url(),
     }
     return stand_in, options
+
+
+def add_team_vnet(stand_in: AzureStandIn, prefix: str) -> str:
+    """A vnet the user's team made before (``team-vnet`` in ``dask-rg``, one subnet
+    ``compute`` over all of ``prefix``), as a cluster given ``vnet=`` finds it; its id."""
+    vnet_id = (
+        f"/subscriptions/{SUBSCRIPTION}/resourceGroups/dask-rg/providers/"
+        "Microsoft.Network/virtualNetworks/team-vnet"
+    )
+    stand_in.resources[vnet_id.lower()] = {
+        "id": vnet_id,
+        "name": "team-vnet",
+        "type": "Microsoft.Network/virtualNetworks",
+        "location": "westeurope",
+        "tags": {},
+        "_kind": "virtualnetworks",
+        "properties": {
+            "addressSpace": {"addressPrefixes": [prefix]},
+            "subnets": [
+                {
+                    "id": f"{vnet_id}/subnets/compute",
+                    "name": "compute",
+                    "properties": {"addressPrefix": prefix},
+                }
+            ],
+        },
+    }
+    return vnet_id

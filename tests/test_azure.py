@@ -34,7 +34,7 @@ from dask_secure_cloud.providers.azure.network import _may_admit
 from clouds.arm import ARMError, AzureStandIn, ScheduledEvents, check_model, inbound_allowed
 from clouds.naming import check_named_clusters, check_polls
 from clouds.reach import CLIENT_ADDRESS
-from standins import CLIENT_ID, SECRET, SUBSCRIPTION, TENANT
+from standins import CLIENT_ID, SECRET, SUBSCRIPTION, TENANT, add_team_vnet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -263,33 +263,11 @@ async def test_public_scheduler_only_when_asked_and_only_for_the_given_cidrs(azu
 
 async def test_given_vnet_and_nsg_are_used_and_kept(azure):
     stand_in, options = azure
-    prefix = options["address_prefix"]
-    vnet_id = (
-        f"/subscriptions/{SUBSCRIPTION}/resourceGroups/dask-rg/providers/"
-        "Microsoft.Network/virtualNetworks/team-vnet"
-    )
+    add_team_vnet(stand_in, options["address_prefix"])
     nsg_id = (
         f"/subscriptions/{SUBSCRIPTION}/resourceGroups/dask-rg/providers/"
         "Microsoft.Network/networkSecurityGroups/team-nsg"
     )
-    stand_in.resources[vnet_id.lower()] = {
-        "id": vnet_id,
-        "name": "team-vnet",
-        "type": "Microsoft.Network/virtualNetworks",
-        "location": "westeurope",
-        "tags": {},
-        "_kind": "virtualnetworks",
-        "properties": {
-            "addressSpace": {"addressPrefixes": [prefix]},
-            "subnets": [
-                {
-                    "id": f"{vnet_id}/subnets/compute",
-                    "name": "compute",
-                    "properties": {"addressPrefix": prefix},
-                }
-            ],
-        },
-    }
     stand_in.resources[nsg_id.lower()] = {
         "id": nsg_id,
         "name": "team-nsg",

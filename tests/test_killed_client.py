@@ -38,7 +38,7 @@ from clouds.booter import VMBooter
 from clouds.ec2 import EC2StandIn, make_network
 from clouds.gce import GCEStandIn
 from clouds.naming import RUNS
-from standins import SUBSCRIPTION, start_azure
+from standins import add_team_vnet, start_azure
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -289,29 +289,7 @@ def azure(tmp_path, monkeypatch):
     )
     # The client runs inside the team's network (its own process reaches no NAT of the
     # stand-in's public addresses), as a client in the cloud does.
-    prefix = options["address_prefix"]
-    vnet_id = (
-        f"/subscriptions/{SUBSCRIPTION}/resourceGroups/dask-rg/providers/"
-        "Microsoft.Network/virtualNetworks/team-vnet"
-    )
-    stand_in.resources[vnet_id.lower()] = {
-        "id": vnet_id,
-        "name": "team-vnet",
-        "type": "Microsoft.Network/virtualNetworks",
-        "location": "westeurope",
-        "tags": {},
-        "_kind": "virtualnetworks",
-        "properties": {
-            "addressSpace": {"addressPrefixes": [prefix]},
-            "subnets": [
-                {
-                    "id": f"{vnet_id}/subnets/compute",
-                    "name": "compute",
-                    "properties": {"addressPrefix": prefix},
-                }
-            ],
-        },
-    }
+    add_team_vnet(stand_in, options["address_prefix"])
     yield (
         stand_in,
         {
