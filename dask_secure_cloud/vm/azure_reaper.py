@@ -1,13 +1,14 @@
 """What an Azure scheduler VM does when its lease ends: delete the cluster's VMs.
 
-Shipped as text inside the scheduler's lease preload (``preloads.lease``), with its
-settings appended as ``SETTINGS``; it runs on the VM, so it uses the standard library
-only. On Azure a VM whose OS powers off is "Stopped": still allocated, its compute still
-billed, with its OS disk and public address. Only a delete through Azure Resource
-Manager ends that, so the scheduler asks the instance metadata service for a token of the
-managed identity the cluster made for it, and deletes each worker VM it was told of with
-the lease renewals, then its own VM. Every VM was made with ``deleteOption=Delete`` on
-its NIC, OS disk and public address, so Azure deletes those with it.
+Shipped as text at the head of the scheduler's lease preload (``preloads.lease``), with
+its settings appended as ``SETTINGS``; ``lease_end.py`` hands its ``on_expiry`` to the
+lease. It runs on the VM, so it uses the standard library only. On Azure a VM whose OS
+powers off is "Stopped": still allocated, its compute still billed, with its OS disk and
+public address. Only a delete through Azure Resource Manager ends that, so the
+scheduler asks the instance metadata service for a token of the managed identity the
+cluster made for it, and deletes each worker VM it was told of with the lease renewals,
+then its own VM. Every VM was made with ``deleteOption=Delete`` on its NIC, OS disk and
+public address, so Azure deletes those with it.
 
 The identity's roles reach only the cluster's own VMs, NICs, disks and addresses (see
 ``AzureDriver``): whatever this code is told, Azure refuses anything else with 403.
