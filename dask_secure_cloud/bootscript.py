@@ -145,9 +145,11 @@ def render_script(
     if runtime == "docker":
         if gpus:
             lines.append("step gpu-check gpu_check")
-        lines += ["step docker-engine docker_engine", "step pull pull"]
+        provision = ["step docker-engine docker_engine", "step pull pull"]
     else:
-        lines.append("step python-env python_env")
+        provision = ["step python-env python_env"]
+    # An image built for exactly this (``dask secure-cloud image build``) skips them.
+    lines += ["if ! provisioned; then", *(f"  {line}" for line in provision), "fi"]
     if extra_bootstrap:
         lines += ['STEP=extra-bootstrap; say "extra-bootstrap: started"', *extra_bootstrap]
         lines.append('say "extra-bootstrap: done"')

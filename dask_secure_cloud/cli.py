@@ -466,3 +466,138 @@ def show_config(provider: str) -> None:
     widths = [max(len(str(r[i])) for r in rows) for i in range(2)]
     for name, value, source in rows:
         click.echo(f"{name.ljust(widths[0])}  {str(value).ljust(widths[1])}  {source}")
+
+
+# -- image -------------------------------------------------------------------------------
+
+_CLOUDS = sorted(p for p in PROVIDERS if p != "local")
+
+
+@main.group(name="image")
+def image() -> None:
+    """Cloud images with a cluster's exact software: its VMs then boot in seconds.
+
+    A cluster boots the newest image of its account and region built for its software
+    (runtime, Docker image or dask, distributed and pip_packages, Python, base image)
+    unless its image option is given. `list` and `cleanup` never delete an image.
+    """
+
+
+def _config_file(path: str | None) -> None:
+    """Read a dask config file (YAML) on top of the usual ones."""
+    if not path:
+        return
+    import dask.config
+
+    with open(path) as f:
+        loaded = yaml.safe_load(f) or {}
+    if not isinstance(loaded, dict):
+        raise click.BadParameter(f"{path} is not a YAML mapping", param_hint="--config")
+    dask.config.update(dask.config.config, loaded, priority="new")
+
+
+_CONFIG_OPTION = click.option(
+    "--config",
+    "config_file",
+    default=None,
+    metavar="FILE",
+    help="A dask config file (YAML) read on top of the usual ones, as a cluster would be.",
+)
+
+
+@image.command(name="build")
+@click.argument("provider", type=click.Choice(_CLOUDS))
+@_OPTION_OPTION
+@_CONFIG_OPTION
+def image_build(provider: str, pairs: Sequence[str], config_file: str | None) -> None:
+    """Build PROVIDER's image for the cluster these options describe; print its name.
+
+    One VM boots the stock image, provisions the runtime as a cluster's VM would (the
+    Docker engine and the pinned image; or the exact dask, distributed and pip_packages),
+    checks it, powers off; the image is made from its disk, and the VM and everything it
+    made are deleted. A failed build leaves nothing but its log.
+    """
+    from .driver import CloudError
+    from .imaging.build import BuildError, build
+
+    _config_file(config_file)
+    try:
+        built = asyncio.run(
+            build(cluster_class(provider), _options(pairs), say=lambda m: click.echo(m, err=True))
+        )
+    except (BuildError, CloudError, ImportError, ValueError, TypeError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(built.name)
+
+
+async def _store(provider: str, options: dict[str, Any]) -> Any:
+    from .imaging import store_of
+
+    store = store_of(_preview(provider, options).driver)
+    if store is None:
+        raise click.ClickException(f"{provider} has no cloud images")
+    return store
+
+
+@image.command(name="list")
+@click.argument("provider", type=click.Choice(_CLOUDS))
+@_OPTION_OPTION
+@_CONFIG_OPTION
+def image_list(provider: str, pairs: Sequence[str], config_file: str | None) -> None:
+    """The images built here (account, region), newest first: name, id, software hash,
+    age, and what they hold."""
+    from .driver import CloudError
+
+    _config_file(config_file)
+
+    async def run() -> list[Any]:
+        store = await _store(provider, _options(pairs))
+        try:
+            return await store.list()
+        finally:
+            await store.driver.close()
+
+    try:
+        found = asyncio.run(run())
+    except CloudError as e:
+        raise click.ClickException(str(e)) from e
+    rows = [("NAME", "ID", "HASH", "AGE", "HOLDS")]
+    for built in sorted(found, key=lambda i: i.created, reverse=True):
+        rows.append((built.name, built.id, built.digest, _age(built.created), built.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        cells = [c.ljust(w) for c, w in zip(row, widths, strict=False)]
+        click.echo("  ".join([*cells, row[4]]).rstrip())
+
+
+@image.command(name="delete")
+@click.argument("provider", type=click.Choice(_CLOUDS))
+@click.argument("names", nargs=-1, required=True)
+@click.option("--yes", is_flag=True, help="Delete without asking.")
+@_OPTION_OPTION
+@_CONFIG_OPTION
+def image_delete(
+    provider: str, names: Sequence[str], yes: bool, pairs: Sequence[str], config_file: str | None
+) -> None:
+    """Delete the built images NAMES (names or ids) and their snapshots."""
+    from .driver import CloudError
+    from .imaging.build import BuildError, delete
+
+    _config_file(config_file)
+    if not yes and not click.confirm(f"Delete {', '.join(names)}?", default=False):
+        click.echo("Nothing deleted.")
+        raise SystemExit(1)
+
+    async def run() -> None:
+        store = await _store(provider, _options(pairs))
+        try:
+            for name in names:
+                deleted = await delete(store, name)
+                click.echo(f"deleted {deleted.name} ({deleted.id})")
+        finally:
+            await store.driver.close()
+
+    try:
+        asyncio.run(run())
+    except (BuildError, CloudError) as e:
+        raise click.ClickException(str(e)) from e

@@ -185,6 +185,8 @@ class VMCluster(CostCap, WorkerMembership, Upkeep, Access, Display, SpecCluster)
         self._credentials = self.planner.credentials
         self._given_security = self.planner.given_security
         self.fleet = Fleet(self.driver, self.planner, log=self._log)
+        # The cap check of an on-demand fallback counts the workers wanted now.
+        self.fleet.workers_wanted = lambda: len(self.worker_spec)
         self._init_upkeep()
         self._cleanup_error: Exception | None = None
         self._dashboard: DashboardProxy | None = None

@@ -33,6 +33,7 @@ class CostCap(SpecCluster):
         and refuse a start above ``max_hourly_cost``. Price lists are read in a thread:
         their clients block."""
         workers = len(self.worker_spec)
+        await self.driver.locate()  # where the options do not say (read only)
         cost = await asyncio.to_thread(pricing.estimate, self.options, workers, self.driver)
         self._cost: pricing.Estimate | None = cost
         self._log(f"Cluster {self.cluster_id}: hourly cost {cost.describe(workers)}")

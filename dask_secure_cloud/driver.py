@@ -193,6 +193,12 @@ class Driver(abc.ABC):
     #: Who started the cluster (``audit.creator()``: ``user@host``), recorded in the
     #: creator tag of everything the driver makes; set by :meth:`configure`.
     creator: str = "unknown"
+    #: What the VMs provision at boot on the image option's base (``imaging.Software``),
+    #: set by the boot planner where the cloud has images: :meth:`prepare` then boots
+    #: the newest image built for it (``dask secure-cloud image build``), if any.
+    software: Any = None
+    #: The built image the VMs boot from (``imaging.BuiltImage``), once prepared.
+    built_image: Any = None
 
     def configure(
         self,
@@ -215,6 +221,10 @@ class Driver(abc.ABC):
         steps on every cloud: the three that only read or decide come first, so a
         refusal leaves nothing behind; :meth:`make_network` is the first that writes.
         A driver fills in the steps, not this order."""
+        if self.software is not None:
+            from .imaging import choose
+
+            await choose(self)
         await self.check_request(cluster_id)
         exits = await self.read_exits(cluster_id)
         if exits is not None:
@@ -224,6 +234,11 @@ class Driver(abc.ABC):
     async def check_request(self, cluster_id: str) -> None:
         """Read only: what the VMs ask for exists here and fits (region or zone, machine
         sizes, image, quotas). Refuse, naming the option, before anything is made."""
+
+    async def locate(self) -> None:
+        """Read only: learn where the cluster will be when its options do not say (an
+        Azure resource group's location), so that it is priced before anything exists.
+        Most clouds' options name their region: nothing to do."""
 
     async def read_exits(self, cluster_id: str) -> Exits | None:
         """Read only: the network the VMs join and the ways out it offers them (a NAT, an

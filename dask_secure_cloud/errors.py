@@ -26,7 +26,9 @@ to these kinds (``error_kinds`` in its module), read by :func:`cloud_error`.
         ├── InUseError                    still referenced: retry a little later
         ├── ForbiddenError                the credentials may not: never retried
         ├── ThrottledError                slow down: the same call may succeed later
-        └── NoRouteOutError               VMs would have no route out: refused first
+        ├── NoRouteOutError               VMs would have no route out: refused first
+        ├── CapacityError                 the zone has no capacity for the size now
+        └── QuotaError                    a quota of the account is used up: never retried
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 __all__ = [
+    "CapacityError",
     "CloudError",
     "ClusterStartError",
     "ConfigError",
@@ -44,6 +47,7 @@ __all__ = [
     "NoRouteOutError",
     "NotFoundError",
     "OptionError",
+    "QuotaError",
     "ResourcesLeftError",
     "SecureCloudError",
     "ThrottledError",
@@ -52,6 +56,7 @@ __all__ = [
     "UserDataTooLarge",
     "VMBootError",
     "cloud_error",
+    "quota_error",
 ]
 
 
@@ -136,6 +141,52 @@ class ThrottledError(CloudError):
 
 class NoRouteOutError(CloudError):
     """VMs of a role would have no route out of their network: refused before any is made."""
+
+
+class CapacityError(CloudError):
+    """The zone has no capacity for this size (or this market: spot) right now: the
+    same request may succeed in another zone of the region, on demand, or later. The
+    fleet moves the launch where the options allow it (``placement.py``)."""
+
+
+class QuotaError(CloudError):
+    """A quota or limit of the account is used up: retrying cannot help until it is
+    raised. ``quota`` names it, ``region`` says where it applies and ``limit`` is its
+    current value, each where the cloud's answer gives it (``None`` otherwise)."""
+
+    def __init__(
+        self,
+        message: str,
+        code: str = "",
+        *,
+        quota: str | None = None,
+        region: str | None = None,
+        limit: float | None = None,
+    ) -> None:
+        super().__init__(message, code)
+        self.quota = quota
+        self.region = region
+        self.limit = limit
+
+
+def quota_error(
+    message: str,
+    code: str,
+    *,
+    quota: str | None,
+    region: str | None,
+    limit: float | None,
+    fix: str,
+) -> QuotaError:
+    """A :class:`QuotaError` whose message says the quota's name, region and limit (or
+    that the cloud did not say them), and ``fix``."""
+    facts = [
+        f"quota {quota}" if quota else "quota (not named by the cloud)",
+        f"region {region}" if region else None,
+        f"current limit {limit:g}" if limit is not None else "current limit not given",
+    ]
+    said = ", ".join(f for f in facts if f)
+    return QuotaError(f"{message} [{said}]. {fix}", code, quota=quota, region=region, limit=limit)
 
 
 #: A provider's table: its error code -> the kind of CloudError it is.

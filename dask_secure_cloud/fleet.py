@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -26,7 +27,7 @@ from typing import Any
 from distributed.comm import parse_address, parse_host_port
 from distributed.comm.registry import get_backend
 
-from . import audit
+from . import audit, placement
 from .bootscript import STEP_PREFIX
 from .credentials import Role, fingerprint
 from .driver import CLUSTER_TAG, CREATOR_TAG, VM, CloudError, Driver, VMRequest
@@ -138,6 +139,9 @@ class Fleet:
         #: lists the cluster's VMs while any is.
         self._watched = 0
         self._watcher: asyncio.Task[None] | None = None
+        #: The number of workers the cluster wants now (its spec's size), for the cap
+        #: check of an on-demand fallback; set by the cluster's replacement policy.
+        self.workers_wanted: Callable[[], int] | None = None
 
     # -- making VMs ---------------------------------------------------------------------
 
@@ -168,7 +172,18 @@ class Fleet:
             tags={CLUSTER_TAG: self.cluster_id, CREATOR_TAG: self.driver.creator},
         )
         started = time.monotonic()
-        task = asyncio.ensure_future(self._bounded(self.driver.create(request)))
+        placed: placement.Placed | None = None
+
+        async def create() -> VM:
+            nonlocal placed
+            if not isinstance(self.driver, placement.Zonal):
+                return await self.driver.create(request)
+            placed = await placement.launch(
+                self.driver, request, on_demand_refusal=self._on_demand_refusal, moved=self._moved
+            )
+            return placed.vm
+
+        task = asyncio.ensure_future(self._bounded(create()))
         self._inflight.add(task)
         try:
             vm = await asyncio.shield(task)
@@ -192,8 +207,56 @@ class Fleet:
             private_ip=vm.private_ip,
             public_ip=vm.public_ip,
             certificate_fingerprint=plan.tls.fingerprint if plan.tls else None,
+            **({"zone": placed.zone, "spot": placed.spot} if placed is not None else {}),
         )
         return vm
+
+    async def _moved(self, move: placement.Move) -> None:
+        """A VM launched in another zone, or on-demand instead of spot: said in the log
+        and the audit log, with the refusals that moved it."""
+        message = f"Cluster {self.cluster_id}: {move.describe()}"
+        logger.warning(message)
+        self._log(message)
+        await audit.record_async(
+            "vm_moved",
+            self.cluster_id,
+            name=move.name,
+            role=move.role.value,
+            from_zone=move.from_zone,
+            to_zone=move.to_zone,
+            spot_asked=move.spot_asked,
+            spot=move.spot,
+            reasons=list(move.reasons),
+        )
+
+    async def _on_demand_refusal(self) -> str | None:
+        """Why a spot worker refused for capacity may not run on-demand instead, or
+        ``None`` when it may: ``spot_fallback`` allows it and, under ``max_hourly_cost``,
+        the cluster at its wanted size with every worker on-demand fits the cap."""
+        options = self.planner.options
+        if not getattr(options, "spot_fallback", False):
+            return "spot_fallback=False"
+        cap = options.max_hourly_cost
+        if cap is None:
+            return None
+        from . import pricing  # the price lists' clients load only when a cap is checked
+
+        workers = self.workers_wanted() if self.workers_wanted else self.driver.initial_workers
+        on_demand = dataclasses.replace(options, worker_spot=False)
+        try:
+            cost = await asyncio.to_thread(pricing.estimate, on_demand, workers, self.driver)
+        except Exception as e:  # noqa: BLE001 (a price source's failure: no fallback)
+            return f"the on-demand price could not be had ({e}) and max_hourly_cost is set"
+        hourly = cost.hourly(workers)
+        if hourly is None:
+            why = "; ".join(cost.unknown())
+            return f"the on-demand price is unknown ({why}) and max_hourly_cost is set"
+        if hourly > cap:
+            return (
+                f"with {workers} on-demand workers the cluster would cost "
+                f"{pricing.money(hourly)}/h, above max_hourly_cost={pricing.money(cap)}/h"
+            )
+        return None
 
     async def enrolled(self, name: str, cert_pem: str) -> None:
         """Record that the VM ``name`` made its key and got its certificate."""

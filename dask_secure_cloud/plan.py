@@ -20,7 +20,7 @@ import dask.config
 import distributed
 from distributed.security import Security
 
-from . import images, preloads
+from . import images, imaging, preloads
 from .cloudinit import BootPlan, DockerRuntime, EnrollmentTicket, NativeRuntime, render
 from .credentials import ClusterCredentials, LeafCredentials, Role, leaf_from_security
 from .driver import Driver
@@ -69,6 +69,8 @@ class BootPlanner:
         self.cluster_id = cluster_id
         self.driver = driver
         self.runtime = _runtime(options, native_python)
+        # Where the cloud has images built for this software, the driver boots one.
+        imaging.want(driver, self.runtime)
         #: The image is this client's default one, so a missing tag has a known fix.
         self.image_is_default = options.runtime == "docker" and options.docker_image is None
         # Worker dashboards are off unless asked for: workers have no public address,

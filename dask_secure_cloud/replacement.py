@@ -27,9 +27,14 @@ starts a new row: a spot worker reclaimed every day is replaced every day, while
 never comes up, or dies as soon as it joins, is given up after ``max_replacements``
 tries, said in the log, the repr and the audit log.
 
-Zone failover and on-demand fallback plug in at :meth:`Replacements.lost`: a
-replacement that the cloud refused arrives there as a :class:`Loss` of cause
-``LAUNCH_FAILED`` carrying the cloud's error, and the next launch is decided there.
+A replacement goes through the same placement as any VM (``placement.py``): first the
+scheduler's zone, then, where that zone has no capacity, another zone of the region, or
+on-demand for a spot worker. A replacement the cloud refused anyway (every zone tried)
+arrives at :meth:`Replacements.lost` as a :class:`Loss` of cause ``LAUNCH_FAILED``
+carrying the cloud's error: a quota refusal is given up at once (retrying cannot help
+until the quota is raised); any other is tried again after a pause that doubles with
+each refusal in the row (:data:`REFUSED_PAUSE`, at most :data:`REFUSED_PAUSE_MAX`), so a
+region out of capacity is not asked again and again at once.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from distributed.core import Status
 
 from . import audit
 from .credentials import Role
+from .errors import QuotaError
 from .fleet import ENDED
 
 if TYPE_CHECKING:
@@ -60,6 +66,10 @@ logger = logging.getLogger(__name__)
 
 #: Give-ups the repr keeps, newest last: enough to see a pattern, never a growing list.
 _KEPT_GIVE_UPS = 5
+#: Seconds before a refused replacement is tried again, doubled for each refusal in its
+#: row, and their bound.
+REFUSED_PAUSE = 2.0
+REFUSED_PAUSE_MAX = 60.0
 
 
 class Cause(enum.Enum):
@@ -83,6 +93,15 @@ class Loss:
     #: The cloud's refusal of a launch (``LAUNCH_FAILED``), for whoever picks the next
     #: zone or market by its type.
     error: BaseException | None = None
+
+
+def _quota_refusal(error: BaseException | None) -> QuotaError | None:
+    """The quota refusal in ``error``'s chain of causes, if any."""
+    while error is not None:
+        if isinstance(error, QuotaError):
+            return error
+        error = error.__cause__
+    return None
 
 
 class Replacements:
@@ -166,19 +185,24 @@ class Replacements:
         if not self._wanted(name):  # scaled down or closing while the scheduler was asked
             self._forget(name)
             return
+        quota = _quota_refusal(loss.error)
         joined = self._joined.pop(name, None)
         stable = joined is not None and time.monotonic() - joined >= self.stable_after
         row = 0 if stable else self._row.get(name, 0)
         self._row.pop(name, None)
         self._watches.pop(name, None)
         spot = " (a spot VM)" if self._spot() else ""
-        if row >= self.limit:
+        if row >= self.limit or quota is not None:
             self._swap(name, replace=False)
             wanted = len(self.cluster.worker_spec)
+            why = (
+                "a quota refused it, which no retry can change"
+                if quota is not None
+                else f"{row} replacements in a row already (max_replacements={self.limit})"
+            )
             message = (
-                f"{name} lost{spot}: {loss.detail}. Not replaced: {row} replacements in a "
-                f"row already (max_replacements={self.limit}); the cluster now asks for "
-                f"{wanted} worker{'' if wanted == 1 else 's'}"
+                f"{name} lost{spot}: {loss.detail}. Not replaced: {why}; the cluster now "
+                f"asks for {wanted} worker{'' if wanted == 1 else 's'}"
             )
             self.given_up = [*self.given_up, f"{name}: given up after {row} replacements"][
                 -_KEPT_GIVE_UPS:
@@ -196,8 +220,15 @@ class Replacements:
                 workers_wanted=wanted,
             )
             return
-        # Zone failover and on-demand fallback decide here where the new worker goes,
-        # from ``loss``: its cause and, for LAUNCH_FAILED, the cloud's refusal.
+        if loss.cause is Cause.LAUNCH_FAILED:
+            pause = min(REFUSED_PAUSE * 2 ** max(row - 1, 0), REFUSED_PAUSE_MAX)
+            self._say(logging.INFO, f"{name}: its VM was refused; trying again in {pause:.0f}s")
+            await asyncio.sleep(pause)
+            if not self._wanted(name):  # scaled down or closing meanwhile
+                self._forget(name)
+                return
+        # Where the new worker goes (its zone, spot or on-demand) is the fleet's
+        # placement, as for any VM.
         new = self._swap(name, replace=True)
         assert new is not None
         self._row[new] = row + 1

@@ -9,20 +9,24 @@ decides how many; these decide nothing but their own VM.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING, ClassVar
 
 from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface
 
+from . import imaging
 from .credentials import Role
 from .driver import VM
-from .errors import ClusterStartError
+from .errors import CloudError, ClusterStartError
 
 if TYPE_CHECKING:
     from .cluster import VMCluster
 
 __all__ = ["SchedulerVM", "WorkerVM"]
+
+logger = logging.getLogger("dask_secure_cloud.cluster")
 
 
 class _VM(ProcessInterface):
@@ -77,6 +81,12 @@ class SchedulerVM(_VM):
             cluster.security.get_connection_args("client"),
         )
         cluster._log(f"Scheduler {self.address} reachable after {time.monotonic() - started:.1f}s")
+        try:
+            # Booted stock: how long it spent installing, and the command that saves it.
+            if note := await imaging.note_provisioning(cluster.driver, vm):
+                cluster._log(note)
+        except CloudError as e:  # a console the cloud cannot show yet: no note, no harm
+            logger.info("No provisioning time for %s: %s", self.name, e)
         await super().start()
 
 

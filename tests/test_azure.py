@@ -28,6 +28,7 @@ from dask_secure_cloud.cloudinit import secrets_in
 from dask_secure_cloud.cluster import ClusterStartError
 from dask_secure_cloud.credentials import Role
 from dask_secure_cloud.driver import VMRequest
+from dask_secure_cloud.errors import QuotaError
 from dask_secure_cloud.network import NetworkPolicyError
 from dask_secure_cloud.providers.azure.network import _may_admit
 
@@ -373,7 +374,10 @@ async def test_failure_at_each_start_call_leaves_nothing(azure, call, in_operati
 
 async def test_failure_of_scale_up_keeps_the_cluster_and_cleans_up(azure):
     stand_in, options = azure
-    async with AzureVMCluster(n_workers=1, asynchronous=True, **options) as cluster:
+    # zone_failover=False: the allocation refused is not tried in a zone (test_capacity).
+    async with AzureVMCluster(
+        n_workers=1, asynchronous=True, zone_failover=False, **options
+    ) as cluster:
         async with Client(cluster, asynchronous=True) as client:
             await client.wait_for_workers(1, timeout=60)
             stand_in.fail("PUT virtualMachines", 409, "AllocationFailed", in_operation=True)
@@ -438,8 +442,8 @@ async def test_unknown_vm_size_is_named_before_any_resource(azure):
             "cores",
             8,
             {},
-            r"needs 10 vCPUs of the 'Total Regional vCPUs' quota in westeurope, "
-            r"and 8 are free \(limit 8, 0 in use\)",
+            r"needs 10 vCPUs of the 'Total Regional vCPUs' quota and 8 are free \(0 in use\) "
+            r"\[quota Total Regional vCPUs, region westeurope, current limit 8\]",
         ),
         ("standardDSv5Family", 9, {}, r"needs 10 vCPUs of the 'Standard DSv5 Family vCPUs'"),
         # Spot workers count against the Spot quota alone.
@@ -457,8 +461,11 @@ async def test_start_beyond_a_vcpu_quota_is_refused_before_any_resource(
 ):
     stand_in, options = azure
     stand_in.quotas["westeurope"][quota] = limit
-    with pytest.raises(ClusterStartError, match=match + r".*quota increase.*n_workers"):
+    with pytest.raises(ClusterStartError, match=match + r".*quota increase.*n_workers") as info:
         await AzureVMCluster(n_workers=2, asynchronous=True, **options, **changes)
+    refusal = info.value.__cause__
+    assert isinstance(refusal, QuotaError)
+    assert (refusal.region, refusal.limit) == ("westeurope", limit)
     assert "GET usages" in stand_in.calls
     assert not [c for c in stand_in.calls if c.startswith(("PUT", "PATCH"))]
 
@@ -468,7 +475,7 @@ async def test_quota_check_fits_what_is_already_running(azure):
     stand_in.quotas["westeurope"]["cores"] = 15
     async with AzureVMCluster(n_workers=1, asynchronous=True, **options):  # 6 vCPUs in use
         with pytest.raises(
-            ClusterStartError, match=r"needs 10 vCPUs.*9 are free \(limit 15, 6 in use\)"
+            ClusterStartError, match=r"needs 10 vCPUs.*9 are free \(6 in use\).*current limit 15\]"
         ):
             await AzureVMCluster(n_workers=2, asynchronous=True, **options)
     assert stand_in.resources == {} and stand_in.booter.vms == {}

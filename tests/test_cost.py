@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from distributed import Client
 
-from dask_secure_cloud import audit, cli, pricing
+from dask_secure_cloud import AzureVMCluster, audit, cli, pricing
 from dask_secure_cloud.cluster import ClusterStartError, preview
 from dask_secure_cloud.options import (
     AzureOptions,
@@ -313,6 +313,23 @@ def test_azure_without_a_location_is_unknown_and_says_how_to_price_it(prices):
     cost = pricing.estimate(resolve(AzureOptions, {"resource_group": "rg"}), 1)
     assert cost.hourly() is None and "pass location=" in cost.describe()
     assert prices.calls["azure"] == 0
+
+
+@pytest.mark.slow
+async def test_an_azure_cluster_without_a_location_is_priced_where_its_group_is(
+    azure, prices, audit_log
+):
+    """No ``location=``: the start reads the resource group's (westeurope in the ARM
+    stand-in) before anything exists, and prices the cluster there."""
+    _serve_azure(prices)
+    stand_in, options = azure
+    assert "location" not in options
+    async with AzureVMCluster(n_workers=1, disk_size=64, asynchronous=True, **options) as cluster:
+        (event,) = _events(audit_log, "cost_estimate")
+        disk = 10.21 / HOURS
+        assert event["hourly"] == pytest.approx(0.115 + disk + 0.005 + (0.23 + disk))
+        assert "unknown" not in repr(cluster)
+    assert stand_in.calls.count("GET resourceGroups") == 1  # read once, for price and checks
 
 
 # -- Compute Engine -------------------------------------------------------------------------

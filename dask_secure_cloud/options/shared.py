@@ -283,7 +283,7 @@ class ClusterOptions:
         before anything is made, and adaptive scaling stays within it. Where a price
         cannot be had the cap refuses too (a cap that cannot be checked is not one);
         ``False`` lifts a cap set in the dask config. Data transfer and storage you make
-        yourself are not counted (see "Cost" in the docs).
+        yourself are not counted (see "Cost and capacity" in the docs).
         """,
         types=("number", "boolean", "null"),
         check=_hourly_cost,
@@ -425,6 +425,33 @@ class VPCOptions(CloudOptions):
         """,
         types="boolean",
         check=_boolean,
+    )
+    spot_fallback: bool = option(
+        True,
+        """
+        A spot worker the cloud refuses for want of spot capacity is launched on-demand
+        instead (in the same zone, before another zone is tried), and the move is logged
+        and audited. Under ``max_hourly_cost`` only where the cluster at its wanted size,
+        every worker on-demand, stays within the cap; otherwise the worker is refused as
+        with ``False``. See "Cost and capacity" in the docs.
+        """,
+        types="boolean",
+        check=_boolean,
+        note="true: a spot worker refused for capacity runs on-demand, within the cap",
+    )
+    zone_failover: bool = option(
+        True,
+        """
+        A VM its zone has no capacity for (the cloud says so by its error code) is
+        launched in another zone of the region, each zone tried once; the move is
+        logged and audited. Workers go first to the scheduler's zone, since traffic
+        between zones bills. ``False``: every VM stays in the cluster's zone, and a
+        refusal for capacity fails the launch. An option that places VMs in one zone
+        (EC2's ``subnet_id``) pins it all the same.
+        """,
+        types="boolean",
+        check=_boolean,
+        note="true: a zone without capacity for a VM hands it to another zone of the region",
     )
     worker_public_ip: bool | None = option(
         None,

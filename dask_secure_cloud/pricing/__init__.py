@@ -42,7 +42,8 @@ _MODULES = {"aws": "aws", "gcp": "gcp", "azure": "azure", "digitalocean": "digit
 def estimate(options: Any, workers: int, driver: Any = None) -> Estimate:
     """The hourly cost of a cluster with ``options`` and ``workers`` workers.
 
-    ``driver`` lends what the options cannot hold (Compute Engine's ``credentials=``).
+    ``driver`` lends what the options cannot hold (Compute Engine's ``credentials=``,
+    the location of an Azure resource group).
     ``LocalVMCluster`` costs nothing: its VMs are processes on this machine."""
     provider = getattr(options, "provider", "")
     if provider == "local":
@@ -63,4 +64,6 @@ def estimate(options: Any, workers: int, driver: Any = None) -> Estimate:
     module = importlib.import_module(f".{name}", __name__)
     if provider == "gcp":
         return module.estimate(options, workers, getattr(driver, "credentials", None))
+    if provider == "azure":
+        return module.estimate(options, workers, getattr(driver, "location", None))
     return module.estimate(options, workers)

@@ -156,9 +156,9 @@ def public_ip_price(location: str, ca_bundle: str | None = None) -> float:
     return _one(static, "1 Hour", f"a Standard static public IPv4 address in {location}")
 
 
-def _why_not(options: Any) -> str | None:
+def _why_not(options: Any, location: str | None) -> str | None:
     """Why the retail prices do not price this cluster, or ``None`` when they do."""
-    if not options.location:
+    if not location:
         return (
             "location is not set (the resource group's is looked up only at start); "
             "pass location= to price the cluster before it exists"
@@ -175,10 +175,12 @@ def _why_not(options: Any) -> str | None:
     return None
 
 
-def estimate(options: Any, workers: int) -> Estimate:
-    """The hourly cost of an ``AzureVMCluster`` with ``options`` and ``workers`` workers."""
-    blocked = _why_not(options)
-    location = options.location or "?"
+def estimate(options: Any, workers: int, location: str | None = None) -> Estimate:
+    """The hourly cost of an ``AzureVMCluster`` with ``options`` and ``workers`` workers,
+    in ``location`` (the resource group's, which the driver looked up) or the option's."""
+    location = options.location or location
+    blocked = _why_not(options, location)
+    location = location or "?"
     bundle = options.ca_bundle
 
     def item(key: str, what: str, fetch: Any) -> Item:

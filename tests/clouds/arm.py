@@ -56,7 +56,7 @@ from azure.mgmt.compute import models as compute_models
 from azure.mgmt.msi import models as msi_models
 from azure.mgmt.network import models as network_models
 
-from . import reach
+from . import imaging, reach
 from .booter import StandInBooter
 from .jsonapi import HTTPSStandIn
 
@@ -96,6 +96,7 @@ MODELS = {
     "networkinterfaces": network_models.NetworkInterface,
     "virtualmachines": compute_models.VirtualMachine,
     "disks": compute_models.Disk,
+    "images": compute_models.Image,
     "userassignedidentities": msi_models.Identity,
 }
 #: Azure's built-in roles this stand-in knows: id -> (name, actions, notActions), as
@@ -348,6 +349,9 @@ class AzureStandIn(HTTPSStandIn):
         self._metadata: InstanceMetadata | None = None
         self._acting = self.caller
         self._faults: dict[tuple[str, int], tuple[ARMError, bool]] = {}
+        #: (VM size, zone or None for a regional VM, Spot or None for both) whose
+        #: allocation fails for want of capacity (see refuse_capacity).
+        self._no_capacity: list[tuple[str, str | None, bool | None]] = []
         self._counts: Counter[str] = Counter()
         self._lock = threading.RLock()
         self.set_caller_role("Owner")
@@ -685,6 +689,32 @@ class AzureStandIn(HTTPSStandIn):
                 in_operation,
             )
 
+    def refuse_capacity(
+        self, size: str, zone: str | None = None, *, spot: bool | None = None
+    ) -> None:
+        """From now on, a VM of ``size`` in ``zone`` (``None``: a regional VM; ``spot``:
+        Spot VMs only, or on-demand only with ``False``) fails its allocation as on
+        Azure: the PUT is accepted, its operation fails with ``AllocationFailed`` (or
+        ``ZonalAllocationFailed``), and the VM stays, provisioning state ``Failed``,
+        holding its interface and disk until it is deleted."""
+        with self._lock:
+            self._no_capacity.append((size, zone, spot))
+
+    def _allocation_refused(self, resource: dict[str, Any], size: str) -> ARMError | None:
+        zones = resource.get("zones") or [None]
+        spot = resource["properties"].get("priority") == "Spot"
+        for refused_size, zone, market in self._no_capacity:
+            if (refused_size, zone) == (size, zones[0]) and market in (None, spot):
+                where = "zone" if zone else "region"
+                return ARMError(
+                    200,
+                    "ZonalAllocationFailed" if zone else "AllocationFailed",
+                    f"Allocation failed. We do not have sufficient capacity for the "
+                    f"requested VM size in this {where}. Read more about improving "
+                    "likelihood of allocation success at http://aka.ms/allocation-guidance",
+                )
+        return None
+
     def throttle(self, call: str, occurrence: int = 1) -> None:
         with self._lock:
             self._faults[(call, self._counts[call] + occurrence)] = (
@@ -896,6 +926,7 @@ class AzureStandIn(HTTPSStandIn):
                         "size": name.removeprefix("Standard_"),
                         "family": family,
                         "locations": [location],
+                        "locationInfo": [{"location": location, "zones": ["1", "2", "3"]}],
                         "capabilities": capabilities,
                         "restrictions": [],
                     }
@@ -1040,6 +1071,10 @@ class AzureStandIn(HTTPSStandIn):
                 "consoleScreenshotBlobUri": f"{self.url}/blobs/{match['name']}.bmp?sig=x",
                 "serialConsoleLogBlobUri": f"{self.url}/blobs/{match['name']}.log?sig=x",
             }
+        if kind == "virtualmachines" and action in ("deallocate", "generalize"):
+            if method != "POST":
+                raise ARMError(405, "MethodNotAllowed", f"{method} {action}")
+            return self._capture_step(self._get(resource_id), action)
         if action is not None:
             raise ARMError(404, "NotFound", f"the stand-in has no {method} {action}")
         if method == "GET":
@@ -1115,6 +1150,8 @@ class AzureStandIn(HTTPSStandIn):
             resource["sku"] = body["sku"]
         if "identity" in body:
             resource["identity"] = body["identity"]
+        if "zones" in body:
+            resource["zones"] = body["zones"]
         getattr(self, f"_make_{kind}")(resource, properties)
         if kind == "userassignedidentities":  # not a long-running operation
             self.resources[resource_id.lower()] = resource
@@ -1126,6 +1163,11 @@ class AzureStandIn(HTTPSStandIn):
             properties["provisioningState"] = "Succeeded"
 
         headers = self._operation(location, match["ns"], done, slow=kind == "virtualmachines")
+        refused = resource.pop("_refused", None)
+        if refused is not None:  # its allocation failed: the VM stays, Failed
+            properties["provisioningState"] = "Failed"
+            op = headers["Azure-AsyncOperation"].rsplit("/", 1)[-1].split("?")[0]
+            self.operations[op]["error"] = refused
         return (200 if existed else 201), self._public(resource), headers
 
     def _patch(
@@ -1574,10 +1616,18 @@ class AzureStandIn(HTTPSStandIn):
             "properties": {"diskSizeGB": os_disk.get("diskSizeGB", 30), "diskState": "Attached"},
             "_kind": "disks",
         }
+        refused = self._allocation_refused(resource, size)
+        if refused is not None:
+            resource["_refused"] = refused
+            resource["_vm"] = ""
+            resource["_power"] = {"code": "PowerState/deallocated"}
+            return
         tags = resource["tags"]
         cluster = tags.get(CLUSTER_TAG, "untagged")
         address = nics[0]["properties"]["ipConfigurations"][0]["properties"]["privateIPAddress"]
-        vm = self.booter.boot(
+        vm = imaging.boot(
+            self.booter,
+            self._image_held((properties.get("storageProfile") or {}).get("imageReference")),
             custom_data,
             address=address,
             cluster_id=cluster,
@@ -1592,6 +1642,68 @@ class AzureStandIn(HTTPSStandIn):
         resource["_power"] = {"code": "PowerState/running"}
         properties["vmId"] = str(uuid.uuid4())
         properties["timeCreated"] = time.strftime("%Y-%m-%dT%H:%M:%S.0000000+00:00", time.gmtime())
+
+    def _image_held(self, reference: dict[str, Any] | None) -> Any:
+        """What the managed image a VM is made from held (``None``: a Marketplace image)."""
+        image_id = (reference or {}).get("id")
+        if not image_id:
+            return None
+        image = self.resources.get(image_id.lower())
+        if image is None or image["_kind"] != "images":
+            raise ARMError(
+                404,
+                "ImageNotFound",
+                f"The platform image '{image_id}' is not available.",
+                "imageReference",
+            )
+        return image["_held"]
+
+    def _capture_step(self, vm: dict[str, Any], action: str) -> tuple[int, Any, dict[str, str]]:
+        """``deallocate`` (the OS disk keeps what the VM wrote; compute is released) and
+        ``generalize`` (only of a stopped or deallocated VM): what capturing a VM into a
+        managed image takes."""
+        power = self._instance_view(vm)["statuses"][1]["code"]
+        disk_id = vm["properties"]["storageProfile"]["osDisk"]["managedDisk"]["id"].lower()
+        if action == "generalize":
+            if power not in ("PowerState/stopped", "PowerState/deallocated"):
+                raise ARMError(
+                    409,
+                    "OperationNotAllowed",
+                    "Operation 'generalize' is not allowed on VM since the VM is running. "
+                    "Please stop or deallocate the VM and retry the operation.",
+                )
+            vm["_generalized"] = True
+            return 200, None, {}
+        if vm.get("_vm") and disk_id in self.resources:
+            self.resources[disk_id]["_held"] = imaging.capture(self.booter, vm["_vm"])
+            self.booter.stop(vm["_vm"])
+        vm["_power"] = {"code": "PowerState/deallocated"}
+        return 202, None, self._operation(vm["location"], "Microsoft.Compute")
+
+    def _make_images(self, resource: dict[str, Any], properties: dict[str, Any]) -> None:
+        source = (properties.get("sourceVirtualMachine") or {}).get("id")
+        if not source:
+            raise ARMError(
+                400, "InvalidParameter", "stand-in: an image is made from sourceVirtualMachine"
+            )
+        vm = self._reference(source, "virtualMachines")
+        if not vm.get("_generalized"):
+            raise ARMError(
+                409,
+                "OperationNotAllowed",
+                f"The operation 'Create Image' is not allowed on VM '{vm['name']}' since the "
+                "VM is not generalized.",
+            )
+        disk_id = vm["properties"]["storageProfile"]["osDisk"]["managedDisk"]["id"]
+        disk = self._get(disk_id)
+        resource["_held"] = disk.get("_held", {})
+        properties["storageProfile"] = {
+            "osDisk": {
+                "osType": "Linux",
+                "osState": "Generalized",
+                "diskSizeGB": disk["properties"].get("diskSizeGB", 30),
+            }
+        }
 
     def _authorize_cascade(self, vm: dict[str, Any]) -> None:
         """Deleting a VM deletes its NIC, public address and OS disk where their
@@ -1630,7 +1742,8 @@ class AzureStandIn(HTTPSStandIn):
         )
 
     def _delete_vm(self, vm: dict[str, Any]) -> None:
-        self.booter.stop(vm["_vm"])
+        if vm["_vm"]:  # a VM whose allocation failed never booted
+            self.booter.stop(vm["_vm"])
         if address := vm.get("_address"):
             reach.forget(address)
         properties = vm["properties"]

@@ -36,7 +36,7 @@ import uuid
 from collections import Counter
 from typing import Any
 
-from . import reach
+from . import imaging, reach
 from .booter import StandInBooter
 from .jsonapi import HTTPSStandIn
 
@@ -185,6 +185,32 @@ SCHEMAS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
         ("name", "region"),
     ),
     "tag": ({"name": _string(_TAG, max_length=255)}, ("name",)),
+    # droplet_actions_post: the snapshot action (droplet_action_snapshot)
+    "droplet_action": (
+        {
+            "type": _string(
+                enum={
+                    "enable_backups",
+                    "disable_backups",
+                    "reboot",
+                    "power_cycle",
+                    "shutdown",
+                    "power_off",
+                    "power_on",
+                    "restore",
+                    "password_reset",
+                    "resize",
+                    "rebuild",
+                    "rename",
+                    "change_kernel",
+                    "enable_ipv6",
+                    "snapshot",
+                }
+            ),
+            "name": _string(),
+        },
+        ("type",),
+    ),
 }
 
 
@@ -212,6 +238,9 @@ class DigitalOceanStandIn(HTTPSStandIn):
         self.firewalls: dict[str, dict[str, Any]] = {}
         self.vpcs: dict[str, dict[str, Any]] = {}
         self.tags: set[str] = set()
+        #: Droplet snapshots by id (``_held``: what the droplet's disk held, ``clouds.imaging``).
+        self.snapshots: dict[str, dict[str, Any]] = {}
+        self.actions: dict[int, dict[str, Any]] = {}
         self.calls: list[str] = []
         self.bodies: list[tuple[str, dict[str, Any]]] = []
         self._faults: dict[tuple[str, int], APIError] = {}
@@ -301,7 +330,12 @@ class DigitalOceanStandIn(HTTPSStandIn):
             ),
             "untagged",
         )
-        vm = self.booter.boot(
+        snapshot = self.snapshots.get(str(body["image"]))
+        if isinstance(body["image"], str) and body["image"].isdigit():
+            raise APIError(422, "unprocessable_entity", "image: an id is an integer")
+        vm = imaging.boot(
+            self.booter,
+            snapshot["_held"] if snapshot else None,
             body.get("user_data", "#cloud-config\n{}\n").encode(),
             address=private,
             cluster_id=cluster,
@@ -447,6 +481,11 @@ class DigitalOceanStandIn(HTTPSStandIn):
             ("GET", r"^/v2/droplets$", "droplets.list"),
             ("GET", r"^/v2/droplets/(\d+)$", "droplets.get"),
             ("DELETE", r"^/v2/droplets/(\d+)$", "droplets.destroy"),
+            ("POST", r"^/v2/droplets/(\d+)/actions$", "droplet_actions.post"),
+            ("GET", r"^/v2/actions/(\d+)$", "actions.get"),
+            ("GET", r"^/v2/snapshots$", "snapshots.list"),
+            ("GET", r"^/v2/snapshots/(\d+)$", "snapshots.get"),
+            ("DELETE", r"^/v2/snapshots/(\d+)$", "snapshots.delete"),
         ]
         for verb, pattern, name in routes:
             match = re.match(pattern, path)
@@ -568,7 +607,70 @@ class DigitalOceanStandIn(HTTPSStandIn):
         if call == "droplets.destroy":
             self._delete_droplet(int(args[0]))
             return 204, None
+        if call.startswith(("droplet_actions.", "actions.", "snapshots.")):
+            return self._snapshot_call(call, args, query, raw)
         raise APIError(404, "not_found", call)
+
+    def _snapshot_call(
+        self, call: str, args: list[str], query: dict[str, str], raw: bytes
+    ) -> tuple[int, Any]:
+        """A droplet's snapshot action (an action to poll, completed once looked at), and
+        the account's snapshots (``/v2/snapshots``): listed, read, deleted."""
+        missing = APIError(404, "not_found", "The resource you were accessing could not be found.")
+        if call == "droplet_actions.post":
+            body = self._body("droplet_action", raw)
+            droplet = self._get_droplet(int(args[0]))
+            if body["type"] != "snapshot":
+                raise APIError(422, "unprocessable_entity", "stand-in: only snapshot actions")
+            if "name" not in body:
+                raise APIError(422, "unprocessable_entity", "name is required for a snapshot")
+            action_id = next(self._ids)
+            now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            snapshot_id = str(next(self._ids))
+            self.snapshots[snapshot_id] = {
+                "id": snapshot_id,
+                "name": body["name"],
+                "created_at": now,
+                "regions": [droplet["region"]["slug"]],
+                "resource_id": str(droplet["id"]),
+                "resource_type": "droplet",
+                "min_disk_size": 25,
+                "size_gigabytes": 2.36,
+                "tags": [],
+                "_held": imaging.capture(self.booter, droplet["_vm"]),
+            }
+            self.actions[action_id] = {
+                "id": action_id,
+                "status": "in-progress",
+                "type": "snapshot",
+                "started_at": now,
+                "completed_at": None,
+                "resource_id": droplet["id"],
+                "resource_type": "droplet",
+                "region_slug": droplet["region"]["slug"],
+            }
+            return 201, {"action": self.actions[action_id]}
+        if call == "actions.get":
+            action = self.actions.get(int(args[0]))
+            if action is None:
+                raise missing
+            action.update(status="completed", completed_at=action["started_at"])
+            return 200, {"action": action}
+        if call == "snapshots.list":
+            kind = query.get("resource_type")
+            found = [
+                self._public(s)
+                for s in self.snapshots.values()
+                if kind is None or s["resource_type"] == kind
+            ]
+            return 200, _paged("snapshots", found, query)
+        snapshot = self.snapshots.get(args[0])
+        if snapshot is None:
+            raise missing
+        if call == "snapshots.get":
+            return 200, {"snapshot": self._public(snapshot)}
+        del self.snapshots[args[0]]
+        return 204, None
 
     # -- server ---------------------------------------------------------------------------
 

@@ -55,7 +55,7 @@ from moto.ec2.models.internet_gateways import InternetGateway
 from moto.server import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import make_server
 
-from . import reach
+from . import imaging, reach
 from .booter import StandInBooter
 
 ACCOUNT = "123456789012"
@@ -241,6 +241,10 @@ class EC2StandIn:
         #: The parameters of every RunInstances request, as the API received them.
         self.launches: list[dict[str, str]] = []
         self._faults: dict[tuple[str, int], tuple[str, int]] = {}
+        #: (zone, instance type, spot or None for both) that RunInstances refuses for
+        #: capacity; and the quota refusal RunInstances answers, if any.
+        self._no_capacity: list[tuple[str, str, bool | None]] = []
+        self._quota: tuple[str, int] | None = None
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._booted: dict[str, str] = {}  # instance id -> booter vm id
@@ -253,6 +257,8 @@ class EC2StandIn:
         self._ended: set[str] = set()
         #: The console of each instance that ended: EC2 keeps it readable after that.
         self._last_console: dict[str, str] = {}
+        #: What each AMI made by CreateImage holds (``clouds.imaging``), by image id.
+        self.images: dict[str, Any] = {}
         self._stop = threading.Event()
 
     # -- faults ---------------------------------------------------------------------------
@@ -263,6 +269,49 @@ class EC2StandIn:
         """Answer the ``occurrence``-th call of ``action`` from now on with ``code``."""
         with self._lock:
             self._faults[(action, self._counts[action] + occurrence)] = (code, status)
+
+    def refuse_capacity(self, zone: str, instance_type: str, *, spot: bool | None = None) -> None:
+        """From now on, RunInstances of ``instance_type`` in ``zone`` (spot only with
+        ``spot=True``, on-demand only with ``False``) is refused as EC2 refuses a zone
+        out of capacity: a server error, ``InsufficientInstanceCapacity``, nothing made."""
+        with self._lock:
+            self._no_capacity.append((zone, instance_type, spot))
+
+    def refuse_quota(self, code: str = "VcpuLimitExceeded", limit: int = 32) -> None:
+        """From now on, every RunInstances is refused as over the account's quota."""
+        with self._lock:
+            self._quota = (code, limit)
+
+    def _refusal(self, params: Mapping[str, str]) -> tuple[int, bytes] | None:
+        """EC2's answer to a launch the test made it refuse; EC2 makes nothing then."""
+        instance_type = params.get("InstanceType", "")
+        spot = params.get("InstanceMarketOptions.MarketType") == "spot"
+        if self._quota is not None:
+            code, limit = self._quota
+            quota = {
+                "VcpuLimitExceeded": f"You have requested more vCPU capacity than your current "
+                f"vCPU limit of {limit} allows for the instance bucket that the specified "
+                "instance type belongs to. Please visit http://aws.amazon.com/contact-us/"
+                "ec2-request to request an adjustment to this limit.",
+                "InstanceLimitExceeded": "Your quota allows for 0 more running instance(s). "
+                f"You requested at least 1. (current limit of {limit})",
+            }
+            return _error(code, quota.get(code, f"limit of {limit}"))
+        subnet_id = params.get("NetworkInterface.1.SubnetId") or params.get("SubnetId", "")
+        zone = self._backend().get_subnet(subnet_id).availability_zone if subnet_id else ""
+        for refused_zone, refused_type, market in self._no_capacity:
+            if (refused_zone, refused_type) == (zone, instance_type) and market in (None, spot):
+                message = (
+                    "There is no Spot capacity available that matches your request."
+                    if spot
+                    else f"We currently do not have sufficient {instance_type} capacity in "
+                    f"the Availability Zone you requested ({zone}). Our system will be "
+                    f"working on provisioning additional capacity. You can currently get "
+                    f"{instance_type} capacity by not specifying an Availability Zone in "
+                    "your request or choosing another zone."
+                )
+                return _error("InsufficientInstanceCapacity", message, 500)
+        return None
 
     def throttle(self, action: str, occurrence: int = 1) -> None:
         self.fail(action, "RequestLimitExceeded", occurrence=occurrence, status=503)
@@ -294,7 +343,12 @@ class EC2StandIn:
                 answer = check_input(action, params) or self._answer(action, params)
             if answer is not None:
                 status, payload = answer
-                reason = {200: "OK", 400: "Bad Request", 503: "Service Unavailable"}[status]
+                reason = {
+                    200: "OK",
+                    400: "Bad Request",
+                    500: "Internal Server Error",
+                    503: "Service Unavailable",
+                }[status]
                 start_response(
                     f"{status} {reason}",
                     [("Content-Type", "text/xml"), ("Content-Length", str(len(payload)))],
@@ -307,6 +361,8 @@ class EC2StandIn:
             response = list(app(environ, start_response))
             if action == "CreateNatGateway":
                 self._fail_nat_gateways_without_internet(nat_gateways)
+            if action == "CreateImage":
+                self._keep_image(params.get("InstanceId", ""), b"".join(response))
             if action == "TerminateInstances":
                 # A terminated instance's VM is gone before EC2 reports it terminated.
                 for key, value in params.items():
@@ -320,7 +376,7 @@ class EC2StandIn:
         """Refuse what EC2 refuses and moto does not, or answer what moto cannot."""
         if action == "RunInstances":
             self.launches.append(params)
-            return _check_run_instances(params)
+            return _check_run_instances(params) or self._refusal(params)
         if action in ("CreateRoute", "ReplaceRoute"):
             return self._check_route(params)
         if action == "GetConsoleOutput":
@@ -459,6 +515,13 @@ class EC2StandIn:
         )
         return 200, body.encode()
 
+    def _keep_image(self, instance_id: str, answer: bytes) -> None:
+        """An AMI made from an instance holds what its VM had provisioned."""
+        image_id = re.search(rb"<imageId>([^<]+)</imageId>", answer)
+        vm_id = self._booted.get(instance_id)
+        if image_id and vm_id in self.booter.vms:
+            self.images[image_id.group(1).decode()] = imaging.capture(self.booter, vm_id)
+
     # -- booting what moto launches --------------------------------------------------------
 
     def _backend(self) -> Any:
@@ -498,7 +561,9 @@ class EC2StandIn:
             if isinstance(user_data, list):
                 user_data = user_data[0]
             raw = base64.b64decode(str(user_data)) if user_data else b"#cloud-config\n{}\n"
-            vm = self.booter.boot(
+            vm = imaging.boot(
+                self.booter,
+                self.images.get(instance.image_id),
                 raw,
                 address=instance.private_ip,
                 cluster_id=cluster,
@@ -588,6 +653,8 @@ class EC2StandIn:
         self.launches.clear()
         self._faults.clear()
         self._counts.clear()
+        self._no_capacity.clear()
+        self._quota = None
 
     def _fresh_account(self) -> None:
         """Give moto's default VPC what a new account's has: an internet gateway, and a

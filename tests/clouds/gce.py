@@ -46,7 +46,7 @@ from typing import Any
 from google.cloud import compute_v1
 from google.protobuf import json_format
 
-from . import reach
+from . import imaging, reach
 from .booter import StandInBooter
 from .jsonapi import JSONServer
 
@@ -114,10 +114,20 @@ class GCEStandIn:
         self.project = project
         self.zone = zone
         self.region = zone.rsplit("-", 1)[0]
+        #: The region's zones, as regions.get lists them: ``zone`` and its siblings.
+        self.zones = sorted({zone, *(f"{self.region}-{c}" for c in "abcf")})
+        #: (zone, machine type, SPOT or None for both) an insert finds no capacity for;
+        #: and the quota an insert exceeds, if any (see refuse_capacity, refuse_quota).
+        self._no_capacity: list[tuple[str, str, bool | None]] = []
+        self._quota_info: dict[str, Any] | None = None
+        #: The zone the request being answered names (one at a time: the state lock).
+        self._here = zone
         self.subnet = ipaddress.ip_network(subnet_cidr)
         self.instances: dict[str, dict[str, Any]] = {}
         #: Zonal persistent disks by name: each instance's boot disk, made with it.
         self.disks: dict[str, dict[str, Any]] = {}
+        #: The project's own images by name (``_held``: what its disk held, ``clouds.imaging``).
+        self.images: dict[str, dict[str, Any]] = {}
         self.networks: dict[str, dict[str, Any]] = {}
         self.subnetworks: dict[str, dict[str, Any]] = {}
         self.routes: dict[str, dict[str, Any]] = {}
@@ -235,6 +245,47 @@ class GCEStandIn:
             "Quota 'CPUS' exceeded.  Limit: 8.0 in region us-central1."
         )
 
+    def refuse_capacity(self, zone: str, machine_type: str, *, spot: bool | None = None) -> None:
+        """From now on, an insert of ``machine_type`` in ``zone`` (SPOT only with
+        ``spot=True``, STANDARD only with ``False``) fails inside its operation with
+        ``ZONE_RESOURCE_POOL_EXHAUSTED``, as a stockout does; nothing is made."""
+        with self._lock:
+            self._no_capacity.append((zone, machine_type, spot))
+
+    def refuse_quota(self, metric: str = "CPUS", limit: float = 8.0) -> None:
+        """From now on, every instance insert fails inside its operation with
+        ``QUOTA_EXCEEDED`` and the quota in its ``errorDetails`` (``quotaInfo``)."""
+        with self._lock:
+            self._quota_info = {
+                "metricName": f"compute.googleapis.com/{metric.lower()}",
+                "limitName": f"{metric}-per-project-region",
+                "dimensions": {"region": self.region},
+                "limit": limit,
+            }
+
+    def _insert_refusal(self, instance: Any, zone: str) -> dict[str, Any] | None:
+        """The operation error of an insert the test made fail; nothing is made."""
+        if self._quota_info is not None:
+            info = self._quota_info
+            metric = info["limitName"].split("-", 1)[0]
+            return {
+                "code": "QUOTA_EXCEEDED",
+                "message": f"Quota '{metric}' exceeded.  Limit: {info['limit']} in region "
+                f"{self.region}.",
+                "errorDetails": [{"quotaInfo": info}],
+            }
+        machine = instance.machine_type.rsplit("/", 1)[-1]
+        spot = instance.scheduling.provisioning_model == "SPOT"
+        for refused_zone, refused_type, market in self._no_capacity:
+            if (refused_zone, refused_type) == (zone, machine) and market in (None, spot):
+                return {
+                    "code": "ZONE_RESOURCE_POOL_EXHAUSTED",
+                    "message": f"The zone 'projects/{self.project}/zones/{zone}' does not "
+                    "have enough resources available to fulfill the request.  Try a "
+                    "different zone, or try again later.",
+                }
+        return None
+
     def mutating_calls(self, since: int = 0) -> list[str]:
         """The calls from ``self.calls[since:]`` that changed something."""
         return [c for c in self.calls[since:] if c.rsplit(".", 1)[-1] in MUTATING]
@@ -242,11 +293,12 @@ class GCEStandIn:
     # -- helpers ------------------------------------------------------------------------------
 
     def _operation(
-        self, kind: str, target: str, scope: str, error: str | None = None
+        self, kind: str, target: str, scope: str, error: str | dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        """An operation of ``scope`` "zone", "region" or "global", RUNNING until waited on."""
+        """An operation of ``scope`` "zone", "region" or "global", RUNNING until waited on;
+        ``error``: its error, as a quota message or a whole ``errors[]`` entry."""
         name = f"operation-{uuid.uuid4().hex}"
-        where = {"zone": f"zones/{self.zone}", "region": f"regions/{self.region}"}
+        where = {"zone": f"zones/{self._here}", "region": f"regions/{self.region}"}
         op: dict[str, Any] = {
             "kind": "compute#operation",
             "id": str(uuid.uuid4().int % 10**18),
@@ -259,7 +311,9 @@ class GCEStandIn:
         }
         if scope in where:
             op[scope] = self._link(where[scope])
-        if error:
+        if isinstance(error, dict):
+            op["_error"] = {"errors": [error]}
+        elif error:
             op["_error"] = {"errors": [{"code": "QUOTA_EXCEEDED", "message": error}]}
         self.operations[name] = op
         return op
@@ -475,16 +529,19 @@ class GCEStandIn:
             raise APIError(400, "invalid", "At most one access config per network interface")
         self.requests.append(("instances.insert", json.loads(body)))
         error = self._quota.pop("instances.insert", None)
-        target = self._link(f"zones/{self.zone}/instances/{instance.name}")
+        target = self._link(f"zones/{self._here}/instances/{instance.name}")
         if error:
             return self._operation("insert", target, "zone", error=error)
+        refused = self._insert_refusal(instance, self._here)
+        if refused is not None:
+            return self._operation("insert", target, "zone", error=refused)
         address = next(self._hosts[subnetwork])
         record = json.loads(compute_v1.Instance.to_json(instance))
         record.update(
             id=str(uuid.uuid4().int % 10**18),
             status="RUNNING",
             selfLink=target,
-            zone=self.zone,
+            zone=self._link(f"zones/{self._here}"),
             creationTimestamp=_timestamp(time.time()),
             lastStartTimestamp=_timestamp(time.time()),
         )
@@ -496,7 +553,7 @@ class GCEStandIn:
             "type": params.disk_type or "pd-standard",
             "status": "READY",
             "users": [target],
-            "selfLink": self._link(f"zones/{self.zone}/disks/{disk_name}"),
+            "selfLink": self._link(f"zones/{self._here}/disks/{disk_name}"),
         }
         record["disks"][0].update(
             source=self.disks[disk_name]["selfLink"], deviceName=disk_name, autoDelete=True
@@ -518,7 +575,13 @@ class GCEStandIn:
             config["natIP"] = next(self._external)
         cluster = instance.labels.get("dask-secure-cloud-cluster", "untagged")
         role = instance.labels.get("dask-secure-cloud-role", "worker")
-        vm = self.booter.boot(
+        image = self.images.get(params.source_image.rsplit("/", 1)[-1], {})
+        if params.source_image.startswith(self._link("global/images/")) and not image:
+            raise APIError(404, "notFound", f"The resource '{params.source_image}' was not found")
+        self.disks[disk_name]["sourceImage"] = params.source_image
+        vm = imaging.boot(
+            self.booter,
+            image.get("_held"),
             user_data.encode() or b"#cloud-config\n{}\n",
             address=address,
             cluster_id=cluster,
@@ -535,7 +598,7 @@ class GCEStandIn:
         return self._operation("insert", target, "zone")
 
     def delete_instance(self, name: str) -> dict[str, Any]:
-        if name not in self.instances:
+        if not self._in_zone_here(self.instances.get(name)):
             raise APIError(
                 404,
                 "notFound",
@@ -590,12 +653,18 @@ class GCEStandIn:
 
     def list_instances(self, query: dict[str, str]) -> dict[str, Any]:
         items = [
-            self._public(r) for r in self.instances.values() if _matches(r, query.get("filter", ""))
+            self._public(r)
+            for r in self.instances.values()
+            if _matches(r, query.get("filter", "")) and self._in_zone_here(r)
         ]
         return {"kind": "compute#instanceList", "items": items}
 
     def _public(self, record: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in record.items() if not k.startswith("_")}
+
+    def _in_zone_here(self, record: dict[str, Any] | None) -> bool:
+        """Whether an instance is in the zone the request names."""
+        return record is not None and record["zone"].rsplit("/", 1)[-1] == self._here
 
     def insert_firewall(self, body: bytes) -> dict[str, Any]:
         rule = self._parse(compute_v1.Firewall, body)
@@ -761,12 +830,21 @@ class GCEStandIn:
         if not path.startswith(prefix + "/") and "/projects/ubuntu-os-cloud/" not in path:
             raise APIError(403, "forbidden", f"Permission denied on project of {path}")
         rest = path[len(prefix) :]
+        here = self.zone
+        if (m := re.match(r"^/zones/([^/]+)(/.+)$", rest)) and m.group(1) in self.zones:
+            # Any zone of the region: answered as this zone's paths, for that zone.
+            here, rest = m.group(1), f"/zones/{self.zone}{m.group(2)}"
         zone = f"/zones/{self.zone}"
         region = rf"/regions/{self.region}"
         routes = [
             ("GET", r"^/zones/([^/]+)$", "zones.get"),
+            ("GET", rf"^{region}$", "regions.get"),
             ("GET", rf"^{zone}/machineTypes/([^/]+)$", "machineTypes.get"),
             ("GET", r"^/global/images/family/([^/]+)$", "images.getFromFamily"),
+            ("GET", r"^/global/images$", "images.list"),
+            ("POST", r"^/global/images$", "images.insert"),
+            ("GET", r"^/global/images/([^/]+)$", "images.get"),
+            ("DELETE", r"^/global/images/([^/]+)$", "images.delete"),
             ("GET", rf"^{region}/subnetworks$", "subnetworks.list"),
             ("GET", rf"^{region}/subnetworks/([^/]+)$", "subnetworks.get"),
             ("GET", rf"^{region}/routers$", "routers.list"),
@@ -809,14 +887,22 @@ class GCEStandIn:
             raise APIError(*fault)
         with self._state_lock:  # one request at a time changes the project
             self.advance()
+            self._here = here
             return 200, self._dispatch(call, args, query, body)
 
     def _dispatch(self, call: str, args: list[str], query: dict[str, str], body: bytes) -> Any:
         kind, verb = call.split(".")
         if kind in ("subnetworks", "routes", "routers"):
             return self._network_call(kind, verb, args, query, body)
+        if call == "regions.get":
+            return {
+                "kind": "compute#region",
+                "name": self.region,
+                "status": "UP",
+                "zones": [self._link(f"zones/{zone}") for zone in self.zones],
+            }
         if call == "zones.get":
-            if args[0] != self.zone:
+            if args[0] not in self.zones:
                 raise APIError(
                     404,
                     "notFound",
@@ -824,7 +910,7 @@ class GCEStandIn:
                 )
             return {
                 "kind": "compute#zone",
-                "name": self.zone,
+                "name": args[0],
                 "status": "UP",
                 "region": self.region,
             }
@@ -851,6 +937,8 @@ class GCEStandIn:
                 "selfLink": f"{BASE}/projects/ubuntu-os-cloud/global/images/{args[0]}-v20261101",
                 "status": "READY",
             }
+        if kind == "images" and verb != "getFromFamily":
+            return self._image_call(verb, args, query, body)
         if call == "firewalls.insert":
             return self.insert_firewall(body)
         if call == "firewalls.list":
@@ -871,7 +959,7 @@ class GCEStandIn:
             return self.list_instances(query)
         if call == "instances.get":
             record = self.instances.get(args[0])
-            if record is None:
+            if not self._in_zone_here(record):
                 raise APIError(404, "notFound", f"The resource 'instances/{args[0]}' was not found")
             return self._public(record)
         if call == "instances.getSerialPortOutput":
@@ -893,6 +981,57 @@ class GCEStandIn:
                 raise APIError(404, "notFound", f"The resource 'disks/{args[0]}' was not found")
             return self.disks[args[0]]
         raise APIError(404, "notFound", call)
+
+    def _image_call(self, verb: str, args: list[str], query: dict[str, str], body: bytes) -> Any:
+        """The project's images: made from a disk whose instance is stopped (or with
+        ``forceCreate``), listed, read, deleted."""
+        if verb == "list":
+            items = [
+                self._public(r)
+                for r in self.images.values()
+                if _matches(r, query.get("filter", ""))
+            ]
+            return {"kind": "compute#imageList", "items": items}
+        if verb in ("get", "delete"):
+            if args[0] not in self.images:
+                raise APIError(404, "notFound", f"The resource 'images/{args[0]}' was not found")
+            if verb == "get":
+                return self._public(self.images[args[0]])
+            record = self.images.pop(args[0])
+            return self._operation("delete", record["selfLink"], "global")
+        image = self._parse(compute_v1.Image, body)
+        _check_new_name(image.name, self.images)
+        for key, value in image.labels.items():
+            if not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
+                raise APIError(
+                    400, "invalid", f"Invalid value for field 'resource.labels': '{key}'"
+                )
+        disk = self.disks.get(image.source_disk.rsplit("/", 1)[-1]) if image.source_disk else None
+        if disk is None:
+            raise _invalid("resource.sourceDisk", image.source_disk, "no such disk")
+        users = [self.instances.get(u.rsplit("/", 1)[-1]) for u in disk.get("users", [])]
+        running = [u for u in users if u is not None and u["status"] == "RUNNING"]
+        if running and query.get("forceCreate") != "true":
+            raise APIError(
+                400,
+                "resourceInUseByAnotherResource",
+                f"The disk resource '{disk['selfLink']}' is already being used by "
+                f"'{running[0]['selfLink']}'",
+            )
+        self.requests.append(("images.insert", json.loads(body)))
+        record = json.loads(compute_v1.Image.to_json(image))
+        link = self._link(f"global/images/{image.name}")
+        record.update(
+            kind="compute#image",
+            id=str(uuid.uuid4().int % 10**18),
+            selfLink=link,
+            status="READY",
+            creationTimestamp=_timestamp(time.time()),
+            sourceDisk=disk["selfLink"],
+            _held=imaging.capture(self.booter, users[0]["_vm"]) if users and users[0] else {},
+        )
+        self.images[image.name] = record
+        return self._operation("insert", link, "global")
 
     def _network_call(
         self, kind: str, verb: str, args: list[str], query: dict[str, str], body: bytes

@@ -4,8 +4,11 @@ the cluster tag.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import random
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,8 +22,10 @@ from ...credentials import Role
 from ...egress import Exits, decide_public_addresses
 from ...network import NetworkPolicy
 from ...options import EC2Options
-from .errors import _translated
+from .errors import _translated, quota_refusal
 from .network import _fixes, route_exits, subnet_route_table
+from .states import _LIVE_STATES, _listed_state, _word
+from .zones import ZoneSteps, _subnet_order
 
 logger = logging.getLogger(__name__)
 
@@ -30,23 +35,9 @@ UBUNTU_OWNER = "099720109477"
 UBUNTU_NAME = "ubuntu/images/hvm-ssd*/ubuntu-noble-24.04-{arch}-server-*"
 
 
-_LIVE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]
-#: An instance in these states has ended, or is ending: its OS powered off and EC2
-#: terminated it (``InstanceInitiatedShutdownBehavior=terminate``): nothing bills.
-_ENDED_STATES = frozenset({"shutting-down", "terminated"})
-#: An instance in these states still exists, and its EBS volumes bill: someone stopped
-#: it through the API or the console (a shutdown from its OS terminates it).
-_STOPPED_STATES = frozenset({"stopping", "stopped"})
-
-
-def _word(state: str) -> str:
-    """An instance state as ``Driver.state`` words it: ``"stopped"`` where it still
-    exists and bills (its volumes), ``"terminated"`` where it ended and nothing bills."""
-    if state in _ENDED_STATES:
-        return "terminated"
-    if state in _STOPPED_STATES:
-        return "stopped"
-    return "running"
+#: RunInstances tries while EC2 throttles or asks to try again, and those codes.
+_LAUNCH_TRIES = 6
+_TRY_AGAIN = frozenset({"InternalError", "InternalFailure", "Unavailable", "ServiceUnavailable"})
 
 
 def known_regions() -> set[str]:
@@ -59,11 +50,13 @@ def known_regions() -> set[str]:
     }
 
 
-class EC2Driver(driver.Driver):
+class EC2Driver(ZoneSteps, driver.Driver):
     """Instances, volumes and two security groups per cluster, found by the cluster tag."""
 
     provider = "aws"
     user_data_limit = LIMITS["aws"]
+    #: What a shutdown from the OS does: ends the instance (an image builder's stops).
+    shutdown_behavior = "terminate"
 
     def __init__(self, options: EC2Options, *, network: NetworkPolicy) -> None:
         self.options = options
@@ -81,6 +74,7 @@ class EC2Driver(driver.Driver):
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
         self._poll_client: Any = None
+        self._launch_client: Any = None
         self._root_device = "/dev/sda1"
         self._group_ids: dict[Role, list[str]] = {}
         #: Whether VMs of each role get a public address, decided by :meth:`prepare`.
@@ -89,12 +83,24 @@ class EC2Driver(driver.Driver):
         self._arch: dict[Role, str] = {}
         #: The VPC (its id, its CIDR) and route table the instances use: read_exits.
         self._vpc_id = self._vpc_cidr = self._route_table_id = ""
+        #: The VPC's subnets as DescribeSubnets gave them (read_exits).
+        self._vpc_subnets: list[dict[str, Any]] = []
+        #: Availability zone -> the subnet VMs in it join: the chosen subnet's zone, and
+        #: (unless subnet_id pins one) a subnet of each other zone that has the same
+        #: route table, so the same ways out.
+        self._zone_subnets: dict[str, str] = {}
+        self._region_zones: list[str] | None = None
 
     # -- the SDK ------------------------------------------------------------------------
 
-    async def _ec2(self, poll: bool = False) -> Any:
+    async def _ec2(self, poll: bool = False, launch: bool = False) -> Any:
         """The client; ``poll``: one that does not retry, for :meth:`state`, whose caller
-        polls again anyway (retrying there would only add calls to a throttled account)."""
+        polls again anyway (retrying there would only add calls to a throttled account);
+        ``launch``: one that does not retry either, for RunInstances (:meth:`_launch`)."""
+        if launch:
+            if self._launch_client is None:
+                self._launch_client = await self._new_client({"total_max_attempts": 1})
+            return self._launch_client
         if poll:
             if self._poll_client is None:
                 # One attempt in all: botocore's "max_attempts" counts the retries alone.
@@ -116,8 +122,10 @@ class EC2Driver(driver.Driver):
             )
         )
 
-    async def _call(self, operation: str, poll: bool = False, **kwargs: Any) -> dict[str, Any]:
-        client = await self._ec2(poll)
+    async def _call(
+        self, operation: str, poll: bool = False, launch: bool = False, **kwargs: Any
+    ) -> dict[str, Any]:
+        client = await self._ec2(poll, launch)
         with _translated(operation):
             return await getattr(client, operation)(**kwargs)
 
@@ -157,6 +165,7 @@ class EC2Driver(driver.Driver):
         subnet_id = str(self.subnet_id)
         table = subnet_route_table(tables, subnet_id)
         self._route_table_id = table["RouteTableId"]
+        self._place_zones(tables, subnet_id)
         return route_exits(table, f"subnet {subnet_id} of {self._vpc_id}")
 
     def decide_public(self, exits: Exits) -> None:
@@ -248,6 +257,7 @@ class EC2Driver(driver.Driver):
             subnet = (await self._call("describe_subnets", SubnetIds=[self.subnet_id]))["Subnets"][
                 0
             ]
+            self._vpc_subnets = [subnet]
             if self.options.vpc and subnet["VpcId"] != self.options.vpc:
                 raise driver.CloudError(
                     f"subnet_id {self.subnet_id} is in {subnet['VpcId']}, not in vpc "
@@ -273,8 +283,9 @@ class EC2Driver(driver.Driver):
             )["Subnets"]
             if not subnets:
                 raise driver.CloudError(f"vpc {vpc_id} has no subnet: pass subnet_id=")
-            subnets.sort(key=lambda s: (not s.get("DefaultForAz", False), s["SubnetId"]))
+            subnets.sort(key=_subnet_order)
             self.subnet_id = subnets[0]["SubnetId"]
+            self._vpc_subnets = subnets
         vpc = (await self._call("describe_vpcs", VpcIds=[vpc_id]))["Vpcs"][0]
         return vpc_id, vpc["CidrBlock"]
 
@@ -332,6 +343,11 @@ class EC2Driver(driver.Driver):
         return [{"Key": k, "Value": v} for k, v in tags.items()]
 
     async def create(self, request: driver.VMRequest) -> driver.VM:
+        return await self.create_in(request, self.home_zone, self.spot(request.role))
+
+    async def create_in(self, request: driver.VMRequest, zone: str | None, spot: bool) -> driver.VM:
+        """One instance in ``zone``'s subnet. EC2 makes nothing when it refuses
+        RunInstances, so a refusal leaves nothing to clean up."""
         worker = request.role is Role.WORKER
         public = self._public.get(request.role, self.network.public_address(worker))
         # The client connects to the scheduler's public address unless it is inside the
@@ -348,7 +364,7 @@ class EC2Driver(driver.Driver):
             "NetworkInterfaces": [
                 {
                     "DeviceIndex": 0,
-                    "SubnetId": self.subnet_id,
+                    "SubnetId": self._zone_subnets.get(str(zone), self.subnet_id),
                     "Groups": self._group_ids.get(request.role, []),
                     "AssociatePublicIpAddress": public,
                     "DeleteOnTermination": True,
@@ -370,7 +386,7 @@ class EC2Driver(driver.Driver):
                     },
                 }
             ],
-            "InstanceInitiatedShutdownBehavior": "terminate",
+            "InstanceInitiatedShutdownBehavior": self.shutdown_behavior,
             "TagSpecifications": [
                 {"ResourceType": "instance", "Tags": tags},
                 {"ResourceType": "volume", "Tags": tags},
@@ -381,7 +397,7 @@ class EC2Driver(driver.Driver):
             params["IamInstanceProfile"] = {key: self.options.iam_instance_profile}
         if self.options.key_name:
             params["KeyName"] = self.options.key_name
-        if worker and self.options.worker_spot:
+        if spot:
             params["InstanceMarketOptions"] = {
                 "MarketType": "spot",
                 "SpotOptions": {
@@ -389,7 +405,10 @@ class EC2Driver(driver.Driver):
                     "InstanceInterruptionBehavior": "terminate",
                 },
             }
-        instance = (await self._call("run_instances", **params))["Instances"][0]
+        try:
+            instance = (await self._launch(params))["Instances"][0]
+        except errors.QuotaError as e:
+            raise quota_refusal(e, self.options.region) from e
         public_ip = None
         if reachable:
             instance = await self._wait_for_public_ip(instance["InstanceId"])
@@ -404,6 +423,22 @@ class EC2Driver(driver.Driver):
             private_ip=instance["PrivateIpAddress"],
             public_ip=public_ip,
         )
+
+    async def _launch(self, params: dict[str, Any]) -> dict[str, Any]:
+        """RunInstances, with one ClientToken for all its tries (a retry never makes a
+        second instance). EC2 answers a zone out of capacity with a server error (500),
+        which botocore's retries would repeat in the same zone: the launch client does
+        not retry, and only throttling and EC2's "try again" codes are retried here."""
+        params = {**params, "ClientToken": uuid.uuid4().hex}
+        for attempt in range(_LAUNCH_TRIES):
+            try:
+                return await self._call("run_instances", launch=True, **params)
+            except errors.CloudError as e:
+                again = isinstance(e, errors.ThrottledError) or e.code in _TRY_AGAIN
+                if not again or attempt == _LAUNCH_TRIES - 1:
+                    raise
+            await asyncio.sleep(min(0.5 * 2**attempt, 10.0) * random.uniform(0.5, 1.0))
+        raise AssertionError("unreachable")
 
     async def _describe(self, instance_id: str, poll: bool = False) -> dict[str, Any]:
         reservations = (
@@ -545,17 +580,4 @@ class EC2Driver(driver.Driver):
 
     async def close(self) -> None:
         await self._stack.aclose()
-        self._client = self._poll_client = None
-
-
-def _listed_state(name: str | None) -> str:
-    """An instance's state in :meth:`Driver.state`'s words, for ``list``. Shutting down
-    ends in terminated (the cluster's instances terminate on shutdown) and bills no
-    more; a stopped instance is one a person stopped, and its volume still bills."""
-    if name in ("pending", "running"):
-        return "running"
-    if name in ("stopping", "stopped"):
-        return "stopped"
-    if name in ("shutting-down", "terminated"):
-        return "terminated"
-    return "unknown"
+        self._client = self._poll_client = self._launch_client = None

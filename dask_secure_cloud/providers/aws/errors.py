@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
@@ -21,7 +22,9 @@ _ADVICE = {
     "InvalidVpcID.NotFound": "check vpc: it must exist in this region",
     "InstanceLimitExceeded": "ask AWS for a higher instance limit, or use fewer workers",
     "VcpuLimitExceeded": "ask AWS for a higher vCPU quota, or use fewer or smaller instances",
-    "InsufficientInstanceCapacity": "try another instance type or availability zone",
+    "InsufficientInstanceCapacity": "try another instance type, or leave subnet_id unset "
+    "so that another availability zone is tried",
+    "MaxSpotInstanceCountExceeded": "ask AWS for a higher spot instance quota",
     "UnauthorizedOperation": "give these credentials the permissions listed in the docs",
     "AuthFailure": "the AWS credentials were rejected: check the profile or keys in use",
     "InvalidParameterValue": "check the option named in the message",
@@ -51,6 +54,22 @@ error_kinds: errors.ErrorKinds = {
         ),
         errors.ForbiddenError,
     ),
+    # The zone has no capacity for the type now (for spot: at the spot price asked):
+    # another zone, on-demand, or later may have it.
+    **dict.fromkeys(
+        (
+            "InsufficientInstanceCapacity",
+            "InsufficientHostCapacity",
+            "InsufficientCapacityOnHost",
+            "SpotMaxPriceTooLow",
+        ),
+        errors.CapacityError,
+    ),
+    # A quota of the account is used up: not retried.
+    **dict.fromkeys(
+        ("VcpuLimitExceeded", "InstanceLimitExceeded", "MaxSpotInstanceCountExceeded"),
+        errors.QuotaError,
+    ),
     # Throttled, after botocore's own retries.
     **dict.fromkeys(
         (
@@ -66,6 +85,33 @@ error_kinds: errors.ErrorKinds = {
         errors.ThrottledError,
     ),
 }
+
+
+#: Each quota code -> the quota's name, as the Service Quotas console shows it.
+QUOTAS = {
+    "VcpuLimitExceeded": "vCPUs of running On-Demand instances of the type's family",
+    "InstanceLimitExceeded": "running On-Demand instances",
+    "MaxSpotInstanceCountExceeded": "vCPUs of Spot Instance requests",
+}
+#: EC2's quota refusals carry the current limit in their message alone ("...than your
+#: current vCPU limit of 32 allows..."): no field of the answer holds it, so it is read
+#: from there, and the message is quoted as it came.
+_LIMIT_IN_MESSAGE = re.compile(r"limit of (\d+)")
+
+
+def quota_refusal(error: errors.CloudError, region: str) -> errors.QuotaError:
+    """``error`` (a quota code) as a :class:`QuotaError` naming the quota, the region
+    and the current limit where EC2 said it."""
+    found = _LIMIT_IN_MESSAGE.search(str(error))
+    return errors.quota_error(
+        str(error),
+        error.code,
+        quota=QUOTAS.get(error.code, error.code),
+        region=region,
+        limit=float(found.group(1)) if found else None,
+        fix="Ask AWS for a higher limit (Service Quotas, service EC2), or use fewer or "
+        "smaller instances; this is not retried",
+    )
 
 
 def _kind_by_suffix(code: str) -> type[errors.CloudError] | None:

@@ -11,7 +11,7 @@ from azure.core.exceptions import (
     HttpResponseError,
 )
 
-from ... import driver
+from ... import driver, errors
 from ...credentials import Role
 
 logger = logging.getLogger(__name__)
@@ -106,10 +106,13 @@ class RequestChecks:
             free = usage.limit - usage.current_value
             if vcpus > free:
                 name = usage.name.localized_value or usage.name.value
-                raise driver.CloudError(
-                    f"this cluster needs {vcpus} vCPUs of the {name!r} quota in "
-                    f"{self.location}, and {max(free, 0)} are free (limit {usage.limit}, "
-                    f"{usage.current_value} in use). Ask for a quota increase (Azure portal, "
-                    "Quotas), or start fewer workers (n_workers) or smaller ones "
-                    "(worker_vm_size)"
+                raise errors.quota_error(
+                    f"this cluster needs {vcpus} vCPUs of the {name!r} quota and "
+                    f"{max(free, 0)} are free ({usage.current_value} in use)",
+                    "QuotaExceeded",
+                    quota=name,
+                    region=self.location,
+                    limit=usage.limit,
+                    fix="Ask for a quota increase (Azure portal, Quotas), or start fewer "
+                    "workers (n_workers) or smaller ones (worker_vm_size)",
                 )

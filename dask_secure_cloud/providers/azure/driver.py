@@ -5,7 +5,6 @@ tags in one resource group.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import os
@@ -48,6 +47,8 @@ from .identity import (
 from .inventory import InventorySteps
 from .names import _name
 from .network import _PUBLIC_EXIT, NetworkSteps, _check_client_can_reach
+from .vms import vm_model
+from .zones import ZoneSteps, zonal
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,9 @@ _SCHEDULED_EVENTS = "/metadata/scheduledevents?api-version=2020-07-01"
 T = TypeVar("T")
 
 
-class AzureDriver(RequestChecks, InventorySteps, NetworkSteps, IdentitySteps, driver.Driver):
+class AzureDriver(
+    ZoneSteps, RequestChecks, InventorySteps, NetworkSteps, IdentitySteps, driver.Driver
+):
     """VMs, NICs, public addresses, an NSG and (unless given) a vnet in one resource group,
     each carrying the cluster tag."""
 
@@ -99,6 +102,7 @@ class AzureDriver(RequestChecks, InventorySteps, NetworkSteps, IdentitySteps, dr
         ).rstrip("/")
         self.subscription_id = options.subscription_id or os.environ.get("AZURE_SUBSCRIPTION_ID")
         self.location = options.location
+        self._located = False
         self.vm_sizes = {
             Role.SCHEDULER: options.scheduler_vm_size,
             Role.WORKER: options.worker_vm_size,
@@ -298,16 +302,24 @@ class AzureDriver(RequestChecks, InventorySteps, NetworkSteps, IdentitySteps, dr
     def where(self) -> str:
         return self.location or ""
 
-    async def check_request(self, cluster_id: str) -> None:
-        """The subscription, the resource group (and so the location), each role's VM
-        size and the vCPU quota; whether the caller may give the scheduler its identity."""
-        self._cluster_id = cluster_id
+    async def locate(self) -> None:
+        """The subscription, and the resource group's location unless ``location`` is
+        set; the group is read once (a missing one is refused here, naming the fix)."""
+        if self._located:
+            return
         await self._resolve_subscription()
         group = await self._plain_get(
             f"/subscriptions/{self.subscription_id}/resourcegroups/{self.options.resource_group}",
             "2021-04-01",
         )
         self.location = self.location or group["location"]
+        self._located = True
+
+    async def check_request(self, cluster_id: str) -> None:
+        """The subscription, the resource group (and so the location), each role's VM
+        size and the vCPU quota; whether the caller may give the scheduler its identity."""
+        self._cluster_id = cluster_id
+        await self.locate()
         await self._check_sizes()
         await self._check_quota()
         await self._decide_reaper()
@@ -339,6 +351,24 @@ class AzureDriver(RequestChecks, InventorySteps, NetworkSteps, IdentitySteps, dr
     # -- VMs ----------------------------------------------------------------------------
 
     async def create(self, request: driver.VMRequest) -> driver.VM:
+        return await self.create_in(request, self.home_zone, self.spot(request.role))
+
+    async def create_in(self, request: driver.VMRequest, zone: str | None, spot: bool) -> driver.VM:
+        """One VM (regional, or in ``zone``), its interface and address. A refusal
+        deletes what was made for it (ARM keeps a VM whose allocation failed, holding
+        them) before it is raised; a quota refusal names the quota."""
+        try:
+            return await self._create(request, zone, spot)
+        except Exception as e:  # a cancelled create is the sweep's to clean up
+            with contextlib.suppress(driver.CloudError, OSError):
+                await self.destroy(
+                    driver.VM("", request.name, request.role, request.cluster_id, "")
+                )
+            if isinstance(e, driver.CloudError) and e.code == "OperationNotAllowed":
+                raise await self._quota_refusal(e, request.role, spot) from e
+            raise
+
+    async def _create(self, request: driver.VMRequest, zone: str | None, spot: bool) -> driver.VM:
         compute, net = self._clients()
         assert self._subnet_id is not None
         role = request.role.value
@@ -381,66 +411,20 @@ class AzureDriver(RequestChecks, InventorySteps, NetworkSteps, IdentitySteps, dr
                 ],
             ),
         )
-        spot = self.options.worker_spot and request.role is Role.WORKER
-        vm = cm.VirtualMachine(
-            location=self.location,
-            tags=tags,
-            hardware_profile=cm.HardwareProfile(vm_size=self.vm_sizes[request.role]),
-            storage_profile=cm.StorageProfile(
-                image_reference=cm.ImageReference(
-                    **dict(
-                        zip(
-                            ("publisher", "offer", "sku", "version"),
-                            self.options.image.split(":"),
-                            strict=True,
-                        )
-                    )
-                ),
-                os_disk=cm.OSDisk(
-                    name=f"{name}-osdisk",
-                    create_option="FromImage",
-                    delete_option="Delete",
-                    disk_size_gb=self.options.disk_size,
-                    managed_disk=cm.ManagedDiskParameters(
-                        storage_account_type=self.options.disk_type
-                    ),
-                ),
+        vm = zonal(
+            vm_model(
+                self.options,
+                location=self.location,
+                name=name,
+                tags=tags,
+                size=self.vm_sizes[request.role],
+                user_data=request.user_data,
+                login=self._login(),
+                nic_id=nic.id,
+                spot=spot,
+                identity=self._identity(request.role),
             ),
-            os_profile=cm.OSProfile(
-                computer_name=name,
-                admin_username="dask",
-                custom_data=base64.b64encode(request.user_data).decode(),
-                linux_configuration=cm.LinuxConfiguration(
-                    disable_password_authentication=True,
-                    ssh=cm.SshConfiguration(
-                        public_keys=[
-                            cm.SshPublicKey(
-                                path="/home/dask/.ssh/authorized_keys",
-                                key_data=self._login(),
-                            )
-                        ]
-                    ),
-                ),
-            ),
-            network_profile=cm.NetworkProfile(
-                network_interfaces=[
-                    cm.NetworkInterfaceReference(id=nic.id, primary=True, delete_option="Delete")
-                ]
-            ),
-            # Managed boot diagnostics: the serial console log, for reporting a failed boot.
-            diagnostics_profile=cm.DiagnosticsProfile(
-                boot_diagnostics=cm.BootDiagnostics(enabled=True)
-            ),
-            **(
-                {
-                    "priority": "Spot",
-                    "eviction_policy": "Delete",
-                    "billing_profile": cm.BillingProfile(max_price=self.options.spot_max_price),
-                }
-                if spot
-                else {}
-            ),
-            **self._identity(request.role),
+            zone,
         )
         made = await self._lro(
             f"creating VM {name}",

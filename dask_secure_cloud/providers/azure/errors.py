@@ -37,6 +37,19 @@ _IN_USE_CODES = frozenset(
 _FORBIDDEN_CODES = frozenset({"AuthorizationFailed", "LinkedAuthorizationFailed"})
 
 
+#: ARM's codes for a zone or region with no capacity for the size (or for Spot VMs of
+#: it) now: another zone, on-demand, or later may have it.
+_CAPACITY_CODES = frozenset(
+    {
+        "AllocationFailed",
+        "ZonalAllocationFailed",
+        "SkuNotAvailable",
+        "OverconstrainedAllocationRequest",
+        "OverconstrainedZonalAllocationRequest",
+    }
+)
+
+
 #: ARM's codes for an exhausted quota (a VM create answers ``OperationNotAllowed`` too,
 #: which is not always a quota: the advice below says both).
 _QUOTA_CODES = frozenset({"QuotaExceeded", "ResourceQuotaExceeded"})
@@ -73,7 +86,12 @@ def _explain(what: str, error: HttpResponseError, resource_group: str) -> str:
             "quota: ask for a quota increase, or use fewer workers or a smaller "
             "worker_vm_size"
         )
-    if code in ("SkuNotAvailable", "InvalidTemplateDeployment") or target == "vmSize":
+    if code in _CAPACITY_CODES:
+        return (
+            f"{what}: {code}: {message}. Azure has no capacity for this size here now: "
+            "another zone, another VM size (scheduler_vm_size, worker_vm_size) or later"
+        )
+    if code == "InvalidTemplateDeployment" or target == "vmSize":
         return (
             f"{what}: {code}: {message}. Choose another VM size (scheduler_vm_size, worker_vm_size)"
         )
@@ -87,6 +105,8 @@ error_kinds: errors.ErrorKinds = {
     "429": errors.ThrottledError,
     **dict.fromkeys(_IN_USE_CODES, errors.InUseError),
     **dict.fromkeys(_FORBIDDEN_CODES, errors.ForbiddenError),
+    **dict.fromkeys(_CAPACITY_CODES, errors.CapacityError),
+    **dict.fromkeys(_QUOTA_CODES, errors.QuotaError),
     "404": errors.NotFoundError,
     "401": errors.ForbiddenError,
     "403": errors.ForbiddenError,

@@ -142,28 +142,57 @@ class DropletDriver(driver.Driver):
     def where(self) -> str:
         return self.options.region
 
-    async def _check_droplet_limit(self) -> None:
-        """Refuse a start the account's droplet limit cannot hold, before anything is made.
-        A token without ``account:read`` skips the check: the droplet create then fails
-        with DigitalOcean's own limit error, and what was made is deleted."""
+    async def _droplet_limit(self) -> tuple[int, int] | None:
+        """The account's droplet limit and its droplets now, from ``/v2/account`` and
+        the droplet listing's total; ``None`` where the token may not read them."""
         try:
             account = await self._call("reading the droplet limit", "account", "get")
         except driver.ForbiddenError as e:
             logger.info("Not checking the droplet limit: %s", e)
-            return
+            return None
         limit = (account.get("account") or {}).get("droplet_limit")
         if not isinstance(limit, int):
-            return
+            return None
         # One droplet per page: the answer's total counts the account's droplets.
         page = await self._call("counting droplets", "droplets", "list", per_page=1, page=1)
-        in_use = int((page.get("meta") or {}).get("total") or 0)
+        return limit, int((page.get("meta") or {}).get("total") or 0)
+
+    def _limit_error(self, message: str, code: str, limit: int) -> errors.QuotaError:
+        return errors.quota_error(
+            message,
+            code,
+            quota="droplet limit (account-wide, every region)",
+            region=self.options.region,
+            limit=limit,
+            fix="Ask DigitalOcean to raise the droplet limit, or start fewer workers "
+            "(n_workers); this is not retried",
+        )
+
+    async def _check_droplet_limit(self) -> None:
+        """Refuse a start the account's droplet limit cannot hold, before anything is made.
+        A token without ``account:read`` skips the check: the droplet create then fails
+        with DigitalOcean's own limit error, and what was made is deleted."""
+        found = await self._droplet_limit()
+        if found is None:
+            return
+        limit, in_use = found
         needed = 1 + self.initial_workers
         if needed > limit - in_use:
-            raise driver.CloudError(
+            raise self._limit_error(
                 f"this cluster needs {needed} droplets and the account may start "
-                f"{max(limit - in_use, 0)} more (droplet limit {limit}, {in_use} in use). "
-                "Ask DigitalOcean to raise the limit, or start fewer workers (n_workers)"
+                f"{max(limit - in_use, 0)} more (droplet limit {limit}, {in_use} in use)",
+                "droplet_limit",
+                limit,
             )
+
+    async def _refusal(self, error: driver.CloudError) -> driver.CloudError:
+        """A droplet create refused with 422: the droplet limit where the account's
+        figures say it is reached (the 422's only other carrier is its message text,
+        which is never read), else ``error`` as it is."""
+        found = await self._droplet_limit() if error.code == "422" else None
+        if found is not None and found[1] >= found[0]:
+            return self._limit_error(str(error), error.code, found[0])
+        return error
 
     async def check_request(self, cluster_id: str) -> None:
         """The region exists, offers each role's size, and the account's droplet limit
@@ -242,7 +271,10 @@ class DropletDriver(driver.Driver):
             "name": _droplet_name(request.cluster_id, request.name),
             "region": self.options.region,
             "size": self.sizes[request.role],
-            "image": self.options.image,
+            # A snapshot (a built image) is named by its numeric id, a public image by slug.
+            "image": int(self.options.image)
+            if self.options.image.isdigit()
+            else self.options.image,
             "user_data": request.user_data.decode(),
             "vpc_uuid": self.vpc_uuid,
             "tags": [
@@ -258,9 +290,12 @@ class DropletDriver(driver.Driver):
         }
         if self.ssh_keys:
             body["ssh_keys"] = self.ssh_keys
-        answer = await self._call(
-            f"creating droplet {body['name']}", "droplets", "create", body=body
-        )
+        try:
+            answer = await self._call(
+                f"creating droplet {body['name']}", "droplets", "create", body=body
+            )
+        except driver.CloudError as e:
+            raise await self._refusal(e) from e
         droplet_id = answer["droplet"]["id"]
         droplet: dict[str, Any] = {}
 

@@ -17,12 +17,12 @@ from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
 from google.cloud import compute_v1
 
-from ... import driver, errors
+from ... import driver
 from ...cloudinit import LIMITS
 from ...credentials import Role
 from ...network import NetworkPolicy
 from ...options import GCPOptions
-from .errors import _THROTTLED, _translate, error_kinds
+from .errors import _THROTTLED, _translate, operation_error
 from .network import (
     _RULE_NAME,
     _RULES,
@@ -30,6 +30,7 @@ from .network import (
     _network_tag,
     _scheduler_tag,
 )
+from .zones import ZoneSteps
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ MAX_TIME_LIMIT = datetime.timedelta(days=120)
 _MIN_TIME_LEFT = MIN_TIME_LIMIT + datetime.timedelta(seconds=10)
 
 
-class GCPDriver(NetworkSteps, driver.Driver):
+class GCPDriver(ZoneSteps, NetworkSteps, driver.Driver):
     """Instances and firewall rules of one cluster, found by its label and name."""
 
     provider = "gcp"
@@ -81,6 +82,10 @@ class GCPDriver(NetworkSteps, driver.Driver):
         #: True, False, or None to decide from the subnetwork's ways out.
         self.worker_public_ip = network.worker_public_ip
         self._clients: dict[str, Any] = {}
+        #: The cluster's zone: where each VM goes first (the scheduler's, once made).
+        self.home_zone = options.zone
+        self._vm_zones: dict[str, str] = {}
+        self._zone_names: list[str] | None = None
         self._image_link: str | None = None
         self._subnets: list[Any] | None = None
         #: Whether VMs of each role get an external address: decided in :meth:`prepare`.
@@ -145,6 +150,9 @@ class GCPDriver(NetworkSteps, driver.Driver):
         name = operation.name
         current: Any = None
 
+        # A zonal operation names its zone.
+        zone = (operation.zone or "").rsplit("/", 1)[-1] or self.home_zone
+
         async def done() -> bool:
             nonlocal current
             if zonal:
@@ -153,7 +161,7 @@ class GCPDriver(NetworkSteps, driver.Driver):
                     "wait",
                     what,
                     project=self.project,
-                    zone=self.options.zone,
+                    zone=zone,
                     operation=name,
                 )
             else:
@@ -164,9 +172,7 @@ class GCPDriver(NetworkSteps, driver.Driver):
 
         await self.poll_until(done, f"{what}: operation {name}", interval=0)
         if current.error and current.error.errors:
-            first = current.error.errors[0]
-            message = f"{what} failed: {first.code}: {first.message}"
-            raise errors.cloud_error(message, first.code, error_kinds)
+            raise operation_error(what, current.error.errors[0], self.region)
 
     # -- before the first VM ------------------------------------------------------------
 
@@ -183,11 +189,7 @@ class GCPDriver(NetworkSteps, driver.Driver):
         )
 
     def where(self) -> str:
-        return self.options.zone
-
-    @property
-    def region(self) -> str:
-        return self.options.zone.rsplit("-", 1)[0]
+        return str(self.home_zone)
 
     async def check_request(self, cluster_id: str) -> None:
         """The zone, each role's machine type in it, and the image exist."""
@@ -258,7 +260,7 @@ class GCPDriver(NetworkSteps, driver.Driver):
 
     # -- VMs ----------------------------------------------------------------------------
 
-    def _instance(self, request: driver.VMRequest) -> compute_v1.Instance:
+    def _instance(self, request: driver.VMRequest, zone: str, spot: bool) -> compute_v1.Instance:
         worker = request.role is Role.WORKER
         if request.role not in self._public:
             raise driver.CloudError("prepare() decides the VMs' addresses: call it before create()")
@@ -276,7 +278,7 @@ class GCPDriver(NetworkSteps, driver.Driver):
                 compute_v1.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")
             ]
         scheduling = compute_v1.Scheduling(automatic_restart=False)
-        if worker and self.options.worker_spot:
+        if spot:
             scheduling.provisioning_model = "SPOT"
             scheduling.instance_termination_action = "DELETE"
         if worker and self.gpus(Role.WORKER):
@@ -288,7 +290,7 @@ class GCPDriver(NetworkSteps, driver.Driver):
         scheduling.instance_termination_action = "DELETE"
         instance = compute_v1.Instance(
             name=f"{_network_tag(request.cluster_id)}-{request.name}",
-            machine_type=f"zones/{self.options.zone}/machineTypes/{self.machine_types[request.role]}",
+            machine_type=f"zones/{zone}/machineTypes/{self.machine_types[request.role]}",
             labels={
                 **self.labels,
                 driver.CLUSTER_TAG: request.cluster_id,
@@ -306,7 +308,7 @@ class GCPDriver(NetworkSteps, driver.Driver):
                     initialize_params=compute_v1.AttachedDiskInitializeParams(
                         source_image=self._image_link,
                         disk_size_gb=self.options.disk_size,
-                        disk_type=f"zones/{self.options.zone}/diskTypes/{self.options.disk_type}",
+                        disk_type=f"zones/{zone}/diskTypes/{self.options.disk_type}",
                     ),
                 )
             ],
@@ -317,7 +319,7 @@ class GCPDriver(NetworkSteps, driver.Driver):
         if worker and self.gpus(Role.WORKER):
             instance.guest_accelerators = [
                 compute_v1.AcceleratorConfig(
-                    accelerator_type=f"zones/{self.options.zone}/acceleratorTypes/{self.options.gpu_type}",
+                    accelerator_type=f"zones/{zone}/acceleratorTypes/{self.options.gpu_type}",
                     accelerator_count=self.options.gpu_count,
                 )
             ]
@@ -350,16 +352,23 @@ class GCPDriver(NetworkSteps, driver.Driver):
         return [*tags, *self.network_tags]
 
     async def create(self, request: driver.VMRequest) -> driver.VM:
-        instance = self._instance(request)
-        what = f"creating instance {instance.name}"
+        return await self.create_in(request, self.home_zone, self.spot(request.role))
+
+    async def create_in(self, request: driver.VMRequest, zone: str | None, spot: bool) -> driver.VM:
+        """One instance in ``zone``. An insert refused for capacity or quota fails in
+        its operation, and Compute Engine makes nothing: nothing to clean up."""
+        where = str(zone or self.home_zone)
+        instance = self._instance(request, where, spot)
+        what = f"creating instance {instance.name} in {where}"
         operation = await self._call(
             "InstancesClient",
             "insert",
             what,
             project=self.project,
-            zone=self.options.zone,
+            zone=where,
             instance_resource=instance,
         )
+        self._vm_zones[instance.name] = where  # the sweep looks there, made or not
         await self._wait(operation, what)
         return await self._vm(instance.name, request.cluster_id)
 
@@ -369,7 +378,7 @@ class GCPDriver(NetworkSteps, driver.Driver):
             "get",
             f"instance {name}",
             project=self.project,
-            zone=self.options.zone,
+            zone=self._zone_of(name),
             instance=name,
         )
         return self._record(found, cluster_id)
@@ -400,7 +409,7 @@ class GCPDriver(NetworkSteps, driver.Driver):
                 "delete",
                 what,
                 project=self.project,
-                zone=self.options.zone,
+                zone=self._zone_of(vm.id),
                 instance=vm.id,
             )
         except driver.NotFoundError:
@@ -410,17 +419,26 @@ class GCPDriver(NetworkSteps, driver.Driver):
         except driver.NotFoundError:
             return  # deleted meanwhile by its lease, or as a spot VM
 
-    async def _instances(self, label_filter: str) -> list[compute_v1.Instance]:
-        """Every instance in the zone that matches ``label_filter``, all pages read."""
-        pages = await self._call(
-            "InstancesClient",
-            "list",
-            "listing instances",
-            request=compute_v1.ListInstancesRequest(
-                project=self.project, zone=self.options.zone, filter=label_filter
-            ),
-        )
-        return await asyncio.to_thread(list, pages)
+    async def _instances(
+        self, label_filter: str, poll: bool = False, zones: list[str] | None = None
+    ) -> list[compute_v1.Instance]:
+        """Every instance that matches ``label_filter`` in the zones the cluster's VMs
+        may be in (:meth:`_listing_zones`), all pages read."""
+        found = []
+        for zone in zones or await self._listing_zones():
+            pages = await self._call(
+                "InstancesClient",
+                "list",
+                "listing instances",
+                poll=poll,
+                request=compute_v1.ListInstancesRequest(
+                    project=self.project, zone=zone, filter=label_filter
+                ),
+            )
+            for instance in await asyncio.to_thread(list, pages):
+                self._vm_zones.setdefault(instance.name, zone)
+                found.append(instance)
+        return found
 
     async def list(self, cluster_id: str) -> list[driver.VM]:
         instances = await self._instances(f'labels.{driver.CLUSTER_TAG} = "{cluster_id}"')
@@ -428,7 +446,12 @@ class GCPDriver(NetworkSteps, driver.Driver):
         return [self._record(i, cluster_id) for i in instances]
 
     async def clusters(self) -> list[driver.ClusterSummary]:
-        instances = await self._instances(f"labels.{driver.CLUSTER_TAG}:*")
+        zones = (
+            [str(self.home_zone)]
+            if self.zone_pinned_by() is not None
+            else await self.region_zones(Role.WORKER)
+        )
+        instances = await self._instances(f"labels.{driver.CLUSTER_TAG}:*", zones=zones)
         # Firewall rules carry no labels: the cluster id is read from their names,
         # ``dask-secure-cloud-<id>-<deny|client|internal>``, whatever the id is.
         rules = await self._call(
@@ -461,18 +484,9 @@ class GCPDriver(NetworkSteps, driver.Driver):
     async def states(self, cluster_id: str) -> dict[str, str]:
         """One instances.list for the whole cluster: a stopped (TERMINATED) instance
         still exists, and its boot disk bills, until it is deleted."""
-        pages = await self._call(
-            "InstancesClient",
-            "list",
-            "listing instances",
-            poll=True,
-            request=compute_v1.ListInstancesRequest(
-                project=self.project,
-                zone=self.options.zone,
-                filter=f'labels.{driver.CLUSTER_TAG} = "{cluster_id}"',
-            ),
+        instances = await self._instances(
+            f'labels.{driver.CLUSTER_TAG} = "{cluster_id}"', poll=True
         )
-        instances = await asyncio.to_thread(list, pages)
         return {
             i.name: "stopped" if i.status in _STOPPED_STATUSES else "running" for i in instances
         }
@@ -485,7 +499,7 @@ class GCPDriver(NetworkSteps, driver.Driver):
                 f"instance {vm.id}",
                 poll=True,
                 project=self.project,
-                zone=self.options.zone,
+                zone=self._zone_of(vm.id),
                 instance=vm.id,
             )
         except driver.NotFoundError:
@@ -501,7 +515,7 @@ class GCPDriver(NetworkSteps, driver.Driver):
                 "get_serial_port_output",
                 f"console of {vm.id}",
                 project=self.project,
-                zone=self.options.zone,
+                zone=self._zone_of(vm.id),
                 instance=vm.id,
             )
         except driver.CloudError:

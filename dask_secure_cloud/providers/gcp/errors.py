@@ -6,6 +6,7 @@ error codes and HTTP statuses to the kinds of
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from google.api_core import exceptions as gexc
 from google.api_core import retry
@@ -28,8 +29,13 @@ error_kinds: errors.ErrorKinds = {
     "resourceInUseByAnotherResource": errors.InUseError,
     "RESOURCE_IN_USE_BY_ANOTHER_RESOURCE": errors.InUseError,
     "RESOURCE_NOT_FOUND": errors.NotFoundError,
-    "quotaExceeded": errors.CloudError,
-    "limitExceeded": errors.CloudError,
+    "quotaExceeded": errors.QuotaError,
+    "limitExceeded": errors.QuotaError,
+    "QUOTA_EXCEEDED": errors.QuotaError,
+    # A zone out of capacity for the machine type (a stockout), for SPOT VMs too:
+    # another zone of the region, STANDARD provisioning, or later may have it.
+    "ZONE_RESOURCE_POOL_EXHAUSTED": errors.CapacityError,
+    "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS": errors.CapacityError,
     "429": errors.ThrottledError,
     "404": errors.NotFoundError,
     "401": errors.ForbiddenError,
@@ -48,6 +54,27 @@ def _reasons(error: BaseException) -> set[str]:
     if error.reason:
         found.add(error.reason)
     return found
+
+
+def operation_error(what: str, error: Any, region: str) -> errors.CloudError:
+    """The first error of a failed operation (``Operation.error.errors[0]``) as the kind
+    its code says; a quota refusal names its quota, region and limit from the error's
+    ``errorDetails[].quotaInfo``, never from its message."""
+    message = f"{what} failed: {error.code}: {error.message}"
+    kind = error_kinds.get(error.code)
+    if kind is not errors.QuotaError:
+        return errors.cloud_error(message, error.code, error_kinds)
+    info = next((d.quota_info for d in error.error_details if d.quota_info), None)
+    named = bool(info and (info.limit_name or info.metric_name))
+    return errors.quota_error(
+        message,
+        error.code,
+        quota=(info.limit_name or info.metric_name) if info and named else None,
+        region=(dict(info.dimensions).get("region") if info else None) or region,
+        limit=info.limit if info and named else None,
+        fix="Ask for a higher quota (IAM & Admin, Quotas), or use fewer or smaller "
+        "instances; this is not retried",
+    )
 
 
 def _retryable(error: BaseException) -> bool:

@@ -41,3 +41,15 @@ pull() {
   done
   cat "$D/log/pull.out"
 }
+# What an image built for this script holds (common.sh: provisioned).
+software() { echo "docker $IMAGE"; }
+# On such an image: its engine answers (it starts with the VM) and has the image.
+as_built() {
+  n=0
+  until docker info >/dev/null 2>&1; do
+    n=$((n + 1))
+    if [ "$n" -gt 60 ]; then return 1; fi
+    sleep 1
+  done
+  [ -n "$LOCAL" ] || docker image inspect "$IMAGE" >/dev/null 2>&1
+}

@@ -40,3 +40,13 @@ python_env() {
     grep -iE '^(dask|distributed) '
   PY="$D/venv/bin/python"
 }
+# What an image built for this script holds (common.sh: provisioned).
+software() {
+  echo "native dask ${WANT_DASK:-(any)} distributed ${WANT_DISTRIBUTED:-(any)}"
+  if [ -e "$D/requirements.txt" ]; then cat "$D/requirements.txt"; fi
+}
+# On such an image: its environment (the virtualenv the build made, if any) has them.
+as_built() {
+  if [ -x "$D/venv/bin/python" ]; then PY="$D/venv/bin/python"; fi
+  has_wanted_dask "$PY"
+}

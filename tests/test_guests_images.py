@@ -1,0 +1,108 @@
+"""An image built by ``dask secure-cloud image build``, on real guests: the proof that a
+cluster booted from it skips provisioning.
+
+On Compute Engine's stand-in (its default network, guests booted from the stock-like
+image): the build boots one stock guest that provisions the native runtime (a
+virtualenv with this client's exact dask and distributed from "PyPI", ``python3-venv``
+from apt), checks it and powers off; the image is that guest's disk. Then a cluster of
+that software (a scheduler and a worker) boots from it, computes over TLS, and no guest
+prints a ``python-env``, ``docker-engine`` or ``pull`` step: each says it was
+provisioned by the image. The timings go to the test's output.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import dask
+import distributed
+import pytest
+from distributed import Client
+from google.auth.credentials import AnonymousCredentials
+
+from dask_secure_cloud import GCPCluster
+from dask_secure_cloud.imaging.build import build
+
+from clouds.gce import GCEStandIn
+from clouds.guest.booter import GuestBooter
+from clouds.guest.image import stock_image
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.guest,
+    pytest.mark.timeout(1800),
+    pytest.mark.usefixtures("patient_connections"),
+]
+
+SUBNET = "10.77.0.0/25"
+BOOT_TIMEOUT = "15m"
+#: Guests boot with AppArmor off, as in ``test_guests_per_cloud.py`` (see APPARMOR there).
+APPARMOR = False
+PROJECT, ZONE = "dsc-guest-project", "us-central1-a"
+STEPS = ("python-env:", "docker-engine:", "pull:")
+
+
+@pytest.fixture
+def gce_guests(guest_network, tmp_path) -> Iterator[tuple[GCEStandIn, GuestBooter, dict]]:
+    booter = GuestBooter(tmp_path / "vms", guest_network, stock_image(), apparmor=APPARMOR)
+    stand_in = GCEStandIn(booter, PROJECT, ZONE, SUBNET)
+    url = stand_in.start()
+    options = {
+        "project": PROJECT,
+        "zone": ZONE,
+        "api_endpoint": url,
+        "credentials": AnonymousCredentials(),
+        "use_private_ip": True,  # the client reaches the guests' private addresses
+        "boot_timeout": BOOT_TIMEOUT,
+        "runtime": "native",
+    }
+    try:
+        yield stand_in, booter, options
+    finally:
+        stand_in.stop()
+
+
+async def test_a_cluster_booted_from_a_built_image_provisions_nothing(
+    gce_guests, guest_network, guest_services, capsys
+):
+    stand_in, booter, options = gce_guests
+    started = time.monotonic()
+    built = await build(GCPCluster, dict(options), poll_interval=5)
+    build_seconds = time.monotonic() - started
+    assert list(stand_in.images) == [built.name]
+    assert stand_in.instances == {} and stand_in.disks == {}, "the builder is deleted"
+
+    started = time.monotonic()
+    async with GCPCluster(n_workers=1, asynchronous=True, **options) as cluster:
+        async with Client(cluster, asynchronous=True) as client:
+            await client.wait_for_workers(1, timeout=600)
+            joined = time.monotonic() - started
+            assert cluster.scheduler_address.startswith("tls://10.77.0.")
+            workers = list((await client.scheduler.identity())["workers"])
+            assert all(a.startswith("tls://10.77.0.") for a in workers)
+            assert await client.submit(sum, range(10), pure=False) == 45
+            versions = await client.get_versions(check=True)
+            assert versions["scheduler"]["packages"]["dask"] == dask.__version__
+            assert versions["scheduler"]["packages"]["distributed"] == distributed.__version__
+        inserts = [body for call, body in stand_in.requests if call == "instances.insert"]
+        assert all(
+            body["disks"][0]["initializeParams"]["sourceImage"].endswith(built.id)
+            for body in inserts[-2:]
+        )
+        guests = [g for g in booter.vms.values() if g.cluster_id == cluster.cluster_id]
+        consoles = {g.name: g.console_text() for g in guests}
+    assert set(consoles) == {"scheduler", "worker-0"}
+    for name, console in consoles.items():
+        assert "dask-secure-cloud: provisioned: the image has native dask" in console, (
+            name,
+            console[-3000:],
+        )
+        lines = [line for line in console.splitlines() if "dask-secure-cloud:" in line]
+        assert not [line for line in lines if any(step in line for step in STEPS)], lines
+    capture = getattr(booter, "capture_seconds", 0.0)
+    with capsys.disabled():
+        print(
+            f"\nimage build on a guest: {build_seconds:.0f}s (disk capture {capture:.1f}s); "
+            f"a cluster from it: scheduler and worker joined after {joined:.0f}s"
+        )
