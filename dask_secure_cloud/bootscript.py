@@ -62,6 +62,8 @@ def _part(name: str) -> str:
 
 
 _COMMON, _DOCKER, _GPU, _NATIVE = (_part(n) for n in ("common", "docker", "gpu", "native"))
+#: The image builder's last step, which a builder runs as its ``extra_bootstrap``.
+IMAGE_BUILD = _part("image_build")
 
 
 def _assign(name: str, value: str) -> str:

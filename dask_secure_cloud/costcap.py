@@ -28,6 +28,12 @@ class CostCap(SpecCluster):
 
     _cost: pricing.Estimate | None = None
 
+    def _capped_cost(self) -> pricing.Estimate | None:
+        """The price the cap is checked at: the start's estimate, or every worker
+        on-demand once a spot worker fell back to on-demand (``spot_fallback``)."""
+        fleet = getattr(self, "fleet", None)
+        return getattr(fleet, "on_demand_cost", None) or getattr(self, "_cost", None)
+
     async def _check_cost(self) -> None:
         """Price the cluster before anything exists (the log line, the reprs, ``list``)
         and refuse a start above ``max_hourly_cost``. Price lists are read in a thread:
@@ -59,7 +65,7 @@ class CostCap(SpecCluster):
         """The error refusing ``action`` at ``workers`` workers, recorded in the audit
         log, or ``None`` when no cap is set or the cost fits it."""
         cap = self.options.max_hourly_cost
-        cost = getattr(self, "_cost", None)
+        cost = self._capped_cost()
         if cap is None or cost is None:
             return None
         error = pricing.refusal(cost, cap, workers, action)
@@ -83,7 +89,7 @@ class CostCap(SpecCluster):
         """The most workers ``max_hourly_cost`` allows, or ``None`` without a cap (or
         before the cluster is priced)."""
         cap = self.options.max_hourly_cost
-        cost = getattr(self, "_cost", None)
+        cost = self._capped_cost()
         if cap is None or cost is None:
             return None
         return pricing.workers_within(cost, cap)

@@ -140,8 +140,11 @@ class Fleet:
         self._watched = 0
         self._watcher: asyncio.Task[None] | None = None
         #: The number of workers the cluster wants now (its spec's size), for the cap
-        #: check of an on-demand fallback; set by the cluster's replacement policy.
+        #: check of an on-demand fallback; set by the cluster.
         self.workers_wanted: Callable[[], int] | None = None
+        #: The cluster priced with every worker on-demand, once a spot worker fell back
+        #: under ``max_hourly_cost``: from then on the cap is checked at that price.
+        self.on_demand_cost: Any = None
 
     # -- making VMs ---------------------------------------------------------------------
 
@@ -243,10 +246,8 @@ class Fleet:
 
         workers = self.workers_wanted() if self.workers_wanted else self.driver.initial_workers
         on_demand = dataclasses.replace(options, worker_spot=False)
-        try:
-            cost = await asyncio.to_thread(pricing.estimate, on_demand, workers, self.driver)
-        except Exception as e:  # noqa: BLE001 (a price source's failure: no fallback)
-            return f"the on-demand price could not be had ({e}) and max_hourly_cost is set"
+        # A price list that cannot answer makes the price unknown, never an error.
+        cost = await asyncio.to_thread(pricing.estimate, on_demand, workers, self.driver)
         hourly = cost.hourly(workers)
         if hourly is None:
             why = "; ".join(cost.unknown())
@@ -256,6 +257,7 @@ class Fleet:
                 f"with {workers} on-demand workers the cluster would cost "
                 f"{pricing.money(hourly)}/h, above max_hourly_cost={pricing.money(cap)}/h"
             )
+        self.on_demand_cost = cost
         return None
 
     async def enrolled(self, name: str, cert_pem: str) -> None:

@@ -3,7 +3,8 @@ the boot script exactly as a cluster's VM would be, then the cloud's image from 
 
 The builder's user-data is a scheduler's, rendered by the same :class:`~..plan.BootPlanner`
 from the same options, with three differences: no TLS (the builder never runs Dask), the
-boot script's ``image_build`` in place of ``extra_bootstrap`` (it runs after the
+boot script's ``image_build`` (``vm/boot/image_build.sh``, which no cluster VM
+carries) in place of ``extra_bootstrap`` (it runs after the
 provisioning steps: it checks what they made as a VM booting from the image will, leaves
 no file of this boot behind and powers off), and a file ``image-build`` that keeps a
 failed builder on, so that a cloud without console output (DigitalOcean) tells a failed
@@ -31,6 +32,7 @@ from typing import Any
 import yaml
 
 from .. import audit
+from ..bootscript import IMAGE_BUILD
 from ..cloudinit import VM_HOME, check_size, parse
 from ..credentials import Role
 from ..driver import VM, CloudError, Driver, VMRequest
@@ -98,7 +100,10 @@ async def build(
         creator=audit.creator(),
     )
     builder_options = dataclasses.replace(
-        resolved, security=False, extra_bootstrap=("image_build",), n_workers=0
+        resolved,
+        security=False,
+        extra_bootstrap=(IMAGE_BUILD.rstrip("\n"), "image_build"),
+        n_workers=0,
     )
     planner = BootPlanner(
         builder_options, build_id, driver, native_python=cls.native_python(resolved)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ..registry import PROVIDERS
 from .estimate import (
     CostLimitError,
     Estimate,
@@ -36,8 +37,6 @@ __all__ = [
     "workers_within",
 ]
 
-_MODULES = {"aws": "aws", "gcp": "gcp", "azure": "azure", "digitalocean": "digitalocean"}
-
 
 def estimate(options: Any, workers: int, driver: Any = None) -> Estimate:
     """The hourly cost of a cluster with ``options`` and ``workers`` workers.
@@ -56,14 +55,10 @@ def estimate(options: Any, workers: int, driver: Any = None) -> Estimate:
             workers,
             ("LocalVMCluster runs on this machine: no cloud bill",),
         )
-    name = _MODULES.get(provider)
-    if name is None:
+    if provider not in PROVIDERS:
         why = f"no price source for provider {provider or type(options).__name__!r}"
         part = Part((Item("VM", None, why=why),))
         return Estimate(provider, "", part, part, workers)
-    module = importlib.import_module(f".{name}", __name__)
-    if provider == "gcp":
-        return module.estimate(options, workers, getattr(driver, "credentials", None))
-    if provider == "azure":
-        return module.estimate(options, workers, getattr(driver, "location", None))
-    return module.estimate(options, workers)
+    # Each cloud's module is named as the provider and reads its own price list.
+    module = importlib.import_module(f".{provider}", __name__)
+    return module.estimate(options, workers, driver)

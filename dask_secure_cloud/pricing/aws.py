@@ -174,7 +174,7 @@ def _list_prices_reachable(options: Any) -> str | None:
     return None
 
 
-def estimate(options: Any, workers: int) -> Estimate:
+def estimate(options: Any, workers: int, driver: Any = None) -> Estimate:
     """The hourly cost of an ``EC2Cluster`` with ``options`` and ``workers`` workers."""
     region = options.region
     blocked = _list_prices_reachable(options)

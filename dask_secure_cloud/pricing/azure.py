@@ -175,10 +175,10 @@ def _why_not(options: Any, location: str | None) -> str | None:
     return None
 
 
-def estimate(options: Any, workers: int, location: str | None = None) -> Estimate:
+def estimate(options: Any, workers: int, driver: Any = None) -> Estimate:
     """The hourly cost of an ``AzureVMCluster`` with ``options`` and ``workers`` workers,
-    in ``location`` (the resource group's, which the driver looked up) or the option's."""
-    location = options.location or location
+    in the option's ``location`` or the resource group's (which the driver looked up)."""
+    location = options.location or getattr(driver, "location", None)
     blocked = _why_not(options, location)
     location = location or "?"
     bundle = options.ca_bundle

@@ -66,7 +66,7 @@ def size_prices(options: Any) -> dict[str, float]:
         client.close()
 
 
-def estimate(options: Any, workers: int) -> Estimate:
+def estimate(options: Any, workers: int, driver: Any = None) -> Estimate:
     """The hourly cost of a ``DropletCluster`` with ``options`` and ``workers`` workers."""
     listed: dict[str, float] | None = None
 

@@ -151,8 +151,10 @@ def machine_shape(options: Any, machine_type: str, credentials: Any) -> tuple[in
     return found_type.guest_cpus, found_type.memory_mb / 1024, bool(found_type.is_shared_cpu)
 
 
-def estimate(options: Any, workers: int, credentials: Any = None) -> Estimate:
-    """The hourly cost of a ``GCPCluster`` with ``options`` and ``workers`` workers."""
+def estimate(options: Any, workers: int, driver: Any = None) -> Estimate:
+    """The hourly cost of a ``GCPCluster`` with ``options`` and ``workers`` workers, read
+    with the driver's credentials (``credentials=``) where it has them."""
+    credentials = getattr(driver, "credentials", None)
     region = options.zone.rsplit("-", 1)[0]
     blocked = None
     if options.api_endpoint and not price_source("gcp"):

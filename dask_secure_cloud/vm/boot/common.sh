@@ -37,37 +37,6 @@ provisioned() {
   as_built || return 1
   say "provisioned: the image has $(software | tr '\n' ' ')"
 }
-# image_build: the image builder runs this after the provisioning steps instead of Dask.
-# It records what it provisioned, checks it as a VM booting from the image will, leaves
-# no file of this boot behind, and powers off: the image is made from its disk.
-image_build() {
-  STEP=image-check
-  mkdir -p "$LOCAL/var/lib/dask-secure-cloud"
-  software >"$LOCAL/var/lib/dask-secure-cloud/provisioned"
-  if ! provisioned; then
-    rm -f "$LOCAL/var/lib/dask-secure-cloud/provisioned"
-    say "image-check: what was provisioned does not work as built"
-    exit 1
-  fi
-  find "$D" -mindepth 1 -maxdepth 1 ! -name venv -exec rm -rf {} +
-  # Azure's agent generalizes a VM for capture (its user, host keys, its own state).
-  if [ -z "$LOCAL" ] && command -v waagent >/dev/null 2>&1; then
-    waagent -deprovision+user -force >/dev/null 2>&1 || true
-  fi
-  if [ -z "$LOCAL" ] && command -v cloud-init >/dev/null 2>&1; then
-    # Nor this VM's network (its interfaces, by MAC): cloud-init writes a clone's own.
-    # Left, a clone's boot waits for interfaces it does not have.
-    rm -f /etc/network/interfaces.d/50-cloud-init /etc/netplan/50-cloud-init.yaml \
-      /etc/systemd/network/10-cloud-init-*.network
-    # A clone must not keep this VM's identity: a new machine id where cloud-init can.
-    cloud-init clean --logs --machine-id >/dev/null 2>&1 ||
-      cloud-init clean --logs >/dev/null 2>&1 || true
-  fi
-  sync
-  say "image-build: done after $(since "$T0")s; powering off"
-  power_off now
-  exit 0
-}
 # step NAME COMMAND...: run one step with its output in $D/log/NAME.log; the step may
 # print a progress line on the console (this script's output) through file descriptor 3.
 step() {
