@@ -28,7 +28,7 @@ import re
 import shlex
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from ..cloudinit import DockerRuntime, NativeRuntime
@@ -39,9 +39,11 @@ __all__ = [
     "NAME_PREFIX",
     "BuiltImage",
     "ImageStore",
+    "OptionImageStore",
     "Software",
     "choose",
     "image_name",
+    "now",
     "parse_name",
     "provisioning_note",
     "store_of",
@@ -172,6 +174,29 @@ class ImageStore(abc.ABC):
         """The newest image whose hash is ``digest``."""
         matching = [image for image in await self.list() if image.digest == digest]
         return max(matching, key=lambda image: image.created) if matching else None
+
+
+class OptionImageStore(ImageStore):
+    """A store whose VMs boot the image named by one option (``option``): the base is
+    that option unless it is the default, and a built image is used by setting it."""
+
+    #: The options field that names the image VMs boot.
+    option: ClassVar[str]
+
+    def base(self) -> str:
+        options = self.driver.options
+        default = next(f.default for f in dataclasses.fields(options) if f.name == self.option)
+        image = getattr(options, self.option)
+        return "" if image == default else image
+
+    def use(self, image: BuiltImage) -> None:
+        options = dataclasses.replace(self.driver.options, **{self.option: image.id})
+        self.driver.options = options
+
+
+def now() -> datetime.datetime:
+    """When an image is made, as every cloud records it: UTC."""
+    return datetime.datetime.now(datetime.timezone.utc)
 
 
 def store_of(driver: Driver) -> ImageStore | None:

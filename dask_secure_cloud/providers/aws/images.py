@@ -3,12 +3,11 @@ instance, found by their tag, deregistered together with their snapshots."""
 
 from __future__ import annotations
 
-import datetime
 from typing import Any
 
 from ... import driver as drivers
 from ...driver import VM
-from ...imaging import IMAGE_TAG, BuiltImage, ImageStore, Software, parse_name
+from ...imaging import IMAGE_TAG, BuiltImage, ImageStore, Software, now, parse_name
 
 
 class Images(ImageStore):
@@ -66,7 +65,7 @@ class Images(ImageStore):
             ],
         )
         image_id = answer["ImageId"]
-        made = BuiltImage(name, image_id, software.digest, _now(), software.describe())
+        made = BuiltImage(name, image_id, software.digest, now(), software.describe())
         try:
             state = ""
 
@@ -83,10 +82,6 @@ class Images(ImageStore):
             await self.delete(made)
             raise
         return made
-
-
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
 
 
 def _built(found: dict[str, Any]) -> BuiltImage | None:

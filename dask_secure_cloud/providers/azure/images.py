@@ -5,29 +5,21 @@ from ``sourceVirtualMachine``); found by their tag in the cluster's resource gro
 from __future__ import annotations
 
 import dataclasses
-import datetime
 
 from azure.mgmt.compute import models as cm
 
 from ... import driver as drivers
 from ...driver import VM
-from ...imaging import IMAGE_TAG, BuiltImage, ImageStore, Software, parse_name
-from ...options import AzureOptions
+from ...imaging import IMAGE_TAG, BuiltImage, OptionImageStore, Software, now, parse_name
 
 #: An image has no description: this tag says what it holds.
 _HOLDS_TAG = "dask-secure-cloud-holds"
-_DEFAULT_IMAGE = next(f.default for f in dataclasses.fields(AzureOptions) if f.name == "image")
 
 
-class Images(ImageStore):
+class Images(OptionImageStore):
     """The resource group's managed images that carry :data:`IMAGE_TAG`."""
 
-    def base(self) -> str:
-        image = self.driver.options.image
-        return "" if image == _DEFAULT_IMAGE else image
-
-    def use(self, image: BuiltImage) -> None:
-        self.driver.options = dataclasses.replace(self.driver.options, image=image.id)
+    option = "image"
 
     @property
     def _group(self) -> str:
@@ -81,7 +73,7 @@ class Images(ImageStore):
             },
             source_virtual_machine=cm.SubResource(id=vm.id),
         )
-        made = BuiltImage(name, "", software.digest, _now(), software.describe())
+        made = BuiltImage(name, "", software.digest, now(), software.describe())
         try:
             answer = await driver._lro(
                 f"creating image {name}",
@@ -102,7 +94,3 @@ def _built(image: cm.Image) -> BuiltImage | None:
         return None
     holds = (image.tags or {}).get(_HOLDS_TAG, "")
     return BuiltImage(str(image.name), str(image.id), parsed[0], parsed[1], holds)
-
-
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)

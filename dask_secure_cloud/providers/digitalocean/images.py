@@ -8,26 +8,17 @@ told from a finished one by staying on (``vm/boot/common.sh``).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from ... import driver as drivers
 from ...driver import VM
-from ...imaging import BuiltImage, ImageStore, Software, parse_name
-from ...options import DropletOptions
-
-_DEFAULT_IMAGE = next(f.default for f in dataclasses.fields(DropletOptions) if f.name == "image")
+from ...imaging import BuiltImage, OptionImageStore, Software, parse_name
 
 
-class Images(ImageStore):
+class Images(OptionImageStore):
     """The account's droplet snapshots named as built images."""
 
-    def base(self) -> str:
-        image = self.driver.options.image
-        return "" if image == _DEFAULT_IMAGE else image
-
-    def use(self, image: BuiltImage) -> None:
-        self.driver.options = dataclasses.replace(self.driver.options, image=image.id)
+    option = "image"
 
     async def list(self) -> list[BuiltImage]:
         found = await self.driver._all(

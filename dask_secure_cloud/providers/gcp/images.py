@@ -4,29 +4,19 @@ from the stopped (TERMINATED) builder's boot disk, labelled with their software 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import datetime
 from typing import Any
 
 from google.cloud import compute_v1
 
 from ... import driver as drivers
 from ...driver import VM
-from ...imaging import IMAGE_TAG, BuiltImage, ImageStore, Software, parse_name
-from ...options import GCPOptions
-
-_DEFAULT_IMAGE = next(f.default for f in dataclasses.fields(GCPOptions) if f.name == "source_image")
+from ...imaging import IMAGE_TAG, BuiltImage, OptionImageStore, Software, now, parse_name
 
 
-class Images(ImageStore):
+class Images(OptionImageStore):
     """The project's global images labelled :data:`IMAGE_TAG`."""
 
-    def base(self) -> str:
-        image = self.driver.options.source_image
-        return "" if image == _DEFAULT_IMAGE else image
-
-    def use(self, image: BuiltImage) -> None:
-        self.driver.options = dataclasses.replace(self.driver.options, source_image=image.id)
+    option = "source_image"
 
     def _link(self, name: str) -> str:
         return f"projects/{self.driver.project}/global/images/{name}"
@@ -84,7 +74,7 @@ class Images(ImageStore):
             labels={IMAGE_TAG: software.digest},
         )
         what = f"creating image {name}"
-        made = BuiltImage(name, self._link(name), software.digest, _now(), software.describe())
+        made = BuiltImage(name, self._link(name), software.digest, now(), software.describe())
         try:
             operation = await driver._call(
                 "ImagesClient", "insert", what, project=driver.project, image_resource=image
@@ -94,7 +84,3 @@ class Images(ImageStore):
             await self.delete(made)
             raise
         return made
-
-
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
