@@ -58,6 +58,17 @@ LOST_SETTLE = 2.0
 LOST_POLL = 0.5
 
 
+def cancel_requested() -> bool:
+    """Whether the running task was asked to stop. Before Python 3.12, ``wait_for``
+    returns its inner call's outcome when a cancellation lands just as that call ends
+    (CPython gh-86296): a retry loop that catches the attempt's ``OSError`` would then
+    retry on, and a cancelled start would finish. The request stays counted, so loops
+    ask here."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    return bool(cancelling is not None and cancelling())
+
+
 async def answers(
     address: str, connection_args: Mapping[str, Any], timeout: float = REACH_TIMEOUT
 ) -> bool:
@@ -362,6 +373,8 @@ class Fleet:
             while True:
                 if self.closing:
                     raise ClusterStartError("start interrupted")
+                if cancel_requested():
+                    raise asyncio.CancelledError  # one an attempt's wait_for swallowed
                 pause = REACH_PAUSE
                 if enrollment is not None and enrollment.certificate(vm.name) is None:
                     await enrol()
