@@ -25,9 +25,11 @@ image_build() {
     # Left, a clone's boot waits for interfaces it does not have.
     rm -f /etc/network/interfaces.d/50-cloud-init /etc/netplan/50-cloud-init.yaml \
       /etc/systemd/network/10-cloud-init-*.network
-    # A clone must not keep this VM's identity: a new machine id where cloud-init can.
-    cloud-init clean --logs --machine-id >/dev/null 2>&1 ||
-      cloud-init clean --logs >/dev/null 2>&1 || true
+    cloud-init clean --logs >/dev/null 2>&1 || true
+    # A clone must not keep this VM's identity: an empty machine id is made anew at each
+    # clone's boot. Not "uninitialized", which is systemd's first boot: it would apply
+    # every unit preset again (networkd's wait-online among them, stalling the boot).
+    : >/etc/machine-id
   fi
   sync
   say "image-build: done after $(since "$T0")s; powering off"
