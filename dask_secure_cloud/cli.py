@@ -412,7 +412,8 @@ def image() -> None:
     """Cloud images with a cluster's exact software: its VMs then boot in seconds.
 
     A cluster boots the newest image of its account and region built for its software
-    (runtime, Docker image or dask, distributed and pip_packages, Python, base image)
+    (runtime, Docker image or dask, distributed, pip_packages and requirements_file,
+    Python, base image)
     unless its image option is given. `list` and `cleanup` never delete an image.
     """
 
@@ -447,7 +448,8 @@ def image_build(provider: str, pairs: Sequence[str], config_file: str | None) ->
     """Build PROVIDER's image for the cluster these options describe; print its name.
 
     One VM boots the stock image, provisions the runtime as a cluster's VM would (the
-    Docker engine and the pinned image; or the exact dask, distributed and pip_packages),
+    Docker engine and the pinned image; or the exact dask, distributed, pip_packages and
+    requirements_file),
     checks it, powers off; the image is made from its disk, and the VM and everything it
     made are deleted. A failed build leaves nothing but its log.
     """

@@ -43,6 +43,7 @@ from .credentials import LeafCredentials, Role
 from .errors import OptionError, UserDataTooLarge
 from .options.shared import check_requirements
 from .registry import PROVIDERS, UserDataLimit
+from .requirements_file import RequirementsFile
 
 __all__ = [
     "LIMITS",
@@ -107,14 +108,15 @@ class NativeRuntime:
     """Run the Dask process with the image's Python.
 
     When that interpreter lacks ``dask_version``/``distributed_version`` (empty: any
-    version will do) or ``pip_packages`` are asked for, the VM makes a virtualenv and
-    installs them at boot.
+    version will do), or ``pip_packages`` or a ``requirements_file`` are asked for, the VM
+    makes a virtualenv and installs them at boot.
     """
 
     python: str = "python3"
     dask_version: str = ""
     distributed_version: str = ""
     pip_packages: tuple[str, ...] = ()
+    requirements_file: RequirementsFile | None = None
 
     def __post_init__(self) -> None:
         if not self.python or self.python.startswith("-") or not self.python.isprintable():
@@ -123,6 +125,11 @@ class NativeRuntime:
                 f"'/usr/bin/python3.12', got {self.python!r}"
             )
         check_requirements(self.pip_packages, "pip_packages")
+        if self.pip_packages and self.requirements_file and self.requirements_file.hashed:
+            raise OptionError(
+                "a requirements_file with hashes installs nothing unhashed: put "
+                "pip_packages in it, with their hashes"
+            )
 
 
 @dataclass(frozen=True, repr=False)
@@ -374,6 +381,11 @@ def _document(plan: BootPlan, pack: bool = True) -> dict[str, Any]:
         # One a line, read by the boot script as data: each is one argument of pip.
         requirements = "".join(f"{r}\n" for r in plan.runtime.pip_packages)
         files.append(_file(f"{VM_HOME}/requirements.txt", requirements, "0600", pack))
+    if isinstance(plan.runtime, NativeRuntime) and plan.runtime.requirements_file is not None:
+        # Read by pip itself (``-r``); with hashes, alone (``--require-hashes``).
+        chosen = plan.runtime.requirements_file
+        name = "requirements.lock" if chosen.hashed else "requirements-file.txt"
+        files.append(_file(f"{VM_HOME}/{name}", chosen.text, "0600", pack))
     for name, source in sorted(plan.preloads.items()):
         files.append(_file(f"{VM_HOME}/preload/{name}", source, "0600", pack))
     files.append(_file(f"{VM_HOME}/boot.sh", _boot_script(plan), "0700", pack))

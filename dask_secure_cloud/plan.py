@@ -256,6 +256,7 @@ def _runtime(options: ClusterOptions, native_python: str) -> DockerRuntime | Nat
         dask_version=dask.__version__,
         distributed_version=distributed.__version__,
         pip_packages=options.pip_packages,
+        requirements_file=options.requirements_file,
     )
 
 

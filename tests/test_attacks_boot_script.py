@@ -26,6 +26,7 @@ import dask
 import distributed
 import pytest
 
+from dask_secure_cloud import requirements_file
 from dask_secure_cloud.cloudinit import (
     VM_DIR,
     VM_HOME,
@@ -162,6 +163,17 @@ def _pip_packages(bed: Bed, value: str) -> tuple[BootPlan, Expect]:
     return _plan(bed.native(pip_packages=(requirement,))), None
 
 
+def _requirements_file(bed: Bed, value: str) -> tuple[BootPlan, Expect]:
+    # The same false marker, in a file pip reads itself (``-r``), after a comment that
+    # carries the payload too. The client reads the file as the option does.
+    quote = "'" if '"' in value else '"'
+    text = f"# {value}\niniconfig; python_version == {quote}{value}{quote}\n"
+    chosen = requirements_file.parse(
+        text, "requirements_file", dask=dask.__version__, distributed=distributed.__version__
+    )
+    return _plan(bed.native(requirements_file=chosen)), None
+
+
 def _docker_image(bed: Bed, value: str) -> tuple[BootPlan, Expect]:
     return _plan(DockerRuntime(value)), None
 
@@ -175,6 +187,7 @@ OPTIONS: dict[str, Builder] = {
     "cluster-id": _cluster_id,
     "python": _python,
     "pip_packages": _pip_packages,
+    "requirements_file": _requirements_file,
     "docker_image": _docker_image,
 }
 
@@ -234,7 +247,7 @@ def expect_refusal(option: str, value: str) -> bool:
     be taken, and reach the VM unchanged."""
     if option in ("python", "docker_image"):
         return True
-    if option == "pip_packages":
+    if option in ("pip_packages", "requirements_file"):
         return "\n" in value
     return False
 

@@ -8,6 +8,7 @@ interpreter is used however it was started.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -215,10 +216,9 @@ def test_rendered_boot_scripts_pass_shellcheck(runtime, tmp_path):
     assert result.returncode == 0, result.stdout
 
 
-def test_each_pip_requirement_reaches_pip_as_one_argument_unquoted(tmp_path):
-    """``pip_packages=["pandas>=2", "s3fs[boto3]"]`` once reached pip as ``'pandas>=2'``,
-    quotes and all. An interpreter stand-in makes the virtualenv and records what its
-    pip is asked: each requirement, as written, as one argument."""
+def _pip_recorder(tmp_path) -> tuple[Path, Path]:
+    """An interpreter stand-in that makes the virtualenv and records what its pip is asked
+    (the arguments after ``install``), and where it records them."""
     record = tmp_path / "pip-argv.json"
     real = shlex.quote(sys.executable)
     dump = "import json, sys; json.dump(sys.argv[2:], open(sys.argv[1], 'w'))"
@@ -234,18 +234,123 @@ def test_each_pip_requirement_reaches_pip_as_one_argument_unquoted(tmp_path):
         f'exec {real} "$@"\n'
     )
     python.chmod(0o755)
+    return python, record
+
+
+def _pip_arguments(record: Path) -> list[str]:
+    argv = json.loads(record.read_text())
+    return argv[argv.index("install") + 1 :]
+
+
+_PIP_FLAGS = ["-q", "--disable-pip-version-check", "--retries", "3", "--timeout", "30"]
+
+
+@pytest.mark.parametrize("hashed", [False, True], ids=["plain", "hash-checked"])
+def test_a_requirements_file_reaches_pip_as_a_file_it_reads_itself(tmp_path, hashed):
+    """``requirements_file``: pip gets ``-r <the file>``, after the client's dask and
+    distributed and ``pip_packages``. A hash-checked file goes alone, with
+    ``--require-hashes``: it pins dask and distributed itself, and an unhashed pin beside
+    it would make pip refuse the whole install."""
+    from dask_secure_cloud import requirements_file
+
+    python, record = _pip_recorder(tmp_path)
+    hashes = " --hash=sha256:" + "0" * 64 if hashed else ""
+    text = (
+        f"dask==2024.8.0{hashes}\ndistributed==2024.8.0{hashes}\n"
+        f"pandas>=2 ; python_version >= '3.8'{hashes}\n"
+    )
+    chosen = requirements_file.parse(
+        text, "requirements_file", dask="2024.8.0", distributed="2024.8.0"
+    )
+    packages = () if hashed else ("zarr>=2",)
+    runtime = NativeRuntime(str(python), "2024.8.0", "2024.8.0", packages, chosen)
+    console = _run(tmp_path, _worker(("tcp://127.0.0.1:9",), runtime))
+    assert "python-env: done" in console, console
+    arguments = _pip_arguments(record)
+    name = "requirements.lock" if hashed else "requirements-file.txt"
+    given = Path(arguments[-1])
+    assert given.name == name and given.parent.name == "dask-secure-cloud"
+    if hashed:
+        assert arguments == [*_PIP_FLAGS, "--require-hashes", "-r", str(given)]
+    else:
+        pins = ["dask==2024.8.0", "distributed==2024.8.0", "zarr>=2"]
+        assert arguments == [*_PIP_FLAGS, *pins, "-r", str(given)]
+
+
+def _probe_wheel(directory: Path, text: str) -> Path:
+    """A one-module wheel, ``dsc_probe`` 1.0, whose module is ``text``: a package on an
+    index, made here so that pip installs it with no network."""
+    import base64
+    import hashlib
+    import zipfile
+
+    directory.mkdir(parents=True, exist_ok=True)
+    wheel = directory / "dsc_probe-1.0-py3-none-any.whl"
+    files = {
+        "dsc_probe.py": text,
+        "dsc_probe-1.0.dist-info/METADATA": (
+            "Metadata-Version: 2.1\nName: dsc-probe\nVersion: 1.0\n"
+        ),
+        "dsc_probe-1.0.dist-info/WHEEL": (
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+    record = []
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, content in files.items():
+            data = content.encode()
+            archive.writestr(name, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+            record.append(f"{name},sha256={digest.decode()},{len(data)}")
+        record.append("dsc_probe-1.0.dist-info/RECORD,,")
+        archive.writestr("dsc_probe-1.0.dist-info/RECORD", "\n".join(record) + "\n")
+    return wheel
+
+
+@pytest.mark.parametrize("substituted", [False, True], ids=["as-locked", "substituted"])
+def test_a_hash_checked_file_installs_only_the_wheels_it_locked(tmp_path, substituted):
+    """docs/boot.rst: with hashes, a changed or substituted wheel on the index fails the
+    boot instead of running. Real pip, from the boot script, against a local index: the
+    lock's hash is of the wheel as locked; the index then serves it as locked, or
+    another wheel of the same name and version.
+
+    The file is made here rather than read as the option reads it, which would ask for
+    dask and distributed in it: those would come from PyPI, and the probe is the point."""
+    import hashlib
+
+    from dask_secure_cloud.requirements_file import RequirementsFile
+
+    index = tmp_path / "index"
+    locked = _probe_wheel(index, "LOCKED = True\n")
+    digest = hashlib.sha256(locked.read_bytes()).hexdigest()
+    if substituted:
+        _probe_wheel(index, "import os\nos.system('echo pwned')\n")
+    text = f"--no-index\n--find-links {index}\ndsc-probe==1.0 --hash=sha256:{digest}\n"
+    chosen = RequirementsFile("lock", text, hashed=True, names=frozenset({"dsc-probe"}))
+    runtime = NativeRuntime(sys.executable, dask.__version__, distributed.__version__)
+    runtime = dataclasses.replace(runtime, requirements_file=chosen)
+    plan = _worker(("tcp://127.0.0.1:9", "--death-timeout", "2s"), runtime, boot_timeout=5)
+    console = _run(tmp_path, plan, wait=120)
+    if substituted:
+        assert "python-env: FAILED" in console, console
+        assert "DO NOT MATCH THE HASHES" in console, console
+        assert "boot FAILED at step python-env" in console, console  # Dask never ran
+    else:
+        assert "python-env: done" in console, console
+        assert "HASHES" not in console, console
+
+
+def test_each_pip_requirement_reaches_pip_as_one_argument_unquoted(tmp_path):
+    """``pip_packages=["pandas>=2", "s3fs[boto3]"]`` once reached pip as ``'pandas>=2'``,
+    quotes and all. An interpreter stand-in makes the virtualenv and records what its
+    pip is asked: each requirement, as written, as one argument."""
+    python, record = _pip_recorder(tmp_path)
     wanted = ("pandas>=2", "s3fs[boto3]", 'iniconfig >= 2, < 3; python_version >= "3.8"')
     runtime = NativeRuntime(str(python), "2024.8.0+g123", "2024.8.0", wanted)
     console = _run(tmp_path, _worker(("tcp://127.0.0.1:9",), runtime))
     assert "python-env: done" in console, console
-    argv = json.loads(record.read_text())
-    assert argv[argv.index("install") + 1 :] == [
-        "-q",
-        "--disable-pip-version-check",
-        "--retries",
-        "3",
-        "--timeout",
-        "30",
+    assert _pip_arguments(record) == [
+        *_PIP_FLAGS,
         "dask==2024.8.0",
         "distributed==2024.8.0",
         *wanted,

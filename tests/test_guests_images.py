@@ -2,16 +2,20 @@
 cluster booted from it skips provisioning.
 
 On Compute Engine's stand-in (its default network, guests booted from the stock-like
-image): the build boots one stock guest that provisions the native runtime (a
-virtualenv with this client's exact dask and distributed from "PyPI", ``python3-venv``
-from apt), checks it and powers off; the image is that guest's disk. Then a cluster of
-that software (a scheduler and a worker) boots from it, computes over TLS, and no guest
-prints a ``python-env``, ``docker-engine`` or ``pull`` step: each says it was
-provisioned by the image. The timings go to the test's output.
+image): the build boots one stock guest that provisions the native runtime from a
+hash-checked lock file (``requirements_file``, as ``pip-compile --generate-hashes``
+writes one: this client's exact dask and distributed, two packages of a user's and all
+they need, each with its hash) into a virtualenv, from "PyPI", with ``python3-venv`` from
+apt; it checks the result and powers off; the image is that guest's disk. Then a
+cluster of that software (a scheduler and a worker) boots from it, computes over TLS,
+can import the user's packages, and no guest prints a ``python-env``, ``docker-engine``
+or ``pull`` step: each says it was provisioned by the image. The timings go to the
+test's output.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator
 
@@ -27,6 +31,7 @@ from dask_secure_cloud.imaging.build import build
 from clouds.gce import GCEStandIn
 from clouds.guest.booter import GuestBooter
 from clouds.guest.image import stock_image
+from clouds.guest.mirror_pypi import dask_requirements, wheelhouse
 
 pytestmark = [
     pytest.mark.slow,
@@ -43,6 +48,19 @@ PROJECT, ZONE = "dsc-guest-project", "us-central1-a"
 STEPS = ("python-env:", "docker-engine:", "pull:")
 
 
+def _lock_file(directory) -> str:
+    """A hash-checked lock of the wheelhouse the test's "PyPI" serves: one pinned,
+    hashed line per wheel, as ``pip-compile --generate-hashes`` writes them."""
+    lines = ["# a lock file: every package pinned and hashed"]
+    for wheel in sorted(wheelhouse(dask_requirements()).glob("*.whl")):
+        name, version = wheel.name.split("-")[:2]
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        lines.append(f"{name}=={version} \\\n    --hash=sha256:{digest}")
+    path = directory / "requirements.lock"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
 @pytest.fixture
 def gce_guests(guest_network, tmp_path) -> Iterator[tuple[GCEStandIn, GuestBooter, dict]]:
     booter = GuestBooter(tmp_path / "vms", guest_network, stock_image(), apparmor=APPARMOR)
@@ -56,6 +74,7 @@ def gce_guests(guest_network, tmp_path) -> Iterator[tuple[GCEStandIn, GuestBoote
         "use_private_ip": True,  # the client reaches the guests' private addresses
         "boot_timeout": BOOT_TIMEOUT,
         "runtime": "native",
+        "requirements_file": _lock_file(tmp_path),
     }
     try:
         yield stand_in, booter, options
@@ -67,6 +86,14 @@ async def test_a_cluster_booted_from_a_built_image_provisions_nothing(
     gce_guests, guest_network, guest_services, capsys
 ):
     stand_in, booter, options = gce_guests
+
+    def users_packages() -> bool:
+        # Nested, so that it is pickled by value: the guests cannot import this module.
+        import iniconfig  # noqa: F401
+        import socks  # noqa: F401
+
+        return True
+
     started = time.monotonic()
     built = await build(GCPCluster, dict(options), poll_interval=5)
     build_seconds = time.monotonic() - started
@@ -85,6 +112,8 @@ async def test_a_cluster_booted_from_a_built_image_provisions_nothing(
             versions = await client.get_versions(check=True)
             assert versions["scheduler"]["packages"]["dask"] == dask.__version__
             assert versions["scheduler"]["packages"]["distributed"] == distributed.__version__
+            users = await client.run(users_packages)
+            assert list(users.values()) == [True], users
         inserts = [body for call, body in stand_in.requests if call == "instances.insert"]
         assert all(
             body["disks"][0]["initializeParams"]["sourceImage"].endswith(built.id)

@@ -109,6 +109,7 @@ _SPECIFIC: dict[str, list[tuple[str, Any]]] = {
     "disk_size": [("too-small", 1)],
     "filesystem_size": [("too-small", 1)],
     "max_hourly_cost": [("zero", 0), ("negative", -1.5), ("text", "2 USD")],
+    "requirements_file": [("missing", "/nonexistent/requirements.txt")],
 }
 
 

@@ -75,6 +75,9 @@ class Software:
     python: str = ""
     #: The base image as given (the cloud's image option); empty: the cloud's stock one.
     base: str = ""
+    #: ``requirements_file``'s lines as the VM gets them (not its path: where a file lies
+    #: on one laptop says nothing of what it installs).
+    requirements: str = ""
 
     @classmethod
     def of(cls, runtime: DockerRuntime | NativeRuntime, base: str = "") -> Software:
@@ -90,11 +93,15 @@ class Software:
             pip_packages=tuple(runtime.pip_packages),
             python=python,
             base=base,
+            requirements=runtime.requirements_file.text if runtime.requirements_file else "",
         )
 
     @property
     def digest(self) -> str:
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        held = dataclasses.asdict(self)
+        if not held["requirements"]:
+            del held["requirements"]  # images built before the option keep their hash
+        text = json.dumps(held, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:DIGEST_LENGTH]
 
     def describe(self) -> str:
@@ -105,6 +112,9 @@ class Software:
             held = f"native dask {self.dask} distributed {self.distributed}"
             if self.pip_packages:
                 held += " + " + " ".join(self.pip_packages)
+            if self.requirements:
+                count = len(self.requirements.splitlines())
+                held += f" + a requirements file ({count} lines)"
         return f"{held}; python {self.python}; base {self.base or 'stock'}"
 
 

@@ -7,7 +7,9 @@ import datetime
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from .. import requirements_file
 from ..errors import OptionError
+from ..requirements_file import RequirementsFile
 from .base import (
     DURATION,
     _boolean,
@@ -53,6 +55,18 @@ def check_requirements(value: Any, name: str) -> tuple[str, ...]:
             why = str(e).splitlines()[0]
             raise OptionError(f"{name}: {item!r} is not a requirement ({why}); {fix}") from e
     return items
+
+
+def _requirements_file(value: Any, name: str) -> RequirementsFile | None:
+    """A pip requirements file, read and checked now (see ``requirements_file.py``)."""
+    if value is None or isinstance(value, RequirementsFile):
+        return value
+    import dask
+    import distributed
+
+    return requirements_file.read(
+        value, name, dask=dask.__version__, distributed=distributed.__version__
+    )
 
 
 def _idle_timeout(value: Any, name: str) -> datetime.timedelta | None:
@@ -188,6 +202,20 @@ class ClusterOptions:
         types="array",
         check=check_requirements,
         note="runtime native: installed on each VM at boot, with dask",
+    )
+    requirements_file: RequirementsFile | None = option(
+        None,
+        """
+        ``runtime="native"``: the path of a pip requirements file on this machine
+        (``requirements.txt``, or a lock file from ``pip-compile --generate-hashes``),
+        installed on each VM at boot with this client's dask and distributed. It is read
+        and checked when the cluster is made: another file it names (``-r``, ``-e .``), a
+        conda environment, or a dask pin other than the client's is refused then. With
+        hashes, pip checks every package and the file must pin dask and distributed.
+        """,
+        types=("string", "null"),
+        check=_requirements_file,
+        note="runtime native: path of a pip requirements or lock file; null: none",
     )
     env_vars: dict[str, str] = option(
         {},
@@ -345,6 +373,17 @@ class ClusterOptions:
             raise OptionError(
                 "pip_packages applies to runtime='native' (installed on the VM at boot); "
                 "with runtime='docker', build them into docker_image instead"
+            )
+        if self.runtime == "docker" and self.requirements_file is not None:
+            raise OptionError(
+                "requirements_file applies to runtime='native' (installed on the VM at "
+                "boot); with runtime='docker', build it into docker_image instead"
+            )
+        if self.pip_packages and self.requirements_file and self.requirements_file.hashed:
+            raise OptionError(
+                f"requirements_file {self.requirements_file.path} checks hashes, so pip "
+                f"installs nothing unhashed: move pip_packages "
+                f"({', '.join(self.pip_packages)}) into the file, with their hashes"
             )
 
 

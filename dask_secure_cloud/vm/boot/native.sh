@@ -1,5 +1,6 @@
 # shellcheck shell=sh
-# The native runtime's step: this client's exact dask and distributed, and pip_packages.
+# The native runtime's step: this client's exact dask and distributed, pip_packages and
+# requirements_file.
 # Part of every VM's boot.sh (bootscript.render_script), from the next line on.
 has_wanted_dask() {
   "$1" - "$WANT_DASK" "$WANT_DISTRIBUTED" <<'PY' 2>/dev/null
@@ -13,8 +14,14 @@ want = tuple(sys.argv[1:3])
 sys.exit(0 if all(w in ("", h) for w, h in zip(want, have)) else 1)
 PY
 }
+# What the user asked for beyond dask: requirements.txt (pip_packages, one a line),
+# requirements-file.txt or requirements.lock (requirements_file, read by pip itself).
+wants_more() {
+  [ -e "$D/requirements.txt" ] || [ -e "$D/requirements-file.txt" ] ||
+    [ -e "$D/requirements.lock" ]
+}
 python_env() {
-  if [ ! -e "$D/requirements.txt" ] && has_wanted_dask "$PY"; then
+  if ! wants_more && has_wanted_dask "$PY"; then
     echo "$PY already has dask ${WANT_DASK:-(any)} and distributed ${WANT_DISTRIBUTED:-(any)}"
     return 0
   fi
@@ -26,13 +33,20 @@ python_env() {
     # System site-packages stay visible: whatever the image has baked in is kept.
     "$PY" -m venv --system-site-packages "$D/venv" || return 1
   fi
-  # A development build's local version (+g1234) is not on an index: pin its release.
-  set -- "dask${WANT_DASK:+==${WANT_DASK%%+*}}" \
-    "distributed${WANT_DISTRIBUTED:+==${WANT_DISTRIBUTED%%+*}}"
-  # pip_packages, one requirement a line: each line is one argument, never split,
-  # expanded or parsed by this shell (nor by pip's requirements-file syntax).
-  if [ -e "$D/requirements.txt" ]; then
-    while IFS= read -r req || [ -n "$req" ]; do set -- "$@" "$req"; done <"$D/requirements.txt"
+  if [ -e "$D/requirements.lock" ]; then
+    # Hash-checked: pip installs nothing the file does not pin and hash, dask included
+    # (the client checked that it pins dask and distributed at its own versions).
+    set -- --require-hashes -r "$D/requirements.lock"
+  else
+    # A development build's local version (+g1234) is not on an index: pin its release.
+    set -- "dask${WANT_DASK:+==${WANT_DASK%%+*}}" \
+      "distributed${WANT_DISTRIBUTED:+==${WANT_DISTRIBUTED%%+*}}"
+    # pip_packages, one requirement a line: each line is one argument, never split,
+    # expanded or parsed by this shell (nor by pip's requirements-file syntax).
+    if [ -e "$D/requirements.txt" ]; then
+      while IFS= read -r req || [ -n "$req" ]; do set -- "$@" "$req"; done <"$D/requirements.txt"
+    fi
+    if [ -e "$D/requirements-file.txt" ]; then set -- "$@" -r "$D/requirements-file.txt"; fi
   fi
   retry "$D/venv/bin/python" -m pip install -q --disable-pip-version-check \
     --retries 3 --timeout 30 "$@" || return 1
@@ -43,7 +57,9 @@ python_env() {
 # What an image built for this script holds (common.sh: provisioned).
 software() {
   echo "native dask ${WANT_DASK:-(any)} distributed ${WANT_DISTRIBUTED:-(any)}"
-  if [ -e "$D/requirements.txt" ]; then cat "$D/requirements.txt"; fi
+  for f in requirements.txt requirements-file.txt requirements.lock; do
+    if [ -e "$D/$f" ]; then cat "$D/$f"; fi
+  done
 }
 # On such an image: its environment (the virtualenv the build made, if any) has them.
 as_built() {
