@@ -34,6 +34,14 @@ class CostCap(SpecCluster):
         fleet = getattr(self, "fleet", None)
         return getattr(fleet, "on_demand_cost", None) or getattr(self, "_cost", None)
 
+    def _shown_cost(self) -> tuple[pricing.Estimate | None, str]:
+        """What the reprs show: the price the cap is checked at, and after a fallback
+        a note saying the workers are priced on-demand (an upper bound: some may still
+        run on spot)."""
+        if getattr(getattr(self, "fleet", None), "on_demand_cost", None) is not None:
+            return self._capped_cost(), " (workers priced on-demand after a spot fallback)"
+        return getattr(self, "_cost", None), ""
+
     async def _check_cost(self) -> None:
         """Price the cluster before anything exists (the log line, the reprs, ``list``)
         and refuse a start above ``max_hourly_cost``. Price lists are read in a thread:

@@ -41,9 +41,9 @@ class Display(SpecCluster):
                 "off" if self.options.idle_timeout is None else human(self.options.idle_timeout)
             ),
         }
-        cost = getattr(self, "_cost", None)
+        cost, note = self._shown_cost()
         if cost is not None:
-            summary["cost"] = cost.short(len(getattr(self, "worker_spec", {}) or {}))
+            summary["cost"] = cost.short(len(getattr(self, "worker_spec", {}) or {})) + note
         if getattr(self, "_replacements", None) and (gone := self._workers_gone_report()):
             summary["workers gone"] = "; ".join(gone)
         if self._credentials is not None:
@@ -72,7 +72,7 @@ class Display(SpecCluster):
     def _html_summary(self) -> dict[str, str]:
         """The summary with the cost spelled out: how it adds up, its source and age."""
         summary = self._summary()
-        cost = getattr(self, "_cost", None)
+        cost, note = self._shown_cost()
         if cost is not None:
-            summary["cost"] = cost.describe(len(getattr(self, "worker_spec", {}) or {}))
+            summary["cost"] = cost.describe(len(getattr(self, "worker_spec", {}) or {})) + note
         return summary

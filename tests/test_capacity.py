@@ -220,8 +220,12 @@ async def test_ec2_on_demand_fallback_stays_within_the_cost_cap(price_lists, ec2
         async with EC2Cluster(n_workers=1, asynchronous=True, **spot_options) as cluster:
             (moved,) = events(cluster.cluster_id, "vm_moved")
             assert moved["spot_asked"] and not moved["spot"] and moved["to_zone"] == A
-            # From now on the cap prices workers on-demand, which it holds one of.
+            # From now on the cap prices workers on-demand, which it holds one of, and
+            # the reprs show that price.
             assert cluster._workers_within_cap() == 1
+            shown = f"cost={pricing.money(cluster._capped_cost().hourly(1))}/h (workers priced"
+            assert shown in repr(cluster) and pricing.money(on_demand) in repr(cluster)
+            assert "on-demand after a spot fallback" in cluster._repr_html_()
             with pytest.raises(pricing.CostLimitError, match="above max_hourly_cost"):
                 cluster.scale(2)
         assert ec2_markets(stand_in) == ["on-demand", "spot", "on-demand"]
