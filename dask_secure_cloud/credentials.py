@@ -11,7 +11,7 @@ certificate can only authenticate a client, never serve as a scheduler or worker
 Every leaf lives hours (``certificate_lifetime``), the client's own included, and is
 renewed while the client runs; the CA lives as long as the cluster may
 (``max_lifetime``). A VM loads its renewed certificate into its live TLS contexts
-(``peers.py``); the client does the same here (:meth:`ClusterCredentials.renew_client`):
+(``vm/certificate.py``); the client does the same here (:meth:`ClusterCredentials.renew_client`):
 a :class:`ClusterSecurity` keeps every context it handed out and reloads each, so pools,
 ``Client`` objects and the dashboard proxy made from it go on, and new connections use the
 new certificate.

@@ -22,7 +22,7 @@ a warning in the log and an ``enrollment_refused`` event in the audit log, and t
 others enrol on. A refused VM is asked again next round: its real answer still counts.
 
 The scheduler is asked directly, on its port, before its Dask starts; workers through
-the scheduler's ``secure_cloud_enroll_relay`` (see ``peers.py``), in one batch per round.
+the scheduler's ``secure_cloud_enroll_relay`` (see ``vm/relays.py``), in one batch per round.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A VM's certificate lives ``certificate_lifetime`` (hours by default). While the 
 runs, it asks each enrolled VM for a certificate request for a key the VM makes afresh
 (``secure_cloud_renew`` ``request``), signs it with the identity the VM enrolled with,
 and hands the certificate back (``install``); the VM loads it into every live TLS
-context, so new connections use it and none is dropped (see ``peers.py``). The
+context, so new connections use it and none is dropped (see ``vm/certificate.py``). The
 scheduler is asked directly; a worker through the scheduler
 (``secure_cloud_renew_relay``), over the same mutual TLS that carries the client's
 other calls. Only the client's certificate may ask.
