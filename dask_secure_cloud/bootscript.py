@@ -37,6 +37,7 @@ packages and never powers the machine off: it is running on the user's own compu
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Sequence
 from importlib import resources
@@ -56,9 +57,31 @@ _PARTS = resources.files(f"{__package__}.vm").joinpath("boot")
 
 def _part(name: str) -> str:
     """``vm/boot/<name>.sh`` from the line after its header (which ends with the line
-    saying so)."""
+    saying so), without its comment lines: they are for whoever reads the source, and
+    every byte of user-data is one the user's own options cannot use (EC2 allows 16 KB
+    in all). shellcheck's directives and here-documents are kept as they are."""
     text = _PARTS.joinpath(f"{name}.sh").read_text()
-    return text.split(" from the next line on.\n", 1)[1]
+    return _without_comments(text.split(" from the next line on.\n", 1)[1])
+
+
+_HEREDOC = re.compile(r"<<-?\s*'?(\w+)'?")
+
+
+def _without_comments(text: str) -> str:
+    kept: list[str] = []
+    ending = None  # the word that ends the here-document being read
+    for line in text.splitlines(keepends=True):
+        if ending is not None:
+            kept.append(line)
+            ending = None if line.strip() == ending else ending
+            continue
+        code = line.strip()
+        if code.startswith("#") and not code.startswith("# shellcheck"):
+            continue
+        kept.append(line)
+        if (found := _HEREDOC.search(line)) is not None:
+            ending = found.group(1)
+    return "".join(kept)
 
 
 _COMMON, _DOCKER, _GPU, _NATIVE = (_part(n) for n in ("common", "docker", "gpu", "native"))

@@ -57,3 +57,32 @@ async def answers_without_certificate(address: str, ca_pem: str) -> bool:
         return False
     finally:
         writer.close()
+
+
+def probe_wheel(directory: Path, module: str, text: str) -> Path:
+    """A one-module wheel, ``module`` 1.0, whose module's source is ``text``: a package
+    on an index, made here so that pip installs it with no network."""
+    import base64
+    import hashlib
+    import zipfile
+
+    directory.mkdir(parents=True, exist_ok=True)
+    info = f"{module}-1.0.dist-info"
+    wheel = directory / f"{module}-1.0-py3-none-any.whl"
+    files = {
+        f"{module}.py": text,
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n",
+        f"{info}/WHEEL": (
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+    record = []
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, content in files.items():
+            data = content.encode()
+            archive.writestr(name, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+            record.append(f"{name},sha256={digest.decode()},{len(data)}")
+        record.append(f"{info}/RECORD,,")
+        archive.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
+    return wheel

@@ -23,6 +23,7 @@ from pathlib import Path
 import dask
 import distributed
 import pytest
+from helpers import probe_wheel
 
 from dask_secure_cloud.cloudinit import (
     VM_HOME,
@@ -277,36 +278,6 @@ def test_a_requirements_file_reaches_pip_as_a_file_it_reads_itself(tmp_path, has
         assert arguments == [*_PIP_FLAGS, *pins, "-r", str(given)]
 
 
-def _probe_wheel(directory: Path, text: str) -> Path:
-    """A one-module wheel, ``dsc_probe`` 1.0, whose module is ``text``: a package on an
-    index, made here so that pip installs it with no network."""
-    import base64
-    import hashlib
-    import zipfile
-
-    directory.mkdir(parents=True, exist_ok=True)
-    wheel = directory / "dsc_probe-1.0-py3-none-any.whl"
-    files = {
-        "dsc_probe.py": text,
-        "dsc_probe-1.0.dist-info/METADATA": (
-            "Metadata-Version: 2.1\nName: dsc-probe\nVersion: 1.0\n"
-        ),
-        "dsc_probe-1.0.dist-info/WHEEL": (
-            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-        ),
-    }
-    record = []
-    with zipfile.ZipFile(wheel, "w") as archive:
-        for name, content in files.items():
-            data = content.encode()
-            archive.writestr(name, data)
-            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
-            record.append(f"{name},sha256={digest.decode()},{len(data)}")
-        record.append("dsc_probe-1.0.dist-info/RECORD,,")
-        archive.writestr("dsc_probe-1.0.dist-info/RECORD", "\n".join(record) + "\n")
-    return wheel
-
-
 @pytest.mark.parametrize("substituted", [False, True], ids=["as-locked", "substituted"])
 def test_a_hash_checked_file_installs_only_the_wheels_it_locked(tmp_path, substituted):
     """docs/boot.rst: with hashes, a changed or substituted wheel on the index fails the
@@ -321,10 +292,10 @@ def test_a_hash_checked_file_installs_only_the_wheels_it_locked(tmp_path, substi
     from dask_secure_cloud.requirements_file import RequirementsFile
 
     index = tmp_path / "index"
-    locked = _probe_wheel(index, "LOCKED = True\n")
+    locked = probe_wheel(index, "dsc_probe", "LOCKED = True\n")
     digest = hashlib.sha256(locked.read_bytes()).hexdigest()
     if substituted:
-        _probe_wheel(index, "import os\nos.system('echo pwned')\n")
+        probe_wheel(index, "dsc_probe", "import os\nos.system('echo pwned')\n")
     text = f"--no-index\n--find-links {index}\ndsc-probe==1.0 --hash=sha256:{digest}\n"
     chosen = RequirementsFile("lock", text, hashed=True, names=frozenset({"dsc-probe"}))
     runtime = NativeRuntime(sys.executable, dask.__version__, distributed.__version__)

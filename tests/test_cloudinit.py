@@ -195,6 +195,19 @@ def _boot_sh(user_data: bytes) -> str:
     return decoded_files(user_data)["/opt/dask-secure-cloud/boot.sh"].decode()
 
 
+@pytest.mark.parametrize("runtime", ["docker", "native"])
+def test_the_boot_script_ships_its_code_and_not_its_comments(runtime):
+    """Comments stay in the package's ``vm/boot/*.sh``; user-data carries code, shellcheck's
+    directives and here-documents whole (the Python they hold still runs: the boot tests
+    pass through it)."""
+    boot = _boot_sh(render(plan(runtime=runtime)))
+    comments = [line.strip() for line in boot.splitlines() if line.strip().startswith("#")]
+    assert comments[:2] == ["#!/bin/sh", "# dask-secure-cloud: worker w-0 of cluster c1"]
+    assert all(c.startswith("# shellcheck") for c in comments[2:]), comments
+    if runtime == "native":
+        assert "import sys\nfrom importlib.metadata import" in boot  # a here-document
+
+
 def test_pip_packages_travel_as_a_file_one_requirement_a_line_never_in_the_script():
     """Each requirement is data: a line of a 0600 file the boot script reads, one pip
     argument each, never a word of the script itself."""

@@ -18,7 +18,13 @@ from cryptography.hazmat.primitives import serialization
 from distributed import Client
 from distributed.comm import connect
 from distributed.security import Security
-from helpers import answers_without_certificate, any_vm_processes, decoded_files, vm_processes
+from helpers import (
+    answers_without_certificate,
+    any_vm_processes,
+    decoded_files,
+    probe_wheel,
+    vm_processes,
+)
 
 from dask_secure_cloud import LocalVMCluster
 from dask_secure_cloud.cloudinit import UserDataTooLarge
@@ -497,3 +503,61 @@ async def test_display_and_progress_log(vm_dir, caplog):
             "joined: 1 of 1",
         ):
             assert step in log, step
+
+
+def _environment_of_a_user(directory: Path, index: Path) -> Path:
+    """A virtualenv as a user's: its own packages (``dsc_users``, from ``index``) beside
+    what this test run has (dask; put on its path by a ``.pth`` file, as an editable
+    install does). Its base interpreter has neither of its own packages."""
+    subprocess.run([sys.executable, "-m", "venv", str(directory)], check=True)
+    python = directory / "bin" / "python"
+    ask = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    purelib = Path(subprocess.check_output([python, "-c", ask], text=True).strip())
+    ours = [p for p in sys.path if p.endswith("-packages") and Path(p).is_dir()]
+    (purelib / "this-test-run.pth").write_text("".join(f"{p}\n" for p in ours))
+    pip = [python, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(index)]
+    subprocess.run([*pip, "dsc_users"], check=True)
+    return python
+
+
+async def test_pip_packages_and_a_requirements_file_install_on_local_vms(vm_dir, tmp_path):
+    """``runtime="native"`` with ``pip_packages`` and ``requirements_file`` on process VMs
+    whose interpreter is a user's virtualenv's: each VM's virtualenv gets both packages
+    from the index named in ``env_vars`` (a local one and no other), and keeps seeing the
+    packages of the environment it was made from (``--system-site-packages`` alone
+    would show only its base interpreter's, where a user's own packages are not)."""
+    index = tmp_path / "index"
+    probe_wheel(index, "dsc_listed", "LISTED = 'pip_packages'\n")
+    probe_wheel(index, "dsc_locked", "LOCKED = 'requirements_file'\n")
+    probe_wheel(index, "dsc_users", "USERS = 'the environment'\n")
+    python = _environment_of_a_user(tmp_path / "users-venv", index)
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# the team's environment\ndsc_locked==1.0\n")
+
+    def imported() -> tuple[str, str, str]:
+        import dsc_listed
+        import dsc_locked
+        import dsc_users
+
+        return dsc_listed.LISTED, dsc_locked.LOCKED, dsc_users.USERS
+
+    wanted = ("pip_packages", "requirements_file", "the environment")
+    async with LocalVMCluster(
+        n_workers=1,
+        directory=vm_dir,
+        python=str(python),
+        pip_packages=["dsc_listed>=1"],
+        requirements_file=str(requirements),
+        env_vars={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(index)},
+        asynchronous=True,
+    ) as cluster:
+        async with Client(cluster, asynchronous=True) as client:
+            await client.wait_for_workers(1, timeout=60)
+            on_workers = await client.run(imported)
+            on_scheduler = await client.run_on_scheduler(imported)
+        consoles = await cluster.fleet.consoles()
+    assert list(on_workers.values()) == [wanted]
+    assert on_scheduler == wanted
+    for name, console in consoles.items():
+        assert "python-env: done" in console, (name, console)
+    assert_nothing_left(vm_dir)

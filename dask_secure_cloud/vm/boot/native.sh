@@ -20,6 +20,20 @@ wants_more() {
   [ -e "$D/requirements.txt" ] || [ -e "$D/requirements-file.txt" ] ||
     [ -e "$D/requirements.lock" ]
 }
+# When $1 is itself a virtualenv's interpreter, --system-site-packages shows only its
+# base interpreter's packages: the new environment also gets $1's (after its own), so
+# what that environment has (dask, on a local VM: the client's) is not installed again.
+keep_packages_of() {
+  "$1" - "$D/venv/bin/python" <<'PY'
+import site, subprocess, sys
+if sys.prefix != sys.base_prefix:
+    ask = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    own = subprocess.run([sys.argv[1], "-c", ask], capture_output=True, text=True, check=True)
+    lines = [f"import site; site.addsitedir({d!r})\n" for d in site.getsitepackages()]
+    with open(f"{own.stdout.strip()}/dask-secure-cloud-parent.pth", "w") as pth:
+        pth.writelines(lines)
+PY
+}
 python_env() {
   if ! wants_more && has_wanted_dask "$PY"; then
     echo "$PY already has dask ${WANT_DASK:-(any)} and distributed ${WANT_DISTRIBUTED:-(any)}"
@@ -32,6 +46,7 @@ python_env() {
   if [ ! -x "$D/venv/bin/python" ]; then
     # System site-packages stay visible: whatever the image has baked in is kept.
     "$PY" -m venv --system-site-packages "$D/venv" || return 1
+    keep_packages_of "$PY" || return 1
   fi
   if [ -e "$D/requirements.lock" ]; then
     # Hash-checked: pip installs nothing the file does not pin and hash, dask included
