@@ -384,7 +384,7 @@ def _document(plan: BootPlan, pack: bool = True) -> dict[str, Any]:
     if isinstance(plan.runtime, NativeRuntime) and plan.runtime.requirements_file is not None:
         # Read by pip itself (``-r``); with hashes, alone (``--require-hashes``).
         chosen = plan.runtime.requirements_file
-        name = "requirements.lock" if chosen.hashed else "requirements-file.txt"
+        name = _REQUIREMENTS_FILES[1] if chosen.hashed else _REQUIREMENTS_FILES[0]
         files.append(_file(f"{VM_HOME}/{name}", chosen.text, "0600", pack))
     for name, source in sorted(plan.preloads.items()):
         files.append(_file(f"{VM_HOME}/preload/{name}", source, "0600", pack))
@@ -419,16 +419,27 @@ def check_size(
     if size <= limit.max_bytes:
         return
     parts = ""
+    fix = "Shorten extra_bootstrap or env_vars, or install software in the image instead."
     if document is not None:
         sizes = sorted(
             ((len(str(f["content"])), f["path"]) for f in document.get("write_files", [])),
             reverse=True,
         )
         parts = "; largest parts: " + ", ".join(f"{p} ({n:,} B)" for n, p in sizes[:3])
+        if sizes and sizes[0][1].rsplit("/", 1)[-1] in _REQUIREMENTS_FILES:
+            # An image build carries the same file in its builder's user-data.
+            fix = (
+                "The largest is requirements_file's: on this cloud install it into a "
+                "docker_image instead, or ship a file without hashes (a lock file holds "
+                "a hash of every wheel of every platform, and hashes do not compress)."
+            )
     raise UserDataTooLarge(
-        f"user-data is {size:,} bytes but {limit.cloud} allows {limit.max_bytes:,}{parts}. "
-        "Shorten extra_bootstrap or env_vars, or install software in the image instead."
+        f"user-data is {size:,} bytes but {limit.cloud} allows {limit.max_bytes:,}{parts}. {fix}"
     )
+
+
+#: What ``requirements_file`` becomes on a VM (plain, hash-checked).
+_REQUIREMENTS_FILES = ("requirements-file.txt", "requirements.lock")
 
 
 def parse(user_data: bytes) -> dict[str, Any]:

@@ -35,11 +35,12 @@ class CostCap(SpecCluster):
         return getattr(fleet, "on_demand_cost", None) or getattr(self, "_cost", None)
 
     def _shown_cost(self) -> tuple[pricing.Estimate | None, str]:
-        """What the reprs show: the price the cap is checked at, and after a fallback
-        a note saying the workers are priced on-demand (an upper bound: some may still
-        run on spot)."""
+        """What the reprs show: the start's estimate; once spot capacity ran out and a
+        worker was let run on-demand (``spot_fallback``), every worker priced on-demand,
+        which the cap is checked at too, and a note saying so (an upper bound: some may
+        still run on spot)."""
         if getattr(getattr(self, "fleet", None), "on_demand_cost", None) is not None:
-            return self._capped_cost(), " (workers priced on-demand after a spot fallback)"
+            return self._capped_cost(), " (workers priced on-demand: spot capacity ran out)"
         return getattr(self, "_cost", None), ""
 
     async def _check_cost(self) -> None:

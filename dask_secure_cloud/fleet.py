@@ -250,15 +250,16 @@ class Fleet:
         options = self.planner.options
         if not getattr(options, "spot_fallback", False):
             return "spot_fallback=False"
-        cap = options.max_hourly_cost
-        if cap is None:
-            return None
-        from . import pricing  # the price lists' clients load only when a cap is checked
+        from . import pricing
 
         workers = self.workers_wanted() if self.workers_wanted else self.driver.initial_workers
         on_demand = dataclasses.replace(options, worker_spot=False)
         # A price list that cannot answer makes the price unknown, never an error.
         cost = await asyncio.to_thread(pricing.estimate, on_demand, workers, self.driver)
+        cap = options.max_hourly_cost
+        if cap is None:
+            self.on_demand_cost = cost  # what the reprs show from now on
+            return None
         hourly = cost.hourly(workers)
         if hourly is None:
             why = "; ".join(cost.unknown())

@@ -258,7 +258,7 @@ def test_a_requirements_file_reaches_pip_as_a_file_it_reads_itself(tmp_path, has
     hashes = " --hash=sha256:" + "0" * 64 if hashed else ""
     text = (
         f"dask==2024.8.0{hashes}\ndistributed==2024.8.0{hashes}\n"
-        f"pandas>=2 ; python_version >= '3.8'{hashes}\n"
+        f"pandas==2.2.3 ; python_version >= '3.8'{hashes}\n"
     )
     chosen = requirements_file.parse(
         text, "requirements_file", dask="2024.8.0", distributed="2024.8.0"

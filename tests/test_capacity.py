@@ -172,10 +172,16 @@ async def test_ec2_scheduler_moves_the_cluster_before_any_worker(ec2):
     assert all_clusters_gone(client)
 
 
-async def test_ec2_spot_refused_runs_on_demand_where_allowed(ec2):
+async def test_ec2_spot_refused_runs_on_demand_where_allowed(price_lists, ec2):
     stand_in, client, options, _, A, _ = ec2
+    _serve_aws(price_lists)
     stand_in.refuse_capacity(A, options["worker_instance_type"], spot=True)
+    spot = pricing.estimate(resolve(EC2Options, {**options, "worker_spot": True}), 1).hourly(1)
+    on_demand = pricing.estimate(resolve(EC2Options, options), 1).hourly(1)
     async with EC2Cluster(n_workers=1, asynchronous=True, worker_spot=True, **options) as cluster:
+        # With no cap too, the reprs price the workers on-demand from now on.
+        assert f"cost={pricing.money(on_demand)}/h (workers priced on-demand" in repr(cluster)
+        assert pricing.money(spot) not in repr(cluster)
         async with Client(cluster, asynchronous=True) as dask_client:
             await dask_client.wait_for_workers(1, timeout=60)
         # On-demand in the same zone, before another zone.
@@ -223,9 +229,9 @@ async def test_ec2_on_demand_fallback_stays_within_the_cost_cap(price_lists, ec2
             # From now on the cap prices workers on-demand, which it holds one of, and
             # the reprs show that price.
             assert cluster._workers_within_cap() == 1
-            shown = f"cost={pricing.money(cluster._capped_cost().hourly(1))}/h (workers priced"
-            assert shown in repr(cluster) and pricing.money(on_demand) in repr(cluster)
-            assert "on-demand after a spot fallback" in cluster._repr_html_()
+            shown = f"cost={pricing.money(on_demand)}/h (workers priced on-demand: spot capacity"
+            assert shown in repr(cluster)
+            assert "priced on-demand: spot capacity ran out" in cluster._repr_html_()
             with pytest.raises(pricing.CostLimitError, match="above max_hourly_cost"):
                 cluster.scale(2)
         assert ec2_markets(stand_in) == ["on-demand", "spot", "on-demand"]

@@ -58,6 +58,23 @@ def test_each_boot_script_part_passes_shellcheck(part):
     assert result.returncode == 0, result.stdout
 
 
+@pytest.mark.parametrize("part", sorted(p.name for p in (VM / "boot").glob("*.sh")))
+def test_each_part_keeps_to_what_shipping_without_comments_can_read(part):
+    """User-data carries a part without its comment lines (``bootscript._without_comments``),
+    which reads here-documents only as ``<<'WORD'`` or ``<<WORD`` ended by ``WORD`` alone
+    on a line, and drops a comment line even after a continued one: each would change
+    the code. A part written otherwise fails here, not on a VM."""
+    lines = (VM / "boot" / part).read_text().splitlines()
+    for number, line in enumerate(lines, start=1):
+        if "<<" in line and not line.lstrip().startswith("#"):
+            found = re.search(r"<<(-?)\s*('?)(\w+)\2(\s|$)", line)
+            assert found and not found.group(1), f"{part}:{number}: {line!r}"
+            assert found.group(3) in [x for x in lines[number:]], f"{part}:{number}: no end"
+        if line.rstrip().endswith("\\") and number < len(lines):
+            following = lines[number].lstrip()
+            assert not following.startswith("#"), f"{part}:{number + 1}: a comment in a command"
+
+
 @pytest.mark.parametrize("runtime", ["docker", "native"])
 @pytest.mark.parametrize("provider", sorted(PROVIDERS))
 def test_every_rendered_boot_script_passes_shellcheck(provider, runtime, tmp_path):

@@ -211,7 +211,9 @@ class ClusterOptions:
         installed on each VM at boot with this client's dask and distributed. It is read
         and checked when the cluster is made: another file it names (``-r``, ``-e .``), a
         conda environment, or a dask pin other than the client's is refused then. With
-        hashes, pip checks every package and the file must pin dask and distributed.
+        hashes, pip checks every package: each must be pinned and hashed, dask and
+        distributed included. It travels in user-data: keep passwords out (pip fills
+        ``${VAR}`` from ``env_vars``).
         """,
         types=("string", "null"),
         check=_requirements_file,

@@ -29,7 +29,7 @@ import site, subprocess, sys
 if sys.prefix != sys.base_prefix:
     ask = "import sysconfig; print(sysconfig.get_path('purelib'))"
     own = subprocess.run([sys.argv[1], "-c", ask], capture_output=True, text=True, check=True)
-    lines = [f"import site; site.addsitedir({d!r})\n" for d in site.getsitepackages()]
+    lines = [f"import site; site.addsitedir({ascii(d)})\n" for d in site.getsitepackages()]
     with open(f"{own.stdout.strip()}/dask-secure-cloud-parent.pth", "w") as pth:
         pth.writelines(lines)
 PY
@@ -46,8 +46,8 @@ python_env() {
   if [ ! -x "$D/venv/bin/python" ]; then
     # System site-packages stay visible: whatever the image has baked in is kept.
     "$PY" -m venv --system-site-packages "$D/venv" || return 1
-    keep_packages_of "$PY" || return 1
   fi
+  keep_packages_of "$PY" || return 1
   if [ -e "$D/requirements.lock" ]; then
     # Hash-checked: pip installs nothing the file does not pin and hash, dask included
     # (the client checked that it pins dask and distributed at its own versions).
@@ -72,8 +72,10 @@ python_env() {
 # What an image built for this script holds (common.sh: provisioned).
 software() {
   echo "native dask ${WANT_DASK:-(any)} distributed ${WANT_DISTRIBUTED:-(any)}"
+  # Their digests, not their lines: an index's credentials in them would otherwise be
+  # on every console and in the image's record.
   for f in requirements.txt requirements-file.txt requirements.lock; do
-    if [ -e "$D/$f" ]; then cat "$D/$f"; fi
+    if [ -e "$D/$f" ]; then echo "$f $(sha256sum <"$D/$f" | cut -c1-16)"; fi
   done
 }
 # On such an image: its environment (the virtualenv the build made, if any) has them.
