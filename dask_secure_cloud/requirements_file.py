@@ -12,9 +12,12 @@ anything is made, by the line that causes it:
 - a conda environment file: the VM has pip, not conda;
 - a pin of dask or distributed that is not this client's version: the VMs must run the
   client's (its functions are unpickled there), so pip would refuse the pair at boot;
-- hash-checking (any ``--hash``) without dask and distributed pinned in the file: pip then
-  wants every package hashed, and the boot script would have to add the client's two
-  unhashed.
+- hash-checking (any ``--hash``) with a requirement pip cannot check (not pinned with
+  ``==``, without a hash, a version-control checkout) or without dask and distributed:
+  pip then installs nothing unhashed, so the boot script cannot add the client's two.
+
+The file is read as pip reads it (its ``join_lines`` and ``break_args_options``), so a
+file pip takes is taken here too, and what is shipped is what was checked.
 """
 
 from __future__ import annotations
