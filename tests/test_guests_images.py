@@ -17,20 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
 
 import dask
 import distributed
 import pytest
 from distributed import Client
-from google.auth.credentials import AnonymousCredentials
 
 from dask_secure_cloud import GCPCluster
 from dask_secure_cloud.imaging.build import build
 
-from clouds.gce import GCEStandIn
-from clouds.guest.booter import GuestBooter
-from clouds.guest.image import stock_image
 from clouds.guest.mirror_pypi import dask_requirements, wheelhouse
 
 pytestmark = [
@@ -40,11 +35,6 @@ pytestmark = [
     pytest.mark.usefixtures("patient_connections"),
 ]
 
-SUBNET = "10.77.0.0/25"
-BOOT_TIMEOUT = "15m"
-#: Guests boot with AppArmor off, as in ``test_guests_per_cloud.py`` (see APPARMOR there).
-APPARMOR = False
-PROJECT, ZONE = "dsc-guest-project", "us-central1-a"
 STEPS = ("python-env:", "docker-engine:", "pull:")
 
 
@@ -61,31 +51,11 @@ def _lock_file(directory) -> str:
     return str(path)
 
 
-@pytest.fixture
-def gce_guests(guest_network, tmp_path) -> Iterator[tuple[GCEStandIn, GuestBooter, dict]]:
-    booter = GuestBooter(tmp_path / "vms", guest_network, stock_image(), apparmor=APPARMOR)
-    stand_in = GCEStandIn(booter, PROJECT, ZONE, SUBNET)
-    url = stand_in.start()
-    options = {
-        "project": PROJECT,
-        "zone": ZONE,
-        "api_endpoint": url,
-        "credentials": AnonymousCredentials(),
-        "use_private_ip": True,  # the client reaches the guests' private addresses
-        "boot_timeout": BOOT_TIMEOUT,
-        "runtime": "native",
-        "requirements_file": _lock_file(tmp_path),
-    }
-    try:
-        yield stand_in, booter, options
-    finally:
-        stand_in.stop()
-
-
 async def test_a_cluster_booted_from_a_built_image_provisions_nothing(
-    gce_guests, guest_network, guest_services, capsys
+    gce_guests, guest_network, guest_services, capsys, tmp_path
 ):
     stand_in, booter, options = gce_guests
+    options = {**options, "runtime": "native", "requirements_file": _lock_file(tmp_path)}
 
     def users_packages() -> bool:
         # Nested, so that it is pickled by value: the guests cannot import this module.

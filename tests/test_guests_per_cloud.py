@@ -39,7 +39,6 @@ import dask
 import distributed
 import pytest
 from distributed import Client
-from google.auth.credentials import AnonymousCredentials
 from helpers import decoded_files
 
 from dask_secure_cloud import AzureVMCluster, EC2Cluster, GCPCluster, liveness
@@ -50,10 +49,9 @@ from dask_secure_cloud.providers.digitalocean import cluster_tag, made_name
 from clouds.arm import ScheduledEvents
 from clouds.digitalocean import DigitalOceanStandIn
 from clouds.ec2 import EC2StandIn, make_network
-from clouds.gce import GCEStandIn
 from clouds.guest.booter import GuestBooter, GuestVM
 from clouds.guest.common import HOST_ADDRESS
-from clouds.guest.fixtures import CONNECT_TIMEOUT
+from clouds.guest.fixtures import APPARMOR, BOOT_TIMEOUT, CONNECT_TIMEOUT, SUBNET
 from clouds.guest.image import baked_image, stock_image
 from clouds.guest.internet import Services
 from clouds.guest.mirror_pypi import USER_REQUIREMENTS
@@ -67,19 +65,9 @@ pytestmark = [
     pytest.mark.usefixtures("patient_connections"),
 ]
 
-#: Where the stand-ins put their VMs' private addresses: the guest bed's cluster network
-#: (10.77.0.0/24; its upper half holds this machine's end of the bridge).
-SUBNET = "10.77.0.0/25"
-#: A guest boots in one to two minutes under TCG, and installing Dask takes minutes more.
-BOOT_TIMEOUT = "15m"
 #: Installing Docker and pulling the image on a TCG guest take some twelve minutes.
 DOCKER_BOOT_TIMEOUT = "25m"
 REGION = "us-east-1"
-#: Guests boot with AppArmor off (``apparmor=0``): installing the apparmor package on a
-#: TCG guest compiles every profile it ships, for minutes. Ubuntu's images (the clouds'
-#: default) have AppArmor and its profiles already; a Debian kernel that enforces it
-#: without the package is the boot script's special case, proven in ``test_guests_failed_boots.py``.
-APPARMOR = False
 #: A killed client's cluster ends in a minute or two rather than the default twenty. Not
 #: shorter: the scheduler's lease runs from its start, and the client's first renewal
 #: comes a quarter lease after it has connected, which on a loaded TCG guest can take
@@ -227,27 +215,6 @@ async def test_ec2_defaults_install_docker_on_stock_guests_and_compute_over_tls(
 
 
 # -- GCE: the native runtime installs this client's dask on stock guests ------------------
-
-
-@pytest.fixture
-def gce_guests(guest_network, tmp_path) -> Iterator[tuple[GCEStandIn, GuestBooter, dict]]:
-    """The GCE stand-in booting guests; its ``default`` network as on a new project: the
-    default internet route, no Cloud NAT, the default allow rules."""
-    booter = GuestBooter(tmp_path / "vms", guest_network, stock_image(), apparmor=APPARMOR)
-    stand_in = GCEStandIn(booter, "dsc-guest-project", "us-central1-a", SUBNET)
-    url = stand_in.start()
-    options = {
-        "project": "dsc-guest-project",
-        "zone": "us-central1-a",
-        "api_endpoint": url,
-        "credentials": AnonymousCredentials(),
-        "use_private_ip": True,  # the client reaches the guests' private addresses
-        "boot_timeout": BOOT_TIMEOUT,
-    }
-    try:
-        yield stand_in, booter, options
-    finally:
-        stand_in.stop()
 
 
 async def test_gcp_defaults_with_native_runtime_install_dask_on_stock_guests(
