@@ -31,16 +31,16 @@ class CostCap(SpecCluster):
     def _capped_cost(self) -> pricing.Estimate | None:
         """The price the cap is checked at: the start's estimate, or every worker
         on-demand once a spot worker fell back to on-demand (``spot_fallback``)."""
-        fleet = getattr(self, "fleet", None)
-        return getattr(fleet, "on_demand_cost", None) or getattr(self, "_cost", None)
+        return self._shown_cost()[0]
 
     def _shown_cost(self) -> tuple[pricing.Estimate | None, str]:
         """What the reprs show: the start's estimate; once spot capacity ran out and a
         worker was let run on-demand (``spot_fallback``), every worker priced on-demand,
         which the cap is checked at too, and a note saying so (an upper bound: some may
         still run on spot)."""
-        if getattr(getattr(self, "fleet", None), "on_demand_cost", None) is not None:
-            return self._capped_cost(), " (workers priced on-demand: spot capacity ran out)"
+        on_demand = getattr(getattr(self, "fleet", None), "on_demand_cost", None)
+        if on_demand is not None:
+            return on_demand, " (workers priced on-demand: spot capacity ran out)"
         return getattr(self, "_cost", None), ""
 
     async def _check_cost(self) -> None:

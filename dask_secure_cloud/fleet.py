@@ -250,7 +250,7 @@ class Fleet:
         options = self.planner.options
         if not getattr(options, "spot_fallback", False):
             return "spot_fallback=False"
-        from . import pricing
+        from . import pricing  # the price lists' clients load only on a fallback
 
         workers = self.workers_wanted() if self.workers_wanted else self.driver.initial_workers
         on_demand = dataclasses.replace(options, worker_spot=False)
