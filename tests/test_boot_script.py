@@ -229,6 +229,9 @@ def _pip_recorder(tmp_path) -> tuple[Path, Path]:
         'if [ "$1 $2" = "-m venv" ]; then\n'
         '  for last; do :; done; mkdir -p "$last/bin"; cp "$0" "$last/bin/python"; exit 0\n'
         "fi\n"
+        # The virtualenv's own interpreter names its own directory, never this test's.
+        'case "$0" in */venv/bin/python) if [ "$1" = -c ]; then echo "${0%/bin/python}"; '
+        "exit 0; fi ;; esac\n"
         f'if [ "$1 $2 $3" = "-m pip install" ]; then exec {real} -c "{dump}" '
         f'{shlex.quote(str(record))} "$@"; fi\n'
         'case "$2" in pip | distributed.cli.*) exit 0 ;; esac\n'

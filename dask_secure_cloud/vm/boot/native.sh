@@ -29,9 +29,10 @@ import site, subprocess, sys
 if sys.prefix != sys.base_prefix:
     ask = "import sysconfig; print(sysconfig.get_path('purelib'))"
     own = subprocess.run([sys.argv[1], "-c", ask], capture_output=True, text=True, check=True)
-    lines = [f"import site; site.addsitedir({ascii(d)})\n" for d in site.getsitepackages()]
-    with open(f"{own.stdout.strip()}/dask-secure-cloud-parent.pth", "w") as pth:
-        pth.writelines(lines)
+    own = own.stdout.strip()
+    parents = [d for d in site.getsitepackages() if d != own]  # never itself: a loop
+    with open(f"{own}/dask-secure-cloud-parent.pth", "w") as pth:
+        pth.writelines(f"import site; site.addsitedir({ascii(d)})\n" for d in parents)
 PY
 }
 python_env() {
