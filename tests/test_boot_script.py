@@ -329,3 +329,22 @@ def test_each_pip_requirement_reaches_pip_as_one_argument_unquoted(tmp_path):
         "distributed==2024.8.0",
         *wanted,
     ]
+
+
+def test_what_an_image_records_of_a_requirements_file_is_its_digest(tmp_path):
+    """docs/boot.rst: a built image records, and a console shows, only the file's digest
+    (``software`` in ``native.sh``), so an index password in the file reaches neither."""
+    import hashlib
+
+    from dask_secure_cloud.bootscript import _NATIVE
+
+    text = "--index-url https://user:SECRET@pkgs.example.org/simple\npandas==2.2.3\n"
+    (tmp_path / "requirements-file.txt").write_text(text)
+    script = f'D="{tmp_path}"\nWANT_DASK=1\nWANT_DISTRIBUTED=1\n{_NATIVE}\nsoftware\n'
+    shown = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True)
+    assert "SECRET" not in shown.stdout and "pandas" not in shown.stdout
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    assert shown.stdout.splitlines() == [
+        "native dask 1 distributed 1",
+        f"requirements-file.txt {digest}",
+    ]
